@@ -1,0 +1,2 @@
+//! Numeric backends. The CPU backend is the reference for every op.
+pub mod cpu;

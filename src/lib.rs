@@ -1,0 +1,15 @@
+//! orwcfm-fast: ORW-CFM-W2 reward fine-tuning of Torch-CFM flow-matching U-Nets.
+//!
+//! Layers, from the bottom up:
+//! - [`tensor`]: dense f32 tensors with shape/strides and a [`tensor::Device`];
+//! - [`backend::cpu`]: the reference implementation of every numeric kernel;
+//! - [`autograd`]: a reverse-mode tape over those kernels ([`autograd::Var`]);
+//! - [`nn`]: torchcfm's `UNetModelWrapper`, parameter for parameter;
+//! - [`io`]: safetensors and PyTorch `.pt` checkpoints.
+pub mod autograd;
+pub mod backend;
+pub mod io;
+pub mod nn;
+pub mod rng;
+pub mod tensor;
+pub mod util;

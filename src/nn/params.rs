@@ -1,0 +1,128 @@
+//! Named parameters of a model, in registration (state_dict) order.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+
+use crate::autograd::{Grads, Var};
+use crate::tensor::Tensor;
+
+/// The parameters of a model: names as in the PyTorch `state_dict`, values as autograd leaves.
+pub struct ParamStore {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    index: HashMap<String, usize>,
+}
+
+impl Clone for ParamStore {
+    /// A cheap copy: new leaves that share the tensors' storage (copy on write), so an update of
+    /// one copy never shows in another.
+    fn clone(&self) -> Self {
+        ParamStore { names: self.names.clone(), vars: self.vars.iter().map(|v| Var::param(v.value())).collect(), index: self.index.clone() }
+    }
+}
+
+impl ParamStore {
+    pub fn new() -> Self {
+        ParamStore { names: Vec::new(), vars: Vec::new(), index: HashMap::new() }
+    }
+
+    /// Register a parameter; returns its index.
+    pub fn add(&mut self, name: String, value: Tensor) -> usize {
+        assert!(!self.index.contains_key(&name), "duplicate parameter {name}");
+        let i = self.vars.len();
+        self.index.insert(name.clone(), i);
+        self.names.push(name);
+        self.vars.push(Var::param(value));
+        i
+    }
+
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+    pub fn var(&self, i: usize) -> &Var {
+        &self.vars[i]
+    }
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.index.get(name).map(|&i| &self.vars[i])
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.names.iter().map(|s| s.as_str()).zip(self.vars.iter())
+    }
+    /// Total number of scalar parameters.
+    pub fn count(&self) -> usize {
+        self.vars.iter().map(|v| v.value().numel()).sum()
+    }
+    /// `(name, value)` pairs in order.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.iter().map(|(n, v)| (n.to_string(), v.value())).collect()
+    }
+    /// Gradients in parameter order (zeros where a parameter did not affect the loss).
+    pub fn grads(&self, g: &Grads) -> Vec<Tensor> {
+        self.vars.iter().map(|v| g.get_or_zeros(v)).collect()
+    }
+
+    /// Replace every value from `tensors`, strictly: every missing, unexpected or mis-shaped key
+    /// is reported, all in one error.
+    pub fn load_strict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        let mut seen = vec![false; self.vars.len()];
+        let (mut unexpected, mut mismatched) = (Vec::new(), Vec::new());
+        let mut staged: Vec<(usize, Tensor)> = Vec::new();
+        for (name, t) in tensors {
+            match self.index.get(&name) {
+                None => unexpected.push(name),
+                Some(&i) => {
+                    let want = self.vars[i].shape();
+                    if t.shape() != want.as_slice() {
+                        mismatched.push(format!("{name}: file has {:?}, model needs {:?}", t.shape(), want));
+                    } else {
+                        seen[i] = true;
+                        staged.push((i, t));
+                    }
+                }
+            }
+        }
+        let missing: Vec<&str> = self.names.iter().zip(&seen).filter(|(_, s)| !**s).map(|(n, _)| n.as_str()).collect();
+        let missing: Vec<&str> = missing.into_iter().filter(|n| !mismatched.iter().any(|m| m.starts_with(&format!("{n}:")))).collect();
+        if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+            let mut parts = Vec::new();
+            if !missing.is_empty() {
+                parts.push(format!("missing keys ({}): {}", missing.len(), missing.join(", ")));
+            }
+            if !unexpected.is_empty() {
+                parts.push(format!("unexpected keys ({}): {}", unexpected.len(), unexpected.join(", ")));
+            }
+            if !mismatched.is_empty() {
+                parts.push(format!("shape mismatches ({}): {}", mismatched.len(), mismatched.join("; ")));
+            }
+            bail!("weights do not match the model: {}", parts.join(" | "));
+        }
+        for (i, t) in staged {
+            self.vars[i].set_value(t);
+        }
+        Ok(())
+    }
+
+    /// Set values in order (e.g. after an optimiser step).
+    pub fn set_all(&self, values: Vec<Tensor>) {
+        assert_eq!(values.len(), self.vars.len());
+        for (v, t) in self.vars.iter().zip(values) {
+            v.set_value(t);
+        }
+    }
+}
+
+impl Default for ParamStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,89 @@
+//! The U-Net against PyTorch/torchcfm fixtures (scripts/export_fixtures.py): forward output,
+//! gradients of `sum(v * g)` with respect to every parameter and to x.
+
+mod common;
+
+use common::UnetFixture;
+use orwcfm_fast::autograd::{ops, Var};
+use orwcfm_fast::nn::Forward;
+
+const CONFIGS: &[&str] = &["mnist", "scaleshift", "neworder", "tiny"];
+
+#[test]
+fn forward_matches_pytorch() {
+    for name in CONFIGS {
+        let f = UnetFixture::load(name);
+        let y = f.labels();
+        let v = f.model.predict(&f.t("input.t"), &f.t("input.x"), y.as_deref()).unwrap();
+        let want = f.t("output.v");
+        let err = v.rel_err(&want);
+        println!("{name}: forward rel err {err:.3e} (|v|max {:.3})", want.max_abs());
+        assert!(err <= 1e-5, "{name}: forward rel err {err:.3e}");
+    }
+}
+
+#[test]
+fn gradients_match_pytorch() {
+    for name in CONFIGS {
+        let f = UnetFixture::load(name);
+        let y = f.labels();
+        let x = Var::param(f.t("input.x"));
+        let t = Var::constant(f.t("input.t"));
+        let v = f.model.forward(&t, &x, y.as_deref(), &mut Forward { dropout_rng: None }).unwrap();
+        let loss = ops::sum_all(&ops::mul(&v, &Var::constant(f.t("input.g"))));
+        let grads = loss.backward();
+        let gx = grads.get(&x).unwrap();
+        let ex = gx.rel_err(&f.t("grad.x"));
+        assert!(ex <= 1e-4, "{name}: grad x rel err {ex:.3e}");
+        let mut worst = (0.0f64, String::new());
+        for (pname, var) in f.model.params().iter() {
+            let want = f.t(&format!("grad.param.{pname}"));
+            let got = grads.get_or_zeros(var);
+            let e = got.rel_err(&want);
+            assert!(e <= 1e-4, "{name}: grad of {pname} rel err {e:.3e}");
+            if e > worst.0 {
+                worst = (e, pname.to_string());
+            }
+        }
+        println!("{name}: grad x {ex:.3e}, worst param grad {:.3e} ({})", worst.0, worst.1);
+    }
+}
+
+#[test]
+fn parameter_names_and_counts_match_torchcfm() {
+    for name in CONFIGS {
+        let f = UnetFixture::load(name);
+        let want: usize = f.file.metadata["num_params"].parse().unwrap();
+        assert_eq!(f.model.params().count(), want, "{name}");
+        let mut file_keys: Vec<&str> = f.file.tensors.iter().filter_map(|(n, _)| n.strip_prefix("param.")).collect();
+        let mut ours: Vec<&str> = f.model.params().names().iter().map(|s| s.as_str()).collect();
+        file_keys.sort();
+        ours.sort();
+        assert_eq!(ours, file_keys, "{name}: state_dict keys");
+    }
+}
+
+/// Keys, shapes and order of torchcfm's own MNIST and CIFAR-10 models (listed from PyTorch).
+#[test]
+fn state_dict_order_matches_torchcfm_listing() {
+    use orwcfm_fast::nn::{Init, UNetConfig, UNetModel};
+    for (file, cfg, total) in [
+        ("torchcfm_mnist_state_dict.txt", UNetConfig::mnist(), 1_075_361usize),
+        ("torchcfm_cifar10_state_dict.txt", UNetConfig::cifar10(), 35_746_307),
+    ] {
+        let text = std::fs::read_to_string(common::fixture_path(file)).unwrap();
+        let want: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()).collect();
+        let m = UNetModel::new(&cfg, Init::Zeros).unwrap();
+        let ours: Vec<String> = m
+            .params()
+            .iter()
+            .map(|(n, v)| {
+                let s = v.shape();
+                let dims: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+                format!("{n} ({}{})", dims.join(", "), if s.len() == 1 { "," } else { "" })
+            })
+            .collect();
+        assert_eq!(ours, want, "{file}");
+        assert_eq!(m.params().count(), total, "{file}");
+    }
+}

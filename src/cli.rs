@@ -1,0 +1,298 @@
+//! The `orwcfm-fast` subcommands of the engine core: forward, info, convert, bench.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::autograd::{ops, Var};
+use crate::io::model::{load_model, save_model, LoadedModel};
+use crate::io::safetensors::{self as st, Out};
+use crate::nn::{Forward, Init, UNetConfig, UNetModel};
+use crate::rng::Rng;
+use crate::tensor::{DType, Device, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(name = "orwcfm-fast", version, about = "ORW-CFM-W2 reward fine-tuning of Torch-CFM flow-matching U-Nets, in Rust")]
+pub struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the U-Net once on inputs from a safetensors file (x, t, and y for class-conditional models)
+    /// and write `v`; inference mode (dropout off). Use it to prove parity on your own checkpoint.
+    Forward {
+        /// Weights: safetensors, or a torchcfm `.pt` checkpoint.
+        #[arg(long)]
+        model: PathBuf,
+        /// U-Net config (UNetModelWrapper keyword arguments as JSON). Default: the file's
+        /// `unet_config` metadata, else inferred from the weights.
+        #[arg(long)]
+        unet_config: Option<PathBuf>,
+        /// Entry of a `.pt` checkpoint to use (e.g. ema_model, net_model). Default: ema_model, else the only state_dict.
+        #[arg(long)]
+        key: Option<String>,
+        /// Inputs: `x` [B,C,H,W] f32, `t` [B] or scalar f32, `y` [B] int64 when class-conditional.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors file holding `v` [B,C_out,H,W].
+        #[arg(long)]
+        out: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Print a model's config (given or inferred), parameter count and shapes per level.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        unet_config: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a PyTorch checkpoint (torch.save zip, e.g. torchcfm's train_cifar10.py output) to safetensors.
+    Convert {
+        /// The `.pt` checkpoint.
+        ckpt: PathBuf,
+        /// Output safetensors file (written with `unet_config` metadata).
+        out: PathBuf,
+        /// Entry to convert: ema_model (default if present), net_model, ...
+        #[arg(long)]
+        key: Option<String>,
+        /// U-Net config for the weights (default: inferred from them).
+        #[arg(long)]
+        unet_config: Option<PathBuf>,
+        /// Element type of the output: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Median milliseconds of a U-Net forward (inference) and forward+backward (mean-square loss).
+    Unet {
+        /// U-Net config JSON file, or a built-in: `mnist` (torchcfm's MNIST example) or `cifar10`.
+        #[arg(long)]
+        unet_config: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Untimed warm-up iterations.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Print a JSON line last: {"forward_ms": .., "forward_backward_ms": ..}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| anyhow!("cannot start {n} threads: {e}"))?;
+    }
+    match cli.cmd {
+        Cmd::Forward { model, unet_config, key, input, out, device } => cmd_forward(&model, unet_config.as_deref(), key.as_deref(), &input, &out, &device),
+        Cmd::Info { model, unet_config, key, json } => cmd_info(&model, unet_config.as_deref(), key.as_deref(), json),
+        Cmd::Convert { ckpt, out, key, unet_config, dtype } => cmd_convert(&ckpt, &out, key.as_deref(), unet_config.as_deref(), &dtype),
+        Cmd::Bench { what: BenchCmd::Unet { unet_config, batch, device, iters, warmup, json } } => cmd_bench_unet(&unet_config, batch, &device, iters, warmup, json),
+    }
+}
+
+fn load(model: &Path, cfg: Option<&Path>, key: Option<&str>) -> Result<LoadedModel> {
+    let lm = load_model(model, cfg, key)?;
+    for w in &lm.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(lm)
+}
+
+/// Check early that an output file can be created, so long work is not wasted.
+fn check_writable(out: &Path) -> Result<()> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("cannot write {}: folder {} does not exist", out.display(), dir.display());
+    }
+    if out.is_dir() {
+        bail!("cannot write {}: it is a folder", out.display());
+    }
+    let probe = dir.join(format!(".orwcfm-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| anyhow!("cannot write {}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn cmd_forward(model: &Path, cfg: Option<&Path>, key: Option<&str>, input: &Path, out: &Path, device: &str) -> Result<()> {
+    Device::parse(device)?.ensure_available()?;
+    check_writable(out)?;
+    let inp = st::load(input).with_context(|| "reading the forward inputs".to_string())?;
+    let x = inp.get("x").ok_or_else(|| anyhow!("{} has no tensor 'x' (found: {})", input.display(), inp.names().join(", ")))?.clone();
+    let t = match inp.get("t") {
+        Some(t) => t.clone(),
+        None => bail!("{} has no tensor 't' (found: {})", input.display(), inp.names().join(", ")),
+    };
+    let y: Option<Vec<usize>> = match inp.get_int("y") {
+        Some((_, v)) => Some(v.iter().map(|&l| usize::try_from(l).map_err(|_| anyhow!("label {l} in 'y' is negative"))).collect::<Result<_>>()?),
+        None if inp.get("y").is_some() => bail!("'y' in {} must be an integer tensor (int64), not float", input.display()),
+        None => None,
+    };
+    let lm = load(model, cfg, key)?;
+    let v = lm.model.predict(&t, &x, y.as_deref()).context("forward")?;
+    st::save(out, &[("v".to_string(), Out::F(&v))], DType::F32, &HashMap::new())?;
+    eprintln!("wrote v {:?} to {}", v.shape(), out.display());
+    Ok(())
+}
+
+fn cmd_info(model: &Path, cfg: Option<&Path>, key: Option<&str>, json: bool) -> Result<()> {
+    let lm = load(model, cfg, key)?;
+    let m = &lm.model;
+    let c = m.config();
+    if json {
+        let blocks: Vec<serde_json::Value> = m
+            .blocks()
+            .iter()
+            .map(|b| serde_json::json!({"name": b.name, "kind": b.kind, "channels": b.channels, "ds": b.ds, "resolution": c.image_size() / b.ds, "params": b.params}))
+            .collect();
+        let v = serde_json::json!({
+            "config": c.to_json(), "config_source": lm.config_source.to_string(), "warnings": lm.warnings,
+            "checkpoint_key": lm.checkpoint_key, "dtypes": lm.dtypes,
+            "num_params": m.params().count(), "num_tensors": m.params().len(), "blocks": blocks,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model: {}", model.display());
+    if let Some(k) = &lm.checkpoint_key {
+        println!("checkpoint entry: {k}");
+    }
+    println!("stored dtypes: {}", lm.dtypes.join(", "));
+    println!("config ({}):", lm.config_source);
+    if let serde_json::Value::Object(o) = c.to_json() {
+        for (k, v) in o {
+            println!("  {k:<24} {v}");
+        }
+    }
+    println!("channel_mult (resolved): {:?}", c.channel_mult_resolved()?);
+    println!("attention at downsample factors: {:?}", c.attention_ds()?);
+    println!("parameters: {} in {} tensors", m.params().count(), m.params().len());
+    println!("{:<18} {:<16} {:>8} {:>10} {:>12}", "block", "kind", "channels", "resolution", "params");
+    for b in m.blocks() {
+        let r = c.image_size() / b.ds;
+        println!("{:<18} {:<16} {:>8} {:>10} {:>12}", b.name, b.kind, b.channels, format!("{r}x{r}"), b.params);
+    }
+    Ok(())
+}
+
+fn cmd_convert(ckpt: &Path, out: &Path, key: Option<&str>, cfg: Option<&Path>, dtype: &str) -> Result<()> {
+    let dtype = DType::parse(dtype)?;
+    check_writable(out)?;
+    let lm = load(ckpt, cfg, key)?;
+    save_model(&lm.model, out, dtype)?;
+    eprintln!(
+        "converted {}{} ({} parameters, config {}) to {}",
+        ckpt.display(),
+        lm.checkpoint_key.map(|k| format!(" [{k}]")).unwrap_or_default(),
+        lm.model.params().count(),
+        lm.config_source,
+        out.display()
+    );
+    Ok(())
+}
+
+/// A config file, or a built-in name.
+pub fn resolve_config(s: &str) -> Result<UNetConfig> {
+    let p = Path::new(s);
+    if p.exists() {
+        return UNetConfig::from_file(p);
+    }
+    match s {
+        "mnist" => Ok(UNetConfig::mnist()),
+        "cifar10" | "cifar" => Ok(UNetConfig::cifar10()),
+        _ => bail!("U-Net config {s} does not exist (built-in configs: mnist, cifar10)"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+/// Timings of one U-Net configuration.
+pub struct UnetTimings {
+    pub forward_ms: f64,
+    pub forward_backward_ms: f64,
+}
+
+/// Time forward (inference) and forward+backward (MSE to a random target, training mode).
+pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize) -> Result<UnetTimings> {
+    let model = UNetModel::new(cfg, Init::Torch(0))?;
+    let mut rng = Rng::new(1);
+    let [c, h, w] = cfg.dim;
+    let x = Tensor::randn(&[batch, c, h, w], &mut rng);
+    let t = Tensor::rand_uniform(&[batch], 0.0, 1.0, &mut rng);
+    let target = Tensor::randn(&[batch, cfg.out_channels(), h, w], &mut rng);
+    let y: Option<Vec<usize>> = cfg.class_cond.then(|| (0..batch).map(|i| i % cfg.num_classes).collect());
+    let mut fwd = Vec::new();
+    for i in 0..warmup + iters {
+        let s = Instant::now();
+        let v = model.predict(&t, &x, y.as_deref())?;
+        std::hint::black_box(v);
+        if i >= warmup {
+            fwd.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut fb = Vec::new();
+    for i in 0..warmup + iters {
+        let s = Instant::now();
+        let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), y.as_deref(), &mut Forward { dropout_rng: Some(&mut rng) })?;
+        let loss = ops::mse_loss(&v, &Var::constant(target.clone()));
+        let g = loss.backward();
+        std::hint::black_box(model.params().grads(&g));
+        if i >= warmup {
+            fb.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(UnetTimings { forward_ms: median(fwd), forward_backward_ms: median(fb) })
+}
+
+fn cmd_bench_unet(cfg: &str, batch: usize, device: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+    Device::parse(device)?.ensure_available()?;
+    if batch == 0 || iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let cfg = resolve_config(cfg)?;
+    let r = bench_unet(&cfg, batch, iters, warmup)?;
+    let threads = rayon::current_num_threads();
+    println!("U-Net {:?} num_channels {} batch {batch} on cpu ({threads} threads), median of {iters}:", cfg.dim, cfg.num_channels);
+    println!("  forward           {:>10.1} ms", r.forward_ms);
+    println!("  forward+backward  {:>10.1} ms", r.forward_backward_ms);
+    if json {
+        println!("{}", serde_json::json!({"forward_ms": r.forward_ms, "forward_backward_ms": r.forward_backward_ms, "batch": batch, "device": "cpu", "threads": threads}));
+    }
+    Ok(())
+}

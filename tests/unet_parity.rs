@@ -36,15 +36,45 @@ fn gradients_match_pytorch() {
         let ex = gx.rel_err(&f.t("grad.x"));
         assert!(ex <= 1e-4, "{name}: grad x rel err {ex:.3e}");
         let mut worst = (0.0f64, String::new());
+        let (mut full, mut sampled, mut zero_in_theory) = (0, 0, 0);
         for (pname, var) in f.model.params().iter() {
-            let want = f.t(&format!("grad.param.{pname}"));
             let got = grads.get_or_zeros(var);
-            let e = got.rel_err(&want);
+            let e = if let Some(want) = f.file.get(&format!("grad.param.{pname}")) {
+                full += 1;
+                // Some gradients are zero in theory (a bias right before a GroupNorm with one channel
+                // per group) and come out as float noise on both sides: for those, ours must be
+                // just as negligible next to the scale of the input gradient.
+                let scale = f.t("grad.x").norm();
+                if want.norm() < 1e-5 * scale {
+                    zero_in_theory += 1;
+                    got.norm() / scale * 10.0
+                } else {
+                    got.rel_err(want)
+                }
+            } else {
+                let want = f.file.get(&format!("grad.sample.{pname}")).unwrap_or_else(|| panic!("{name}: no gradient stored for {pname}"));
+                let norm = f.file.get(&format!("grad.norm.{pname}")).unwrap().item() as f64;
+                sampled += 1;
+                let scale = f.t("grad.x").norm();
+                if norm < 1e-5 * scale {
+                    zero_in_theory += 1;
+                    let e = got.norm() / scale * 10.0;
+                    assert!(e <= 1e-4, "{name}: gradient of {pname} should be ~0, got norm {:.3e}", got.norm());
+                    continue;
+                }
+                let n = got.numel();
+                let stride = n.div_ceil(512);
+                let g: Vec<f32> = got.data().iter().step_by(stride).copied().collect();
+                assert_eq!(g.len(), want.numel(), "{name}: sample size of {pname}");
+                let en = (got.norm() - norm).abs() / norm;
+                orwcfm_fast::util::rel_err(&g, want.data()).max(en)
+            };
             assert!(e <= 1e-4, "{name}: grad of {pname} rel err {e:.3e}");
             if e > worst.0 {
                 worst = (e, pname.to_string());
             }
         }
+        println!("{name}: {full} parameter gradients compared whole ({zero_in_theory} zero in theory), {sampled} by strided sample + norm");
         println!("{name}: grad x {ex:.3e}, worst param grad {:.3e} ({})", worst.0, worst.1);
     }
 }

@@ -8,6 +8,7 @@ use crate::backend::cpu::conv::{conv2d_backward, conv2d_forward, ConvGeom};
 use crate::backend::cpu::elementwise as ew;
 use crate::backend::cpu::gemm::{sgemm, threads_for, Mat};
 use crate::backend::cpu::norm::{group_norm_backward, group_norm_forward};
+use crate::backend::cpu::{simd, PAR_MIN};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -113,22 +114,41 @@ fn unary(x: &Var, name: &'static str, f: impl Fn(f32) -> f32 + Sync + Send, dfdx
     })
 }
 
-#[inline]
-fn sigmoid_f(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// `x · σ(x)`.
 pub fn silu(x: &Var) -> Var {
-    unary(x, "silu", |v| v * sigmoid_f(v), |x, _| {
-        let s = sigmoid_f(x);
-        s * (1.0 + x * (1.0 - s))
+    let xv = x.value();
+    let y = t(par_unary(xv.data(), simd::silu), xv.shape());
+    Var::from_op(y, vec![x.clone()], "silu", move |g| {
+        let mut dx = vec![0.0f32; g.numel()];
+        let chunk = PAR_MIN;
+        if dx.len() >= 2 * chunk {
+            use rayon::prelude::*;
+            dx.par_chunks_mut(chunk).zip(xv.data().par_chunks(chunk)).zip(g.data().par_chunks(chunk)).for_each(|((o, x), g)| simd::silu_backward(x, g, o));
+        } else {
+            simd::silu_backward(xv.data(), g.data(), &mut dx);
+        }
+        vec![Some(t(dx, g.shape()))]
     })
 }
 
 /// Logistic sigmoid.
 pub fn sigmoid(x: &Var) -> Var {
-    unary(x, "sigmoid", sigmoid_f, |_, y| y * (1.0 - y))
+    let xv = x.value();
+    let y = t(par_unary(xv.data(), simd::sigmoid), xv.shape());
+    let yv = y.clone();
+    Var::from_op(y, vec![x.clone()], "sigmoid", move |g| vec![Some(t(ew::zip_map(g.data(), yv.data(), |g, y| g * y * (1.0 - y)), g.shape()))])
+}
+
+/// `out = f(x)` for a slice kernel, in parallel chunks for large inputs.
+fn par_unary(x: &[f32], f: fn(&[f32], &mut [f32])) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    if x.len() >= 2 * PAR_MIN {
+        use rayon::prelude::*;
+        y.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).for_each(|(o, i)| f(i, o));
+    } else {
+        f(x, &mut y);
+    }
+    y
 }
 
 /// `exp(x)`.

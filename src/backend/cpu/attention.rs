@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::{softmax_backward_row, softmax_in_place};
+use super::elementwise::softmax_in_place;
+use super::simd::softmax_backward_inplace;
 use super::gemm::{sgemm, Mat};
 
 /// Channel layout of the qkv tensor.
@@ -86,11 +87,11 @@ pub fn attention_backward(qkv: &[f32], probs: &[f32], dout: &[f32], g: &AttnGeom
             // dP[t, s] = Σ_c d[c, t] v[c, s]
             let mut dp = vec![0.0f32; t * t];
             sgemm(t, t, ch, Mat::rm_t(d, t), Mat::rm(v, t), &mut dp, t, false, 1.0, 1);
-            // dS = softmax backward, in place
-            let mut ds = vec![0.0f32; t * t];
-            for ((o, pr), gr) in ds.chunks_mut(t).zip(p.chunks(t)).zip(dp.chunks(t)) {
-                softmax_backward_row(pr, gr, o);
+            // dS = softmax backward, in place in dP
+            for (pr, gr) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                softmax_backward_inplace(pr, gr);
             }
+            let ds = dp;
             // dQ[c, t] = scale Σ_s k[c, s] dS[t, s];  dK[c, s] = scale Σ_t q[c, t] dS[t, s]
             let mut dq = vec![0.0f32; ch * t];
             sgemm(ch, t, t, Mat::rm(k, t), Mat::rm_t(&ds, t), &mut dq, t, false, scale, 1);

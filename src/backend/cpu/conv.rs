@@ -33,6 +33,14 @@ impl ConvGeom {
     }
 }
 
+/// Valid output columns `[lo, hi)` for kernel column `kj` with stride 1: those reading inside the row.
+#[inline]
+fn valid_cols(wo: usize, w: usize, pad: usize, kj: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(kj).min(wo);
+    let hi = (w + pad).saturating_sub(kj).min(wo).max(lo);
+    (lo, hi)
+}
+
 /// Unfold one image `[cin, h, w]` into `col[cin·kh·kw, ho·wo]`.
 fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
     let (ho, wo) = (g.ho(), g.wo());
@@ -43,6 +51,7 @@ fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
                 let dst = &mut col[row * ho * wo..(row + 1) * ho * wo];
+                let (lo, hi) = valid_cols(wo, g.w, g.pad, kj);
                 for oi in 0..ho {
                     let ii = oi as isize * s - p + ki as isize;
                     let drow = &mut dst[oi * wo..(oi + 1) * wo];
@@ -52,11 +61,12 @@ fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
                     }
                     let xr = &xc[ii as usize * g.w..(ii as usize + 1) * g.w];
                     if s == 1 {
-                        // contiguous run: j = oj - p + kj
-                        let off = kj as isize - p;
-                        for (oj, d) in drow.iter_mut().enumerate() {
-                            let jj = oj as isize + off;
-                            *d = if jj >= 0 && jj < g.w as isize { xr[jj as usize] } else { 0.0 };
+                        // a contiguous run: output column oj reads input column oj + kj − pad
+                        drow[..lo].fill(0.0);
+                        drow[hi..].fill(0.0);
+                        if hi > lo {
+                            let start = lo + kj - g.pad;
+                            drow[lo..hi].copy_from_slice(&xr[start..start + (hi - lo)]);
                         }
                     } else {
                         for (oj, d) in drow.iter_mut().enumerate() {
@@ -80,6 +90,7 @@ fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
                 let src = &col[row * ho * wo..(row + 1) * ho * wo];
+                let (lo, hi) = valid_cols(wo, g.w, g.pad, kj);
                 for oi in 0..ho {
                     let ii = oi as isize * s - p + ki as isize;
                     if ii < 0 || ii >= g.h as isize {
@@ -87,16 +98,40 @@ fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
                     }
                     let xr = &mut xc[ii as usize * g.w..(ii as usize + 1) * g.w];
                     let sr = &src[oi * wo..(oi + 1) * wo];
-                    for (oj, &v) in sr.iter().enumerate() {
-                        let jj = oj as isize * s - p + kj as isize;
-                        if jj >= 0 && jj < g.w as isize {
-                            xr[jj as usize] += v;
+                    if s == 1 {
+                        if hi > lo {
+                            let start = lo + kj - g.pad;
+                            for (a, &b) in xr[start..start + (hi - lo)].iter_mut().zip(&sr[lo..hi]) {
+                                *a += b;
+                            }
+                        }
+                    } else {
+                        for (oj, &v) in sr.iter().enumerate() {
+                            let jj = oj as isize * s - p + kj as isize;
+                            if jj >= 0 && jj < g.w as isize {
+                                xr[jj as usize] += v;
+                            }
                         }
                     }
                 }
             }
         }
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's scratch buffer of at least `len` floats (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut buf = s.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
 }
 
 /// How many threads each per-image GEMM gets: parallel over images when the batch can keep
@@ -130,9 +165,10 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> 
         if g.pointwise() {
             sgemm(g.cout, hw, k, Mat::rm(w, k), Mat::rm(xi, hw), yi, hw, b.is_some(), 1.0, threads);
         } else {
-            let mut col = vec![0.0f32; k * hw];
-            im2col(xi, g, &mut col);
-            sgemm(g.cout, hw, k, Mat::rm(w, k), Mat::rm(&col, hw), yi, hw, b.is_some(), 1.0, threads);
+            with_scratch(k * hw, |col| {
+                im2col(xi, g, col);
+                sgemm(g.cout, hw, k, Mat::rm(w, k), Mat::rm(col, hw), yi, hw, b.is_some(), 1.0, threads);
+            });
         }
     });
     y
@@ -196,9 +232,10 @@ pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: 
             if g.pointwise() {
                 sgemm(k, hw, g.cout, Mat::rm_t(w, k), Mat::rm(dyi, hw), dxi, hw, false, 1.0, threads);
             } else {
-                let mut col = vec![0.0f32; k * hw];
-                sgemm(k, hw, g.cout, Mat::rm_t(w, k), Mat::rm(dyi, hw), &mut col, hw, false, 1.0, threads);
-                col2im(&col, g, dxi);
+                with_scratch(k * hw, |col| {
+                    sgemm(k, hw, g.cout, Mat::rm_t(w, k), Mat::rm(dyi, hw), col, hw, false, 1.0, threads);
+                    col2im(col, g, dxi);
+                });
             }
         });
         dx

@@ -294,16 +294,7 @@ pub fn softmax_rows(x: &[f32], n: usize) -> Vec<f32> {
 
 #[inline]
 pub fn softmax_in_place(r: &mut [f32]) {
-    let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut s = 0.0f32;
-    for v in r.iter_mut() {
-        *v = (*v - m).exp();
-        s += *v;
-    }
-    let inv = 1.0 / s;
-    for v in r.iter_mut() {
-        *v *= inv;
-    }
+    super::simd::softmax_inplace(r)
 }
 
 /// Backward of softmax over rows: `dx = y ⊙ (dy − Σ dy⊙y)`.
@@ -320,10 +311,8 @@ pub fn softmax_rows_backward(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
 
 #[inline]
 pub fn softmax_backward_row(y: &[f32], dy: &[f32], out: &mut [f32]) {
-    let dot: f32 = y.iter().zip(dy).map(|(&a, &b)| a * b).sum();
-    for ((o, &a), &b) in out.iter_mut().zip(y).zip(dy) {
-        *o = a * (b - dot);
-    }
+    out.copy_from_slice(dy);
+    super::simd::softmax_backward_inplace(y, out);
 }
 
 /// Sinusoidal timestep embedding exactly as torchcfm's `timestep_embedding`:

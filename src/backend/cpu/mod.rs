@@ -7,6 +7,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
+pub mod simd;
 
 /// Work below this many elements stays on one thread.
 pub const PAR_MIN: usize = 1 << 15;

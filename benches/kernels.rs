@@ -29,7 +29,7 @@ fn conv(c: &mut Criterion) {
     let mut r = Rng::new(2);
     let mut g = c.benchmark_group("conv2d");
     g.sample_size(10);
-    for &(n, cin, h, cout) in &[(4usize, 128usize, 32usize, 128usize), (4, 256, 16, 256), (32, 32, 28, 32)] {
+    for &(n, cin, h, cout) in &[(4usize, 128usize, 32usize, 128usize), (4, 256, 16, 256), (32, 32, 28, 32), (32, 64, 14, 64)] {
         let geo = ConvGeom { n, cin, h, w: h, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
         let x = r.normal_vec(n * cin * h * h);
         let w = r.normal_vec(cout * cin * 9);

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, threads_for, Mat};
+use super::winograd;
 
 /// Geometry of one conv2d call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,8 +150,18 @@ fn for_each_image<F: Fn(usize, &mut [f32]) + Sync + Send>(out: &mut [f32], per: 
     }
 }
 
-/// `y[n, cout, ho, wo] = w ⋆ x + b`, `w: [cout, cin, kh, kw]`.
+/// `y[n, cout, ho, wo] = w ⋆ x + b`, `w: [cout, cin, kh, kw]`. 3×3 stride-1 pad-1 convolutions go
+/// through Winograd F(2×2, 3×3), the rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
+        let u = winograd::transform_weights(w, g.cout, g.cin);
+        return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
+    }
+    conv2d_im2col_forward(x, w, b, g)
+}
+
+/// [`conv2d_forward`] by im2col + GEMM for every geometry (the reference the Winograd path is tested against).
+pub fn conv2d_im2col_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     let (ho, wo) = (g.ho(), g.wo());
     let (hw, k) = (ho * wo, g.k());
     let mut y = vec![0.0f32; g.n * g.cout * hw];
@@ -225,6 +236,11 @@ pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: 
         acc
     };
     let dx = need_dx.then(|| {
+        if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
+            // the input gradient is the convolution of dy with the flipped, transposed kernel
+            let u = winograd::transform_weights(&winograd::flip_transpose(w, g.cout, g.cin), g.cin, g.cout);
+            return winograd::conv3x3(dy, &u, None, g.n, g.cout, g.h, g.w, g.cin);
+        }
         let per = g.cin * g.h * g.w;
         let mut dx = vec![0.0f32; g.n * per];
         for_each_image(&mut dx, per, g.n, |i, dxi| {

@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod norm;
 pub mod simd;
+pub mod winograd;
 
 /// Work below this many elements stays on one thread.
 pub const PAR_MIN: usize = 1 << 15;

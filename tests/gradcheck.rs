@@ -115,6 +115,8 @@ fn convolutions() {
             |v| conv2d(&v[0], &v[1], Some(&v[2]), stride, pad),
         );
     }
+    // 64 channels in and out: the Winograd path (forward, input and weight gradients)
+    check("conv2d winograd", vec![r(&[2, 64, 5, 4], 65), mul_t(r(&[64, 64, 3, 3], 66), 0.05), r(&[64], 67)], |v| conv2d(&v[0], &v[1], Some(&v[2]), 1, 1));
     check("conv2d no bias, batch 1", vec![r(&[1, 2, 5, 5], 63), r(&[3, 2, 3, 3], 64)], |v| conv2d(&v[0], &v[1], None, 1, 1));
 }
 

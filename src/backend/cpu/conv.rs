@@ -185,18 +185,38 @@ pub fn conv2d_im2col_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGe
     y
 }
 
-/// Gradients of conv2d: `(dx, dw, db)` from `dy`.
+/// Gradients of conv2d: `(dx, dw, db)` from `dy`. Uses Winograd where [`conv2d_forward`] does.
 pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let (ho, wo) = (g.ho(), g.wo());
-    let (hw, k) = (ho * wo, g.k());
-    let threads = inner_threads(g);
-    // db
+    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
+        let db = bias_grad(dy, g);
+        let dw = winograd::conv3x3_weight_grad(x, dy, g.n, g.cin, g.h, g.w, g.cout);
+        // the input gradient is the convolution of dy with the flipped, transposed kernel
+        let dx = need_dx.then(|| {
+            let u = winograd::transform_weights(&winograd::flip_transpose(w, g.cout, g.cin), g.cin, g.cout);
+            winograd::conv3x3(dy, &u, None, g.n, g.cout, g.h, g.w, g.cin)
+        });
+        return (dx, dw, db);
+    }
+    conv2d_im2col_backward(x, w, dy, g, need_dx)
+}
+
+fn bias_grad(dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let hw = g.ho() * g.wo();
     let mut db = vec![0.0f32; g.cout];
     for i in 0..g.n {
         for (co, row) in dy[i * g.cout * hw..(i + 1) * g.cout * hw].chunks(hw).enumerate() {
             db[co] += row.iter().map(|&v| v as f64).sum::<f64>() as f32;
         }
     }
+    db
+}
+
+/// [`conv2d_backward`] by im2col + GEMM for every geometry.
+pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let (ho, wo) = (g.ho(), g.wo());
+    let (hw, k) = (ho * wo, g.k());
+    let threads = inner_threads(g);
+    let db = bias_grad(dy, g);
     // dw = Σ_i dy_i · col_iᵀ, accumulated per worker then summed.
     let dw_of = |i: usize, acc: &mut Vec<f32>, col: &mut Vec<f32>| {
         let xi = &x[i * g.cin * g.h * g.w..(i + 1) * g.cin * g.h * g.w];
@@ -236,11 +256,6 @@ pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: 
         acc
     };
     let dx = need_dx.then(|| {
-        if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
-            // the input gradient is the convolution of dy with the flipped, transposed kernel
-            let u = winograd::transform_weights(&winograd::flip_transpose(w, g.cout, g.cin), g.cin, g.cout);
-            return winograd::conv3x3(dy, &u, None, g.n, g.cout, g.h, g.w, g.cin);
-        }
         let per = g.cin * g.h * g.w;
         let mut dx = vec![0.0f32; g.n * per];
         for_each_image(&mut dx, per, g.n, |i, dxi| {

@@ -154,8 +154,12 @@ impl Var {
                 debug_assert_eq!(pg.shape(), p.shape().as_slice(), "gradient shape from {}", node.0.name);
                 match grads.get_mut(&p.id()) {
                     Some(acc) => {
-                        for (a, b) in acc.data_mut().iter_mut().zip(pg.data()) {
-                            *a += b;
+                        let (a, b) = (acc.data_mut(), pg.data());
+                        if a.len() >= crate::backend::cpu::PAR_MIN {
+                            use rayon::prelude::*;
+                            a.par_chunks_mut(8192).zip(b.par_chunks(8192)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(p, q)| *p += q));
+                        } else {
+                            a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
                         }
                     }
                     None => {

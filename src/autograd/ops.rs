@@ -23,15 +23,19 @@ fn broadcast(a: &Var, b: &Var, what: &str) -> Vec<usize> {
     ew::broadcast_shape(&sa, &sb).unwrap_or_else(|| panic!("{what}: shapes {sa:?} and {sb:?} do not broadcast"))
 }
 
+/// The gradient of a broadcast operand: `g` summed down to `to` (shared, not copied, when no
+/// broadcasting happened).
+fn reduce_to(g: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
+    if from == to { g.clone() } else { t(ew::sum_to_shape(g.data(), from, to), to) }
+}
+
 /// `a + b` with NumPy broadcasting.
 pub fn add(a: &Var, b: &Var) -> Var {
     let out = broadcast(a, b, "add");
     let (av, bv) = (a.value(), b.value());
     let v = ew::binary(av.data(), av.shape(), bv.data(), bv.shape(), &out, |x, y| x + y);
     let (sa, sb, so) = (a.shape(), b.shape(), out.clone());
-    Var::from_op(t(v, &out), vec![a.clone(), b.clone()], "add", move |g| {
-        vec![Some(t(ew::sum_to_shape(g.data(), &so, &sa), &sa)), Some(t(ew::sum_to_shape(g.data(), &so, &sb), &sb))]
-    })
+    Var::from_op(t(v, &out), vec![a.clone(), b.clone()], "add", move |g| vec![Some(reduce_to(g, &so, &sa)), Some(reduce_to(g, &so, &sb))])
 }
 
 /// `a − b` with broadcasting.
@@ -42,7 +46,7 @@ pub fn sub(a: &Var, b: &Var) -> Var {
     let (sa, sb, so) = (a.shape(), b.shape(), out.clone());
     Var::from_op(t(v, &out), vec![a.clone(), b.clone()], "sub", move |g| {
         let gb: Vec<f32> = ew::sum_to_shape(g.data(), &so, &sb).into_iter().map(|v| -v).collect();
-        vec![Some(t(ew::sum_to_shape(g.data(), &so, &sa), &sa)), Some(t(gb, &sb))]
+        vec![Some(reduce_to(g, &so, &sa)), Some(t(gb, &sb))]
     })
 }
 

@@ -79,7 +79,7 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
         let np = nrows * tw;
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let need = 16 * (cin + cout) * np + 8 * wp + 8 * tw;
+            let need = 16 * (cin + cout) * np + 8 * wp + 4 * np;
             if sc.len() < need {
                 sc.resize(need, 0.0);
             }
@@ -94,45 +94,40 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
                 let vv = &v[xi * cin * np..(xi + 1) * cin * np];
                 sgemm(cout, np, cin, Mat::rm(uu, cin), Mat::rm(vv, np), &mut m[xi * cout * np..(xi + 1) * cout * np], np, false, 1.0, 1);
             }
-            // output transform Y = Aᵀ M A, along tile rows
+            // output transform Y = Aᵀ M A, vectorised over the block's tiles
             for co in 0..cout {
                 let bias = b.map_or(0.0, |b| b[co]);
+                let mrow = |xi: usize| &m[(xi * cout + co) * np..(xi * cout + co + 1) * np];
+                let (q, _) = tt.split_at_mut(4 * np);
+                let (e0, rest) = q.split_at_mut(np);
+                let (o0, rest) = rest.split_at_mut(np);
+                let (e1, o1) = rest.split_at_mut(np);
+                for k in 0..np {
+                    let mm = |i: usize, j: usize| mrow(i * 4 + j)[k];
+                    let t0: [f32; 4] = std::array::from_fn(|j| mm(0, j) + mm(1, j) + mm(2, j));
+                    let t1: [f32; 4] = std::array::from_fn(|j| mm(1, j) - mm(2, j) - mm(3, j));
+                    e0[k] = t0[0] + t0[1] + t0[2] + bias;
+                    o0[k] = t0[1] - t0[2] - t0[3] + bias;
+                    e1[k] = t1[0] + t1[1] + t1[2] + bias;
+                    o1[k] = t1[1] - t1[2] - t1[3] + bias;
+                }
                 for lr in 0..nrows {
                     let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
-                    let mrow = |xi: usize| &m[(xi * cout + co) * np + lr * tw..(xi * cout + co) * np + (lr + 1) * tw];
-                    for a in 0..2 {
+                    for (a, (e, o)) in [(&*e0, &*o0), (&*e1, &*o1)].into_iter().enumerate() {
                         let r = 2 * ti + a;
                         if r >= h {
                             continue;
                         }
-                        // T_a[j] over the tile row, then the two output columns of each tile
-                        let (ta, tb) = tt.split_at_mut(4 * tw);
-                        for j in 0..4 {
-                            let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
-                            let dst = &mut ta[j * tw..(j + 1) * tw];
-                            if a == 0 {
-                                for k in 0..tw {
-                                    dst[k] = m0[k] + m1[k] + m2[k];
-                                }
-                            } else {
-                                for k in 0..tw {
-                                    dst[k] = m1[k] - m2[k] - m3[k];
-                                }
-                            }
-                        }
-                        let (e, o) = tb[..4 * tw].split_at_mut(2 * tw);
-                        for k in 0..tw {
-                            e[k] = ta[k] + ta[tw + k] + ta[2 * tw + k] + bias;
-                            o[k] = ta[tw + k] - ta[2 * tw + k] - ta[3 * tw + k] + bias;
-                        }
                         let base = (img * cout + co) * h * w + r * w;
                         // SAFETY: this output row of channel co belongs to this block alone.
                         let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(base), w) };
-                        for k in 0..tw {
+                        let (e, o) = (&e[lr * tw..(lr + 1) * tw], &o[lr * tw..(lr + 1) * tw]);
+                        for k in 0..w / 2 {
                             out[2 * k] = e[k];
-                            if 2 * k + 1 < w {
-                                out[2 * k + 1] = o[k];
-                            }
+                            out[2 * k + 1] = o[k];
+                        }
+                        if w % 2 == 1 {
+                            out[w - 1] = e[tw - 1];
                         }
                     }
                 }

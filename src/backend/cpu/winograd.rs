@@ -79,7 +79,7 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
         let np = nrows * tw;
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let need = 16 * (cin + cout) * np + 8 * wp + 4 * np;
+            let need = 16 * (cin + cout) * np + 8 * wp + 12 * np;
             if sc.len() < need {
                 sc.resize(need, 0.0);
             }
@@ -98,18 +98,29 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
             for co in 0..cout {
                 let bias = b.map_or(0.0, |b| b[co]);
                 let mrow = |xi: usize| &m[(xi * cout + co) * np..(xi * cout + co + 1) * np];
-                let (q, _) = tt.split_at_mut(4 * np);
+                let (q, tbuf) = tt.split_at_mut(4 * np);
                 let (e0, rest) = q.split_at_mut(np);
                 let (o0, rest) = rest.split_at_mut(np);
                 let (e1, o1) = rest.split_at_mut(np);
-                for k in 0..np {
-                    let mm = |i: usize, j: usize| mrow(i * 4 + j)[k];
-                    let t0: [f32; 4] = std::array::from_fn(|j| mm(0, j) + mm(1, j) + mm(2, j));
-                    let t1: [f32; 4] = std::array::from_fn(|j| mm(1, j) - mm(2, j) - mm(3, j));
-                    e0[k] = t0[0] + t0[1] + t0[2] + bias;
-                    o0[k] = t0[1] - t0[2] - t0[3] + bias;
-                    e1[k] = t1[0] + t1[1] + t1[2] + bias;
-                    o1[k] = t1[1] - t1[2] - t1[3] + bias;
+                // T_a[j] = rows of Aᵀ M, as whole-slice loops (they vectorise)
+                let (ta, tb) = tbuf[..8 * np].split_at_mut(4 * np);
+                for j in 0..4 {
+                    let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
+                    let (da, db) = (&mut ta[j * np..(j + 1) * np], &mut tb[j * np..(j + 1) * np]);
+                    for ((((x, y), a), b2), c) in da.iter_mut().zip(db.iter_mut()).zip(m0).zip(m1).zip(m2) {
+                        *x = a + b2 + c;
+                        *y = b2 - c;
+                    }
+                    for (y, d) in db.iter_mut().zip(m3) {
+                        *y -= d;
+                    }
+                }
+                for (t, (e, o)) in [(&*ta, (&mut *e0, &mut *o0)), (&*tb, (&mut *e1, &mut *o1))] {
+                    let (t0, t1, t2, t3) = (&t[..np], &t[np..2 * np], &t[2 * np..3 * np], &t[3 * np..]);
+                    for ((((ev, ov), a), b2), (c, d)) in e.iter_mut().zip(o.iter_mut()).zip(t0).zip(t1).zip(t2.iter().zip(t3)) {
+                        *ev = a + b2 + c + bias;
+                        *ov = b2 - c - d + bias;
+                    }
                 }
                 for lr in 0..nrows {
                     let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
@@ -150,11 +161,9 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let blocks = rows.div_ceil(rb);
     let wp = 2 * tw + 2;
     let geo = Geo { cin, h, w, th, tw, wp };
-    let du = (0..blocks)
-        .into_par_iter()
-        .fold(
-            || vec![0.0f32; 16 * cout * cin],
-            |mut du, blk| {
+    // one accumulator per worker (not per rayon split: each is 16·cout·cin floats)
+    let groups = rayon::current_num_threads().clamp(1, blocks);
+    let process = |du: &mut [f32], blk: usize| {
                 let row0 = blk * rb;
                 let nrows = rb.min(rows - row0);
                 let np = nrows * tw;
@@ -197,18 +206,21 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
                         sgemm(cout, cin, np, Mat::rm(a, np), Mat::rm_t(bv, np), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, true, 1.0, 1);
                     }
                 });
-                du
-            },
-        )
-        .reduce(
-            || vec![0.0f32; 16 * cout * cin],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                a
-            },
-        );
+    };
+    let mut partial: Vec<Vec<f32>> = (0..groups)
+        .into_par_iter()
+        .map(|gi| {
+            let mut du = vec![0.0f32; 16 * cout * cin];
+            for blk in (gi..blocks).step_by(groups) {
+                process(&mut du, blk);
+            }
+            du
+        })
+        .collect();
+    let mut du = partial.pop().expect("at least one group");
+    for p in &partial {
+        du.par_chunks_mut(1 << 14).zip(p.par_chunks(1 << 14)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, y)| *x += y));
+    }
     // dw = Gᵀ dU G
     let plane = cout * cin;
     let mut dw = vec![0.0f32; plane * 9];

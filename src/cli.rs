@@ -29,16 +29,8 @@ pub enum Cmd {
     /// Run the U-Net once on inputs from a safetensors file (x, t, and y for class-conditional models)
     /// and write `v`; inference mode (dropout off). Use it to prove parity on your own checkpoint.
     Forward {
-        /// Weights: safetensors, or a torchcfm `.pt` checkpoint.
-        #[arg(long)]
-        model: PathBuf,
-        /// U-Net config (UNetModelWrapper keyword arguments as JSON). Default: the file's
-        /// `unet_config` metadata, else inferred from the weights.
-        #[arg(long)]
-        unet_config: Option<PathBuf>,
-        /// Entry of a `.pt` checkpoint to use (e.g. ema_model, net_model). Default: ema_model, else the only state_dict.
-        #[arg(long)]
-        key: Option<String>,
+        #[command(flatten)]
+        m: ModelArgs,
         /// Inputs: `x` [B,C,H,W] f32, `t` [B] or scalar f32, `y` [B] int64 when class-conditional.
         #[arg(long)]
         input: PathBuf,
@@ -51,12 +43,8 @@ pub enum Cmd {
     },
     /// Print a model's config (given or inferred), parameter count and shapes per level.
     Info {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        unet_config: Option<PathBuf>,
-        #[arg(long)]
-        key: Option<String>,
+        #[command(flatten)]
+        m: ModelArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -82,6 +70,21 @@ pub enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+}
+
+/// Where a model comes from.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Weights: safetensors, or a torchcfm `.pt` checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// U-Net config (UNetModelWrapper keyword arguments as JSON). Default: the file's
+    /// `unet_config` metadata, else inferred from the weights.
+    #[arg(long)]
+    pub unet_config: Option<PathBuf>,
+    /// Entry of a `.pt` checkpoint to use (e.g. ema_model, net_model). Default: ema_model, else the only state_dict.
+    #[arg(long)]
+    pub key: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,15 +119,15 @@ pub fn run(cli: Cli) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| anyhow!("cannot start {n} threads: {e}"))?;
     }
     match cli.cmd {
-        Cmd::Forward { model, unet_config, key, input, out, device } => cmd_forward(&model, unet_config.as_deref(), key.as_deref(), &input, &out, &device),
-        Cmd::Info { model, unet_config, key, json } => cmd_info(&model, unet_config.as_deref(), key.as_deref(), json),
+        Cmd::Forward { m, input, out, device } => cmd_forward(&m, &input, &out, &device),
+        Cmd::Info { m, json } => cmd_info(&m, json),
         Cmd::Convert { ckpt, out, key, unet_config, dtype } => cmd_convert(&ckpt, &out, key.as_deref(), unet_config.as_deref(), &dtype),
         Cmd::Bench { what: BenchCmd::Unet { unet_config, batch, device, iters, warmup, json } } => cmd_bench_unet(&unet_config, batch, &device, iters, warmup, json),
     }
 }
 
-fn load(model: &Path, cfg: Option<&Path>, key: Option<&str>) -> Result<LoadedModel> {
-    let lm = load_model(model, cfg, key)?;
+fn load(m: &ModelArgs) -> Result<LoadedModel> {
+    let lm = load_model(&m.model, m.unet_config.as_deref(), m.key.as_deref())?;
     for w in &lm.warnings {
         eprintln!("warning: {w}");
     }
@@ -146,7 +149,7 @@ fn check_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cmd_forward(model: &Path, cfg: Option<&Path>, key: Option<&str>, input: &Path, out: &Path, device: &str) -> Result<()> {
+fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str) -> Result<()> {
     Device::parse(device)?.ensure_available()?;
     check_writable(out)?;
     let inp = st::load(input).with_context(|| "reading the forward inputs".to_string())?;
@@ -160,15 +163,15 @@ fn cmd_forward(model: &Path, cfg: Option<&Path>, key: Option<&str>, input: &Path
         None if inp.get("y").is_some() => bail!("'y' in {} must be an integer tensor (int64), not float", input.display()),
         None => None,
     };
-    let lm = load(model, cfg, key)?;
+    let lm = load(m)?;
     let v = lm.model.predict(&t, &x, y.as_deref()).context("forward")?;
     st::save(out, &[("v".to_string(), Out::F(&v))], DType::F32, &HashMap::new())?;
     eprintln!("wrote v {:?} to {}", v.shape(), out.display());
     Ok(())
 }
 
-fn cmd_info(model: &Path, cfg: Option<&Path>, key: Option<&str>, json: bool) -> Result<()> {
-    let lm = load(model, cfg, key)?;
+fn cmd_info(ma: &ModelArgs, json: bool) -> Result<()> {
+    let lm = load(ma)?;
     let m = &lm.model;
     let c = m.config();
     if json {
@@ -185,7 +188,7 @@ fn cmd_info(model: &Path, cfg: Option<&Path>, key: Option<&str>, json: bool) -> 
         println!("{v}");
         return Ok(());
     }
-    println!("model: {}", model.display());
+    println!("model: {}", ma.model.display());
     if let Some(k) = &lm.checkpoint_key {
         println!("checkpoint entry: {k}");
     }
@@ -210,7 +213,7 @@ fn cmd_info(model: &Path, cfg: Option<&Path>, key: Option<&str>, json: bool) -> 
 fn cmd_convert(ckpt: &Path, out: &Path, key: Option<&str>, cfg: Option<&Path>, dtype: &str) -> Result<()> {
     let dtype = DType::parse(dtype)?;
     check_writable(out)?;
-    let lm = load(ckpt, cfg, key)?;
+    let lm = load(&ModelArgs { model: ckpt.to_path_buf(), unet_config: cfg.map(Path::to_path_buf), key: key.map(str::to_string) })?;
     save_model(&lm.model, out, dtype)?;
     eprintln!(
         "converted {}{} ({} parameters, config {}) to {}",

@@ -97,3 +97,18 @@ fn save_and_reload_in_every_dtype() {
     let e = save_model(&f.model, &dir.join("no/such/dir/m.safetensors"), DType::F32).unwrap_err();
     assert!(format!("{e:#}").contains("does not exist"));
 }
+
+#[test]
+fn strict_loading_names_every_problem_in_one_error() {
+    let f = UnetFixture::load("tiny");
+    let mut tensors = f.model.params().tensors();
+    let removed = tensors.remove(3).0;
+    tensors.push(("extra.weight".to_string(), Tensor::zeros(&[2])));
+    let bad = tensors[0].0.clone();
+    tensors[0].1 = Tensor::zeros(&[1, 2, 3]);
+    let mut m = UNetModel::new(&f.config, Init::Zeros).unwrap();
+    let e = format!("{:#}", m.params_mut().load_strict(tensors).unwrap_err());
+    assert!(e.contains(&format!("missing keys (1): {removed}")), "{e}");
+    assert!(e.contains("unexpected keys (1): extra.weight"), "{e}");
+    assert!(e.contains(&format!("shape mismatches (1): {bad}: file has [1, 2, 3]")), "{e}");
+}

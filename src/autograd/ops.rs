@@ -205,9 +205,7 @@ pub fn sum_axes(x: &Var, axes: &[usize], keepdim: bool) -> Var {
     let (v, kept) = ew::sum_axes_keepdim(xv.data(), &shape, axes);
     let out_shape: Vec<usize> = if keepdim { kept.clone() } else { shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect() };
     Var::from_op(t(v, &out_shape), vec![x.clone()], "sum_axes", move |g| {
-        let gk = g.reshape(&kept);
-        let full = ew::binary(gk.data(), &kept, &[0.0], &[], &shape, |a, _| a);
-        vec![Some(t(full, &shape))]
+        vec![Some(t(ew::broadcast_to(g.data(), &kept, &shape), &shape))]
     })
 }
 

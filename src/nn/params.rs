@@ -74,6 +74,7 @@ impl ParamStore {
     /// Replace every value from `tensors`, strictly: every missing, unexpected or mis-shaped key
     /// is reported, all in one error.
     pub fn load_strict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        // a key is "seen" when the file has it, with the right shape or not
         let mut seen = vec![false; self.vars.len()];
         let (mut unexpected, mut mismatched) = (Vec::new(), Vec::new());
         let mut staged: Vec<(usize, Tensor)> = Vec::new();
@@ -81,18 +82,17 @@ impl ParamStore {
             match self.index.get(&name) {
                 None => unexpected.push(name),
                 Some(&i) => {
+                    seen[i] = true;
                     let want = self.vars[i].shape();
                     if t.shape() != want.as_slice() {
                         mismatched.push(format!("{name}: file has {:?}, model needs {:?}", t.shape(), want));
                     } else {
-                        seen[i] = true;
                         staged.push((i, t));
                     }
                 }
             }
         }
         let missing: Vec<&str> = self.names.iter().zip(&seen).filter(|(_, s)| !**s).map(|(n, _)| n.as_str()).collect();
-        let missing: Vec<&str> = missing.into_iter().filter(|n| !mismatched.iter().any(|m| m.starts_with(&format!("{n}:")))).collect();
         if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
             let mut parts = Vec::new();
             if !missing.is_empty() {

@@ -132,6 +132,11 @@ pub fn sum_to_shape(x: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
     out.into_iter().map(|v| v as f32).collect()
 }
 
+/// `x` of shape `from` broadcast (copied) to the shape `to`.
+pub fn broadcast_to(x: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
+    gather_strided(x, to, &broadcast_strides(from, to))
+}
+
 /// Copy a strided view (`shape`, element `strides` into `src`) into a contiguous vector.
 pub fn gather_strided(src: &[f32], shape: &[usize], strides: &[usize]) -> Vec<f32> {
     let n: usize = shape.iter().product();

@@ -11,7 +11,9 @@ use super::gemm::{sgemm, Mat};
 /// out (below that the transforms cost more than the GEMM work they save; measured with
 /// `cargo bench --bench kernels -- conv2d`). `ORWCFM_NO_WINOGRAD=1` turns the path off.
 pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize) -> bool {
-    kh == 3 && kw == 3 && stride == 1 && pad == 1 && cin.min(cout) >= 64 && std::env::var_os("ORWCFM_NO_WINOGRAD").is_none()
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let disabled = *DISABLED.get_or_init(|| std::env::var_os("ORWCFM_NO_WINOGRAD").is_some());
+    kh == 3 && kw == 3 && stride == 1 && pad == 1 && cin.min(cout) >= 64 && !disabled
 }
 
 /// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[16][cout][cin]`.

@@ -6,7 +6,7 @@
 Each round runs, one after the other: ours MNIST, PyTorch MNIST, ours CIFAR-10, PyTorch CIFAR-10
 (each its own process: 2 warm-up + --iters timed iterations, median). Interleaving spreads any
 background load over both. Prints a Markdown table of the medians over rounds and ratios
-(ours / PyTorch; below 1 means faster), and writes bench/cpu_compare.json.
+(ours / PyTorch; below 1 means faster), and writes bench/cpu_compare.json (--out).
 """
 import argparse
 import json
@@ -31,12 +31,16 @@ def main():
     ap.add_argument("--batch-mnist", type=int, default=32)
     ap.add_argument("--batch-cifar", type=int, default=4)
     ap.add_argument("--bin", default="target/release/orwcfm-fast")
+    ap.add_argument("--only", choices=list(CONFIGS), default=None)
+    ap.add_argument("--out", default="bench/cpu_compare.json")
     a = ap.parse_args()
     batches = {"mnist": a.batch_mnist, "cifar": a.batch_cifar}
-    res = {k: {"ours": {"f": [], "fb": []}, "torch": {"f": [], "fb": []}} for k in CONFIGS}
+    names = [a.only] if a.only else list(CONFIGS)
+    res = {k: {"ours": {"f": [], "fb": []}, "torch": {"f": [], "fb": []}} for k in names}
     torch_version = None
     for r in range(a.rounds):
-        for name, (ours_cfg, batch_flag) in CONFIGS.items():
+        for name in names:
+            ours_cfg, batch_flag = CONFIGS[name]
             o = last_json(subprocess.run([a.bin, "--threads", str(a.threads), "bench", "unet", "--unet-config", ours_cfg,
                                           "--batch", str(batches[name]), "--iters", str(a.iters), "--json"],
                                          check=True, capture_output=True, text=True).stdout)
@@ -57,7 +61,7 @@ def main():
     print(f"\n{cpu}, {a.threads} threads, torch {torch_version}; median over {a.rounds} rounds of per-process medians of {a.iters}\n")
     print("| model | batch | pass | orwcfm-fast ms | PyTorch ms | ratio |")
     print("|---|---|---|---|---|---|")
-    for name in CONFIGS:
+    for name in names:
         for key, label in (("f", "forward"), ("fb", "forward+backward")):
             ours = statistics.median(res[name]["ours"][key])
             th = statistics.median(res[name]["torch"][key])
@@ -65,7 +69,7 @@ def main():
                                                        "ours_all": res[name]["ours"][key], "torch_all": res[name]["torch"][key]}
             print(f"| {name} | {batches[name]} | {label} | {ours:.0f} | {th:.0f} | {ours / th:.2f} |")
     os.makedirs("bench", exist_ok=True)
-    with open("bench/cpu_compare.json", "w") as fh:
+    with open(a.out, "w") as fh:
         json.dump(summary, fh, indent=1)
 
 

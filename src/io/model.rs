@@ -204,6 +204,9 @@ pub fn model_from_raw(raw: RawWeights, config_path: Option<&Path>) -> Result<Loa
         warnings = w;
         (c, ConfigSource::Inferred)
     };
+    if cfg.use_fp16 {
+        warnings.push("use_fp16 is set in the config; the CPU engine computes in f32 (as torchcfm does unless convert_to_fp16() is called)".into());
+    }
     let mut model = UNetModel::new(&cfg, Init::Zeros)?;
     model.params_mut().load_strict(raw.tensors).with_context(|| format!("with the U-Net config from the {source}"))?;
     Ok(LoadedModel { model, config_source: source, warnings, checkpoint_key: raw.checkpoint_key, dtypes: raw.dtypes })

@@ -18,6 +18,9 @@ fn scalar_t_is_repeated_over_the_batch() {
     let per_sample = f.model.predict(&Tensor::full(&[b], 0.37), &x, None).unwrap();
     let scalar = f.model.predict(&Tensor::scalar(0.37), &x, None).unwrap();
     assert_eq!(per_sample.data(), scalar.data());
+    // torchcfm keeps t[:, 0] while t has more than one dimension
+    let t2 = Tensor::from_vec((0..b * 3).map(|i| if i % 3 == 0 { 0.37 } else { 0.9 }).collect(), &[b, 3]);
+    assert_eq!(f.model.predict(&t2, &x, None).unwrap().data(), per_sample.data());
 }
 
 #[test]

@@ -379,6 +379,14 @@ impl UNetModel {
             bail!("x spatial size {}x{} must be divisible by {f} for a U-Net with {} levels (model dim {:?})", xs[2], xs[3], self.levels, c.dim);
         }
         let b = xs[0];
+        // like torchcfm: while t has more than one dimension, keep t[:, 0]
+        let mut t = t.clone();
+        while t.shape().len() > 1 {
+            t = narrow(&t, 1, 0, 1);
+            let s = t.shape();
+            t = reshape(&t, &[&s[..1], &s[2..]].concat());
+        }
+        let t = &t;
         let ts = t.shape();
         let tn: usize = ts.iter().product();
         let t = if tn == 1 && b != 1 {

@@ -468,7 +468,7 @@ pub fn group_norm(x: &Var, w: &Var, b: &Var, groups: usize, eps: f32) -> Var {
 pub fn qkv_attention(qkv: &Var, heads: usize, order: QkvOrder) -> Var {
     let v = qkv.value();
     let s = v.shape().to_vec();
-    assert!(s.len() == 3 && s[1] % (3 * heads) == 0, "qkv_attention: shape {s:?} with {heads} heads");
+    assert!(s.len() == 3 && s[1].is_multiple_of(3 * heads), "qkv_attention: shape {s:?} with {heads} heads");
     let g = AttnGeom { b: s[0], heads, ch: s[1] / (3 * heads), t: s[2], order };
     let (out, probs) = attention_forward(v.data(), &g);
     Var::from_op(t(out, &[s[0], s[1] / 3, s[2]]), vec![qkv.clone()], "qkv_attention", move |gd| {

@@ -252,13 +252,13 @@ impl UNetConfig {
     pub fn heads_for(&self, channels: usize, upsample: bool) -> Result<usize> {
         let nh = if upsample && self.num_heads_upsample != -1 { self.num_heads_upsample } else { self.num_heads };
         if self.num_head_channels == -1 {
-            if nh <= 0 || channels % nh as usize != 0 {
+            if nh <= 0 || !channels.is_multiple_of(nh as usize) {
                 bail!("num_heads{} = {nh} does not divide the {channels} channels of an attention block", if upsample { "_upsample" } else { "" });
             }
             Ok(nh as usize)
         } else {
             let hc = self.num_head_channels;
-            if hc <= 0 || channels % hc as usize != 0 {
+            if hc <= 0 || !channels.is_multiple_of(hc as usize) {
                 bail!("num_head_channels = {hc} does not divide the {channels} channels of an attention block");
             }
             Ok(channels / hc as usize)
@@ -274,7 +274,7 @@ impl UNetConfig {
         self.attention_ds()?;
         for &m in &mult {
             let ch = (m * self.num_channels as f64) as usize;
-            if ch == 0 || ch % 32 != 0 {
+            if ch == 0 || !ch.is_multiple_of(32) {
                 bail!("channel_mult {m} × num_channels {} = {ch} channels, which GroupNorm(32) cannot split into 32 groups", self.num_channels);
             }
         }

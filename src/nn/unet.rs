@@ -375,7 +375,7 @@ impl UNetModel {
             bail!("x has {} channels but the model takes {} (x shape {xs:?}, model dim {:?})", xs[1], c.in_channels(), c.dim);
         }
         let f = 1usize << (self.levels - 1);
-        if xs[2] % f != 0 || xs[3] % f != 0 || xs[2] == 0 || xs[3] == 0 {
+        if !xs[2].is_multiple_of(f) || !xs[3].is_multiple_of(f) || xs[2] == 0 || xs[3] == 0 {
             bail!("x spatial size {}x{} must be divisible by {f} for a U-Net with {} levels (model dim {:?})", xs[2], xs[3], self.levels, c.dim);
         }
         let b = xs[0];

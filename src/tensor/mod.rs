@@ -27,11 +27,10 @@ impl Device {
         if s == "cuda" || s == "gpu" {
             return Ok(Device::Cuda(0));
         }
-        if let Some(n) = s.strip_prefix("cuda:") {
-            if let Ok(i) = n.parse::<usize>() {
+        if let Some(n) = s.strip_prefix("cuda:")
+            && let Ok(i) = n.parse::<usize>() {
                 return Ok(Device::Cuda(i));
             }
-        }
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
     }
 

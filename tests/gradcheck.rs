@@ -20,7 +20,7 @@ fn check(name: &str, inputs: Vec<Tensor>, f: impl Fn(&[Var]) -> Var) {
     let out = f(&vars);
     let g = Tensor::randn(&out.shape(), &mut rng);
     let grads = sum_all(&mul(&out, &Var::constant(g.clone()))).backward();
-    let eps = 1e-2f32;
+    let eps = 3e-3f32;
     for (k, inp) in inputs.iter().enumerate() {
         let analytic = grads.get_or_zeros(&vars[k]);
         let n = inp.numel();
@@ -40,7 +40,7 @@ fn check(name: &str, inputs: Vec<Tensor>, f: impl Fn(&[Var]) -> Var) {
         }
         let rel = err2.sqrt() / num2.sqrt().max(1e-6);
         assert!(num2 > 0.0 || err2 == 0.0, "{name}: input {k} has an all-zero numeric gradient; the check would be empty");
-        assert!(rel < 2e-2, "{name}: input {k}: gradient rel err {rel:.3e} (‖numeric‖ {:.3e})", num2.sqrt());
+        assert!(rel < 3e-3, "{name}: input {k}: gradient rel err {rel:.3e} (‖numeric‖ {:.3e})", num2.sqrt());
     }
 }
 

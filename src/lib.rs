@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cli;
 pub mod io;
 pub mod nn;
+pub mod optim;
 pub mod rng;
 pub mod tensor;
 pub mod util;

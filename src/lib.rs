@@ -8,6 +8,7 @@
 //! - [`io`]: safetensors and PyTorch `.pt` checkpoints.
 pub mod autograd;
 pub mod backend;
+pub mod flow;
 pub mod cli;
 pub mod io;
 pub mod nn;

@@ -1,0 +1,4 @@
+//! Flow matching: torchcfm's conditional flow matchers, exact optimal-transport pairing, and the
+//! ODE solvers that sample from a velocity field.
+pub mod matchers;
+pub mod ot;

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod io;
 pub mod nn;
 pub mod optim;
+pub mod orw;
 pub mod rng;
 pub mod tensor;
 pub mod util;

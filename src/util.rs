@@ -23,8 +23,3 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     }
     best.filter(|(c, d)| *d <= (c.len().max(word.len()) / 2).max(2)).map(|(c, _)| c)
 }
-
-/// Shape as `[a, b, c]`.
-pub fn fmt_shape(s: &[usize]) -> String {
-    format!("{s:?}")
-}

@@ -153,15 +153,7 @@ impl Var {
                 let Some(pg) = pg else { continue };
                 debug_assert_eq!(pg.shape(), p.shape().as_slice(), "gradient shape from {}", node.0.name);
                 match grads.get_mut(&p.id()) {
-                    Some(acc) => {
-                        let (a, b) = (acc.data_mut(), pg.data());
-                        if a.len() >= crate::backend::cpu::PAR_MIN {
-                            use rayon::prelude::*;
-                            a.par_chunks_mut(8192).zip(b.par_chunks(8192)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(p, q)| *p += q));
-                        } else {
-                            a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-                        }
-                    }
+                    Some(acc) => crate::backend::cpu::elementwise::add_assign(acc.data_mut(), pg.data()),
                     None => {
                         grads.insert(p.id(), pg);
                     }

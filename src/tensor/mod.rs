@@ -159,15 +159,6 @@ impl Tensor {
         self.data.iter().map(|&v| half::bf16::from_f32(v)).collect()
     }
 
-    /// Round every value through `dtype` (what saving and re-loading in that dtype does).
-    pub fn cast_roundtrip(&self, dtype: DType) -> Tensor {
-        match dtype {
-            DType::F32 => self.clone(),
-            DType::F16 => Tensor::from_vec(self.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(), &self.shape),
-            DType::BF16 => Tensor::from_vec(self.data.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(), &self.shape),
-        }
-    }
-
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

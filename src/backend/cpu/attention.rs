@@ -3,8 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::softmax_in_place;
-use super::simd::softmax_backward_inplace;
+use super::simd::{softmax_backward_inplace, softmax_inplace};
 use super::gemm::{sgemm, Mat};
 
 /// Channel layout of the qkv tensor.
@@ -59,7 +58,7 @@ pub fn attention_forward(qkv: &[f32], g: &AttnGeom) -> (Vec<f32>, Vec<f32>) {
         // S[t, s] = Σ_c q[c, t] k[c, s] · scale
         sgemm(t, t, ch, Mat::rm_t(q, t), Mat::rm(k, t), p, t, false, scale, 1);
         for row in p.chunks_mut(t) {
-            softmax_in_place(row);
+            softmax_inplace(row);
         }
         // out[c, t] = Σ_s v[c, s] P[t, s]
         sgemm(ch, t, t, Mat::rm(v, t), Mat::rm_t(p, t), o, t, false, 1.0, 1);

@@ -218,40 +218,25 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
     let threads = inner_threads(g);
     let db = bias_grad(dy, g);
     // dw = Σ_i dy_i · col_iᵀ, accumulated per worker then summed.
-    let dw_of = |i: usize, acc: &mut Vec<f32>, col: &mut Vec<f32>| {
+    // dw = Σ_i dy_i · col_iᵀ
+    let dw_of = |acc: &mut [f32], i: usize| {
         let xi = &x[i * g.cin * g.h * g.w..(i + 1) * g.cin * g.h * g.w];
         let dyi = &dy[i * g.cout * hw..(i + 1) * g.cout * hw];
-        let c: &[f32] = if g.pointwise() {
-            xi
+        if g.pointwise() {
+            sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(xi, hw), acc, k, true, 1.0, threads);
         } else {
-            col.resize(k * hw, 0.0);
-            im2col(xi, g, col);
-            col
-        };
-        sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(c, hw), acc, k, true, 1.0, threads);
+            with_scratch(k * hw, |col| {
+                im2col(xi, g, col);
+                sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(col, hw), acc, k, true, 1.0, threads);
+            });
+        }
     };
     let dw = if threads == 1 && g.n > 1 {
-        (0..g.n)
-            .into_par_iter()
-            .fold(
-                || (vec![0.0f32; g.cout * k], Vec::new()),
-                |(mut acc, mut col), i| {
-                    dw_of(i, &mut acc, &mut col);
-                    (acc, col)
-                },
-            )
-            .map(|(a, _)| a)
-            .reduce(|| vec![0.0f32; g.cout * k], |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                a
-            })
+        super::par_accumulate(g.n, g.cout * k, dw_of)
     } else {
         let mut acc = vec![0.0f32; g.cout * k];
-        let mut col = Vec::new();
         for i in 0..g.n {
-            dw_of(i, &mut acc, &mut col);
+            dw_of(&mut acc, i);
         }
         acc
     };

@@ -34,6 +34,16 @@ pub fn zip3_map(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f3
     }
 }
 
+/// `a += b`, in parallel for large slices.
+pub fn add_assign(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "add_assign: length mismatch");
+    if a.len() >= PAR_MIN {
+        a.par_chunks_mut(8192).zip(b.par_chunks(8192)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(p, q)| *p += q));
+    } else {
+        a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
+    }
+}
+
 /// NumPy broadcasting of two shapes, or `None` if incompatible.
 pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
@@ -288,7 +298,7 @@ pub fn avg_pool2x_backward(g: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32>
 /// and an f64 normaliser.
 pub fn softmax_rows(x: &[f32], n: usize) -> Vec<f32> {
     let mut out = x.to_vec();
-    let body = |r: &mut [f32]| softmax_in_place(r);
+    let body = super::simd::softmax_inplace;
     if out.len() >= PAR_MIN {
         out.par_chunks_mut(n).for_each(body);
     } else {
@@ -297,27 +307,16 @@ pub fn softmax_rows(x: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-#[inline]
-pub fn softmax_in_place(r: &mut [f32]) {
-    super::simd::softmax_inplace(r)
-}
-
 /// Backward of softmax over rows: `dx = y ⊙ (dy − Σ dy⊙y)`.
 pub fn softmax_rows_backward(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; y.len()];
-    let body = |((o, yr), gr): ((&mut [f32], &[f32]), &[f32])| softmax_backward_row(yr, gr, o);
+    let mut out = dy.to_vec();
+    let body = |(o, yr): (&mut [f32], &[f32])| super::simd::softmax_backward_inplace(yr, o);
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(n).zip(y.par_chunks(n)).zip(dy.par_chunks(n)).for_each(body);
+        out.par_chunks_mut(n).zip(y.par_chunks(n)).for_each(body);
     } else {
-        out.chunks_mut(n).zip(y.chunks(n)).zip(dy.chunks(n)).for_each(body);
+        out.chunks_mut(n).zip(y.chunks(n)).for_each(body);
     }
     out
-}
-
-#[inline]
-pub fn softmax_backward_row(y: &[f32], dy: &[f32], out: &mut [f32]) {
-    out.copy_from_slice(dy);
-    super::simd::softmax_backward_inplace(y, out);
 }
 
 /// Sinusoidal timestep embedding exactly as torchcfm's `timestep_embedding`:

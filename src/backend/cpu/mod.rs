@@ -12,3 +12,26 @@ pub mod winograd;
 
 /// Work below this many elements stays on one thread.
 pub const PAR_MIN: usize = 1 << 15;
+
+/// `Σ_item f(item)` into an accumulator of `len` floats, where `f(acc, item)` adds one item's
+/// contribution. Items are dealt round-robin to one group per worker thread, each group with a
+/// single accumulator (not one per rayon split: accumulators can be megabytes), then summed.
+pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let groups = rayon::current_num_threads().clamp(1, items.max(1));
+    let mut partial: Vec<Vec<f32>> = (0..groups)
+        .into_par_iter()
+        .map(|gi| {
+            let mut acc = vec![0.0f32; len];
+            for item in (gi..items).step_by(groups) {
+                f(&mut acc, item);
+            }
+            acc
+        })
+        .collect();
+    let mut acc = partial.pop().expect("at least one group");
+    for p in &partial {
+        elementwise::add_assign(&mut acc, p);
+    }
+    acc
+}

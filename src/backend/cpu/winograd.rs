@@ -163,8 +163,6 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let blocks = rows.div_ceil(rb);
     let wp = 2 * tw + 2;
     let geo = Geo { cin, h, w, th, tw, wp };
-    // one accumulator per worker (not per rayon split: each is 16·cout·cin floats)
-    let groups = rayon::current_num_threads().clamp(1, blocks);
     let process = |du: &mut [f32], blk: usize| {
                 let row0 = blk * rb;
                 let nrows = rb.min(rows - row0);
@@ -209,20 +207,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
                     }
                 });
     };
-    let mut partial: Vec<Vec<f32>> = (0..groups)
-        .into_par_iter()
-        .map(|gi| {
-            let mut du = vec![0.0f32; 16 * cout * cin];
-            for blk in (gi..blocks).step_by(groups) {
-                process(&mut du, blk);
-            }
-            du
-        })
-        .collect();
-    let mut du = partial.pop().expect("at least one group");
-    for p in &partial {
-        du.par_chunks_mut(1 << 14).zip(p.par_chunks(1 << 14)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, y)| *x += y));
-    }
+    let du = super::par_accumulate(blocks, 16 * cout * cin, process);
     // dw = Gᵀ dU G
     let plane = cout * cin;
     let mut dw = vec![0.0f32; plane * 9];

@@ -14,6 +14,7 @@ pub mod io;
 pub mod nn;
 pub mod optim;
 pub mod orw;
+pub mod reward;
 pub mod rng;
 pub mod tensor;
 pub mod util;

@@ -1,8 +1,12 @@
 //! Neural-network modules with torchcfm's parameter names.
 pub mod config;
+pub mod mlp;
 pub mod params;
 pub mod unet;
+pub mod velocity;
 
 pub use config::UNetConfig;
+pub use mlp::{Mlp, MlpConfig};
 pub use params::ParamStore;
 pub use unet::{Forward, Init, UNetModel};
+pub use velocity::VelocityField;

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 
 use crate::autograd::{no_grad, ops, Var};
-use crate::nn::{Forward, UNetModel};
+use crate::nn::{Forward, VelocityField};
 use crate::tensor::Tensor;
 
 /// How rewards become weights.
@@ -71,7 +71,7 @@ pub struct OrwLoss {
 
 /// Build the ORW-CFM-W2 loss for `net` on `(t, x_t, u_t)` with per-sample weights `w`.
 #[allow(clippy::too_many_arguments)]
-pub fn orw_loss(net: &UNetModel, reference: &UNetModel, t: &Tensor, xt: &Tensor, ut: &Tensor, y: Option<&[usize]>, w: &[f32], alpha: f32, fw: &mut Forward) -> Result<OrwLoss> {
+pub fn orw_loss<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tensor, ut: &Tensor, y: Option<&[usize]>, w: &[f32], alpha: f32, fw: &mut Forward) -> Result<OrwLoss> {
     let b = xt.shape()[0];
     if w.len() != b || t.numel() != b {
         bail!("ORW loss: {} weights and {} times for a batch of {b}", w.len(), t.numel());

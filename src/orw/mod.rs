@@ -1,2 +1,8 @@
 //! ORW-CFM-W2: online reward-weighted conditional flow matching with a W2 regulariser.
+pub mod checkpoint;
+pub mod config;
 pub mod loss;
+pub mod trainer;
+
+pub use config::OrwConfig;
+pub use trainer::{pair_batch, sample_model, PairedBatch, StepMetrics, Trainer};

@@ -1,0 +1,379 @@
+//! The ORW-CFM-W2 training loop.
+//!
+//! Three copies of one velocity field: `net` (trained), `last_policy` (the frozen sampler, refreshed
+//! from `net` after every epoch) and `reference` (frozen forever). Each gradient step takes a batch
+//! `x1` sampled from `last_policy` by the ODE (with its rewards), weights it by `exp(τ r)` (or a
+//! normalised variant), pairs it with fresh noise through the configured coupling — the weights and
+//! labels follow their samples through any OT re-pairing — and takes one Adam step on the
+//! weighted flow-matching loss plus `α` times the W2 term, with warm-up and gradient clipping.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::config::OrwConfig;
+use super::loss::{orw_loss, reward_weights, WeightMode};
+use crate::flow::matchers::{FlowMatcher, FlowSample};
+use crate::flow::ode::{odeint, OdeSolver, OdeStats};
+use crate::nn::{Forward, VelocityField};
+use crate::optim::{clip_grad_norm, ema_update, grad_norm, warmup_lr, Adam};
+use crate::reward::{score_checked, Reward};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// What one gradient step did. `step` counts completed steps (1 after the first).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    /// The epoch this step belonged to (0-based).
+    pub epoch: u64,
+    pub lr: f32,
+    /// `mean_i w_i mean_pix (v − u)²`
+    pub fm_loss: f32,
+    /// `mean_i mean_pix (v − v_ref)²`, before multiplying by α
+    pub w2_loss: f32,
+    pub total_loss: f32,
+    pub reward_mean: f32,
+    pub reward_max: f32,
+    pub reward_min: f32,
+    pub weight_mean: f32,
+    pub weight_max: f32,
+    /// Effective sample size of the weights, `(Σw)² / Σw²`.
+    pub weight_ess: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Samples drawn from the policy for this step (0 when the step reused a batch).
+    pub sampled: usize,
+    /// Velocity evaluations spent sampling them.
+    pub nfe: usize,
+    /// Whether the sampling policy was refreshed after this step (end of an epoch).
+    pub policy_refreshed: bool,
+    pub seconds: f64,
+}
+
+/// Samples drawn from the current policy and not yet trained on, first in first out.
+#[derive(Clone, Default)]
+pub(crate) struct SamplePool {
+    pub(crate) x: Vec<f32>,
+    pub(crate) y: Vec<usize>,
+    pub(crate) r: Vec<f32>,
+}
+
+/// The batch being trained on, with how many more steps may use it.
+#[derive(Clone)]
+pub(crate) struct Batch {
+    pub(crate) x1: Tensor,
+    pub(crate) y: Option<Vec<usize>>,
+    pub(crate) r: Vec<f32>,
+    pub(crate) uses_left: usize,
+}
+
+/// The ORW-CFM-W2 trainer over any [`VelocityField`].
+pub struct Trainer<M: VelocityField> {
+    pub(crate) cfg: OrwConfig,
+    pub(crate) matcher: FlowMatcher,
+    pub(crate) solver: OdeSolver,
+    pub(crate) weight_mode: WeightMode,
+    pub(crate) net: M,
+    pub(crate) last_policy: M,
+    pub(crate) reference: M,
+    pub(crate) ema: Option<M>,
+    pub(crate) adam: Adam,
+    pub(crate) step: u64,
+    pub(crate) epoch: u64,
+    pub(crate) step_in_epoch: u64,
+    pub(crate) rng_sample: Rng,
+    pub(crate) rng_train: Rng,
+    pub(crate) rng_dropout: Rng,
+    pub(crate) pool: SamplePool,
+    pub(crate) current: Option<Batch>,
+    pub(crate) run_dir: Option<PathBuf>,
+}
+
+/// Draw `n` samples from `model` by integrating its ODE from `N(0, I)` at t = 0 to t = 1 (no tape).
+/// Class-conditional models get uniformly drawn labels, returned with the samples.
+pub fn sample_model<M: VelocityField>(model: &M, n: usize, solver: &OdeSolver, steps: usize, rng: &mut Rng) -> Result<(Tensor, Option<Vec<usize>>, OdeStats)> {
+    let mut shape = vec![n];
+    shape.extend(model.sample_shape());
+    let z = Tensor::randn(&shape, rng);
+    let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| rng.below(k as u64) as usize).collect());
+    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full(&[n], t), x, y.as_deref());
+    let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
+    Ok((x1, y, stats))
+}
+
+/// Training pairs with the weights and labels that belong to them, row for row.
+pub struct PairedBatch {
+    pub flow: FlowSample,
+    /// `w[k]` is the weight of the sample `x1[flow.x1_idx[k]]` that row `k` was built from.
+    pub w: Vec<f32>,
+    pub y: Option<Vec<usize>>,
+}
+
+/// Pair noise `x0` with samples `x1` through the matcher's coupling and carry each sample's
+/// weight and label along. (The reference code multiplies the OT-resampled rows by the weights
+/// in their original order, which pairs rewards with the wrong samples; this cannot.)
+pub fn pair_batch(matcher: &FlowMatcher, x0: &Tensor, x1: &Tensor, w: &[f32], y: Option<&[usize]>, rng: &mut Rng) -> Result<PairedBatch> {
+    let b = x1.shape()[0];
+    if w.len() != b || y.is_some_and(|y| y.len() != b) {
+        bail!("{} weights for a batch of {b}", w.len());
+    }
+    let flow = matcher.sample(x0, x1, None, rng)?;
+    let w = flow.x1_idx.iter().map(|&j| w[j]).collect();
+    let y = y.map(|y| flow.x1_idx.iter().map(|&j| y[j]).collect());
+    Ok(PairedBatch { flow, w, y })
+}
+
+/// Mean, max and min of a non-empty slice.
+fn stats(v: &[f32]) -> (f32, f32, f32) {
+    let mean = (v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64) as f32;
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let min = v.iter().copied().fold(f32::INFINITY, f32::min);
+    (mean, max, min)
+}
+
+fn take_rows(v: &mut Vec<f32>, rows: usize, per: usize) -> Vec<f32> {
+    v.drain(..rows * per).collect()
+}
+
+impl<M: VelocityField> Trainer<M> {
+    /// A trainer starting from `model`: `net`, `last_policy` and `reference` all begin as copies of it.
+    pub fn new(cfg: OrwConfig, model: M) -> Result<Self> {
+        let reference = model.clone();
+        Self::with_reference(cfg, model, reference)
+    }
+
+    /// A trainer whose `net` and `last_policy` start from `init` and whose W2 term pulls towards
+    /// `reference` (same architecture).
+    pub fn with_reference(cfg: OrwConfig, init: M, reference: M) -> Result<Self> {
+        cfg.validate()?;
+        if init.params().names() != reference.params().names() || init.params().vars().iter().zip(reference.params().vars()).any(|(a, b)| a.shape() != b.shape()) {
+            bail!("the reference model's parameters do not match the trained model's");
+        }
+        let mut master = Rng::new(cfg.seed);
+        let (rng_sample, rng_train, rng_dropout) = (master.fork(), master.fork(), master.fork());
+        let ema = (cfg.ema_decay > 0.0).then(|| init.clone());
+        let last_policy = init.clone();
+        Ok(Trainer {
+            matcher: cfg.matcher()?,
+            solver: cfg.solver()?,
+            weight_mode: cfg.weight_mode()?,
+            adam: Adam::new(cfg.learning_rate),
+            cfg,
+            net: init,
+            last_policy,
+            reference,
+            ema,
+            step: 0,
+            epoch: 0,
+            step_in_epoch: 0,
+            rng_sample,
+            rng_train,
+            rng_dropout,
+            pool: SamplePool::default(),
+            current: None,
+            run_dir: None,
+        })
+    }
+
+    /// A trainer whose reference (and starting point) is the config's `ref_path` (safetensors or
+    /// a torchcfm `.pt`, entry `ref_key`).
+    pub fn from_ref_path(cfg: OrwConfig) -> Result<Self> {
+        let p = cfg.ref_path.clone().ok_or_else(|| anyhow::anyhow!("the config has no ref_path (the pre-trained model to fine-tune)"))?;
+        let model = M::load_file(Path::new(&p), cfg.ref_key.as_deref()).with_context(|| format!("loading the reference model {p}"))?;
+        Self::new(cfg, model)
+    }
+
+    /// Write checkpoints and `metrics.jsonl` under `dir` (created if needed).
+    pub fn set_run_dir(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
+        self.run_dir = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.run_dir.as_deref()
+    }
+    pub fn config(&self) -> &OrwConfig {
+        &self.cfg
+    }
+    /// Change the number of epochs (e.g. to extend a resumed run).
+    pub fn set_num_epochs(&mut self, n: u64) {
+        self.cfg.num_epochs = n;
+    }
+    pub fn net(&self) -> &M {
+        &self.net
+    }
+    pub fn last_policy(&self) -> &M {
+        &self.last_policy
+    }
+    pub fn reference(&self) -> &M {
+        &self.reference
+    }
+    pub fn ema(&self) -> Option<&M> {
+        self.ema.as_ref()
+    }
+    pub fn optimizer(&self) -> &Adam {
+        &self.adam
+    }
+    /// Gradient steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    /// Epochs completed.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn finished(&self) -> bool {
+        self.step >= self.cfg.total_steps()
+    }
+
+    /// Draw `n` samples from the frozen policy and score them.
+    fn draw(&mut self, n: usize, reward: &mut dyn Reward) -> Result<(Tensor, Option<Vec<usize>>, Vec<f32>, OdeStats)> {
+        let (x, y, st) = sample_model(&self.last_policy, n, &self.solver, self.cfg.ode_steps, &mut self.rng_sample)?;
+        let r = score_checked(reward, &x, y.as_deref()).with_context(|| format!("scoring samples at step {}", self.step))?;
+        Ok((x, y, r, st))
+    }
+
+    /// Make sure `current` holds a batch with a use left; returns (samples drawn, NFE).
+    fn ensure_batch(&mut self, reward: &mut dyn Reward) -> Result<(usize, usize)> {
+        if self.current.as_ref().is_some_and(|b| b.uses_left > 0) {
+            return Ok((0, 0));
+        }
+        let bs = self.cfg.batch_size;
+        let mut per_sample = self.net.sample_shape();
+        let per: usize = per_sample.iter().product();
+        let (mut drawn, mut nfe) = (0, 0);
+        while self.pool.r.len() < bs {
+            let n = self.cfg.samples_per_solve();
+            let (x, y, r, st) = self.draw(n, reward)?;
+            self.pool.x.extend_from_slice(x.data());
+            if let Some(y) = y {
+                self.pool.y.extend(y);
+            }
+            self.pool.r.extend(r);
+            drawn += n;
+            nfe += st.nfe;
+        }
+        let x = take_rows(&mut self.pool.x, bs, per);
+        let r: Vec<f32> = self.pool.r.drain(..bs).collect();
+        let y = self.net.num_classes().map(|_| self.pool.y.drain(..bs).collect());
+        per_sample.insert(0, bs);
+        self.current = Some(Batch { x1: Tensor::from_vec(x, &per_sample), y, r, uses_left: self.cfg.sample_reuse });
+        Ok((drawn, nfe))
+    }
+
+    /// Copy `net` into the sampling policy and drop samples drawn from the old one.
+    pub fn refresh_policy(&mut self) {
+        self.last_policy.copy_from(&self.net);
+        self.pool = SamplePool::default();
+        self.current = None;
+    }
+
+    /// One gradient step (sampling first when the current batch is used up). Ends the epoch —
+    /// refreshing the policy — after `steps_per_epoch` steps.
+    pub fn train_step(&mut self, reward: &mut dyn Reward) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let (sampled, nfe) = self.ensure_batch(reward)?;
+        let batch = self.current.as_mut().expect("a batch is ready");
+        batch.uses_left -= 1;
+        let (x1, y, r) = (batch.x1.clone(), batch.y.clone(), batch.r.clone());
+
+        let w = reward_weights(&r, self.cfg.temperature, self.weight_mode).with_context(|| format!("at step {}", self.step))?;
+        let x0 = Tensor::randn(x1.shape(), &mut self.rng_train);
+        let PairedBatch { flow: fs, w: w_pair, y: y_pair } = pair_batch(&self.matcher, &x0, &x1, &w, y.as_deref(), &mut self.rng_train)?;
+
+        let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.rng_dropout) } else { None } };
+        let loss = orw_loss(&self.net, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
+        let (total, fm_loss, w2_loss) = (loss.total.value().item(), loss.fm, loss.w2);
+        if !total.is_finite() {
+            bail!("the loss is not finite at step {} (fm {}, w2 {}); lower the learning rate or the temperature", self.step, loss.fm, loss.w2);
+        }
+        let mut grads = {
+            let g = loss.total.backward();
+            self.net.params().grads(&g)
+        };
+        drop(loss);
+        let gnorm = if self.cfg.grad_clip > 0.0 { clip_grad_norm(&mut grads, self.cfg.grad_clip) } else { grad_norm(&grads) };
+        if !gnorm.is_finite() {
+            bail!("the gradient norm is not finite at step {}", self.step);
+        }
+        let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
+        let mut params: Vec<Tensor> = self.net.params().vars().iter().map(|v| v.value()).collect();
+        self.adam.step(&mut params, &grads, lr);
+        self.net.params().set_all(params);
+        if let Some(ema) = &mut self.ema {
+            let mut e: Vec<Tensor> = ema.params().vars().iter().map(|v| v.value()).collect();
+            let src: Vec<Tensor> = self.net.params().vars().iter().map(|v| v.value()).collect();
+            ema_update(&mut e, &src, self.cfg.ema_decay);
+            ema.params().set_all(e);
+        }
+
+        let epoch = self.epoch;
+        self.step += 1;
+        self.step_in_epoch += 1;
+        let refreshed = self.step_in_epoch >= self.cfg.steps_per_epoch;
+        if refreshed {
+            self.refresh_policy();
+            self.epoch += 1;
+            self.step_in_epoch = 0;
+        }
+        let (reward_mean, reward_max, reward_min) = stats(&r);
+        let (weight_mean, weight_max, _) = stats(&w);
+        let (s1, s2) = w.iter().fold((0.0f64, 0.0f64), |(a, b), &v| (a + v as f64, b + (v as f64).powi(2)));
+        Ok(StepMetrics {
+            step: self.step,
+            epoch,
+            lr,
+            fm_loss,
+            w2_loss,
+            total_loss: total,
+            reward_mean,
+            reward_max,
+            reward_min,
+            weight_mean,
+            weight_max,
+            weight_ess: (s1 * s1 / s2.max(1e-300)) as f32,
+            grad_norm: gnorm,
+            sampled,
+            nfe,
+            policy_refreshed: refreshed,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+impl<M: VelocityField> Trainer<M> {
+    /// Train until the configured epochs are done, or for at most `max_steps` more steps. Each
+    /// step is appended to `metrics.jsonl` in the run folder (when one is set) and passed to
+    /// `on_step`; checkpoints are saved every `save_every_epochs` epochs and when the run ends.
+    pub fn run(&mut self, reward: &mut dyn Reward, max_steps: Option<u64>, on_step: &mut dyn FnMut(&StepMetrics)) -> Result<()> {
+        let stop_at = max_steps.map_or(self.cfg.total_steps(), |m| (self.step + m).min(self.cfg.total_steps()));
+        while self.step < stop_at {
+            let m = self.train_step(reward)?;
+            if let Some(dir) = &self.run_dir {
+                append_metrics(dir, &m)?;
+            }
+            on_step(&m);
+            let every = self.cfg.save_every_epochs;
+            if self.run_dir.is_some() && m.policy_refreshed && every > 0 && self.epoch % every == 0 && self.step < stop_at {
+                self.save_checkpoint()?;
+            }
+        }
+        if self.run_dir.is_some() {
+            self.save_checkpoint()?;
+        }
+        Ok(())
+    }
+}
+
+/// Append one line of JSON to `dir/metrics.jsonl`.
+fn append_metrics(dir: &Path, m: &StepMetrics) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(m)?).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -65,6 +65,9 @@ pub enum Cmd {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// ORW-CFM-W2 on a 2-D mixture of Gaussians: pre-train a small MLP by CFM, fine-tune it toward a
+    /// reward that prefers one mode, report reward and diversity before and after (seconds on a CPU).
+    Toy2d(crate::toy2d::Toy2dArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -122,6 +125,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Forward { m, input, out, device } => cmd_forward(&m, &input, &out, &device),
         Cmd::Info { m, json } => cmd_info(&m, json),
         Cmd::Convert { ckpt, out, key, unet_config, dtype } => cmd_convert(&ckpt, &out, key.as_deref(), unet_config.as_deref(), &dtype),
+        Cmd::Toy2d(a) => crate::toy2d::run_cli(&a),
         Cmd::Bench { what: BenchCmd::Unet { unet_config, batch, device, iters, warmup, json } } => cmd_bench_unet(&unet_config, batch, &device, iters, warmup, json),
     }
 }

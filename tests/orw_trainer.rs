@@ -247,7 +247,7 @@ fn bad_rewards_and_configs_stop_with_a_message() {
     let cfg = base_cfg();
     let err = |r: &mut dyn orwcfm_fast::reward::Reward| {
         let mut tr = Trainer::new(cfg.clone(), mlp()).unwrap();
-        format!("{:#}", tr.train_step(r).err().expect("must fail"))
+        format!("{:#}", tr.train_step(r).expect_err("must fail"))
     };
     let e = err(&mut FnReward::new("nan", |x: &Tensor| { let mut v = first_coord(x); v[3] = f32::NAN; v }));
     assert!(e.contains("non-finite") && e.contains("sample 3"), "{e}");

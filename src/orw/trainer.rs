@@ -126,6 +126,9 @@ pub fn pair_batch(matcher: &FlowMatcher, x0: &Tensor, x1: &Tensor, w: &[f32], y:
     Ok(PairedBatch { flow, w, y })
 }
 
+/// Samples, their labels (class-conditional models), rewards and the solve's cost.
+type Drawn = (Tensor, Option<Vec<usize>>, Vec<f32>, OdeStats);
+
 /// Mean, max and min of a non-empty slice.
 fn stats(v: &[f32]) -> (f32, f32, f32) {
     let mean = (v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64) as f32;
@@ -231,7 +234,7 @@ impl<M: VelocityField> Trainer<M> {
     }
 
     /// Draw `n` samples from the frozen policy and score them.
-    fn draw(&mut self, n: usize, reward: &mut dyn Reward) -> Result<(Tensor, Option<Vec<usize>>, Vec<f32>, OdeStats)> {
+    fn draw(&mut self, n: usize, reward: &mut dyn Reward) -> Result<Drawn> {
         let (x, y, st) = sample_model(&self.last_policy, n, &self.solver, self.cfg.ode_steps, &mut self.rng_sample)?;
         let r = score_checked(reward, &x, y.as_deref()).with_context(|| format!("scoring samples at step {}", self.step))?;
         Ok((x, y, r, st))
@@ -358,7 +361,7 @@ impl<M: VelocityField> Trainer<M> {
             }
             on_step(&m);
             let every = self.cfg.save_every_epochs;
-            if self.run_dir.is_some() && m.policy_refreshed && every > 0 && self.epoch % every == 0 && self.step < stop_at {
+            if self.run_dir.is_some() && m.policy_refreshed && every > 0 && self.epoch.is_multiple_of(every) && self.step < stop_at {
                 self.save_checkpoint()?;
             }
         }

@@ -8,8 +8,10 @@
 //! - [`io`]: safetensors and PyTorch `.pt` checkpoints.
 pub mod autograd;
 pub mod backend;
+pub mod eval;
 pub mod flow;
 pub mod cli;
+pub mod commands;
 pub mod data;
 pub mod io;
 pub mod logging;
@@ -17,6 +19,7 @@ pub mod nn;
 pub mod optim;
 pub mod orw;
 pub mod plot;
+pub mod pretrain;
 pub mod reward;
 pub mod rng;
 pub mod tensor;

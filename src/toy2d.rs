@@ -66,23 +66,9 @@ pub fn reward(x: &Tensor) -> Vec<f32> {
     x.data().chunks(2).map(|p| -((p[0] - TARGET[0]).powi(2) + (p[1] - TARGET[1]).powi(2)).sqrt()).collect()
 }
 
-/// Mean pairwise Euclidean distance of the rows of `x [n, d]` (f64 accumulation).
+/// Mean pairwise Euclidean distance of the samples.
 pub fn diversity(x: &Tensor) -> f32 {
-    let n = x.shape()[0];
-    let d = x.numel() / n.max(1);
-    let p = x.data();
-    let mut s = 0.0f64;
-    for i in 0..n {
-        for j in i + 1..n {
-            let mut q = 0.0f32;
-            for k in 0..d {
-                let e = p[i * d + k] - p[j * d + k];
-                q += e * e;
-            }
-            s += q.sqrt() as f64;
-        }
-    }
-    (s / (n * (n - 1) / 2).max(1) as f64) as f32
+    crate::eval::mean_pairwise_distance(x)
 }
 
 /// Settings of the pre-training (plain I-CFM with Adam).

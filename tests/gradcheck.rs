@@ -69,6 +69,23 @@ fn activations() {
     check("relu", vec![x], |v| relu(&v[0]));
     check("square", vec![r(&[3, 7], 15)], |v| square(&v[0]));
     check("softmax", vec![r(&[4, 9], 16)], |v| softmax(&v[0]));
+    check("log_softmax", vec![r(&[4, 9], 17)], |v| log_softmax(&v[0]));
+    check("cross_entropy", vec![r(&[5, 7], 18)], |v| cross_entropy(&v[0], &[0, 6, 3, 3, 1]).unwrap());
+}
+
+/// Cross-entropy against the formula −mean(log softmax(z)[y]) in f64.
+#[test]
+fn cross_entropy_value() {
+    let z = r(&[3, 4], 19);
+    let y = [2usize, 0, 3];
+    let got = cross_entropy(&Var::constant(z.clone()), &y).unwrap().value().item() as f64;
+    let mut want = 0.0f64;
+    for (i, &c) in y.iter().enumerate() {
+        let row: Vec<f64> = z.data()[i * 4..i * 4 + 4].iter().map(|&v| v as f64).collect();
+        let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+        want += (lse - row[c]) / 3.0;
+    }
+    assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
 }
 
 #[test]

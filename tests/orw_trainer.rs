@@ -269,3 +269,27 @@ fn bad_rewards_and_configs_stop_with_a_message() {
     let e = format!("{:#}", Trainer::<Mlp>::resume(&tmpdir("nothing")).err().unwrap());
     assert!(e.contains("neither a run folder"), "{e}");
 }
+
+#[test]
+fn a_failed_checkpoint_save_keeps_the_previous_one() {
+    let d = tmpdir("failsave");
+    let mut tr = Trainer::new(base_cfg(), mlp()).unwrap();
+    tr.set_run_dir(&d).unwrap();
+    let mut reward = FnReward::new("x", first_coord);
+    tr.run(&mut reward, Some(2), &mut |_| {}).unwrap(); // saves step 2
+    tr.train_step(&mut reward).unwrap();
+    // the save at step 3 fails half-way (injected, for this run folder only)
+    unsafe { std::env::set_var("ORWCFM_FAIL_CHECKPOINT", &d) };
+    let err = tr.save_checkpoint().unwrap_err();
+    unsafe { std::env::remove_var("ORWCFM_FAIL_CHECKPOINT") };
+    assert!(format!("{err:#}").contains("previous checkpoint is kept"), "{err:#}");
+    assert_eq!(std::fs::read_to_string(d.join("checkpoints/latest")).unwrap().trim(), "step-00000002");
+    let names: Vec<String> = std::fs::read_dir(d.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.starts_with(".tmp")), "the half-written folder is removed: {names:?}");
+    assert!(!names.iter().any(|n| n == "step-00000003"), "{names:?}");
+    let back: Trainer<Mlp> = Trainer::resume(&d).unwrap();
+    assert_eq!(back.step(), 2);
+    // and the next save works again
+    tr.save_checkpoint().unwrap();
+    assert_eq!(std::fs::read_to_string(d.join("checkpoints/latest")).unwrap().trim(), "step-00000003");
+}

@@ -221,6 +221,46 @@ pub fn mse_loss(a: &Var, b: &Var) -> Var {
     mean_all(&square(&sub(a, b)))
 }
 
+/// Log-softmax over the last axis (stable: shifted by the row maximum).
+pub fn log_softmax(x: &Var) -> Var {
+    let xv = x.value();
+    let n = *xv.shape().last().expect("log_softmax of a scalar");
+    let mut y = xv.to_vec();
+    for row in y.chunks_mut(n) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + row.iter().map(|&v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32;
+        row.iter_mut().for_each(|v| *v -= lse);
+    }
+    let y = t(y, xv.shape());
+    let yv = y.clone();
+    Var::from_op(y, vec![x.clone()], "log_softmax", move |g| {
+        // dx = g − softmax · Σ g
+        let mut dx = g.to_vec();
+        for (d, yr) in dx.chunks_mut(n).zip(yv.data().chunks(n)) {
+            let s: f32 = d.iter().sum();
+            d.iter_mut().zip(yr).for_each(|(d, &l)| *d -= l.exp() * s);
+        }
+        vec![Some(t(dx, g.shape()))]
+    })
+}
+
+/// Mean cross-entropy of `logits [N, K]` against class indices (`F.cross_entropy`).
+pub fn cross_entropy(logits: &Var, labels: &[usize]) -> Result<Var> {
+    let sh = logits.shape();
+    if sh.len() != 2 || sh[0] != labels.len() {
+        bail!("cross_entropy: logits {sh:?} for {} labels", labels.len());
+    }
+    if let Some(&bad) = labels.iter().find(|&&c| c >= sh[1]) {
+        bail!("cross_entropy: label {bad} out of range for {} classes", sh[1]);
+    }
+    let k = sh[1];
+    let mut pick = vec![0.0f32; sh[0] * k];
+    for (i, &c) in labels.iter().enumerate() {
+        pick[i * k + c] = -1.0 / labels.len() as f32;
+    }
+    Ok(sum_all(&mul(&log_softmax(logits), &Var::constant(t(pick, &sh)))))
+}
+
 // ---------------------------------------------------------------- shape and data movement
 
 /// Same data, new shape.

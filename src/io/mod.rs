@@ -1,4 +1,5 @@
 //! Reading and writing weights and tensors: safetensors and PyTorch `.pt` checkpoints.
+pub mod image;
 pub mod model;
 pub mod pt;
 pub mod safetensors;

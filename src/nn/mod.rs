@@ -1,10 +1,12 @@
 //! Neural-network modules with torchcfm's parameter names.
+pub mod classifier;
 pub mod config;
 pub mod mlp;
 pub mod params;
 pub mod unet;
 pub mod velocity;
 
+pub use classifier::{Classifier, ClassifierConfig};
 pub use config::UNetConfig;
 pub use mlp::{Mlp, MlpConfig};
 pub use params::ParamStore;

@@ -133,6 +133,13 @@ impl<M: VelocityField> Trainer<M> {
     /// Write the checkpoint's files into `dir` (an existing, empty folder).
     pub fn write_checkpoint_files(&self, dir: &Path) -> Result<()> {
         self.net.save_file(&dir.join("net.safetensors"))?;
+        // fault injection for tests: `ORWCFM_FAIL_CHECKPOINT=<run folder>` fails saves into that run
+        // folder after their first file, as a full disk would
+        if let (Some(v), Some(run)) = (std::env::var_os("ORWCFM_FAIL_CHECKPOINT"), &self.run_dir) {
+            if Path::new(&v) == run.as_path() {
+                bail!("injected failure (ORWCFM_FAIL_CHECKPOINT) after writing net.safetensors");
+            }
+        }
         self.last_policy.save_file(&dir.join("last_policy.safetensors"))?;
         if let Some(e) = &self.ema {
             e.save_file(&dir.join("ema.safetensors"))?;

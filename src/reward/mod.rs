@@ -3,6 +3,11 @@
 //! The trainer never differentiates a reward. It checks what comes back (one finite value per
 //! sample) and stops with a message otherwise.
 
+pub mod classifier;
+pub mod external;
+pub mod jpeg;
+pub mod target;
+
 use anyhow::{bail, Result};
 
 use crate::tensor::Tensor;

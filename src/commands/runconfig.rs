@@ -1,0 +1,175 @@
+//! The `train` configuration: the trainer's keys ([`OrwConfig`]) plus the product's (model,
+//! reward, evaluation, outputs), from built-in presets, a TOML file and flags, in that order.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::orw::config::config_keys;
+use crate::orw::OrwConfig;
+use crate::util::nearest;
+
+/// Settings of `train` beyond the trainer's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProductConfig {
+    /// Starting values: `mnist-even` (the bundled 10-minute CPU experiment) or `paper` (the
+    /// reference code's defaults).
+    pub preset: String,
+    /// U-Net config for `ref_path` weights that carry none (JSON file or mnist, mnist-small, cifar10).
+    pub unet_config: Option<String>,
+    /// classifier, jpeg-compressibility, jpeg-incompressibility, target-image or external.
+    pub reward: String,
+    /// Target classes of the classifier reward.
+    pub target_classes: Vec<usize>,
+    /// Classifier reward: log of the probability mass instead of the mass.
+    pub reward_log: bool,
+    /// The classifier of the `classifier` reward and the feature metrics (default: the bundled
+    /// MNIST digit classifier).
+    pub classifier: Option<String>,
+    /// External reward program and its arguments.
+    pub reward_command: Vec<String>,
+    /// Seconds an external reward program may take per batch.
+    pub reward_timeout: f64,
+    /// Target image (PNG/JPEG) of the target-image reward.
+    pub target_image: Option<String>,
+    /// JPEG quality of the JPEG rewards (DDPO: 95).
+    pub jpeg_quality: u8,
+    /// Evaluate reward and diversity every this many epochs (and at the start and the end).
+    pub eval_every: u64,
+    /// Samples per evaluation.
+    pub eval_samples: usize,
+    /// Save a PNG grid of samples every this many epochs (and at the start and the end).
+    pub grid_every: u64,
+    pub grid_samples: usize,
+    /// cpu (cuda comes with the CUDA backend).
+    pub device: String,
+    /// No progress bar or lines, only errors and the final summary.
+    pub quiet: bool,
+}
+
+impl Default for ProductConfig {
+    fn default() -> Self {
+        ProductConfig {
+            preset: "mnist-even".into(),
+            unet_config: None,
+            reward: "classifier".into(),
+            target_classes: vec![0, 2, 4, 6, 8],
+            reward_log: false,
+            classifier: None,
+            reward_command: Vec::new(),
+            reward_timeout: 300.0,
+            target_image: None,
+            jpeg_quality: 95,
+            eval_every: 2,
+            eval_samples: 128,
+            grid_every: 5,
+            grid_samples: 64,
+            device: "cpu".into(),
+            quiet: false,
+        }
+    }
+}
+
+/// The trainer settings of a preset.
+pub fn preset(name: &str) -> Result<OrwConfig> {
+    match name {
+        "paper" => Ok(OrwConfig::default()),
+        // sized to show a clear rise in ~10 minutes on 2 CPU cores (see README)
+        "mnist-even" => Ok(OrwConfig {
+            learning_rate: 5e-4,
+            warmup_steps: 10,
+            w2_coefficient: 0.1,
+            temperature: 3.0,
+            grad_clip: 1.0,
+            batch_size: 32,
+            run_name: "mnist-even".into(),
+            num_epochs: 12,
+            steps_per_epoch: 8,
+            ode_solver: "euler".into(),
+            ode_steps: 16,
+            coupling: "independent".into(),
+            weight_mode: "exp-normalized".into(),
+            sample_reuse: 2,
+            sample_batch: 64,
+            ..OrwConfig::default()
+        }),
+        _ => bail!("unknown preset '{name}' (valid: mnist-even, paper)"),
+    }
+}
+
+fn product_keys() -> Vec<String> {
+    match serde_json::to_value(ProductConfig::default()) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every key a `train` config may hold.
+pub fn all_keys() -> Vec<String> {
+    let mut k = config_keys();
+    k.extend(product_keys());
+    k
+}
+
+/// A TOML file as a JSON object (keys checked against [`all_keys`]).
+pub fn read_toml(path: &std::path::Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let t: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let v = serde_json::to_value(t)?;
+    let Value::Object(m) = v else { bail!("{} is not a table", path.display()) };
+    check_keys(&m).with_context(|| format!("in {}", path.display()))?;
+    Ok(m)
+}
+
+/// An unknown key is an error naming the nearest valid key.
+pub fn check_keys(m: &Map<String, Value>) -> Result<()> {
+    let keys = all_keys();
+    for k in m.keys() {
+        if !keys.iter().any(|c| c == k) {
+            let hint = nearest(k, keys.iter().map(|s| s.as_str())).map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default();
+            bail!("unknown config key '{k}'{hint}");
+        }
+    }
+    Ok(())
+}
+
+/// Resolve: preset (from the layers' `preset`, flags first), then the file, then the flags.
+pub fn resolve(file: Option<Map<String, Value>>, flags: Map<String, Value>) -> Result<(OrwConfig, ProductConfig)> {
+    check_keys(&flags)?;
+    let preset_name = flags.get("preset").or_else(|| file.as_ref().and_then(|f| f.get("preset"))).and_then(|v| v.as_str()).unwrap_or("mnist-even").to_string();
+    let mut merged: Map<String, Value> = match serde_json::to_value(preset(&preset_name)?)? {
+        Value::Object(m) => m,
+        _ => unreachable!("OrwConfig is an object"),
+    };
+    if let Value::Object(p) = serde_json::to_value(ProductConfig::default())? {
+        merged.extend(p);
+    }
+    for layer in file.into_iter().chain(std::iter::once(flags)) {
+        merged.extend(layer);
+    }
+    merged.insert("preset".into(), Value::String(preset_name));
+    let okeys = config_keys();
+    let (mut o, mut p) = (Map::new(), Map::new());
+    for (k, v) in merged {
+        if okeys.contains(&k) { o.insert(k, v) } else { p.insert(k, v) };
+    }
+    let orw = OrwConfig::from_json_value(Value::Object(o))?;
+    let prod: ProductConfig = serde_json::from_value(Value::Object(p)).context("in the config")?;
+    Ok((orw, prod))
+}
+
+/// The resolved config as TOML (what a run writes to `config.toml`).
+pub fn to_toml(orw: &OrwConfig, prod: &ProductConfig) -> Result<String> {
+    let mut m = match serde_json::to_value(orw)? {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    };
+    if let Value::Object(p) = serde_json::to_value(prod)? {
+        m.extend(p);
+    }
+    // TOML has no null: leave unset options out
+    m.retain(|_, v| !v.is_null());
+    let t: toml::Table = serde_json::from_value(Value::Object(m))?;
+    Ok(toml::to_string(&t)?)
+}

@@ -1,0 +1,458 @@
+//! `orwcfm-fast train`: ORW-CFM-W2 fine-tuning as a product — config from presets, a TOML file and
+//! flags; rewards by name; evaluation of reward and diversity; metrics (JSONL, CSV, TensorBoard),
+//! sample grids, plots, checkpoints and `summary.json` under `<savedir>/<run_name>/`; a progress
+//! bar; Ctrl-C saves a checkpoint that `--resume` continues.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+use super::runconfig::{read_toml, resolve, to_toml, ProductConfig};
+use crate::eval::{sample_stats, SampleStats};
+use crate::flow::ode::OdeSolver;
+use crate::io::image::save_grid;
+use crate::io::safetensors::write_atomic;
+use crate::logging::{plot_metrics, MetricsLog, Progress};
+use crate::nn::{Classifier, UNetModel, VelocityField};
+use crate::orw::{sample_model, OrwConfig, Trainer};
+use crate::reward::classifier::ClassifierReward;
+use crate::reward::external::ExternalReward;
+use crate::reward::jpeg::JpegReward;
+use crate::reward::target::TargetImageReward;
+use crate::reward::{score_checked, Reward};
+use crate::rng::Rng;
+use crate::tensor::{Device, Tensor};
+
+/// Declares the `train` flags: one per config key, same name (`learning_rate` ↔ `--learning-rate`).
+macro_rules! flags {
+    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty ),* $(,)?) => {
+        /// Flags of `train`; each overrides the config key of the same name.
+        #[derive(clap::Args, Debug, Default)]
+        pub struct TrainFlags {
+            // `--flag` alone means `--flag true` (for the switches)
+            $( $(#[doc = $doc])* #[arg(long, num_args = 0..=1, default_missing_value = "true")] pub $name: Option<$ty>, )*
+        }
+        impl TrainFlags {
+            /// The flags given, as config keys.
+            pub fn overrides(&self) -> Map<String, Value> {
+                let mut m = Map::new();
+                $( if let Some(v) = &self.$name { m.insert(stringify!($name).to_string(), serde_json::to_value(v).expect("flag value")); } )*
+                m
+            }
+            /// Every key that has a flag.
+            pub fn keys() -> Vec<&'static str> {
+                vec![$(stringify!($name)),*]
+            }
+        }
+    };
+}
+
+flags! {
+    /// Starting values: mnist-even (the bundled 10-minute CPU experiment, the default) or paper (the reference code's defaults).
+    preset: String,
+    /// Adam learning rate after warm-up.
+    learning_rate: f32,
+    /// Linear warm-up steps (torchcfm's min(step, warmup)/warmup; step 0 runs at lr 0).
+    warmup_steps: u64,
+    /// α: weight of the W2 term mean_pix (v_θ − v_ref)².
+    w2_coefficient: f32,
+    /// τ: weights exp(τ·r) (it multiplies).
+    temperature: f32,
+    /// Global gradient-norm clip (0: off).
+    grad_clip: f32,
+    /// Samples per gradient step.
+    batch_size: usize,
+    /// Text prompts (kept for the CLIP reward; comma-separated).
+    text_prompts: String,
+    /// Parent folder of run folders.
+    savedir: String,
+    /// The pre-trained model to fine-tune (safetensors or torchcfm .pt); default: the bundled MNIST U-Net.
+    ref_path: String,
+    /// Entry of a .pt checkpoint (ema_model by default; the reference code uses net_model).
+    ref_key: String,
+    /// Run folder name under savedir.
+    run_name: String,
+    /// Accepted for compatibility; metrics always go to metrics.jsonl/csv and TensorBoard files (upload with `wandb sync`).
+    use_wandb: bool,
+    num_epochs: u64,
+    /// Gradient steps per epoch (the sampling policy is refreshed after each epoch).
+    steps_per_epoch: u64,
+    /// euler, midpoint, rk4 or dopri5.
+    ode_solver: String,
+    /// Steps of a fixed-grid solver.
+    ode_steps: usize,
+    ode_atol: f64,
+    ode_rtol: f64,
+    /// independent or exact-ot (also fm, sbcfm, si).
+    coupling: String,
+    /// Draw OT pairs with replacement as torchcfm does.
+    ot_replace: bool,
+    /// σ of the probability path.
+    sigma: f32,
+    /// exp (as published), exp-normalized or zscore.
+    weight_mode: String,
+    /// Gradient steps per sampled batch.
+    sample_reuse: usize,
+    /// Samples per ODE solve (0: batch_size).
+    sample_batch: usize,
+    seed: u64,
+    /// Dropout on in net's forward pass.
+    dropout: bool,
+    /// EMA decay (0: off).
+    ema_decay: f32,
+    /// Checkpoint every N epochs (0: only at the end).
+    save_every_epochs: u64,
+    keep_checkpoints: usize,
+    /// U-Net config for ref_path weights that carry none.
+    unet_config: String,
+    /// classifier, jpeg-compressibility, jpeg-incompressibility, target-image or external.
+    reward: String,
+    /// Target classes of the classifier reward (comma-separated).
+    target_classes: String,
+    /// Classifier reward: log of the probability mass.
+    reward_log: bool,
+    /// Classifier for the reward and the feature metrics (default: bundled MNIST digits).
+    classifier: String,
+    /// External reward program and arguments, space-separated (use the config file for arguments with spaces).
+    reward_command: String,
+    /// Seconds an external reward program may take per batch.
+    reward_timeout: f64,
+    /// Target image of the target-image reward.
+    target_image: String,
+    jpeg_quality: u8,
+    /// Evaluate every N epochs.
+    eval_every: u64,
+    eval_samples: usize,
+    /// Sample grid every N epochs.
+    grid_every: u64,
+    grid_samples: usize,
+    /// cpu.
+    device: String,
+    /// No progress output.
+    quiet: bool,
+}
+
+/// `train`'s command line.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML config file (keys as the flags, with underscores); flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this folder (a run folder or one of its checkpoints); flags other
+    /// than --num-epochs and --quiet are not allowed with it.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Replace an existing run folder of the same name.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub flags: TrainFlags,
+}
+
+/// Flags whose config value is a list, given comma- or space-separated on the command line.
+fn listify(m: &mut Map<String, Value>) -> Result<()> {
+    for (k, sep) in [("text_prompts", ','), ("target_classes", ','), ("reward_command", ' ')] {
+        if let Some(Value::String(s)) = m.get(k).cloned() {
+            let parts: Vec<&str> = s.split(sep).map(|p| p.trim()).filter(|p| !p.is_empty()).collect();
+            let v = if k == "target_classes" {
+                Value::Array(parts.iter().map(|p| p.parse::<u64>().map(Value::from).with_context(|| format!("--target-classes: '{p}' is not a class index"))).collect::<Result<_>>()?)
+            } else {
+                Value::Array(parts.iter().map(|p| Value::String(p.to_string())).collect())
+            };
+            m.insert(k.into(), v);
+        }
+    }
+    Ok(())
+}
+
+/// The bundled base model: a U-Net pre-trained on the bundled MNIST subset by `pretrain`.
+pub fn bundled_unet() -> Result<UNetModel> {
+    let raw = crate::io::safetensors::parse(include_bytes!("../../assets/models/mnist_unet.safetensors"), "the bundled MNIST U-Net")?;
+    let cfg = raw.metadata.get("unet_config").context("the bundled U-Net lacks its config")?;
+    let mut m = UNetModel::new(&crate::nn::UNetConfig::from_json_str(cfg)?, crate::nn::Init::Zeros)?;
+    m.params_mut().load_strict(raw.tensors)?;
+    Ok(m)
+}
+
+/// Load the model to fine-tune: `ref_path` (with `unet_config` when given) or the bundled U-Net.
+pub fn load_base(orw: &OrwConfig, prod: &ProductConfig) -> Result<UNetModel> {
+    match &orw.ref_path {
+        None => bundled_unet(),
+        Some(p) => {
+            let cfgp = prod.unet_config.as_ref().map(|c| -> Result<PathBuf> {
+                if Path::new(c).exists() {
+                    return Ok(PathBuf::from(c));
+                }
+                // a built-in name: write it where load_model can read it
+                let cfg = crate::cli::resolve_config(c)?;
+                let tmp = std::env::temp_dir().join(format!("orwcfm-unet-config-{}.json", std::process::id()));
+                std::fs::write(&tmp, cfg.to_json().to_string())?;
+                Ok(tmp)
+            });
+            let cfgp = cfgp.transpose()?;
+            let lm = crate::io::model::load_model(Path::new(p), cfgp.as_deref(), orw.ref_key.as_deref())?;
+            for w in &lm.warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(lm.model)
+        }
+    }
+}
+
+/// The classifier for the reward and the feature metrics.
+pub fn load_classifier(prod: &ProductConfig) -> Result<Classifier> {
+    super::classifier::load(prod.classifier.as_deref().map(Path::new))
+}
+
+/// Build the reward named in the config; also returns the classifier used for metrics (if any
+/// fits the samples) and the reward's target classes.
+pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box<dyn Reward>, Option<Classifier>, Vec<usize>)> {
+    let fits = |c: &Classifier| {
+        let k = c.config();
+        sample_shape == [k.in_channels, k.image_size, k.image_size]
+    };
+    let metrics_classifier = || -> Option<Classifier> { load_classifier(prod).ok().filter(fits) };
+    Ok(match prod.reward.as_str() {
+        "classifier" => {
+            let c = load_classifier(prod)?;
+            if !fits(&c) {
+                let k = c.config();
+                bail!("the classifier takes images [{}, {}, {}] but the model makes {sample_shape:?}", k.in_channels, k.image_size, k.image_size);
+            }
+            let r = ClassifierReward::new(c.clone(), prod.target_classes.clone(), prod.reward_log)?;
+            (Box::new(r), Some(c), prod.target_classes.clone())
+        }
+        "jpeg-compressibility" | "jpeg-incompressibility" => {
+            let mut r = if prod.reward == "jpeg-compressibility" { JpegReward::compressibility() } else { JpegReward::incompressibility() };
+            if !(1..=100).contains(&prod.jpeg_quality) {
+                bail!("jpeg_quality must be in 1..=100, got {}", prod.jpeg_quality);
+            }
+            r.quality = prod.jpeg_quality;
+            (Box::new(r), metrics_classifier(), Vec::new())
+        }
+        "target-image" => {
+            let p = prod.target_image.as_ref().context("the target-image reward needs target_image (a PNG or JPEG)")?;
+            (Box::new(TargetImageReward::from_file(p)?), metrics_classifier(), Vec::new())
+        }
+        "external" => {
+            if !(prod.reward_timeout > 0.0) {
+                bail!("reward_timeout must be positive");
+            }
+            let r = ExternalReward::new(prod.reward_command.clone(), Vec::new())?.with_timeout(Duration::from_secs_f64(prod.reward_timeout));
+            (Box::new(r), metrics_classifier(), Vec::new())
+        }
+        other => {
+            let names = ["classifier", "jpeg-compressibility", "jpeg-incompressibility", "target-image", "external"];
+            let hint = crate::util::nearest(other, names).map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default();
+            bail!("unknown reward '{other}'{hint}; valid: {}", names.join(", "))
+        }
+    })
+}
+
+/// Samples, rewards and statistics of `model` with a fixed noise seed.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(model: &UNetModel, n: usize, solver: &OdeSolver, steps: usize, seed: u64, reward: &mut dyn Reward, classifier: Option<(&Classifier, &[usize])>, reference: Option<&Tensor>) -> Result<(Tensor, SampleStats)> {
+    let mut rng = Rng::new(seed ^ 0xE7A1_5EED);
+    let (x, y, _) = sample_model(model, n, solver, steps, &mut rng)?;
+    let r = score_checked(reward, &x, y.as_deref())?;
+    let s = sample_stats(&x, &r, classifier, reference)?;
+    Ok((x, s))
+}
+
+fn fmt_stats(s: &SampleStats) -> String {
+    let mut t = format!("reward {:.4}  diversity {:.3}", s.reward_mean, s.diversity_pixel);
+    if let Some(f) = s.target_fraction {
+        t += &format!("  target classes {:.1}%", 100.0 * f);
+    }
+    if let Some(e) = s.class_entropy_bits {
+        t += &format!("  class entropy {e:.2} bits");
+    }
+    if let Some(w) = s.w2_to_reference {
+        t += &format!("  W2 to ref {w:.3}");
+    }
+    t
+}
+
+/// Run `train`.
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let mut flags = a.flags.overrides();
+    listify(&mut flags)?;
+    let (mut orw, prod, resume_from) = if let Some(r) = &a.resume {
+        let (run, _) = crate::orw::checkpoint::locate(r)?;
+        let saved = run.join("config.toml");
+        let mut file = read_toml(&saved).with_context(|| format!("the run folder {} has no readable config.toml", run.display()))?;
+        for (k, v) in flags {
+            match k.as_str() {
+                "num_epochs" | "quiet" => {
+                    file.insert(k, v);
+                }
+                _ => bail!("--{} cannot change when resuming (only --num-epochs and --quiet can)", k.replace('_', "-")),
+            }
+        }
+        let (o, p) = resolve(Some(file), Map::new())?;
+        (o, p, Some(r.clone()))
+    } else {
+        let file = a.config.as_deref().map(read_toml).transpose()?;
+        let (o, p) = resolve(file, flags)?;
+        (o, p, None)
+    };
+    let device = Device::parse(&prod.device)?;
+    device.ensure_available()?;
+
+    let base = load_base(&orw, &prod)?;
+    let shape = base.sample_shape();
+    let (mut reward, classifier, targets) = build_reward(&prod, &shape)?;
+    let run_dir = PathBuf::from(&orw.savedir).join(&orw.run_name);
+    let mut tr: Trainer<UNetModel> = if let Some(r) = &resume_from {
+        let mut t = Trainer::resume(r)?;
+        t.set_num_epochs(orw.num_epochs);
+        t
+    } else {
+        if run_dir.join("checkpoints").exists() || run_dir.join("config.toml").exists() {
+            if !a.overwrite {
+                bail!("the run folder {} already exists: continue it with --resume {}, pick another --run-name, or pass --overwrite", run_dir.display(), run_dir.display());
+            }
+            std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
+        }
+        let mut t = Trainer::new(orw.clone(), base)?;
+        t.set_run_dir(&run_dir)?;
+        t
+    };
+    orw = tr.config().clone();
+    write_atomic(&run_dir.join("config.toml"), to_toml(&orw, &prod)?.as_bytes())?;
+    let start_step = tr.step();
+    let mut log = MetricsLog::create(&run_dir, resume_from.as_ref().map(|_| start_step))?;
+    let total = orw.total_steps();
+    let solver = orw.solver()?;
+    let cls = classifier.as_ref().map(|c| (c, targets.as_slice()));
+    let t0 = Instant::now();
+    let quiet = prod.quiet;
+    let say = |s: &str| {
+        if !quiet {
+            println!("{s}");
+        }
+    };
+    say(&format!(
+        "train: ORW-CFM-W2 on {} ({} parameters), reward {}, α {} τ {} ({}), {} epochs × {} steps of {}, run folder {}",
+        orw.ref_path.as_deref().unwrap_or("the bundled MNIST U-Net"),
+        tr.net().params().count(),
+        reward.name(),
+        orw.w2_coefficient,
+        orw.temperature,
+        orw.weight_mode,
+        orw.num_epochs,
+        orw.steps_per_epoch,
+        orw.batch_size,
+        run_dir.display()
+    ));
+
+    // the reference model's samples: the starting point of every comparison
+    let (ref_x, initial) = evaluate(tr.reference(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, None)?;
+    let initial_file = run_dir.join("eval_initial.json");
+    let initial: SampleStats = if resume_from.is_some() && initial_file.is_file() {
+        serde_json::from_str(&std::fs::read_to_string(&initial_file)?).unwrap_or(initial)
+    } else {
+        write_atomic(&initial_file, serde_json::to_string_pretty(&initial)?.as_bytes())?;
+        let sc: Vec<(String, f32)> = initial.scalars();
+        log.log_eval(0, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
+        let (gx, _) = evaluate(tr.reference(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None)?;
+        save_grid(&run_dir.join("samples_step00000000.png"), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
+        initial
+    };
+    say(&format!("reference model: {}", fmt_stats(&initial)));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let s = stop.clone();
+        // a second handler cannot be installed in the same process (tests): ignore that error
+        let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
+    }
+    let mut bar = Progress::new(total, start_step, quiet);
+    let mut last = None;
+    let mut final_stats = None;
+    while !tr.finished() {
+        let m = match tr.train_step(reward.as_mut()) {
+            Ok(m) => m,
+            Err(e) => {
+                bar.finish();
+                let ck = run_dir.join("checkpoints").join("latest");
+                let kept = std::fs::read_to_string(&ck).map(|n| format!("; the last good checkpoint is {}", n.trim())).unwrap_or_default();
+                return Err(e.context(format!("training stopped at step {}{kept}", tr.step())));
+            }
+        };
+        log.log(&m)?;
+        bar.update(m.step, &format!("reward {:.3} loss {:.4}", m.reward_mean, m.total_loss));
+        if m.policy_refreshed {
+            let ep = tr.epoch();
+            let done = tr.finished();
+            if prod.eval_every > 0 && (ep.is_multiple_of(prod.eval_every) || done) {
+                let (_, s) = evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?;
+                let sc = s.scalars();
+                log.log_eval(m.step, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
+                bar.println(&format!("epoch {ep}: {}", fmt_stats(&s)));
+                final_stats = Some(s);
+            }
+            if prod.grid_every > 0 && (ep.is_multiple_of(prod.grid_every) || done) {
+                let (gx, _) = evaluate(tr.net(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None)?;
+                save_grid(&run_dir.join(format!("samples_step{:08}.png", m.step)), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
+            }
+            if orw.save_every_epochs > 0 && ep.is_multiple_of(orw.save_every_epochs) && !done {
+                tr.save_checkpoint()?;
+            }
+        }
+        last = Some(m);
+        if stop.load(Ordering::SeqCst) {
+            bar.finish();
+            let ck = tr.save_checkpoint()?;
+            log.flush()?;
+            eprintln!("interrupted at step {}: saved {}; continue with: orwcfm-fast train --resume {}", tr.step(), ck.display(), run_dir.display());
+            std::process::exit(130);
+        }
+    }
+    bar.finish();
+    let ck = tr.save_checkpoint()?;
+    let fin = match final_stats {
+        Some(s) => s,
+        None => evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?.1,
+    };
+    log.flush()?;
+    let plots = plot_metrics(&run_dir).unwrap_or_else(|e| {
+        eprintln!("warning: plots not drawn: {e:#}");
+        Vec::new()
+    });
+    let summary = json!({
+        "run_dir": run_dir.display().to_string(),
+        "reward": reward.name(),
+        "steps": tr.step(),
+        "epochs": tr.epoch(),
+        "reward_mean_initial": initial.reward_mean,
+        "reward_mean_final": fin.reward_mean,
+        "diversity_initial": initial.diversity_pixel,
+        "diversity_final": fin.diversity_pixel,
+        "diversity_feature_initial": initial.diversity_feature,
+        "diversity_feature_final": fin.diversity_feature,
+        "target_fraction_initial": initial.target_fraction,
+        "target_fraction_final": fin.target_fraction,
+        "class_histogram_initial": initial.class_histogram,
+        "class_histogram_final": fin.class_histogram,
+        "class_entropy_bits_initial": initial.class_entropy_bits,
+        "class_entropy_bits_final": fin.class_entropy_bits,
+        "w2_to_reference_final": fin.w2_to_reference,
+        "eval_samples": prod.eval_samples,
+        "last_step": last.as_ref().map(|m| json!({"fm_loss": m.fm_loss, "w2_loss": m.w2_loss, "total_loss": m.total_loss})),
+        "wall_time_s": t0.elapsed().as_secs_f64(),
+        "device": format!("{device:?}").to_lowercase(),
+        "threads": rayon::current_num_threads(),
+        "checkpoint": ck.display().to_string(),
+        "plots": plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    });
+    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    println!("reference: {}", fmt_stats(&initial));
+    println!("final:     {}", fmt_stats(&fin));
+    println!("wrote {} ({:.0} s)", run_dir.join("summary.json").display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}

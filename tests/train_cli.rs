@@ -1,0 +1,155 @@
+//! `orwcfm-fast train` end to end on tiny settings: outputs, config layering, bad input, a reward
+//! that turns NaN (last good checkpoint kept), a dying reward program, Ctrl-C and `--resume`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("orwcfm-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Tiny settings: 2 steps per epoch of 4 samples, 2 Euler steps, 8 evaluation samples.
+fn tiny(d: &Path, run: &str) -> Vec<String> {
+    [
+        "train", "--savedir", d.to_str().unwrap(), "--run-name", run, "--batch-size", "4", "--sample-batch", "8", "--steps-per-epoch", "2",
+        "--ode-steps", "2", "--eval-samples", "8", "--grid-samples", "4", "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(args).output().unwrap()
+}
+
+fn with(mut a: Vec<String>, more: &[&str]) -> Vec<String> {
+    a.extend(more.iter().map(|s| s.to_string()));
+    a
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn steps(d: &Path) -> Vec<u64> {
+    std::fs::read_to_string(d.join("metrics.jsonl")).unwrap_or_default().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn a_run_writes_every_output() {
+    let d = tmpdir("outputs");
+    let cfg = d.join("c.toml");
+    std::fs::write(&cfg, "learning_rate = 0.001\ntemperature = 2.0\nnum_epochs = 2\n").unwrap();
+    let o = run(&with(tiny(&d, "r"), &["--config", cfg.to_str().unwrap(), "--temperature", "1.5", "--eval-every", "1"]));
+    assert!(o.status.success(), "{}", err(&o));
+    let r = d.join("r");
+    for f in ["metrics.jsonl", "metrics.csv", "eval.jsonl", "config.toml", "summary.json", "reward.png", "losses.png", "samples_step00000000.png", "samples_step00000004.png", "checkpoints/latest", "reference.safetensors"] {
+        assert!(r.join(f).is_file(), "{f} missing");
+    }
+    assert!(std::fs::read_dir(&r).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+    assert_eq!(steps(&r), vec![1, 2, 3, 4]);
+    let csv = std::fs::read_to_string(r.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "header + 4 rows");
+    assert!(csv.lines().next().unwrap().contains("reward_mean"));
+    // flags win over the file, the file over the preset
+    let resolved: toml::Table = toml::from_str(&std::fs::read_to_string(r.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(resolved["learning_rate"].as_float().unwrap() as f32, 0.001);
+    assert_eq!(resolved["temperature"].as_float().unwrap(), 1.5);
+    assert_eq!(resolved["batch_size"].as_integer(), Some(4));
+    assert_eq!(resolved["w2_coefficient"].as_float().unwrap() as f32, 0.1, "from the mnist-even preset");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("summary.json")).unwrap()).unwrap();
+    for k in ["reward_mean_initial", "reward_mean_final", "diversity_initial", "diversity_final", "wall_time_s", "device", "target_fraction_final"] {
+        assert!(!s[k].is_null(), "summary.json lacks {k}");
+    }
+    assert_eq!(s["steps"], 4);
+    // the same run folder again needs --resume or --overwrite
+    let o = run(&tiny(&d, "r"));
+    assert!(!o.status.success() && err(&o).contains("--resume"), "{}", err(&o));
+}
+
+#[test]
+fn bad_input_is_one_clear_error() {
+    let d = tmpdir("bad");
+    let cfg = d.join("typo.toml");
+    std::fs::write(&cfg, "temprature = 2.0\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (with(tiny(&d, "a"), &["--config", cfg.to_str().unwrap()]), "did you mean 'temperature'"),
+        (with(tiny(&d, "b"), &["--ref-path", "/nonexistent/model.safetensors"]), "/nonexistent/model.safetensors"),
+        (with(tiny(&d, "c"), &["--ref-path", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_ckpt.pt")]), "[1, 28, 28] but the model makes [1, 32, 32]"),
+        (with(tiny(&d, "d"), &["--reward", "jpeg-compresibility"]), "did you mean 'jpeg-compressibility'"),
+        (with(tiny(&d, "e"), &["--reward", "external", "--reward-command", "false"]), "exited"),
+        (with(tiny(&d, "f"), &["--weight-mode", "softmax"]), "unknown weight mode 'softmax'"),
+        (with(tiny(&d, "g"), &["--device", "cuda"]), "cuda"),
+    ];
+    for (args, want) in cases {
+        let o = run(&args);
+        let e = err(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        let last = e.lines().last().unwrap_or("");
+        assert!(last.starts_with("error:") && last.contains(want), "{args:?}: expected '{want}' in the last line of: {e}");
+    }
+}
+
+#[test]
+fn a_nan_reward_stops_and_keeps_the_last_good_checkpoint() {
+    let d = tmpdir("nan");
+    // calls 1-2: initial evaluation and grid; call 3: epoch 1's samples; call 4: NaN
+    let script = d.join("reward.py");
+    std::fs::write(
+        &script,
+        r#"import sys, struct, json
+calls = 0
+while True:
+    head = sys.stdin.buffer.read(8)
+    if len(head) < 8: break
+    n = struct.unpack('<Q', head)[0]
+    body = sys.stdin.buffer.read(n)
+    hl = struct.unpack('<Q', body[:8])[0]
+    b = json.loads(body[8:8 + hl])['images']['shape'][0]
+    calls += 1
+    v = float('nan') if calls >= 4 else 0.5
+    sys.stdout.buffer.write(struct.pack('<%df' % b, *([v] * b)))
+    sys.stdout.buffer.flush()
+"#,
+    )
+    .unwrap();
+    let cmd = format!("python3 {}", script.display());
+    let o = run(&with(tiny(&d, "r"), &["--reward", "external", "--reward-command", &cmd, "--num-epochs", "3", "--save-every-epochs", "1", "--eval-every", "0", "--grid-every", "0"]));
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("non-finite") && e.contains("last good checkpoint is step-00000002"), "{e}");
+    let r = d.join("r");
+    assert_eq!(std::fs::read_to_string(r.join("checkpoints/latest")).unwrap().trim(), "step-00000002");
+    assert!(r.join("checkpoints/step-00000002/net.safetensors").is_file());
+}
+
+#[test]
+fn ctrl_c_saves_and_resume_finishes_the_run() {
+    let d = tmpdir("ctrlc");
+    let args = with(tiny(&d, "r"), &["--num-epochs", "4", "--eval-every", "0", "--grid-every", "0"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let r = d.join("r");
+    let t0 = Instant::now();
+    while steps(&r).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no step logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(e.contains("interrupted at step") && e.contains("--resume"), "{e}");
+    let done = steps(&r).len() as u64;
+    assert!(done < 8, "interrupted before the end ({done} steps)");
+    // flags other than --num-epochs/--quiet cannot change on resume
+    let o = run(&["train".into(), "--resume".into(), r.display().to_string(), "--learning-rate".into(), "0.1".into()]);
+    assert!(err(&o).contains("cannot change when resuming"), "{}", err(&o));
+    let o = run(&["train".into(), "--resume".into(), r.display().to_string(), "--quiet".into()]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(steps(&r), (1..=8).collect::<Vec<u64>>(), "every step logged once across the interruption");
+}

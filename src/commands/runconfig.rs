@@ -71,6 +71,22 @@ impl Default for ProductConfig {
     }
 }
 
+impl ProductConfig {
+    /// Ranges that would otherwise fail late, after training has started.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=2048).contains(&self.eval_samples) {
+            bail!("eval_samples must be in 1..=2048 (the W2 metric solves an exact assignment), got {}", self.eval_samples);
+        }
+        if self.grid_samples == 0 {
+            bail!("grid_samples must be at least 1");
+        }
+        if !(self.reward_timeout > 0.0 && self.reward_timeout <= 1e6) {
+            bail!("reward_timeout must be a number of seconds in (0, 1e6], got {}", self.reward_timeout);
+        }
+        Ok(())
+    }
+}
+
 /// The trainer settings of a preset.
 pub fn preset(name: &str) -> Result<OrwConfig> {
     match name {
@@ -92,6 +108,7 @@ pub fn preset(name: &str) -> Result<OrwConfig> {
             weight_mode: "exp-normalized".into(),
             sample_reuse: 2,
             sample_batch: 64,
+            save_every_epochs: 2,
             ..OrwConfig::default()
         }),
         _ => bail!("unknown preset '{name}' (valid: mnist-even, paper)"),
@@ -156,6 +173,7 @@ pub fn resolve(file: Option<Map<String, Value>>, flags: Map<String, Value>) -> R
     }
     let orw = OrwConfig::from_json_value(Value::Object(o))?;
     let prod: ProductConfig = serde_json::from_value(Value::Object(p)).context("in the config")?;
+    prod.validate()?;
     Ok((orw, prod))
 }
 

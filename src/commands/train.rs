@@ -239,8 +239,8 @@ pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box
             (Box::new(TargetImageReward::from_file(p)?), metrics_classifier(), Vec::new())
         }
         "external" => {
-            if !(prod.reward_timeout > 0.0) {
-                bail!("reward_timeout must be positive");
+            if !(prod.reward_timeout > 0.0 && prod.reward_timeout <= 1e6) {
+                bail!("reward_timeout must be a number of seconds in (0, 1e6], got {}", prod.reward_timeout);
             }
             let r = ExternalReward::new(prod.reward_command.clone(), Vec::new())?.with_timeout(Duration::from_secs_f64(prod.reward_timeout));
             (Box::new(r), metrics_classifier(), Vec::new())
@@ -282,6 +282,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut flags = a.flags.overrides();
     listify(&mut flags)?;
     let (mut orw, prod, resume_from) = if let Some(r) = &a.resume {
+        if a.config.is_some() || a.overwrite {
+            bail!("--config and --overwrite cannot be combined with --resume (a resumed run keeps its config.toml)");
+        }
         let (run, _) = crate::orw::checkpoint::locate(r)?;
         let saved = run.join("config.toml");
         let mut file = read_toml(&saved).with_context(|| format!("the run folder {} has no readable config.toml", run.display()))?;
@@ -303,25 +306,32 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let device = Device::parse(&prod.device)?;
     device.ensure_available()?;
 
-    let base = load_base(&orw, &prod)?;
-    let shape = base.sample_shape();
-    let (mut reward, classifier, targets) = build_reward(&prod, &shape)?;
-    let run_dir = PathBuf::from(&orw.savedir).join(&orw.run_name);
     let mut tr: Trainer<UNetModel> = if let Some(r) = &resume_from {
         let mut t = Trainer::resume(r)?;
+        // the checkpoint's trainer settings rule; config.toml may only have changed num_epochs
+        let mut want = orw.clone();
+        want.num_epochs = t.config().num_epochs;
+        if &want != t.config() {
+            bail!("config.toml of {} no longer matches the checkpoint's trainer settings (only num_epochs may change when resuming)", r.display());
+        }
         t.set_num_epochs(orw.num_epochs);
         t
     } else {
-        if run_dir.join("checkpoints").exists() || run_dir.join("config.toml").exists() {
-            if !a.overwrite {
-                bail!("the run folder {} already exists: continue it with --resume {}, pick another --run-name, or pass --overwrite", run_dir.display(), run_dir.display());
-            }
+        let run_dir = PathBuf::from(&orw.savedir).join(&orw.run_name);
+        if run_dir.join("checkpoints").join("latest").exists() && !a.overwrite {
+            bail!("the run folder {} already holds a run: continue it with --resume {}, pick another --run-name, or pass --overwrite", run_dir.display(), run_dir.display());
+        }
+        if run_dir.exists() && (a.overwrite || !run_dir.join("checkpoints").join("latest").exists()) && run_dir.join("config.toml").exists() {
+            // a finished or abandoned run of this name (no checkpoint to resume): start afresh
             std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
         }
-        let mut t = Trainer::new(orw.clone(), base)?;
+        let mut t = Trainer::new(orw.clone(), load_base(&orw, &prod)?)?;
         t.set_run_dir(&run_dir)?;
         t
     };
+    let run_dir = tr.run_dir().expect("the trainer has a run folder").to_path_buf();
+    let shape = tr.net().sample_shape();
+    let (mut reward, classifier, targets) = build_reward(&prod, &shape)?;
     orw = tr.config().clone();
     write_atomic(&run_dir.join("config.toml"), to_toml(&orw, &prod)?.as_bytes())?;
     let start_step = tr.step();
@@ -351,7 +361,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     ));
 
     // the reference model's samples: the starting point of every comparison
-    let (ref_x, initial) = evaluate(tr.reference(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, None)?;
+    // (its own noise: W2 between two independent sample sets, as `eval --reference` measures it)
+    let (ref_x, initial) = evaluate(tr.reference(), prod.eval_samples, &solver, orw.ode_steps, orw.seed ^ 0x2EF, reward.as_mut(), cls, None)?;
     let initial_file = run_dir.join("eval_initial.json");
     let initial: SampleStats = if resume_from.is_some() && initial_file.is_file() {
         serde_json::from_str(&std::fs::read_to_string(&initial_file)?).unwrap_or(initial)
@@ -375,36 +386,41 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut last = None;
     let mut final_stats = None;
     while !tr.finished() {
-        let m = match tr.train_step(reward.as_mut()) {
-            Ok(m) => m,
-            Err(e) => {
-                bar.finish();
-                let ck = run_dir.join("checkpoints").join("latest");
-                let kept = std::fs::read_to_string(&ck).map(|n| format!("; the last good checkpoint is {}", n.trim())).unwrap_or_default();
-                return Err(e.context(format!("training stopped at step {}{kept}", tr.step())));
+        let res: Result<()> = (|| {
+            let m = tr.train_step(reward.as_mut())?;
+            log.log(&m)?;
+            bar.update(m.step, &format!("reward {:.3} loss {:.4}", m.reward_mean, m.total_loss));
+            if m.policy_refreshed {
+                let ep = tr.epoch();
+                let done = tr.finished();
+                if prod.eval_every > 0 && (ep.is_multiple_of(prod.eval_every) || done) {
+                    let (_, s) = evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?;
+                    let sc = s.scalars();
+                    log.log_eval(m.step, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
+                    bar.println(&format!("epoch {ep}: {}", fmt_stats(&s)));
+                    final_stats = Some(s);
+                }
+                if prod.grid_every > 0 && (ep.is_multiple_of(prod.grid_every) || done) {
+                    let (gx, _) = evaluate(tr.net(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None)?;
+                    save_grid(&run_dir.join(format!("samples_step{:08}.png", m.step)), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
+                }
+                if orw.save_every_epochs > 0 && ep.is_multiple_of(orw.save_every_epochs) && !done {
+                    tr.save_checkpoint()?;
+                }
             }
-        };
-        log.log(&m)?;
-        bar.update(m.step, &format!("reward {:.3} loss {:.4}", m.reward_mean, m.total_loss));
-        if m.policy_refreshed {
-            let ep = tr.epoch();
-            let done = tr.finished();
-            if prod.eval_every > 0 && (ep.is_multiple_of(prod.eval_every) || done) {
-                let (_, s) = evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?;
-                let sc = s.scalars();
-                log.log_eval(m.step, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
-                bar.println(&format!("epoch {ep}: {}", fmt_stats(&s)));
-                final_stats = Some(s);
-            }
-            if prod.grid_every > 0 && (ep.is_multiple_of(prod.grid_every) || done) {
-                let (gx, _) = evaluate(tr.net(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None)?;
-                save_grid(&run_dir.join(format!("samples_step{:08}.png", m.step)), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
-            }
-            if orw.save_every_epochs > 0 && ep.is_multiple_of(orw.save_every_epochs) && !done {
-                tr.save_checkpoint()?;
-            }
+            last = Some(m);
+            Ok(())
+        })();
+        if let Err(e) = res {
+            bar.finish();
+            let _ = log.flush();
+            let ck = run_dir.join("checkpoints").join("latest");
+            let kept = match std::fs::read_to_string(&ck) {
+                Ok(n) => format!("; the last good checkpoint is {} (continue with --resume {})", n.trim(), run_dir.display()),
+                Err(_) => "; no checkpoint had been saved yet (set save_every_epochs to keep one)".to_string(),
+            };
+            return Err(e.context(format!("training stopped at step {}{kept}", tr.step())));
         }
-        last = Some(m);
         if stop.load(Ordering::SeqCst) {
             bar.finish();
             let ck = tr.save_checkpoint()?;

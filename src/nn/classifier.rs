@@ -227,6 +227,9 @@ pub fn train_classifier(model: &Classifier, images: &Tensor, labels: &[usize], o
     if n != labels.len() || n == 0 {
         bail!("{n} images and {} labels", labels.len());
     }
+    if o.batch == 0 || o.epochs == 0 || !(o.lr > 0.0) {
+        bail!("classifier training needs batch ≥ 1, epochs ≥ 1 and lr > 0");
+    }
     let per = images.numel() / n;
     let mut rng = Rng::new(o.seed ^ 0xC1A5);
     let mut adam = Adam::new(o.lr);

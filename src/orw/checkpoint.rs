@@ -270,6 +270,10 @@ impl<M: VelocityField> Trainer<M> {
             }
         }
         tr.run_dir = Some(run.clone());
+        // a resume from an older checkpoint abandons the later ones: `latest` names this one
+        if let Some(name) = ck.file_name() {
+            write_atomic(&run.join("checkpoints").join("latest"), format!("{}\n", name.to_string_lossy()).as_bytes())?;
+        }
         truncate_metrics(&run.join("metrics.jsonl"), tr.step)?;
         Ok(tr)
     }

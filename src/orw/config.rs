@@ -171,6 +171,12 @@ impl OrwConfig {
                 bail!("{name} must be at least 1");
             }
         }
+        if self.num_epochs.checked_mul(self.steps_per_epoch).is_none_or(|t| t > 1 << 40) {
+            bail!("num_epochs × steps_per_epoch is too large ({} × {})", self.num_epochs, self.steps_per_epoch);
+        }
+        if self.seed > i64::MAX as u64 {
+            bail!("seed must be at most {}", i64::MAX);
+        }
         if !(0.0..1.0).contains(&self.ema_decay) {
             bail!("ema_decay must be in [0, 1), got {}", self.ema_decay);
         }

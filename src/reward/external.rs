@@ -275,6 +275,13 @@ impl ExternalReward {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // its own process group: a Ctrl-C in the terminal stops the trainer (which saves a
+        // checkpoint and then ends this program), not the reward program in the middle of a batch
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         let mut child = cmd.spawn().map_err(|e| anyhow!("cannot start external reward program '{shown}': {e}"))?;
         self.starts += 1;
         let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())

@@ -1,0 +1,71 @@
+//! The other product commands: the bundled classifier's accuracy, `sample`, `eval`, `pretrain`
+//! (and its shape check against the data).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("orwcfm-product-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(args).output().unwrap()
+}
+
+fn last_json(o: &Output) -> serde_json::Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn bundled_classifier_reaches_95_percent_on_held_out_digits() {
+    let o = run(&["classifier", "eval", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = last_json(&o);
+    assert_eq!(j["images"], 500);
+    let acc = j["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.95, "held-out accuracy {acc}");
+}
+
+#[test]
+fn sample_and_eval_the_bundled_model() {
+    let d = tmpdir("sample");
+    let (g, s) = (d.join("g.png"), d.join("s.safetensors"));
+    let o = run(&["sample", "-n", "4", "--steps", "2", "--grid", g.to_str().unwrap(), "--out", s.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&std::fs::read(&g).unwrap()[..4], b"\x89PNG");
+    let f = orwcfm_fast::io::safetensors::load(&s).unwrap();
+    assert_eq!(f.get("x").unwrap().shape(), &[4, 1, 28, 28]);
+    let o = run(&["eval", "-n", "8", "--steps", "2", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = last_json(&o);
+    for k in ["reward_mean", "diversity_pixel", "diversity_feature", "class_entropy_bits", "target_fraction", "class_histogram"] {
+        assert!(!j[k].is_null(), "eval lacks {k}: {j}");
+    }
+    assert_eq!(j["class_histogram"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum::<u64>(), 8);
+}
+
+#[test]
+fn pretrain_a_tiny_unet_and_reject_mismatched_data() {
+    let d = tmpdir("pretrain");
+    let cfg = d.join("tiny.json");
+    std::fs::write(&cfg, r#"{"dim":[1,28,28],"num_channels":32,"num_res_blocks":1,"channel_mult":[1,2],"attention_resolutions":"7"}"#).unwrap();
+    let out = d.join("m.safetensors");
+    let o = run(&["pretrain", "--data", "mnist5k:heldout", "--unet-config", cfg.to_str().unwrap(), "--steps", "3", "--batch", "4", "--warmup", "1", "--out", out.to_str().unwrap(), "--log-every", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().filter(|l| l.starts_with("step ")).count(), 3, "{text}");
+    assert!(out.is_file() && d.join("m.net.safetensors").is_file());
+    // the EMA differs from the raw weights after training (decay 0.9999)
+    let (a, b) = (orwcfm_fast::io::safetensors::load(&out).unwrap(), orwcfm_fast::io::safetensors::load(&d.join("m.net.safetensors")).unwrap());
+    assert!(a.tensors.iter().zip(&b.tensors).any(|((_, x), (_, y))| x.data() != y.data()));
+
+    let cfg32 = d.join("c32.json");
+    std::fs::write(&cfg32, r#"{"dim":[3,32,32],"num_channels":32,"num_res_blocks":1,"channel_mult":[1,2]}"#).unwrap();
+    let o = run(&["pretrain", "--data", "mnist5k:heldout", "--unet-config", cfg32.to_str().unwrap(), "--steps", "1", "--out", d.join("x.safetensors").to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("[3, 32, 32]") && e.contains("[1, 28, 28]"), "{e}");
+}

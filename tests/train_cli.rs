@@ -61,7 +61,7 @@ fn a_run_writes_every_output() {
     assert_eq!(resolved["learning_rate"].as_float().unwrap() as f32, 0.001);
     assert_eq!(resolved["temperature"].as_float().unwrap(), 1.5);
     assert_eq!(resolved["batch_size"].as_integer(), Some(4));
-    assert_eq!(resolved["w2_coefficient"].as_float().unwrap() as f32, 0.1, "from the mnist-even preset");
+    assert_eq!(resolved["w2_coefficient"].as_float().unwrap() as f32, 0.2, "from the mnist-even preset");
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("summary.json")).unwrap()).unwrap();
     for k in ["reward_mean_initial", "reward_mean_final", "diversity_initial", "diversity_final", "wall_time_s", "device", "target_fraction_final"] {
         assert!(!s[k].is_null(), "summary.json lacks {k}");
@@ -152,4 +152,18 @@ fn ctrl_c_saves_and_resume_finishes_the_run() {
     let o = run(&["train".into(), "--resume".into(), r.display().to_string(), "--quiet".into()]);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(steps(&r), (1..=8).collect::<Vec<u64>>(), "every step logged once across the interruption");
+}
+
+#[test]
+fn the_example_external_reward_drives_a_run() {
+    let d = tmpdir("external");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rewards/external_reward.py");
+    let o = run(&with(tiny(&d, "r"), &["--reward", "external", "--reward-command", &format!("python3 {script}"), "--num-epochs", "1"]));
+    assert!(o.status.success(), "{}", err(&o));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("r/summary.json")).unwrap()).unwrap();
+    assert!(s["reward"].as_str().unwrap().starts_with("external:"));
+    // mean brightness in [0, 1], as the script computes it
+    let r = s["reward_mean_initial"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&r) && r > 0.0, "{r}");
+    assert!(s["diversity_feature_initial"].is_number(), "the bundled classifier still gives feature diversity");
 }

@@ -93,14 +93,14 @@ pub fn preset(name: &str) -> Result<OrwConfig> {
         "paper" => Ok(OrwConfig::default()),
         // sized to show a clear rise in ~10 minutes on 2 CPU cores (see README)
         "mnist-even" => Ok(OrwConfig {
-            learning_rate: 5e-4,
+            learning_rate: 4e-4,
             warmup_steps: 10,
-            w2_coefficient: 0.1,
+            w2_coefficient: 0.2,
             temperature: 3.0,
             grad_clip: 1.0,
             batch_size: 32,
             run_name: "mnist-even".into(),
-            num_epochs: 12,
+            num_epochs: 8,
             steps_per_epoch: 8,
             ode_solver: "euler".into(),
             ode_steps: 16,

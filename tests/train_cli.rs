@@ -70,6 +70,14 @@ fn a_run_writes_every_output() {
     // the same run folder again needs --resume or --overwrite
     let o = run(&tiny(&d, "r"));
     assert!(!o.status.success() && err(&o).contains("--resume"), "{}", err(&o));
+    // without --run-name, a second run of the preset gets the next free name
+    let args: Vec<String> = tiny(&d, "x").into_iter().filter(|a| a != "--run-name" && a != "x").collect();
+    let args = with(args, &["--num-epochs", "1", "--eval-every", "0", "--grid-every", "0"]);
+    for name in ["mnist-even", "mnist-even-2"] {
+        let o = run(&args);
+        assert!(o.status.success(), "{}", err(&o));
+        assert!(d.join(name).join("summary.json").is_file(), "{name}");
+    }
 }
 
 #[test]

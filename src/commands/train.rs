@@ -300,7 +300,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         (o, p, Some(r.clone()))
     } else {
         let file = a.config.as_deref().map(read_toml).transpose()?;
-        let (o, p) = resolve(file, flags)?;
+        let named = flags.contains_key("run_name") || file.as_ref().is_some_and(|f| f.contains_key("run_name"));
+        let (mut o, p) = resolve(file, flags)?;
+        // the preset's own run name is not the user's choice: a second run gets the next free name
+        if !named && !a.overwrite {
+            let base = o.run_name.clone();
+            let mut k = 1;
+            while PathBuf::from(&o.savedir).join(&o.run_name).join("checkpoints").join("latest").exists() {
+                k += 1;
+                o.run_name = format!("{base}-{k}");
+            }
+        }
         (o, p, None)
     };
     let device = Device::parse(&prod.device)?;

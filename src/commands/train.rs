@@ -183,18 +183,12 @@ pub fn load_base(orw: &OrwConfig, prod: &ProductConfig) -> Result<UNetModel> {
     match &orw.ref_path {
         None => bundled_unet(),
         Some(p) => {
-            let cfgp = prod.unet_config.as_ref().map(|c| -> Result<PathBuf> {
-                if Path::new(c).exists() {
-                    return Ok(PathBuf::from(c));
-                }
-                // a built-in name: write it where load_model can read it
-                let cfg = crate::cli::resolve_config(c)?;
-                let tmp = std::env::temp_dir().join(format!("orwcfm-unet-config-{}.json", std::process::id()));
-                std::fs::write(&tmp, cfg.to_json().to_string())?;
-                Ok(tmp)
-            });
-            let cfgp = cfgp.transpose()?;
-            let lm = crate::io::model::load_model(Path::new(p), cfgp.as_deref(), orw.ref_key.as_deref())?;
+            let mut raw = crate::io::model::read_weights(Path::new(p), orw.ref_key.as_deref())?;
+            // a given U-Net config (file or built-in name) wins over the one stored in the weights
+            if let Some(c) = &prod.unet_config {
+                raw.metadata.insert("unet_config".into(), crate::cli::resolve_config(c)?.to_json().to_string());
+            }
+            let lm = crate::io::model::model_from_raw(raw, None).with_context(|| format!("loading {p}"))?;
             for w in &lm.warnings {
                 eprintln!("warning: {w}");
             }

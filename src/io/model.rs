@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::safetensors::{self as st, Out};
+use super::safetensors as st;
 use crate::nn::{Init, UNetConfig, UNetModel};
 use crate::tensor::{DType, Tensor};
 
@@ -214,11 +214,10 @@ pub fn model_from_raw(raw: RawWeights, config_path: Option<&Path>) -> Result<Loa
 
 /// Save a model as safetensors (torchcfm names, `unet_config` metadata), atomically.
 pub fn save_model(model: &UNetModel, path: &Path, dtype: DType) -> Result<()> {
-    let tensors = model.params().tensors();
-    let outs: Vec<(String, Out)> = tensors.iter().map(|(n, t)| (n.clone(), Out::F(t))).collect();
-    let mut meta = HashMap::new();
-    meta.insert("unet_config".to_string(), model.config().to_json().to_string());
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("producer".to_string(), format!("orwcfm-fast {}", env!("CARGO_PKG_VERSION")));
-    st::save(path, &outs, dtype, &meta)
+    let meta = HashMap::from([
+        ("unet_config".to_string(), model.config().to_json().to_string()),
+        ("format".to_string(), "pt".to_string()),
+        ("producer".to_string(), format!("orwcfm-fast {}", env!("CARGO_PKG_VERSION"))),
+    ]);
+    model.params().save_safetensors(path, dtype, &meta)
 }

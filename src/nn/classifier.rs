@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::params::ParamStore;
 use crate::autograd::{no_grad, ops, Var};
-use crate::io::safetensors::{self as st, Out};
+use crate::io::safetensors as st;
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -153,11 +153,8 @@ impl Classifier {
 
     /// Save as safetensors with a `classifier_config` metadata entry.
     pub fn save_file(&self, path: &Path) -> Result<()> {
-        let tensors = self.params.tensors();
-        let outs: Vec<(String, Out)> = tensors.iter().map(|(n, t)| (n.clone(), Out::F(t))).collect();
-        let mut meta = HashMap::new();
-        meta.insert("classifier_config".to_string(), serde_json::to_string(&self.config)?);
-        st::save(path, &outs, DType::F32, &meta)
+        let meta = HashMap::from([("classifier_config".to_string(), serde_json::to_string(&self.config)?)]);
+        self.params.save_safetensors(path, DType::F32, &meta)
     }
 
     pub fn load_file(path: &Path) -> Result<Self> {

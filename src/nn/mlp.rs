@@ -12,7 +12,7 @@ use super::params::ParamStore;
 use super::unet::Forward;
 use super::velocity::VelocityField;
 use crate::autograd::{ops, Var};
-use crate::io::safetensors::{self as st, Out};
+use crate::io::safetensors as st;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -99,11 +99,8 @@ impl VelocityField for Mlp {
         &mut self.params
     }
     fn save_file(&self, path: &Path) -> Result<()> {
-        let tensors = self.params.tensors();
-        let outs: Vec<(String, Out)> = tensors.iter().map(|(n, t)| (n.clone(), Out::F(t))).collect();
-        let mut meta = HashMap::new();
-        meta.insert("mlp_config".to_string(), serde_json::to_string(&self.config)?);
-        st::save(path, &outs, DType::F32, &meta)
+        let meta = HashMap::from([("mlp_config".to_string(), serde_json::to_string(&self.config)?)]);
+        self.params.save_safetensors(path, DType::F32, &meta)
     }
     fn load_file(path: &Path, key: Option<&str>) -> Result<Self> {
         if let Some(k) = key {

@@ -112,6 +112,14 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Write every parameter under its name to a safetensors file (atomically), with `metadata`.
+    pub fn save_safetensors(&self, path: &std::path::Path, dtype: crate::tensor::DType, metadata: &HashMap<String, String>) -> Result<()> {
+        use crate::io::safetensors::{save, Out};
+        let tensors = self.tensors();
+        let outs: Vec<(String, Out)> = tensors.iter().map(|(n, t)| (n.clone(), Out::F(t))).collect();
+        save(path, &outs, dtype, metadata)
+    }
+
     /// Set values in order (e.g. after an optimiser step).
     pub fn set_all(&self, values: Vec<Tensor>) {
         assert_eq!(values.len(), self.vars.len());

@@ -106,6 +106,13 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: crate::commands::classifier::ClassifierCmd,
     },
+    /// The NVIDIA libraries this machine can load and its CUDA devices (ORWCFM_CUDA_LIB_DIRS adds
+    /// library folders, e.g. a Python environment's site-packages/nvidia).
+    Devices {
+        /// Print a JSON line last.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -164,6 +171,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Info { m, json } => cmd_info(&m, json),
         Cmd::Convert { ckpt, out, key, unet_config, dtype } => cmd_convert(&ckpt, &out, key.as_deref(), unet_config.as_deref(), &dtype),
         Cmd::Toy2d(a) => crate::toy2d::run_cli(&a),
+        Cmd::Devices { json } => cmd_devices(json),
         Cmd::Train(a) => crate::commands::train::run(&a),
         Cmd::Sample { s, grid, out } => crate::commands::sample::run_sample(&s, grid.as_ref(), out.as_ref()),
         Cmd::Eval { s, reward, target_classes, reference, json } => crate::commands::sample::run_eval(&s, &reward, &target_classes, reference.as_ref(), json),
@@ -270,6 +278,34 @@ fn cmd_convert(ckpt: &Path, out: &Path, key: Option<&str>, cfg: Option<&Path>, d
         lm.config_source,
         out.display()
     );
+    Ok(())
+}
+
+fn cmd_devices(json: bool) -> Result<()> {
+    use crate::backend::cuda;
+    let libs = cuda::libraries();
+    for p in cuda::preload_lib_dirs() {
+        println!("loaded {}", p.display());
+    }
+    println!("libraries: driver {}, cublas {}, cudnn {}, nvrtc {}", libs.driver, libs.cublas, libs.cudnn, libs.nvrtc);
+    let mut devs = Vec::new();
+    if libs.driver {
+        match cuda::probe(0) {
+            Ok(d) => {
+                for i in 0..d.device_count {
+                    let d = cuda::probe(i)?;
+                    println!("cuda:{i}: {} (sm_{}{}), {:.1} GiB", d.name, d.compute_capability.0, d.compute_capability.1, d.total_mem_bytes as f64 / (1u64 << 30) as f64);
+                    devs.push(serde_json::json!({"index": i, "name": d.name, "sm": format!("{}{}", d.compute_capability.0, d.compute_capability.1), "total_mem_bytes": d.total_mem_bytes}));
+                }
+            }
+            Err(e) => println!("no CUDA device: {e:#}"),
+        }
+    } else {
+        println!("no NVIDIA driver library: no CUDA device");
+    }
+    if json {
+        println!("{}", serde_json::json!({"driver": libs.driver, "cublas": libs.cublas, "cudnn": libs.cudnn, "nvrtc": libs.nvrtc, "devices": devs}));
+    }
     Ok(())
 }
 

@@ -38,10 +38,15 @@ impl Device {
     pub fn ensure_available(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(i) => bail!(
-                "device cuda:{i} requested, but this build's engine runs on the CPU only \
-                 (the CUDA backend is not part of this version); use --device cpu"
-            ),
+            Device::Cuda(i) => {
+                let d = crate::backend::cuda::probe(*i)?;
+                bail!(
+                    "cuda:{i} is a {} (sm_{}{}), but this version's ops run on the CPU only (the CUDA kernels are the next step); use --device cpu",
+                    d.name,
+                    d.compute_capability.0,
+                    d.compute_capability.1
+                )
+            }
         }
     }
 }

@@ -1,0 +1,83 @@
+// Elementwise and row-reduction kernels of the ORW-CFM-W2 step, f32 (and an f16 SiLU).
+// Compiled at run time by NVRTC (src/backend/cuda/nvrtc.rs); every kernel is `extern "C"`,
+// grid-stride over `n` elements unless it says otherwise, so any launch size is correct.
+#include <cuda_fp16.h>
+
+extern "C" __global__ void silu_forward_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = v / (1.0f + __expf(-v));
+    }
+}
+
+// d/dx x·σ(x) = σ(x) (1 + x (1 − σ(x)))
+extern "C" __global__ void silu_backward_f32(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gx, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float s = 1.0f / (1.0f + __expf(-v));
+        gx[i] = gy[i] * s * (1.0f + v * (1.0f - s));
+    }
+}
+
+// f16 storage, f32 arithmetic.
+extern "C" __global__ void silu_forward_f16(const __half* __restrict__ x, __half* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = __half2float(x[i]);
+        y[i] = __float2half(v / (1.0f + __expf(-v)));
+    }
+}
+
+// y += a·x: an Euler step of the ODE sampler (x_{k+1} = x_k + dt v).
+extern "C" __global__ void axpy_f32(float a, const float* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        y[i] += a * x[i];
+    }
+}
+
+// torch.optim.Adam (weight decay added to the gradient), as src/optim/mod.rs:
+// m += (g − m)(1 − β1); v = β2 v + (1 − β2) g²; p −= step_size · m / (√v / bc2_sqrt + eps),
+// step_size = lr / (1 − β1^t), bc2_sqrt = √(1 − β2^t).
+extern "C" __global__ void adam_step_f32(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v, long long n,
+                                         float step_size, float beta1, float beta2, float eps, float bc2_sqrt, float weight_decay) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        if (weight_decay != 0.0f) gi += weight_decay * p[i];
+        float mi = m[i] + (gi - m[i]) * (1.0f - beta1);
+        float vi = v[i] * beta2 + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+// One block per sample row of `per` values: fm_rows[r] = w[r] · mean (v − u)², w2_rows[r] = mean (v − v_ref)²
+// (the per-sample terms of the ORW-CFM-W2 loss; the batch means are taken on the host or by a
+// second reduction). blockDim.x must be a power of two ≤ 1024.
+extern "C" __global__ void orw_loss_rows_f32(const float* __restrict__ v, const float* __restrict__ u, const float* __restrict__ vref,
+                                             const float* __restrict__ w, float* __restrict__ fm_rows, float* __restrict__ w2_rows, int per) {
+    __shared__ float s_fm[1024];
+    __shared__ float s_w2[1024];
+    const long long base = (long long)blockIdx.x * per;
+    float fm = 0.0f, w2 = 0.0f;
+    for (int k = threadIdx.x; k < per; k += blockDim.x) {
+        float a = v[base + k];
+        float d = a - u[base + k];
+        float e = a - vref[base + k];
+        fm += d * d;
+        w2 += e * e;
+    }
+    s_fm[threadIdx.x] = fm;
+    s_w2[threadIdx.x] = w2;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            s_fm[threadIdx.x] += s_fm[threadIdx.x + s];
+            s_w2[threadIdx.x] += s_w2[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        fm_rows[blockIdx.x] = w[blockIdx.x] * s_fm[0] / (float)per;
+        w2_rows[blockIdx.x] = s_w2[0] / (float)per;
+    }
+}

@@ -1,0 +1,122 @@
+//! The CUDA kernels (`kernels/*.cu`, embedded in the binary) and their compilation by NVRTC, for
+//! the machine's exact architecture on a GPU, or for any `sm_XX` on a machine without one (CI
+//! compiles every kernel for sm_80 and sm_90 with NVRTC from PyPI wheels).
+
+use std::ffi::{c_char, CString};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Every kernel source: `(file name, text)`.
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[("elementwise.cu", include_str!("../../../kernels/elementwise.cu"))];
+
+/// Register use of one compiled kernel, from ptxas' report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelUsage {
+    pub name: String,
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// A compiled source file.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub cubin: Vec<u8>,
+    pub log: String,
+    pub kernels: Vec<KernelUsage>,
+}
+
+/// Folders holding `cuda_fp16.h` and friends: `ORWCFM_CUDA_INCLUDE`, `include` folders next to
+/// the `ORWCFM_CUDA_LIB_DIRS` libraries (the `nvidia-cuda-runtime` wheel's layout), `CUDA_HOME`,
+/// `/usr/local/cuda/include`.
+pub fn include_dirs() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(v) = std::env::var_os("ORWCFM_CUDA_INCLUDE") {
+        out.extend(std::env::split_paths(&v));
+    }
+    if let Some(v) = std::env::var_os(super::LIB_DIRS_VAR) {
+        for d in std::env::split_paths(&v) {
+            out.push(d.join("include"));
+            for sub in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                out.push(sub.path().join("include"));
+            }
+        }
+    }
+    if let Some(h) = std::env::var_os("CUDA_HOME") {
+        out.push(PathBuf::from(h).join("include"));
+    }
+    out.push(PathBuf::from("/usr/local/cuda/include"));
+    out.retain(|d| d.join("cuda_fp16.h").is_file());
+    out.dedup();
+    out
+}
+
+fn c_text(v: Vec<c_char>) -> String {
+    let bytes: Vec<u8> = v.into_iter().take_while(|&c| c != 0).map(|c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Parse ptxas' `-v` report: per entry function, registers and spill bytes.
+pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
+    let mut out: Vec<KernelUsage> = Vec::new();
+    let mut current: Option<String> = None;
+    let num_before = |line: &str, word: &str| -> Option<u32> {
+        let i = line.find(word)?;
+        line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    };
+    for line in log.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            current = rest.split('\'').next().map(str::to_string);
+            if let Some(n) = &current {
+                out.push(KernelUsage { name: n.clone(), registers: 0, spill_stores: 0, spill_loads: 0 });
+            }
+        } else if let (Some(n), Some(k)) = (&current, out.last_mut()) {
+            if &k.name != n {
+                continue;
+            }
+            if let Some(r) = num_before(line, " registers") {
+                k.registers = r;
+            }
+            if let Some(s) = num_before(line, " bytes spill stores") {
+                k.spill_stores = s;
+            }
+            if let Some(s) = num_before(line, " bytes spill loads") {
+                k.spill_loads = s;
+            }
+        }
+    }
+    out
+}
+
+/// Compile one source for `arch` (e.g. `sm_90`) to a CUBIN, with ptxas' register report.
+pub fn compile(name: &str, src: &str, arch: &str) -> Result<Compiled> {
+    if !super::libraries().nvrtc {
+        bail!("NVRTC (libnvrtc.so) cannot be loaded: install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and name its folder in {}", super::LIB_DIRS_VAR);
+    }
+    use cudarc::nvrtc::{result, sys};
+    let csrc = CString::new(src).context("kernel source holds a NUL byte")?;
+    let cname = CString::new(name).context("kernel name holds a NUL byte")?;
+    let prog = result::create_program(&csrc, Some(&cname)).map_err(|e| anyhow!("NVRTC cannot create {name}: {e:?}"))?;
+    let mut opts = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into(), "--fmad=true".into()];
+    for d in include_dirs() {
+        opts.push(format!("--include-path={}", d.display()));
+    }
+    // SAFETY: `prog` is live until destroyed below; the buffers are sized by NVRTC
+    let res = unsafe { result::compile_program(prog, &opts) };
+    let log = unsafe { result::get_program_log(prog) }.map(c_text).unwrap_or_default();
+    let out = match res {
+        Err(e) => Err(anyhow!("NVRTC failed to compile {name} for {arch} ({e:?}):\n{log}")),
+        Ok(()) => {
+            let mut size = 0usize;
+            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result().map_err(|e| anyhow!("{e:?}"))?;
+            let mut cubin = vec![0 as c_char; size];
+            unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr()) }.result().map_err(|e| anyhow!("{e:?}"))?;
+            let kernels = parse_usage(&log);
+            Ok(Compiled { cubin: cubin.into_iter().map(|c| c as u8).collect(), log, kernels })
+        }
+    };
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}

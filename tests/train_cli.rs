@@ -175,3 +175,12 @@ fn the_example_external_reward_drives_a_run() {
     assert!((0.0..=1.0).contains(&r) && r > 0.0, "{r}");
     assert!(s["diversity_feature_initial"].is_number(), "the bundled classifier still gives feature diversity");
 }
+
+#[test]
+fn every_config_key_has_a_flag_of_the_same_name() {
+    let mut flags: Vec<String> = orwcfm_fast::commands::train::TrainFlags::keys().iter().map(|s| s.to_string()).collect();
+    let mut keys = orwcfm_fast::commands::runconfig::all_keys();
+    flags.sort();
+    keys.sort();
+    assert_eq!(flags, keys);
+}

@@ -29,111 +29,117 @@ use crate::tensor::{Device, Tensor};
 
 /// Declares the `train` flags: one per config key, same name (`learning_rate` ↔ `--learning-rate`).
 macro_rules! flags {
-    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty ),* $(,)?) => {
+    (values { $( $(#[doc = $doc:expr])* $name:ident : $ty:ty ),* $(,)? } switches { $( $(#[doc = $sdoc:expr])* $sname:ident ),* $(,)? }) => {
         /// Flags of `train`; each overrides the config key of the same name.
         #[derive(clap::Args, Debug, Default)]
         pub struct TrainFlags {
-            // `--flag` alone means `--flag true` (for the switches)
-            $( $(#[doc = $doc])* #[arg(long, num_args = 0..=1, default_missing_value = "true")] pub $name: Option<$ty>, )*
+            $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
+            // a switch alone means true; `--dropout false` turns one off
+            $( $(#[doc = $sdoc])* #[arg(long, num_args = 0..=1, default_missing_value = "true")] pub $sname: Option<bool>, )*
         }
         impl TrainFlags {
             /// The flags given, as config keys.
             pub fn overrides(&self) -> Map<String, Value> {
                 let mut m = Map::new();
                 $( if let Some(v) = &self.$name { m.insert(stringify!($name).to_string(), serde_json::to_value(v).expect("flag value")); } )*
+                $( if let Some(v) = self.$sname { m.insert(stringify!($sname).to_string(), Value::Bool(v)); } )*
                 m
             }
             /// Every key that has a flag.
             pub fn keys() -> Vec<&'static str> {
-                vec![$(stringify!($name)),*]
+                vec![$(stringify!($name),)* $(stringify!($sname),)*]
             }
         }
     };
 }
 
 flags! {
-    /// Starting values: mnist-even (the bundled 10-minute CPU experiment, the default) or paper (the reference code's defaults).
-    preset: String,
-    /// Adam learning rate after warm-up.
-    learning_rate: f32,
-    /// Linear warm-up steps (torchcfm's min(step, warmup)/warmup; step 0 runs at lr 0).
-    warmup_steps: u64,
-    /// α: weight of the W2 term mean_pix (v_θ − v_ref)².
-    w2_coefficient: f32,
-    /// τ: weights exp(τ·r) (it multiplies).
-    temperature: f32,
-    /// Global gradient-norm clip (0: off).
-    grad_clip: f32,
-    /// Samples per gradient step.
-    batch_size: usize,
-    /// Text prompts (kept for the CLIP reward; comma-separated).
-    text_prompts: String,
-    /// Parent folder of run folders.
-    savedir: String,
-    /// The pre-trained model to fine-tune (safetensors or torchcfm .pt); default: the bundled MNIST U-Net.
-    ref_path: String,
-    /// Entry of a .pt checkpoint (ema_model by default; the reference code uses net_model).
-    ref_key: String,
-    /// Run folder name under savedir.
-    run_name: String,
-    /// Accepted for compatibility; metrics always go to metrics.jsonl/csv and TensorBoard files (upload with `wandb sync`).
-    use_wandb: bool,
-    num_epochs: u64,
-    /// Gradient steps per epoch (the sampling policy is refreshed after each epoch).
-    steps_per_epoch: u64,
-    /// euler, midpoint, rk4 or dopri5.
-    ode_solver: String,
-    /// Steps of a fixed-grid solver.
-    ode_steps: usize,
-    ode_atol: f64,
-    ode_rtol: f64,
-    /// independent or exact-ot (also fm, sbcfm, si).
-    coupling: String,
-    /// Draw OT pairs with replacement as torchcfm does.
-    ot_replace: bool,
-    /// σ of the probability path.
-    sigma: f32,
-    /// exp (as published), exp-normalized or zscore.
-    weight_mode: String,
-    /// Gradient steps per sampled batch.
-    sample_reuse: usize,
-    /// Samples per ODE solve (0: batch_size).
-    sample_batch: usize,
-    seed: u64,
-    /// Dropout on in net's forward pass.
-    dropout: bool,
-    /// EMA decay (0: off).
-    ema_decay: f32,
-    /// Checkpoint every N epochs (0: only at the end).
-    save_every_epochs: u64,
-    keep_checkpoints: usize,
-    /// U-Net config for ref_path weights that carry none.
-    unet_config: String,
-    /// classifier, jpeg-compressibility, jpeg-incompressibility, target-image or external.
-    reward: String,
-    /// Target classes of the classifier reward (comma-separated).
-    target_classes: String,
-    /// Classifier reward: log of the probability mass.
-    reward_log: bool,
-    /// Classifier for the reward and the feature metrics (default: bundled MNIST digits).
-    classifier: String,
-    /// External reward program and arguments, space-separated (use the config file for arguments with spaces).
-    reward_command: String,
-    /// Seconds an external reward program may take per batch.
-    reward_timeout: f64,
-    /// Target image of the target-image reward.
-    target_image: String,
-    jpeg_quality: u8,
-    /// Evaluate every N epochs.
-    eval_every: u64,
-    eval_samples: usize,
-    /// Sample grid every N epochs.
-    grid_every: u64,
-    grid_samples: usize,
-    /// cpu.
-    device: String,
-    /// No progress output.
-    quiet: bool,
+    values {
+        /// Starting values: mnist-even (the bundled 10-minute CPU experiment, the default) or paper (the reference code's defaults).
+        preset: String,
+        /// Adam learning rate after warm-up.
+        learning_rate: f32,
+        /// Linear warm-up steps (torchcfm's min(step, warmup)/warmup; step 0 runs at lr 0).
+        warmup_steps: u64,
+        /// α: weight of the W2 term mean_pix (v_θ − v_ref)².
+        w2_coefficient: f32,
+        /// τ: weights exp(τ·r) (it multiplies).
+        temperature: f32,
+        /// Global gradient-norm clip (0: off).
+        grad_clip: f32,
+        /// Samples per gradient step.
+        batch_size: usize,
+        /// Text prompts (kept for the CLIP reward; comma-separated).
+        text_prompts: String,
+        /// Parent folder of run folders.
+        savedir: String,
+        /// The pre-trained model to fine-tune (safetensors or torchcfm .pt); default: the bundled MNIST U-Net.
+        ref_path: String,
+        /// Entry of a .pt checkpoint (ema_model by default; the reference code uses net_model).
+        ref_key: String,
+        /// Run folder name under savedir.
+        run_name: String,
+        num_epochs: u64,
+        /// Gradient steps per epoch (the sampling policy is refreshed after each epoch).
+        steps_per_epoch: u64,
+        /// euler, midpoint, rk4 or dopri5.
+        ode_solver: String,
+        /// Steps of a fixed-grid solver.
+        ode_steps: usize,
+        ode_atol: f64,
+        ode_rtol: f64,
+        /// independent or exact-ot (also fm, sbcfm, si).
+        coupling: String,
+        /// σ of the probability path.
+        sigma: f32,
+        /// exp (as published), exp-normalized or zscore.
+        weight_mode: String,
+        /// Gradient steps per sampled batch.
+        sample_reuse: usize,
+        /// Samples per ODE solve (0: batch_size).
+        sample_batch: usize,
+        seed: u64,
+        /// EMA decay (0: off).
+        ema_decay: f32,
+        /// Checkpoint every N epochs (0: only at the end).
+        save_every_epochs: u64,
+        keep_checkpoints: usize,
+        /// U-Net config for ref_path weights that carry none.
+        unet_config: String,
+        /// classifier, jpeg-compressibility, jpeg-incompressibility, target-image or external.
+        reward: String,
+        /// Target classes of the classifier reward (comma-separated).
+        target_classes: String,
+        /// Classifier for the reward and the feature metrics (default: bundled MNIST digits).
+        classifier: String,
+        /// External reward program and arguments, space-separated (use the config file for arguments with spaces).
+        reward_command: String,
+        /// Seconds an external reward program may take per batch.
+        reward_timeout: f64,
+        /// Target image of the target-image reward.
+        target_image: String,
+        jpeg_quality: u8,
+        /// Evaluate every N epochs.
+        eval_every: u64,
+        eval_samples: usize,
+        /// Sample grid every N epochs.
+        grid_every: u64,
+        grid_samples: usize,
+        /// cpu.
+        device: String,
+    }
+    switches {
+        /// Accepted for compatibility; metrics always go to metrics.jsonl/csv and TensorBoard files (upload with `wandb sync`).
+        use_wandb,
+        /// Draw OT pairs with replacement as torchcfm does.
+        ot_replace,
+        /// Dropout on in net's forward pass.
+        dropout,
+        /// Classifier reward: log of the probability mass.
+        reward_log,
+        /// No progress output.
+        quiet,
+    }
 }
 
 /// `train`'s command line.

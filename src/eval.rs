@@ -118,8 +118,7 @@ pub fn sample_stats(x: &Tensor, rewards: &[f32], classifier: Option<(&Classifier
         let k = c.config().num_classes;
         let mut hist = vec![0usize; k];
         for row in logits.data().chunks(k) {
-            let arg = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
-            hist[arg] += 1;
+            hist[crate::nn::classifier::argmax(row)] += 1;
         }
         s.class_entropy_bits = Some(entropy_bits(&hist));
         if !targets.is_empty() {

@@ -12,7 +12,7 @@ use crate::autograd::{ops, Var};
 use crate::data::Dataset;
 use crate::flow::matchers::{FlowMatcher, MatcherKind};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{clip_grad_norm, ema_update, warmup_lr, Adam};
+use crate::optim::{clip_grad_norm, ema_update_params, warmup_lr, Adam};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -98,9 +98,7 @@ pub fn pretrain<M: VelocityField>(net: &M, ema: &M, data: &Dataset, cfg: &Pretra
         while idx.len() < cfg.batch_size {
             if order.is_empty() {
                 order = (0..n).collect();
-                for i in (1..n).rev() {
-                    order.swap(i, rng.below(i as u64 + 1) as usize);
-                }
+                rng.shuffle(&mut order);
             }
             idx.push(order.pop().expect("refilled"));
         }
@@ -118,13 +116,8 @@ pub fn pretrain<M: VelocityField>(net: &M, ema: &M, data: &Dataset, cfg: &Pretra
         drop(loss);
         let gn = clip_grad_norm(&mut grads, if cfg.grad_clip > 0.0 { cfg.grad_clip } else { f32::INFINITY });
         let lr = warmup_lr(cfg.lr, step, cfg.warmup_steps);
-        let mut params: Vec<Tensor> = net.params().vars().iter().map(|v| v.value()).collect();
-        adam.step(&mut params, &grads, lr);
-        net.params().set_all(params);
-        let mut e: Vec<Tensor> = ema.params().vars().iter().map(|v| v.value()).collect();
-        let src: Vec<Tensor> = net.params().vars().iter().map(|v| v.value()).collect();
-        ema_update(&mut e, &src, cfg.ema_decay);
-        ema.params().set_all(e);
+        adam.step_params(net.params(), &grads, lr);
+        ema_update_params(ema.params(), net.params(), cfg.ema_decay);
         on_step(&PretrainStep { step: step + 1, loss: lv, grad_norm: gn, lr, seconds: t0.elapsed().as_secs_f64() });
         if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 {
             save(net, ema)?;

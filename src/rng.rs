@@ -88,6 +88,13 @@ impl Rng {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
 
+    /// Shuffle in place (Fisher–Yates from the back: position `i` swaps with `below(i + 1)`).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+
     /// An independent generator derived from this one (for per-op streams such as dropout).
     pub fn fork(&mut self) -> Rng {
         Rng::new(self.next_u64())

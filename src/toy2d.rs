@@ -105,9 +105,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Mlp> {
         clip_grad_norm(&mut grads, 1.0);
         // cosine decay to a tenth: sharper modes for the same number of steps
         let lr = o.lr * (0.55 + 0.45 * (std::f32::consts::PI * step as f32 / o.steps as f32).cos());
-        let mut params: Vec<Tensor> = model.params().vars().iter().map(|v| v.value()).collect();
-        adam.step(&mut params, &grads, lr);
-        model.params().set_all(params);
+        adam.step_params(model.params(), &grads, lr);
     }
     Ok(model)
 }

@@ -139,7 +139,7 @@ impl Classifier {
     pub fn classify(&self, x: &Tensor) -> Result<Vec<usize>> {
         let (l, _) = self.predict(x)?;
         let k = self.config.num_classes;
-        Ok(l.data().chunks(k).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0).collect())
+        Ok(l.data().chunks(k).map(argmax).collect())
     }
 
     /// Fraction of `x` classified as `labels`.
@@ -170,6 +170,11 @@ impl Classifier {
         m.params.load_strict(f.tensors).with_context(|| format!("loading {what}"))?;
         Ok(m)
     }
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0
 }
 
 /// Settings of [`train_classifier`].
@@ -232,9 +237,7 @@ pub fn train_classifier(model: &Classifier, images: &Tensor, labels: &[usize], o
     let mut adam = Adam::new(o.lr);
     for epoch in 0..o.epochs {
         let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            order.swap(i, rng.below(i as u64 + 1) as usize);
-        }
+        rng.shuffle(&mut order);
         let mut total = 0.0f64;
         let mut batches = 0;
         for chunk in order.chunks(o.batch) {
@@ -254,9 +257,7 @@ pub fn train_classifier(model: &Classifier, images: &Tensor, labels: &[usize], o
             total += loss.value().item() as f64;
             batches += 1;
             let grads = model.params.grads(&loss.backward());
-            let mut params: Vec<Tensor> = model.params.vars().iter().map(|v| v.value()).collect();
-            adam.step(&mut params, &grads, o.lr);
-            model.params.set_all(params);
+            adam.step_params(&model.params, &grads, o.lr);
         }
         on_epoch(epoch, (total / batches as f64) as f32);
     }

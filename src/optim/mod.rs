@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use crate::nn::ParamStore;
 use crate::tensor::Tensor;
 
 /// `torch.optim.Adam` (not AdamW: weight decay is added to the gradient), without amsgrad.
@@ -59,6 +60,15 @@ impl Adam {
     }
 }
 
+impl Adam {
+    /// One update of a model's parameters in place (their current values, stepped, set back).
+    pub fn step_params(&mut self, params: &ParamStore, grads: &[Tensor], lr: f32) {
+        let mut values: Vec<Tensor> = params.vars().iter().map(|v| v.value()).collect();
+        self.step(&mut values, grads, lr);
+        params.set_all(values);
+    }
+}
+
 /// torchcfm's warm-up: `LambdaLR(lambda step: min(step, warmup) / warmup)`, so the first
 /// optimiser step (scheduler step 0) runs at learning rate 0. `warmup = 0` means no warm-up.
 pub fn warmup_lr(base_lr: f32, step: u64, warmup: u64) -> f32 {
@@ -87,6 +97,14 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f32) -> f64 {
         }
     }
     norm
+}
+
+/// [`ema_update`] of a model's parameters toward another's (same names and shapes).
+pub fn ema_update_params(target: &ParamStore, source: &ParamStore, decay: f32) {
+    let mut t: Vec<Tensor> = target.vars().iter().map(|v| v.value()).collect();
+    let s: Vec<Tensor> = source.vars().iter().map(|v| v.value()).collect();
+    ema_update(&mut t, &s, decay);
+    target.set_all(t);
 }
 
 /// `target ← target·decay + source·(1 − decay)` for every tensor (torchcfm's `ema`).

@@ -18,7 +18,7 @@ use super::loss::{orw_loss, reward_weights, WeightMode};
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{odeint, OdeSolver, OdeStats};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{clip_grad_norm, ema_update, grad_norm, warmup_lr, Adam};
+use crate::optim::{clip_grad_norm, ema_update_params, grad_norm, warmup_lr, Adam};
 use crate::reward::{score_checked, Reward};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -304,14 +304,9 @@ impl<M: VelocityField> Trainer<M> {
             bail!("the gradient norm is not finite at step {}", self.step);
         }
         let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
-        let mut params: Vec<Tensor> = self.net.params().vars().iter().map(|v| v.value()).collect();
-        self.adam.step(&mut params, &grads, lr);
-        self.net.params().set_all(params);
-        if let Some(ema) = &mut self.ema {
-            let mut e: Vec<Tensor> = ema.params().vars().iter().map(|v| v.value()).collect();
-            let src: Vec<Tensor> = self.net.params().vars().iter().map(|v| v.value()).collect();
-            ema_update(&mut e, &src, self.cfg.ema_decay);
-            ema.params().set_all(e);
+        self.adam.step_params(self.net.params(), &grads, lr);
+        if let Some(ema) = &self.ema {
+            ema_update_params(ema.params(), self.net.params(), self.cfg.ema_decay);
         }
 
         let epoch = self.epoch;

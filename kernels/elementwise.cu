@@ -81,3 +81,87 @@ extern "C" __global__ void orw_loss_rows_f32(const float* __restrict__ v, const 
         w2_rows[blockIdx.x] = s_w2[0] / (float)per;
     }
 }
+
+// ---- the engine's element-wise ops (CPU twins: src/backend/cpu/elementwise.rs, simd.rs, and the
+// closures in src/autograd/ops.rs). Outputs may alias inputs (in-place use), so no __restrict__.
+
+#define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+extern "C" __global__ void fill_f32(float* y, float v, long long n) {
+    GRID_STRIDE(i, n) y[i] = v;
+}
+
+// y = a·x + b·y (EMA: a = 1 − decay, b = decay; gradient accumulation: a = b = 1)
+extern "C" __global__ void axpby_f32(float a, const float* x, float b, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = y[i] * b + a * x[i];
+}
+
+// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x
+extern "C" __global__ void unary_f32(long long op, float s, const float* x, float* y, long long n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i], r;
+        switch (op) {
+            case 0: r = v + s; break;
+            case 1: r = v * s; break;
+            case 2: r = expf(v); break;
+            case 3: r = fmaxf(v, 0.0f); break;
+            case 4: r = v * v; break;
+            case 5: r = v / (1.0f + expf(-v)); break;
+            case 6: r = 1.0f / (1.0f + expf(-v)); break;
+            default: r = -v; break;
+        }
+        y[i] = r;
+    }
+}
+
+// dx for unary op `op` (codes as unary_f32) from the output gradient g, the input x and output y
+extern "C" __global__ void unary_backward_f32(long long op, const float* g, const float* x, const float* y, float* dx, long long n) {
+    GRID_STRIDE(i, n) {
+        float gv = g[i], r;
+        switch (op) {
+            case 2: r = gv * y[i]; break;
+            case 3: r = x[i] > 0.0f ? gv : 0.0f; break;
+            case 4: r = gv * (2.0f * x[i]); break;
+            case 5: {
+                float v = x[i];
+                float sg = 1.0f / (1.0f + expf(-v));
+                r = gv * (sg * (1.0f + v * (1.0f - sg)));
+                break;
+            }
+            case 6: r = gv * y[i] * (1.0f - y[i]); break;
+            default: r = gv; break;
+        }
+        dx[i] = r;
+    }
+}
+
+// Broadcasting binary op over an output of `shape` (ndim ≤ 8); sa/sb are each operand's strides in
+// the output's index space (0 along broadcast axes). op: 0 +, 1 −, 2 ·, 3 /
+struct BinGeom { long long ndim; long long shape[8]; long long sa[8]; long long sb[8]; };
+
+__device__ __forceinline__ float bin_apply(long long op, float a, float b) {
+    switch (op) {
+        case 0: return a + b;
+        case 1: return a - b;
+        case 2: return a * b;
+        default: return a / b;
+    }
+}
+
+extern "C" __global__ void binary_f32(long long op, const float* a, const float* b, float* y, long long n, BinGeom g) {
+    GRID_STRIDE(i, n) {
+        long long rem = i, oa = 0, ob = 0;
+        for (int d = (int)g.ndim - 1; d >= 0; --d) {
+            long long idx = rem % g.shape[d];
+            rem /= g.shape[d];
+            oa += idx * g.sa[d];
+            ob += idx * g.sb[d];
+        }
+        y[i] = bin_apply(op, a[oa], b[ob]);
+    }
+}
+
+// The same op for operands of the output's shape.
+extern "C" __global__ void binary_same_f32(long long op, const float* a, const float* b, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = bin_apply(op, a[i], b[i]);
+}

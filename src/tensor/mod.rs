@@ -34,19 +34,13 @@ impl Device {
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
     }
 
-    /// Check that tensors can be placed on this device in this build.
+    /// Check that tensors can be placed on this device (opens a GPU on first use).
     pub fn ensure_available(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(i) => {
-                let d = crate::backend::cuda::probe(*i)?;
-                bail!(
-                    "cuda:{i} is a {} (sm_{}{}), but this version's ops run on the CPU only (the CUDA kernels are the next step); use --device cpu",
-                    d.name,
-                    d.compute_capability.0,
-                    d.compute_capability.1
-                )
-            }
+            // opening the GPU probes the driver (one clear error without one), compiles or loads
+            // the kernels and creates the library handles
+            Device::Cuda(i) => crate::backend::cuda::gpu(*i).map(|_| ()),
         }
     }
 }
@@ -94,19 +88,30 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// Where a tensor's values are: host memory or a GPU buffer, shared by `Arc` (copy on write).
+#[derive(Clone)]
+enum Storage {
+    Host(Arc<Vec<f32>>),
+    Cuda(Arc<crate::backend::cuda::GpuBuf>),
+}
+
 /// A dense f32 tensor.
 #[derive(Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
     strides: Vec<usize>,
-    data: Arc<Vec<f32>>,
-    device: Device,
+    data: Storage,
 }
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.numel().min(6);
-        write!(f, "Tensor{:?} on {} {:?}{}", self.shape, self.device, &self.data[..n], if self.numel() > 6 { " …" } else { "" })
+        match &self.data {
+            Storage::Host(d) => {
+                let n = d.len().min(6);
+                write!(f, "Tensor{:?} on cpu {:?}{}", self.shape, &d[..n], if d.len() > 6 { " …" } else { "" })
+            }
+            Storage::Cuda(b) => write!(f, "Tensor{:?} on cuda:{}", self.shape, b.gpu().ordinal),
+        }
     }
 }
 
@@ -115,7 +120,55 @@ impl Tensor {
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Tensor {
         let n: usize = shape.iter().product();
         assert_eq!(data.len(), n, "Tensor::from_vec: {} values for shape {:?}", data.len(), shape);
-        Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), data: Arc::new(data), device: Device::Cpu }
+        Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), data: Storage::Host(Arc::new(data)) }
+    }
+
+    /// A tensor over a GPU buffer holding `shape`'s number of values.
+    pub fn from_gpu(buf: crate::backend::cuda::GpuBuf, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        assert_eq!(buf.len(), n, "Tensor::from_gpu: {} values for shape {:?}", buf.len(), shape);
+        Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), data: Storage::Cuda(Arc::new(buf)) }
+    }
+
+    /// The GPU buffer of a CUDA tensor (None on the CPU).
+    pub fn gpu_buf(&self) -> Option<&crate::backend::cuda::GpuBuf> {
+        match &self.data {
+            Storage::Cuda(b) => Some(b),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// The GPU buffer for writing in place: copied first on the device if it is shared.
+    pub fn gpu_buf_mut(&mut self) -> Result<&crate::backend::cuda::GpuBuf> {
+        let Storage::Cuda(b) = &mut self.data else { bail!("gpu_buf_mut of a CPU tensor") };
+        if Arc::get_mut(b).is_none() {
+            let copy = b.gpu().duplicate(b)?;
+            *b = Arc::new(copy);
+        }
+        Ok(b)
+    }
+
+    /// This tensor on `device` (shared, not copied, when it is already there).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        match (&self.data, device) {
+            (Storage::Host(_), Device::Cpu) => Ok(self.clone()),
+            (Storage::Cuda(b), Device::Cuda(i)) if b.gpu().ordinal == i => Ok(self.clone()),
+            (Storage::Host(d), Device::Cuda(i)) => {
+                let g = crate::backend::cuda::gpu(i)?;
+                Ok(Tensor::from_gpu(g.upload(d)?, &self.shape))
+            }
+            (Storage::Cuda(b), Device::Cpu) => Ok(Tensor::from_vec(b.gpu().download(b)?, &self.shape)),
+            (Storage::Cuda(_), Device::Cuda(_)) => self.to_device(Device::Cpu)?.to_device(device),
+        }
+    }
+
+    /// This tensor in host memory (downloaded from a GPU; shared when already there).
+    pub fn to_cpu(&self) -> Tensor {
+        self.to_device(Device::Cpu).unwrap_or_else(|e| panic!("copying a {:?} tensor from the GPU: {e:#}", self.shape))
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.data, Storage::Cuda(_))
     }
 
     /// Checked variant of [`Tensor::from_vec`] for user data.
@@ -157,11 +210,11 @@ impl Tensor {
     }
 
     pub fn to_f16(&self) -> Vec<half::f16> {
-        self.data.iter().map(|&v| half::f16::from_f32(v)).collect()
+        self.host().iter().map(|&v| half::f16::from_f32(v)).collect()
     }
 
     pub fn to_bf16(&self) -> Vec<half::bf16> {
-        self.data.iter().map(|&v| half::bf16::from_f32(v)).collect()
+        self.host().iter().map(|&v| half::bf16::from_f32(v)).collect()
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -171,40 +224,64 @@ impl Tensor {
         &self.strides
     }
     pub fn device(&self) -> Device {
-        self.device
+        match &self.data {
+            Storage::Host(_) => Device::Cpu,
+            Storage::Cuda(b) => Device::Cuda(b.gpu().ordinal),
+        }
     }
     pub fn ndim(&self) -> usize {
         self.shape.len()
     }
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.shape.iter().product()
     }
     pub fn dim(&self, i: usize) -> usize {
         self.shape[i]
     }
+    /// The values of a CPU tensor. A CUDA tensor's values must be brought over with
+    /// [`Tensor::to_cpu`] first (an explicit copy at the edge); asking here is a bug and panics.
     pub fn data(&self) -> &[f32] {
-        &self.data
+        match &self.data {
+            Storage::Host(d) => d,
+            Storage::Cuda(b) => panic!("data() of a {:?} tensor on cuda:{}: copy it to the host with to_cpu() first", self.shape, b.gpu().ordinal),
+        }
     }
-    /// Mutable access; copies the storage first if it is shared.
+    /// Mutable access to a CPU tensor; copies the storage first if it is shared.
     pub fn data_mut(&mut self) -> &mut [f32] {
-        Arc::make_mut(&mut self.data).as_mut_slice()
+        let shape = self.shape.clone();
+        match &mut self.data {
+            Storage::Host(d) => Arc::make_mut(d).as_mut_slice(),
+            Storage::Cuda(_) => panic!("data_mut() of a {shape:?} tensor on a GPU"),
+        }
     }
+    /// The values on the host (downloaded from a GPU).
     pub fn into_vec(self) -> Vec<f32> {
-        Arc::try_unwrap(self.data).unwrap_or_else(|a| (*a).clone())
+        match self.data {
+            Storage::Host(d) => Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()),
+            Storage::Cuda(_) => self.to_cpu().into_vec(),
+        }
     }
+    /// The values on the host (downloaded from a GPU).
     pub fn to_vec(&self) -> Vec<f32> {
-        self.data.to_vec()
+        match &self.data {
+            Storage::Host(d) => d.to_vec(),
+            Storage::Cuda(_) => self.to_cpu().into_vec(),
+        }
     }
     /// Whether two tensors share storage (a cheap copy).
     pub fn shares_storage(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.data, &other.data)
+        match (&self.data, &other.data) {
+            (Storage::Host(a), Storage::Host(b)) => Arc::ptr_eq(a, b),
+            (Storage::Cuda(a), Storage::Cuda(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 
     /// Same data, new shape (same number of elements).
     pub fn reshape(&self, shape: &[usize]) -> Tensor {
         let n: usize = shape.iter().product();
         assert_eq!(n, self.numel(), "reshape {:?} -> {:?}", self.shape, shape);
-        Tensor { shape: shape.to_vec(), strides: contiguous_strides(shape), data: self.data.clone(), device: self.device }
+        Tensor { shape: shape.to_vec(), strides: contiguous_strides(shape), data: self.data.clone() }
     }
 
     /// Materialised permutation of the axes (`out.shape[i] = self.shape[perm[i]]`).
@@ -212,34 +289,44 @@ impl Tensor {
         assert_eq!(perm.len(), self.ndim());
         let shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
         let src_strides: Vec<usize> = perm.iter().map(|&p| self.strides[p]).collect();
-        let out = crate::backend::cpu::elementwise::gather_strided(&self.data, &shape, &src_strides);
-        Tensor::from_vec(out, &shape)
+        match &self.data {
+            Storage::Host(d) => Tensor::from_vec(crate::backend::cpu::elementwise::gather_strided(d, &shape, &src_strides), &shape),
+            Storage::Cuda(_) => crate::backend::cuda::ops::gather_strided(self, &shape, &src_strides),
+        }
+    }
+
+    /// Host values, borrowed for a CPU tensor and downloaded for a CUDA one.
+    fn host(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.data {
+            Storage::Host(d) => std::borrow::Cow::Borrowed(d.as_slice()),
+            Storage::Cuda(_) => std::borrow::Cow::Owned(self.to_vec()),
+        }
     }
 
     pub fn item(&self) -> f32 {
         assert_eq!(self.numel(), 1, "item() of a tensor with {} elements", self.numel());
-        self.data[0]
+        self.host()[0]
     }
 
     pub fn sum(&self) -> f64 {
-        self.data.iter().map(|&v| v as f64).sum()
+        self.host().iter().map(|&v| v as f64).sum()
     }
 
     pub fn norm(&self) -> f64 {
-        self.data.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+        self.host().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
     }
 
     pub fn max_abs(&self) -> f32 {
-        self.data.iter().fold(0.0f32, |m, &v| m.max(v.abs()))
+        self.host().iter().fold(0.0f32, |m, &v| m.max(v.abs()))
     }
 
     pub fn all_finite(&self) -> bool {
-        self.data.iter().all(|v| v.is_finite())
+        self.host().iter().all(|v| v.is_finite())
     }
 
-    /// Relative error ‖self − reference‖ / ‖reference‖.
+    /// Relative error ‖self − reference‖ / ‖reference‖ (either may be on a GPU).
     pub fn rel_err(&self, reference: &Tensor) -> f64 {
         assert_eq!(self.shape, reference.shape, "rel_err: shapes differ");
-        crate::util::rel_err(&self.data, &reference.data)
+        crate::util::rel_err(&self.host(), &reference.host())
     }
 }

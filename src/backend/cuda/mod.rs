@@ -120,4 +120,10 @@ pub fn probe(index: usize) -> Result<DeviceInfo> {
     let total_mem_bytes = ctx.total_mem().unwrap_or(0);
     Ok(DeviceInfo { index, name, compute_capability, total_mem_bytes, device_count: n, libraries: libs })
 }
+pub mod conv;
+pub mod gpu;
 pub mod nvrtc;
+pub mod ops;
+pub mod pool;
+
+pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf};

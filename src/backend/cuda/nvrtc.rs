@@ -8,7 +8,13 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 
 /// Every kernel source: `(file name, text)`.
-pub const KERNEL_SOURCES: &[(&str, &str)] = &[("elementwise.cu", include_str!("../../../kernels/elementwise.cu"))];
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[
+    ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
+    ("reduce.cu", include_str!("../../../kernels/reduce.cu")),
+    ("shape.cu", include_str!("../../../kernels/shape.cu")),
+    ("norm.cu", include_str!("../../../kernels/norm.cu")),
+    ("conv.cu", include_str!("../../../kernels/conv.cu")),
+];
 
 /// Register use of one compiled kernel, from ptxas' report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,4 +125,56 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Compiled> {
     };
     let _ = unsafe { result::destroy_program(prog) };
     out
+}
+
+/// Names of the `extern "C" __global__` kernels a source declares.
+pub fn kernel_names(src: &str) -> Vec<String> {
+    let key = "extern \"C\" __global__ void ";
+    src.match_indices(key).filter_map(|(i, _)| src[i + key.len()..].split('(').next().map(|s| s.trim().to_string())).collect()
+}
+
+/// Where compiled kernels are kept: `ORWCFM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/orwcfm-fast/kernels`,
+/// else `~/.cache/orwcfm-fast/kernels`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("ORWCFM_KERNEL_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("orwcfm-fast").join("kernels"))
+}
+
+/// The cache file of one source for one architecture: keyed by a hash of the source, the
+/// architecture and this crate's version, so an edited kernel is never served stale.
+pub fn cache_path(dir: &std::path::Path, name: &str, src: &str, arch: &str) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for b in src.bytes().chain(arch.bytes()).chain(env!("CARGO_PKG_VERSION").bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let stem = name.trim_end_matches(".cu");
+    dir.join(format!("{stem}-{arch}-{h:016x}.cubin"))
+}
+
+/// A CUBIN for `arch`, from the disk cache or compiled (and then cached). Returns whether it
+/// came from the cache. A cache that cannot be written is not an error.
+pub fn compile_cached(name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, bool)> {
+    let path = cache_dir().map(|d| cache_path(&d, name, src, arch));
+    if let Some(p) = &path
+        && let Ok(bytes) = std::fs::read(p)
+        && bytes.len() > 4
+        && bytes[..4] == [0x7f, b'E', b'L', b'F']
+    {
+        return Ok((bytes, true));
+    }
+    let c = compile(name, src, arch)?;
+    if let Some(p) = &path
+        && let Some(dir) = p.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &c.cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok((c.cubin, false))
 }

@@ -1,0 +1,254 @@
+//! 2-D convolution on the GPU (CPU twin: `backend/cpu/conv.rs`), forward, backward-data and
+//! backward-filter, two ways:
+//!
+//! - **cuDNN** (when libcudnn loads): descriptors and algorithms chosen once per shape by cuDNN's
+//!   heuristics (`*_v7`, deterministic algorithms preferred, workspace ≤ 1 GiB) and cached; the
+//!   descriptors' math type is `CUDNN_FMA_MATH` unless TF32 is allowed, so f32 parity holds.
+//! - **im2col + cuBLAS GEMM** (`ORWCFM_CONV=gemm`, or no cuDNN): `col = im2col(x)`, `y = W·col`
+//!   batched over images; backward-data `col2im(Wᵀ·dy)`; backward-filter `Σ_n dy_n·col_nᵀ`.
+//!   The batch is processed in chunks so that `col` stays under 256 MiB.
+//!
+//! The bias is added by `add_channel_bias_f32`; its gradient is a reduction of `dy`.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use super::gpu::{cudnn_ok, Arg, Gpu};
+use super::ops::{add_channel_bias, ck, gemm, gpu_of, on, sum_to_shape, Operand};
+use crate::backend::cpu::conv::ConvGeom;
+use crate::tensor::Tensor;
+
+/// A convolution's shape, the key of the plan cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvKey {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl From<&ConvGeom> for ConvKey {
+    fn from(g: &ConvGeom) -> Self {
+        ConvKey { n: g.n, cin: g.cin, h: g.h, w: g.w, cout: g.cout, kh: g.kh, kw: g.kw, stride: g.stride, pad: g.pad }
+    }
+}
+
+/// cuDNN descriptors and chosen algorithms for one shape.
+pub struct ConvPlan {
+    x: cudarc::cudnn::sys::cudnnTensorDescriptor_t,
+    y: cudarc::cudnn::sys::cudnnTensorDescriptor_t,
+    w: cudarc::cudnn::sys::cudnnFilterDescriptor_t,
+    conv: cudarc::cudnn::sys::cudnnConvolutionDescriptor_t,
+    fwd: (cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize),
+    bwd_data: (cudarc::cudnn::sys::cudnnConvolutionBwdDataAlgo_t, usize),
+    bwd_filter: (cudarc::cudnn::sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+}
+// SAFETY: descriptors are plain handles, used under the GPU's exec lock
+unsafe impl Send for ConvPlan {}
+
+/// The algorithm a convolution pass used, for reports.
+pub fn method(g: &Gpu) -> &'static str {
+    if g.cudnn().is_some() { "cudnn" } else { "im2col+cublas" }
+}
+
+const MAX_WORKSPACE: usize = 1 << 30;
+
+/// Pick from cuDNN's ranked list: the first usable one, deterministic ones first.
+macro_rules! pick {
+    ($perf:expr, $count:expr) => {{
+        use cudarc::cudnn::sys as cd;
+        let usable: Vec<_> = $perf[..$count as usize].iter().filter(|p| p.status == cd::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE).collect();
+        let best = usable.iter().find(|p| p.determinism == cd::cudnnDeterminism_t::CUDNN_DETERMINISTIC).or(usable.first());
+        match best {
+            Some(p) => (p.algo, p.memory),
+            None => bail!("cuDNN offers no usable algorithm"),
+        }
+    }};
+}
+
+fn plan(g: &Gpu, k: &ConvKey) -> Result<ConvPlan> {
+    use cudarc::cudnn::sys as cd;
+    let h = g.cudnn().expect("cuDNN handle");
+    let (ho, wo) = ((k.h + 2 * k.pad - k.kh) / k.stride + 1, (k.w + 2 * k.pad - k.kw) / k.stride + 1);
+    let f = cd::cudnnDataType_t::CUDNN_DATA_FLOAT;
+    let nchw = cd::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    // SAFETY: out-pointers to fresh descriptors, then plain setters and queries on them
+    unsafe {
+        let mut p = ConvPlan {
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+            fwd: (std::mem::zeroed(), 0),
+            bwd_data: (std::mem::zeroed(), 0),
+            bwd_filter: (std::mem::zeroed(), 0),
+        };
+        cudnn_ok(cd::cudnnCreateTensorDescriptor(&mut p.x), "tensor descriptor")?;
+        cudnn_ok(cd::cudnnCreateTensorDescriptor(&mut p.y), "tensor descriptor")?;
+        cudnn_ok(cd::cudnnCreateFilterDescriptor(&mut p.w), "filter descriptor")?;
+        cudnn_ok(cd::cudnnCreateConvolutionDescriptor(&mut p.conv), "convolution descriptor")?;
+        cudnn_ok(cd::cudnnSetTensor4dDescriptor(p.x, nchw, f, k.n as i32, k.cin as i32, k.h as i32, k.w as i32), "x descriptor")?;
+        cudnn_ok(cd::cudnnSetTensor4dDescriptor(p.y, nchw, f, k.n as i32, k.cout as i32, ho as i32, wo as i32), "y descriptor")?;
+        cudnn_ok(cd::cudnnSetFilter4dDescriptor(p.w, f, nchw, k.cout as i32, k.cin as i32, k.kh as i32, k.kw as i32), "w descriptor")?;
+        cudnn_ok(cd::cudnnSetConvolution2dDescriptor(p.conv, k.pad as i32, k.pad as i32, k.stride as i32, k.stride as i32, 1, 1, cd::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, f), "convolution")?;
+        let math = if g.tf32 { cd::cudnnMathType_t::CUDNN_DEFAULT_MATH } else { cd::cudnnMathType_t::CUDNN_FMA_MATH };
+        cudnn_ok(cd::cudnnSetConvolutionMathType(p.conv, math), "math type")?;
+        let mut count = 0i32;
+        let mut fwd: [cd::cudnnConvolutionFwdAlgoPerf_t; 16] = std::mem::zeroed();
+        cudnn_ok(cd::cudnnGetConvolutionForwardAlgorithm_v7(h, p.x, p.w, p.conv, p.y, 16, &mut count, fwd.as_mut_ptr()), "forward algorithm")?;
+        p.fwd = pick!(fwd, count);
+        let mut bd: [cd::cudnnConvolutionBwdDataAlgoPerf_t; 16] = std::mem::zeroed();
+        cudnn_ok(cd::cudnnGetConvolutionBackwardDataAlgorithm_v7(h, p.w, p.y, p.conv, p.x, 16, &mut count, bd.as_mut_ptr()), "backward-data algorithm")?;
+        p.bwd_data = pick!(bd, count);
+        let mut bf: [cd::cudnnConvolutionBwdFilterAlgoPerf_t; 16] = std::mem::zeroed();
+        cudnn_ok(cd::cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, p.x, p.y, p.conv, p.w, 16, &mut count, bf.as_mut_ptr()), "backward-filter algorithm")?;
+        p.bwd_filter = pick!(bf, count);
+        Ok(p)
+    }
+}
+
+/// Run `f` with the cached plan of `k` (made on first use).
+fn with_plan<R>(g: &Gpu, k: &ConvKey, f: impl FnOnce(&ConvPlan) -> Result<R>) -> Result<R> {
+    let mut cache = g.conv_cache.lock().unwrap_or_else(|e| e.into_inner());
+    if !cache.contains_key(k) {
+        let p = plan(g, k)?;
+        cache.insert(*k, p);
+    }
+    f(&cache[k])
+}
+
+fn ptr(t: &Tensor) -> u64 {
+    t.gpu_buf().expect("tensor on the GPU").ptr()
+}
+
+fn geom_args(c: &ConvGeom, n: usize) -> [Arg<'static>; 10] {
+    [c.cin, c.h, c.w, c.kh, c.kw, c.stride, c.pad, c.ho(), c.wo(), n].map(|v| Arg::I64(v as i64))
+}
+
+/// Images per im2col chunk: `col` (K·P floats per image) under 256 MiB.
+fn chunk(c: &ConvGeom) -> usize {
+    let per = c.cin * c.kh * c.kw * c.ho() * c.wo() * 4;
+    ((256usize << 20) / per.max(1)).clamp(1, c.n)
+}
+
+fn im2col(g: &Arc<Gpu>, x: u64, col: u64, c: &ConvGeom, n: usize) -> Result<()> {
+    let a = geom_args(c, n);
+    let k = c.cin * c.kh * c.kw;
+    let args = [Arg::Ptr(x), Arg::Ptr(col), a[9], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]];
+    g.launch_n("im2col_f32", n * k * c.ho() * c.wo(), &args)
+}
+
+fn col2im(g: &Arc<Gpu>, col: u64, x: u64, c: &ConvGeom, n: usize) -> Result<()> {
+    let a = geom_args(c, n);
+    let args = [Arg::Ptr(col), Arg::Ptr(x), a[9], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]];
+    g.launch_n("col2im_f32", n * c.cin * c.h * c.w, &args)
+}
+
+const ONE: f32 = 1.0;
+const ZERO: f32 = 0.0;
+fn one() -> *const c_void {
+    &ONE as *const f32 as *const c_void
+}
+fn zero() -> *const c_void {
+    &ZERO as *const f32 as *const c_void
+}
+
+/// `conv2d(x, w) + b` → `[N, Cout, Ho, Wo]`.
+pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvGeom) -> Tensor {
+    let g = gpu_of(&[x, w]);
+    let (x, w) = (on(&g, x), on(&g, w));
+    let shape = [c.n, c.cout, c.ho(), c.wo()];
+    let y = ck(g.alloc(shape.iter().product()), "conv2d");
+    let r = (|| -> Result<()> {
+        if let Some(h) = g.cudnn() {
+            let k = ConvKey::from(c);
+            let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
+            g.bind()?;
+            with_plan(&g, &k, |p| {
+                let ws = g.alloc(p.fwd.1.div_ceil(4))?;
+                use cudarc::cudnn::sys as cd;
+                // SAFETY: descriptors match the buffers' shapes; the workspace is as large as asked
+                unsafe { cudnn_ok(cd::cudnnConvolutionForward(h, one(), p.x, ptr(&x) as *const c_void, p.w, ptr(&w) as *const c_void, p.conv, p.fwd.0, ws.ptr() as *mut c_void, p.fwd.1, zero(), p.y, y.ptr() as *mut c_void), "convolution forward") }
+            })
+        } else {
+            let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
+            let step = chunk(c);
+            let col = g.alloc(step * kk * pp)?;
+            for n0 in (0..c.n).step_by(step) {
+                let nb = step.min(c.n - n0);
+                im2col(&g, ptr(&x) + 4 * (n0 * c.cin * c.h * c.w) as u64, col.ptr(), c, nb)?;
+                // y_n [Cout, P] = W [Cout, K] · col_n [K, P]
+                let wop = Operand { ptr: ptr(&w), trans: false, batch_stride: 0 };
+                let cop = Operand { ptr: col.ptr(), trans: false, batch_stride: (kk * pp) as i64 };
+                gemm(&g, c.cout, pp, kk, wop, cop, y.ptr() + 4 * (n0 * c.cout * pp) as u64, (c.cout * pp) as i64, 1.0, 0.0, nb)?;
+            }
+            Ok(())
+        }
+    })();
+    ck(r, "conv2d");
+    let mut y = Tensor::from_gpu(y, &shape);
+    if let Some(b) = b {
+        add_channel_bias(&mut y, b);
+    }
+    y
+}
+
+/// `(dx if need_dx, dw, db)` of [`conv2d_forward`] given `dy`.
+pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, c: &ConvGeom, need_dx: bool) -> (Option<Tensor>, Tensor, Tensor) {
+    let g = gpu_of(&[x, w, dy]);
+    let (x, w, dy) = (on(&g, x), on(&g, w), on(&g, dy));
+    let dw = ck(g.alloc(w.numel()), "conv2d_backward");
+    let dx = need_dx.then(|| ck(g.alloc(x.numel()), "conv2d_backward"));
+    let r = (|| -> Result<()> {
+        if let Some(h) = g.cudnn() {
+            use cudarc::cudnn::sys as cd;
+            let k = ConvKey::from(c);
+            let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
+            g.bind()?;
+            with_plan(&g, &k, |p| {
+                let ws = g.alloc(p.bwd_filter.1.max(p.bwd_data.1).div_ceil(4))?;
+                // SAFETY: as in the forward
+                unsafe {
+                    cudnn_ok(cd::cudnnConvolutionBackwardFilter(h, one(), p.x, ptr(&x) as *const c_void, p.y, ptr(&dy) as *const c_void, p.conv, p.bwd_filter.0, ws.ptr() as *mut c_void, p.bwd_filter.1, zero(), p.w, dw.ptr() as *mut c_void), "convolution backward-filter")?;
+                    if let Some(dx) = &dx {
+                        cudnn_ok(cd::cudnnConvolutionBackwardData(h, one(), p.w, ptr(&w) as *const c_void, p.y, ptr(&dy) as *const c_void, p.conv, p.bwd_data.0, ws.ptr() as *mut c_void, p.bwd_data.1, zero(), p.x, dx.ptr() as *mut c_void), "convolution backward-data")?;
+                    }
+                }
+                Ok(())
+            })
+        } else {
+            let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
+            let step = chunk(c);
+            let col = g.alloc(step * kk * pp)?;
+            for n0 in (0..c.n).step_by(step) {
+                let nb = step.min(c.n - n0);
+                im2col(&g, ptr(&x) + 4 * (n0 * c.cin * c.h * c.w) as u64, col.ptr(), c, nb)?;
+                // dW [Cout, K] += dy_n [Cout, P] · col_nᵀ, image by image (one accumulator)
+                for i in 0..nb {
+                    let dyo = Operand { ptr: ptr(&dy) + 4 * ((n0 + i) * c.cout * pp) as u64, trans: false, batch_stride: 0 };
+                    let co = Operand { ptr: col.ptr() + 4 * (i * kk * pp) as u64, trans: true, batch_stride: 0 };
+                    let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
+                    gemm(&g, c.cout, kk, pp, dyo, co, dw.ptr(), 0, 1.0, beta, 1)?;
+                }
+                if let Some(dx) = &dx {
+                    // dcol_n [K, P] = Wᵀ · dy_n, then scattered back by col2im (a gather)
+                    let wop = Operand { ptr: ptr(&w), trans: true, batch_stride: 0 };
+                    let dyo = Operand { ptr: ptr(&dy) + 4 * (n0 * c.cout * pp) as u64, trans: false, batch_stride: (c.cout * pp) as i64 };
+                    gemm(&g, kk, pp, c.cout, wop, dyo, col.ptr(), (kk * pp) as i64, 1.0, 0.0, nb)?;
+                    col2im(&g, col.ptr(), dx.ptr() + 4 * (n0 * c.cin * c.h * c.w) as u64, c, nb)?;
+                }
+            }
+            Ok(())
+        }
+    })();
+    ck(r, "conv2d_backward");
+    let db = sum_to_shape(&dy, &[c.n, c.cout, c.ho(), c.wo()], &[c.cout, 1, 1]).reshape(&[c.cout]);
+    (dx.map(|d| Tensor::from_gpu(d, x.shape())), Tensor::from_gpu(dw, w.shape()), db)
+}

@@ -1,0 +1,198 @@
+//! The caching device allocator: freed blocks are kept, by size class, for the next request of
+//! that class, so a training step in steady state allocates nothing from the driver.
+//!
+//! Size classes: requests up to 1 MiB round up to 512 B; larger ones to the next of
+//! `{1, 1.25, 1.5, 1.75}·2^k` (at most 25% waste), so similar shapes share blocks. A request the
+//! driver refuses (out of memory) releases every cached block back to it and is tried once more.
+//! The pool is generic over its source of raw memory so that its bookkeeping is tested on the CPU.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+
+/// Raw device memory: the driver, or a fake in tests.
+pub trait RawAlloc {
+    fn alloc(&mut self, bytes: usize) -> Result<u64>;
+    fn free(&mut self, ptr: u64, bytes: usize);
+}
+
+/// Counters of a pool (shown by `devices --json` and the GPU check).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// blocks obtained from the driver
+    pub raw_allocs: u64,
+    /// requests served from the cache
+    pub reuses: u64,
+    /// bytes handed out and not yet returned
+    pub bytes_in_use: usize,
+    /// bytes held in the cache
+    pub bytes_cached: usize,
+    /// the most bytes ever obtained from the driver at once
+    pub peak_reserved: usize,
+}
+
+/// The size class (in bytes) that serves a request of `bytes`.
+pub fn size_class(bytes: usize) -> usize {
+    let bytes = bytes.max(1);
+    if bytes <= 1 << 20 {
+        return bytes.div_ceil(512) * 512;
+    }
+    let p = usize::BITS - 1 - (bytes - 1).leading_zeros(); // 2^p < bytes ≤ 2^(p+1)
+    let base = 1usize << p;
+    let step = base / 4;
+    base + (bytes - base).div_ceil(step) * step
+}
+
+pub struct Pool<A: RawAlloc> {
+    raw: A,
+    free: HashMap<usize, Vec<u64>>,
+    stats: PoolStats,
+}
+
+impl<A: RawAlloc> Pool<A> {
+    pub fn new(raw: A) -> Self {
+        Pool { raw, free: HashMap::new(), stats: PoolStats::default() }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+
+    /// A block of at least `bytes`; returns `(pointer, class)`. Give it back with [`Pool::release`].
+    pub fn alloc(&mut self, bytes: usize) -> Result<(u64, usize)> {
+        let class = size_class(bytes);
+        if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
+            self.stats.reuses += 1;
+            self.stats.bytes_cached -= class;
+            self.stats.bytes_in_use += class;
+            return Ok((p, class));
+        }
+        let p = match self.raw.alloc(class) {
+            Ok(p) => p,
+            Err(first) => {
+                if self.stats.bytes_cached == 0 {
+                    return Err(first);
+                }
+                self.trim();
+                self.raw.alloc(class).map_err(|e| e.context(format!("allocating {class} bytes on the GPU (after releasing the cache; {} bytes in use)", self.stats.bytes_in_use)))?
+            }
+        };
+        self.stats.raw_allocs += 1;
+        self.stats.bytes_in_use += class;
+        self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.bytes_in_use + self.stats.bytes_cached);
+        Ok((p, class))
+    }
+
+    /// Return a block to the cache (no driver call).
+    pub fn release(&mut self, ptr: u64, class: usize) {
+        self.stats.bytes_in_use -= class;
+        self.stats.bytes_cached += class;
+        self.free.entry(class).or_default().push(ptr);
+    }
+
+    /// Give every cached block back to the driver.
+    pub fn trim(&mut self) {
+        for (class, ptrs) in self.free.drain() {
+            for p in ptrs {
+                self.raw.free(p, class);
+                self.stats.bytes_cached -= class;
+            }
+        }
+    }
+}
+
+impl<A: RawAlloc> Drop for Pool<A> {
+    fn drop(&mut self) {
+        self.trim();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake driver: hands out increasing addresses, tracks live blocks, fails above a capacity.
+    struct Fake {
+        next: u64,
+        live: HashMap<u64, usize>,
+        capacity: usize,
+        calls: usize,
+    }
+    impl RawAlloc for Fake {
+        fn alloc(&mut self, bytes: usize) -> Result<u64> {
+            self.calls += 1;
+            let used: usize = self.live.values().sum();
+            if used + bytes > self.capacity {
+                anyhow::bail!("out of memory");
+            }
+            let p = self.next;
+            self.next += bytes as u64;
+            self.live.insert(p, bytes);
+            Ok(p)
+        }
+        fn free(&mut self, ptr: u64, bytes: usize) {
+            assert_eq!(self.live.remove(&ptr), Some(bytes), "freed a block that was not live, or with the wrong size");
+        }
+    }
+    fn pool(capacity: usize) -> Pool<Fake> {
+        Pool::new(Fake { next: 4096, live: HashMap::new(), capacity, calls: 0 })
+    }
+
+    #[test]
+    fn size_classes_cover_the_request_with_bounded_waste() {
+        assert_eq!(size_class(1), 512);
+        assert_eq!(size_class(512), 512);
+        assert_eq!(size_class(513), 1024);
+        assert_eq!(size_class(1 << 20), 1 << 20);
+        assert_eq!(size_class((1 << 20) + 1), (1 << 20) + (1 << 18));
+        assert_eq!(size_class(3 << 20), 3 << 20);
+        let mut b = 1usize;
+        while b < 1 << 34 {
+            for d in [0usize, 1, 7] {
+                let r = b + d * (b / 8 + 1);
+                let c = size_class(r);
+                assert!(c >= r, "class {c} < request {r}");
+                assert!(r <= 512 || (c as f64) <= r as f64 * 1.25 + 512.0, "class {c} wastes too much for {r}");
+                assert_eq!(size_class(c), c, "a class is its own class");
+            }
+            b = b * 3 / 2 + 1;
+        }
+    }
+
+    #[test]
+    fn steady_state_allocates_nothing_from_the_driver() {
+        let mut p = pool(1 << 30);
+        let sizes = [4000usize, 123_456, 3 << 20, 4000, 77];
+        for round in 0..5 {
+            let blocks: Vec<(u64, usize)> = sizes.iter().map(|&s| p.alloc(s).unwrap()).collect();
+            let mut ptrs: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+            ptrs.sort();
+            ptrs.dedup();
+            assert_eq!(ptrs.len(), sizes.len(), "two live blocks share an address");
+            for (ptr, class) in blocks {
+                p.release(ptr, class);
+            }
+            if round > 0 {
+                assert_eq!(p.raw.calls, sizes.len(), "round {round} went to the driver");
+            }
+        }
+        assert_eq!(p.stats().raw_allocs, 5);
+        assert_eq!(p.stats().reuses, 20);
+        assert_eq!(p.stats().bytes_in_use, 0);
+    }
+
+    #[test]
+    fn out_of_memory_releases_the_cache_and_retries() {
+        let mut p = pool(4 << 20);
+        let (a, ca) = p.alloc(3 << 20).unwrap();
+        p.release(a, ca);
+        // a different class does not fit beside the cached 3 MiB block: the cache is released
+        let (b, cb) = p.alloc(2 << 20).unwrap();
+        assert_eq!(p.stats().bytes_cached, 0);
+        assert_eq!(p.raw.live.len(), 1);
+        // nothing cached and still too big: the driver's error comes back
+        assert!(p.alloc(3 << 20).is_err());
+        p.release(b, cb);
+        drop(p); // returns everything; Fake::free checks every block
+    }
+}

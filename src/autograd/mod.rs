@@ -114,7 +114,11 @@ impl Var {
     pub fn backward(&self) -> Grads {
         let v = self.value();
         assert_eq!(v.numel(), 1, "backward() needs a scalar; use backward_with for a {:?} tensor", v.shape());
-        self.backward_with(Tensor::full(v.shape(), 1.0))
+        let seed = match v.gpu_buf() {
+            Some(b) => crate::backend::cuda::ops::full(b.gpu(), v.shape(), 1.0),
+            None => Tensor::full(v.shape(), 1.0),
+        };
+        self.backward_with(seed)
     }
 
     /// Vector-Jacobian product: gradients given the gradient `seed` of this Var.
@@ -153,6 +157,12 @@ impl Var {
                 let Some(pg) = pg else { continue };
                 debug_assert_eq!(pg.shape(), p.shape().as_slice(), "gradient shape from {}", node.0.name);
                 match grads.get_mut(&p.id()) {
+                    Some(acc) if acc.is_cuda() || pg.is_cuda() => {
+                        if !acc.is_cuda() {
+                            *acc = crate::backend::cuda::ops::on(&crate::backend::cuda::ops::gpu_of(&[&pg]), acc);
+                        }
+                        crate::backend::cuda::ops::axpby(1.0, &pg, 1.0, acc);
+                    }
                     Some(acc) => crate::backend::cpu::elementwise::add_assign(acc.data_mut(), pg.data()),
                     None => {
                         grads.insert(p.id(), pg);
@@ -178,6 +188,12 @@ impl Grads {
     }
     /// The gradient, or zeros of the right shape when the leaf did not influence the output.
     pub fn get_or_zeros(&self, v: &Var) -> Tensor {
-        self.get(v).cloned().unwrap_or_else(|| Tensor::zeros(&v.shape()))
+        self.get(v).cloned().unwrap_or_else(|| {
+            let value = v.value();
+            match value.gpu_buf() {
+                Some(b) => crate::backend::cuda::ops::full(b.gpu(), value.shape(), 0.0),
+                None => Tensor::zeros(value.shape()),
+            }
+        })
     }
 }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::autograd::{ops, Var};
 use crate::io::model::{load_model, save_model, LoadedModel};
 use crate::io::safetensors::{self as st, Out};
-use crate::nn::{Forward, Init, UNetConfig, UNetModel};
+use crate::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device, Tensor};
 
@@ -205,7 +205,8 @@ pub fn check_writable(out: &Path) -> Result<()> {
 }
 
 fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str) -> Result<()> {
-    Device::parse(device)?.ensure_available()?;
+    let dev = Device::parse(device)?;
+    dev.ensure_available()?;
     check_writable(out)?;
     let inp = st::load(input).with_context(|| "reading the forward inputs".to_string())?;
     let x = inp.get("x").ok_or_else(|| anyhow!("{} has no tensor 'x' (found: {})", input.display(), inp.names().join(", ")))?.clone();
@@ -218,8 +219,9 @@ fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str) -> Result<
         None if inp.get("y").is_some() => bail!("'y' in {} must be an integer tensor (int64), not float", input.display()),
         None => None,
     };
-    let lm = load(m)?;
-    let v = lm.model.predict(&t, &x, y.as_deref()).context("forward")?;
+    let mut lm = load(m)?;
+    lm.model.to_device(dev)?;
+    let v = lm.model.predict(&t, &x, y.as_deref()).context("forward")?.to_device(Device::Cpu)?;
     st::save(out, &[("v".to_string(), Out::F(&v))], DType::F32, &HashMap::new())?;
     eprintln!("wrote v {:?} to {}", v.shape(), out.display());
     Ok(())
@@ -336,19 +338,29 @@ pub struct UnetTimings {
 }
 
 /// Time forward (inference) and forward+backward (MSE to a random target, training mode).
-pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize) -> Result<UnetTimings> {
-    let model = UNetModel::new(cfg, Init::Torch(0))?;
+pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, device: Device) -> Result<UnetTimings> {
+    let mut model = UNetModel::new(cfg, Init::Torch(0))?;
+    model.to_device(device)?;
     let mut rng = Rng::new(1);
     let [c, h, w] = cfg.dim;
-    let x = Tensor::randn(&[batch, c, h, w], &mut rng);
-    let t = Tensor::rand_uniform(&[batch], 0.0, 1.0, &mut rng);
-    let target = Tensor::randn(&[batch, cfg.out_channels(), h, w], &mut rng);
+    let x = Tensor::randn(&[batch, c, h, w], &mut rng).to_device(device)?;
+    let t = Tensor::rand_uniform(&[batch], 0.0, 1.0, &mut rng).to_device(device)?;
+    let target = Tensor::randn(&[batch, cfg.out_channels(), h, w], &mut rng).to_device(device)?;
+    // GPU work is queued: wait for it before reading the clock
+    let sync = || -> Result<()> {
+        if let Device::Cuda(i) = device {
+            crate::backend::cuda::gpu(i)?.sync()?;
+        }
+        Ok(())
+    };
+    sync()?;
     let y: Option<Vec<usize>> = cfg.class_cond.then(|| (0..batch).map(|i| i % cfg.num_classes).collect());
     let mut fwd = Vec::new();
     for i in 0..warmup + iters {
         let s = Instant::now();
         let v = model.predict(&t, &x, y.as_deref())?;
         std::hint::black_box(v);
+        sync()?;
         if i >= warmup {
             fwd.push(s.elapsed().as_secs_f64() * 1e3);
         }
@@ -360,6 +372,7 @@ pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize) -
         let loss = ops::mse_loss(&v, &Var::constant(target.clone()));
         let g = loss.backward();
         std::hint::black_box(model.params().grads(&g));
+        sync()?;
         if i >= warmup {
             fb.push(s.elapsed().as_secs_f64() * 1e3);
         }
@@ -368,18 +381,26 @@ pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize) -
 }
 
 fn cmd_bench_unet(cfg: &str, batch: usize, device: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
-    Device::parse(device)?.ensure_available()?;
+    let dev = Device::parse(device)?;
+    dev.ensure_available()?;
     if batch == 0 || iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
     let cfg = resolve_config(cfg)?;
-    let r = bench_unet(&cfg, batch, iters, warmup)?;
+    let r = bench_unet(&cfg, batch, iters, warmup, dev)?;
     let threads = rayon::current_num_threads();
-    println!("U-Net {:?} num_channels {} batch {batch} on cpu ({threads} threads), median of {iters}:", cfg.dim, cfg.num_channels);
+    let on = match dev {
+        Device::Cpu => format!("cpu ({threads} threads)"),
+        Device::Cuda(i) => {
+            let g = crate::backend::cuda::gpu(i)?;
+            format!("cuda:{i} {} (conv: {}, tf32 {})", g.name, crate::backend::cuda::conv::method(&g), if g.tf32 { "on" } else { "off" })
+        }
+    };
+    println!("U-Net {:?} num_channels {} batch {batch} on {on}, median of {iters}:", cfg.dim, cfg.num_channels);
     println!("  forward           {:>10.1} ms", r.forward_ms);
     println!("  forward+backward  {:>10.1} ms", r.forward_backward_ms);
     if json {
-        println!("{}", serde_json::json!({"forward_ms": r.forward_ms, "forward_backward_ms": r.forward_backward_ms, "batch": batch, "device": "cpu", "threads": threads}));
+        println!("{}", serde_json::json!({"forward_ms": r.forward_ms, "forward_backward_ms": r.forward_backward_ms, "batch": batch, "device": dev.to_string(), "on": on, "threads": threads}));
     }
     Ok(())
 }

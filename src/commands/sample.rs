@@ -45,13 +45,14 @@ pub struct SamplerArgs {
     pub rtol: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu.
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
 fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
-    Device::parse(&a.device)?.ensure_available()?;
+    let dev = Device::parse(&a.device)?;
+    dev.ensure_available()?;
     let mut flags = Map::new();
     if let Some(m) = &a.model {
         flags.insert("ref_path".into(), m.clone().into());
@@ -63,7 +64,9 @@ fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
         flags.insert("unet_config".into(), c.clone().into());
     }
     let (orw, prod) = resolve(None, flags)?;
-    load_base(&orw, &prod)
+    let mut m = load_base(&orw, &prod)?;
+    m.to_device(dev)?;
+    Ok(m)
 }
 
 /// Draw samples to a PNG grid and/or a safetensors file (`x` [N,C,H,W] in [-1,1], `y` for

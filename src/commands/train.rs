@@ -339,6 +339,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         t.set_run_dir(&run_dir)?;
         t
     };
+    tr.to_device(device)?;
     let run_dir = tr.run_dir().expect("the trainer has a run folder").to_path_buf();
     let shape = tr.net().sample_shape();
     let (mut reward, classifier, targets) = build_reward(&prod, &shape)?;

@@ -93,6 +93,17 @@ pub fn odeint(
     if !t0.is_finite() || !t1.is_finite() {
         bail!("odeint: non-finite time interval [{t0}, {t1}]");
     }
+    if x0.is_cuda() {
+        // the state stays on the GPU for the fixed grids; dopri5's controller runs on the host
+        return match solver {
+            OdeSolver::Euler | OdeSolver::Midpoint | OdeSolver::Rk4 => fixed_grid_gpu(f, x0, t0, t1, steps, solver),
+            OdeSolver::Dopri5 { atol, rtol } => {
+                let x = x0.to_cpu();
+                check_finite(x.data(), t0 as f64)?;
+                dopri5(f, &x, t0, t1, *atol, *rtol)
+            }
+        };
+    }
     check_finite(x0.data(), t0 as f64)?;
     match solver {
         OdeSolver::Euler | OdeSolver::Midpoint | OdeSolver::Rk4 => fixed_grid(f, x0, t0, t1, steps, solver),
@@ -229,6 +240,81 @@ fn fixed_grid(
     }
     let stats = OdeStats { nfe: rhs.nfe, steps, rejected: 0 };
     Ok((Tensor::from_vec(y, x0.shape()), stats))
+}
+
+/// [`fixed_grid`] with the state on the GPU: the same grid and stage times; stages combined by
+/// `axpby` kernels in f32 (the CPU combines RK4 stages in f64: the two agree to rounding).
+fn fixed_grid_gpu(
+    f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
+    x0: &Tensor,
+    t0: f32,
+    t1: f32,
+    steps: usize,
+    solver: &OdeSolver,
+) -> Result<(Tensor, OdeStats)> {
+    use crate::backend::cuda::ops::{axpby, on, sum_squares};
+    if steps == 0 {
+        bail!("odeint: {} needs at least one step (steps = 0)", solver.name());
+    }
+    let check = |y: &Tensor, t: f64| -> Result<()> {
+        let s = sum_squares(&[y]);
+        if !s.is_finite() {
+            bail!("ODE state became non-finite at t = {t}");
+        }
+        Ok(())
+    };
+    check(x0, t0 as f64)?;
+    let shape = x0.shape().to_vec();
+    let mut nfe = 0usize;
+    let mut eval = |t: f32, x: &Tensor| -> Result<Tensor> {
+        nfe += 1;
+        let v = f(t, x).with_context(|| format!("ODE right-hand side failed at t = {t}"))?;
+        if v.shape() != shape.as_slice() {
+            bail!("ODE right-hand side returned shape {:?} at t = {t}, expected {:?}", v.shape(), shape);
+        }
+        Ok(if v.is_cuda() { v } else { on(&crate::backend::cuda::ops::gpu_of(&[x]), &v) })
+    };
+    // y + Σ c_j k_j as a fresh tensor
+    let comb = |y: &Tensor, terms: &[(f32, &Tensor)]| -> Tensor {
+        let mut out = y.clone();
+        for (c, k) in terms {
+            axpby(*c, k, 1.0, &mut out);
+        }
+        out
+    };
+    let grid = |k: usize| -> f32 {
+        if k == steps { t1 } else { (t0 as f64 + k as f64 * (t1 as f64 - t0 as f64) / steps as f64) as f32 }
+    };
+    let mut y = x0.clone();
+    for k in 0..steps {
+        let (ta, tb) = (grid(k), grid(k + 1));
+        let dt = tb - ta;
+        y = match solver {
+            OdeSolver::Euler => {
+                let f0 = eval(ta, &y)?;
+                comb(&y, &[(dt, &f0)])
+            }
+            OdeSolver::Midpoint => {
+                let half = 0.5 * dt;
+                let f0 = eval(ta, &y)?;
+                let ymid = comb(&y, &[(half, &f0)]);
+                let fm = eval(ta + half, &ymid)?;
+                comb(&y, &[(dt, &fm)])
+            }
+            OdeSolver::Rk4 => {
+                let third = (1.0f64 / 3.0) as f32;
+                let k1 = eval(ta, &y)?;
+                let k2 = eval(ta + dt * (1.0 / 3.0), &comb(&y, &[(dt * third, &k1)]))?;
+                let k3 = eval(ta + dt * (2.0 / 3.0), &comb(&y, &[(-dt * third, &k1), (dt, &k2)]))?;
+                let k4 = eval(tb, &comb(&y, &[(dt, &k1), (-dt, &k2), (dt, &k3)]))?;
+                let e = dt * 0.125;
+                comb(&y, &[(e, &k1), (3.0 * e, &k2), (3.0 * e, &k3), (e, &k4)])
+            }
+            OdeSolver::Dopri5 { .. } => unreachable!(),
+        };
+        check(&y, tb as f64)?;
+    }
+    Ok((y, OdeStats { nfe, steps, rejected: 0 }))
 }
 
 // ---------------------------------------------------------------------------------------------

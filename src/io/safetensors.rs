@@ -104,6 +104,7 @@ pub fn serialize(tensors: &[(String, Out)], dtype: DType, metadata: &HashMap<Str
         match t {
             Out::F(t) => {
                 let (dt, bytes): (Dtype, Vec<u8>) = match dtype {
+                    DType::F32 if t.is_cuda() => (Dtype::F32, bytemuck::cast_slice(&t.to_vec()).to_vec()),
                     DType::F32 => (Dtype::F32, bytemuck::cast_slice(t.data()).to_vec()),
                     DType::F16 => (Dtype::F16, bytemuck::cast_slice(&t.to_f16()).to_vec()),
                     DType::BF16 => (Dtype::BF16, bytemuck::cast_slice(&t.to_bf16()).to_vec()),

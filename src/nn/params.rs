@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::autograd::{Grads, Var};
 use crate::tensor::Tensor;
@@ -118,6 +118,20 @@ impl ParamStore {
         let tensors = self.tensors();
         let outs: Vec<(String, Out)> = tensors.iter().map(|(n, t)| (n.clone(), Out::F(t))).collect();
         save(path, &outs, dtype, metadata)
+    }
+
+    /// Move every parameter to `device` (no copy for those already there).
+    pub fn to_device(&self, device: crate::tensor::Device) -> Result<()> {
+        for (n, v) in self.iter() {
+            let t = v.value().to_device(device).with_context(|| format!("moving parameter {n} to {device}"))?;
+            v.set_value(t);
+        }
+        Ok(())
+    }
+
+    /// The device of the parameters (the first one's; the CPU for an empty store).
+    pub fn device(&self) -> crate::tensor::Device {
+        self.vars.first().map(|v| v.value().device()).unwrap_or(crate::tensor::Device::Cpu)
     }
 
     /// Set values in order (e.g. after an optimiser step).

@@ -36,6 +36,14 @@ pub trait VelocityField: Clone {
             Ok(v.value())
         })
     }
+    /// Where the parameters are.
+    fn device(&self) -> crate::tensor::Device {
+        self.params().device()
+    }
+    /// Move the parameters to `device`; inputs given on the CPU are then uploaded by the ops.
+    fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        self.params_mut().to_device(device)
+    }
     /// Copy every parameter value of `other` (same architecture) into `self`.
     fn copy_from(&mut self, other: &Self) {
         self.params().set_all(other.params().vars().iter().map(|v| v.value()).collect());

@@ -43,6 +43,10 @@ impl Adam {
         let bc2_sqrt = bc2_sqrt as f32;
         for (((p, g), m), v) in params.iter_mut().zip(grads).zip(self.exp_avg.iter_mut()).zip(self.exp_avg_sq.iter_mut()) {
             assert_eq!(p.shape(), g.shape(), "Adam: gradient shape");
+            if p.is_cuda() {
+                crate::backend::cuda::ops::adam_step(p, g, m, v, step_size, b1, b2, eps, bc2_sqrt, wd);
+                continue;
+            }
             let (pd, md, vd) = (p.data_mut(), m.data_mut(), v.data_mut());
             let body = |(((pv, &gv), mv), vv): (((&mut f32, &f32), &mut f32), &mut f32)| {
                 let g = if wd != 0.0 { gv + wd * *pv } else { gv };
@@ -81,6 +85,10 @@ pub fn warmup_lr(base_lr: f32, step: u64, warmup: u64) -> f32 {
 
 /// Global L2 norm of all gradients (f64 accumulation).
 pub fn grad_norm(grads: &[Tensor]) -> f64 {
+    if grads.iter().any(|g| g.is_cuda()) {
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        return crate::backend::cuda::ops::sum_squares(&refs).sqrt();
+    }
     grads.iter().map(|g| g.data().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum::<f64>().sqrt()
 }
 
@@ -91,6 +99,10 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f32) -> f64 {
     let coef = (max_norm as f64 / (norm + 1e-6)).min(1.0) as f32;
     if coef < 1.0 {
         for g in grads.iter_mut() {
+            if g.is_cuda() {
+                crate::backend::cuda::ops::scale_in_place(g, coef);
+                continue;
+            }
             for v in g.data_mut() {
                 *v *= coef;
             }
@@ -111,6 +123,13 @@ pub fn ema_update_params(target: &ParamStore, source: &ParamStore, decay: f32) {
 pub fn ema_update(target: &mut [Tensor], source: &[Tensor], decay: f32) {
     assert_eq!(target.len(), source.len());
     for (t, s) in target.iter_mut().zip(source) {
+        if t.is_cuda() || s.is_cuda() {
+            if !t.is_cuda() {
+                *t = crate::backend::cuda::ops::on(&crate::backend::cuda::ops::gpu_of(&[s]), t);
+            }
+            crate::backend::cuda::ops::axpby(1.0 - decay, s, decay, t);
+            continue;
+        }
         for (a, &b) in t.data_mut().iter_mut().zip(s.data()) {
             *a = *a * decay + b * (1.0 - decay);
         }

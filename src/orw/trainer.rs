@@ -97,11 +97,13 @@ pub struct Trainer<M: VelocityField> {
 pub fn sample_model<M: VelocityField>(model: &M, n: usize, solver: &OdeSolver, steps: usize, rng: &mut Rng) -> Result<(Tensor, Option<Vec<usize>>, OdeStats)> {
     let mut shape = vec![n];
     shape.extend(model.sample_shape());
-    let z = Tensor::randn(&shape, rng);
+    // the noise is drawn on the host (the same draws on every device) and the ODE runs where the
+    // model is; the samples come back to the host for the reward
+    let z = Tensor::randn(&shape, rng).to_device(model.device())?;
     let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| rng.below(k as u64) as usize).collect());
     let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full(&[n], t), x, y.as_deref());
     let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
-    Ok((x1, y, stats))
+    Ok((x1.to_device(crate::tensor::Device::Cpu)?, y, stats))
 }
 
 /// Training pairs with the weights and labels that belong to them, row for row.
@@ -190,6 +192,19 @@ impl<M: VelocityField> Trainer<M> {
     }
 
     /// Write checkpoints and `metrics.jsonl` under `dir` (created if needed).
+    /// Move the trained, policy, reference and EMA models to `device` (Adam's moments follow on
+    /// the first step). Sampling noise, couplings and rewards stay on the host, so a run draws
+    /// the same numbers on every device.
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        self.net.to_device(device)?;
+        self.last_policy.to_device(device)?;
+        self.reference.to_device(device)?;
+        if let Some(e) = &mut self.ema {
+            e.to_device(device)?;
+        }
+        Ok(())
+    }
+
     pub fn set_run_dir(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
         self.run_dir = Some(dir.to_path_buf());

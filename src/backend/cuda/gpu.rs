@@ -22,8 +22,9 @@ pub fn set_allow_tf32(on: bool) {
     ALLOW_TF32.store(on, Ordering::SeqCst);
 }
 
+/// Whether TF32 is allowed: [`set_allow_tf32`], or `ORWCFM_ALLOW_TF32=1` in the environment.
 pub fn allow_tf32() -> bool {
-    ALLOW_TF32.load(Ordering::SeqCst)
+    ALLOW_TF32.load(Ordering::SeqCst) || std::env::var("ORWCFM_ALLOW_TF32").is_ok_and(|v| v == "1")
 }
 
 /// The driver as the pool's source of memory.
@@ -90,6 +91,8 @@ pub struct Gpu {
     /// serialises the library calls that share handles and workspaces
     pub(crate) exec: Mutex<()>,
     pub(crate) conv_cache: Mutex<HashMap<super::conv::ConvKey, super::conv::ConvPlan>>,
+    /// fill every new buffer with NaN (tests: an output element a kernel forgets stays NaN)
+    poison: AtomicBool,
 }
 
 static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
@@ -195,6 +198,7 @@ impl Gpu {
             cudnn,
             exec: Mutex::new(()),
             conv_cache: Mutex::new(HashMap::new()),
+            poison: AtomicBool::new(std::env::var_os("ORWCFM_CUDA_POISON").is_some()),
         })
     }
 
@@ -235,7 +239,17 @@ impl Gpu {
     /// Uninitialised room for `n` f32 values (at least one word).
     pub fn alloc(self: &Arc<Self>, n: usize) -> Result<GpuBuf> {
         let (ptr, class) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).alloc(n.max(1) * 4)?;
-        Ok(GpuBuf { gpu: self.clone(), ptr, len: n, class })
+        let b = GpuBuf { gpu: self.clone(), ptr, len: n, class };
+        if self.poison.load(Ordering::Relaxed) && n > 0 {
+            self.launch_n("fill_f32", n, &[Arg::Ptr(ptr), Arg::F32(f32::NAN), Arg::I64(n as i64)])?;
+        }
+        Ok(b)
+    }
+
+    /// Fill every buffer allocated from now on with NaN (also `ORWCFM_CUDA_POISON=1`): a test
+    /// then sees any output element that an op leaves unwritten.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
     }
 
     /// Host values to a new device buffer.

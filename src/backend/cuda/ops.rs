@@ -456,6 +456,7 @@ pub fn gemm(g: &Gpu, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: u6
 
 /// `a [M, K] · b [K, N]` with optional transposes of the stored matrices: `ta` means `a` is
 /// stored `[K, M]`, `tb` that `b` is stored `[N, K]`.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(a: &Tensor, ta: bool, b: &Tensor, tb: bool, m: usize, n: usize, k: usize, alpha: f32) -> Tensor {
     let g = gpu_of(&[a, b]);
     let (a, b) = (on(&g, a), on(&g, b));

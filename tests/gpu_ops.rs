@@ -1,0 +1,325 @@
+//! Every op of the engine on the GPU against its CPU twin on fresh random inputs (sizes that are
+//! not multiples of any block size), forward ≤ 1e-5 and gradients ≤ 1e-4 relative; the U-Net
+//! forward and backward; Adam, clipping and EMA; an ODE solve and two ORW-CFM-W2 steps; and that
+//! every output element is written (each new GPU buffer starts as NaN here).
+//!
+//! Without a GPU every test says it skipped and passes; with `ORWCFM_REQUIRE_GPU=1` (set by
+//! `scripts/gpu-check.sh`) a missing GPU fails instead.
+
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
+use std::sync::Arc;
+
+use orwcfm_fast::autograd::{ops, Var};
+use orwcfm_fast::backend::cpu::attention::QkvOrder;
+use orwcfm_fast::backend::cuda::{self, Gpu};
+use orwcfm_fast::flow::ode::OdeSolver;
+use orwcfm_fast::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
+use orwcfm_fast::optim::{clip_grad_norm, ema_update, grad_norm, Adam};
+use orwcfm_fast::orw::{sample_model, OrwConfig, Trainer};
+use orwcfm_fast::reward::FnReward;
+use orwcfm_fast::rng::Rng;
+use orwcfm_fast::tensor::{Device, Tensor};
+
+const FWD_TOL: f64 = 1e-5;
+const GRAD_TOL: f64 = 1e-4;
+const DEV: Device = Device::Cuda(0);
+
+/// The GPU, poisoned (new buffers start as NaN), or None after saying why the test skips.
+fn gpu(test: &str) -> Option<Arc<Gpu>> {
+    match cuda::gpu(0) {
+        Ok(g) => {
+            g.set_poison(true);
+            Some(g)
+        }
+        Err(e) => {
+            assert!(std::env::var_os("ORWCFM_REQUIRE_GPU").is_none(), "ORWCFM_REQUIRE_GPU is set but cuda:0 cannot be opened: {e:#}");
+            eprintln!("SKIPPED {test}: no usable GPU ({e:#})");
+            None
+        }
+    }
+}
+
+fn rnd(shape: &[usize], rng: &mut Rng) -> Tensor {
+    Tensor::randn(shape, rng)
+}
+
+fn gpu_t(t: &Tensor) -> Tensor {
+    t.to_device(DEV).unwrap()
+}
+
+/// Run `f` on CPU leaves and on GPU copies of them; compare the value and, through a random
+/// output gradient, the gradient of every input.
+fn check(name: &str, inputs: &[Tensor], f: impl Fn(&[Var]) -> Var) {
+    check_tol(name, inputs, FWD_TOL, GRAD_TOL, f)
+}
+
+fn check_tol(name: &str, inputs: &[Tensor], fwd_tol: f64, grad_tol: f64, f: impl Fn(&[Var]) -> Var) {
+    let mut rng = Rng::new(0xC0FFEE ^ name.len() as u64);
+    let cv: Vec<Var> = inputs.iter().map(|t| Var::param(t.clone())).collect();
+    let gv: Vec<Var> = inputs.iter().map(|t| Var::param(gpu_t(t))).collect();
+    let yc = f(&cv);
+    let yg = f(&gv);
+    let (vc, vg) = (yc.value(), yg.value());
+    assert!(vg.is_cuda(), "{name}: the GPU run's output is not on the GPU");
+    assert_eq!(vc.shape(), vg.shape(), "{name}: shapes");
+    assert!(vg.all_finite(), "{name}: the GPU output has non-finite values (an element left unwritten?)");
+    let e = vg.rel_err(&vc);
+    assert!(e <= fwd_tol, "{name}: forward rel err {e:e} > {fwd_tol:e}");
+    let seed = rnd(vc.shape(), &mut rng);
+    let gc = yc.backward_with(seed.clone());
+    let gg = yg.backward_with(gpu_t(&seed));
+    for (i, (c, g)) in cv.iter().zip(&gv).enumerate() {
+        match (gc.get(c), gg.get(g)) {
+            (Some(a), Some(b)) => {
+                assert!(b.all_finite(), "{name}: gradient {i} on the GPU has non-finite values");
+                let e = b.rel_err(a);
+                assert!(e <= grad_tol, "{name}: gradient {i} rel err {e:e} > {grad_tol:e}");
+            }
+            (None, None) => {}
+            (a, b) => panic!("{name}: gradient {i} exists on one device only (cpu {}, gpu {})", a.is_some(), b.is_some()),
+        }
+    }
+    eprintln!("{name:<28} forward {e:.1e}");
+}
+
+#[test]
+fn elementwise_and_broadcasting() {
+    let Some(_g) = gpu("elementwise_and_broadcasting") else { return };
+    let mut r = Rng::new(1);
+    let a = rnd(&[3, 5, 67], &mut r);
+    let b = rnd(&[5, 1], &mut r);
+    let c = rnd(&[3, 5, 67], &mut r);
+    let pos = Tensor::from_vec(rnd(&[5, 1], &mut r).data().iter().map(|v| v.abs() + 0.5).collect(), &[5, 1]);
+    check("add (broadcast)", &[a.clone(), b.clone()], |v| ops::add(&v[0], &v[1]));
+    check("sub (broadcast)", &[a.clone(), b.clone()], |v| ops::sub(&v[0], &v[1]));
+    check("mul (same shape)", &[a.clone(), c.clone()], |v| ops::mul(&v[0], &v[1]));
+    check("mul (broadcast)", &[b.clone(), a.clone()], |v| ops::mul(&v[0], &v[1]));
+    check("div (broadcast)", &[a.clone(), pos.clone()], |v| ops::div(&v[0], &v[1]));
+    check("add_scalar", &[a.clone()], |v| ops::add_scalar(&v[0], 0.37));
+    check("mul_scalar", &[a.clone()], |v| ops::mul_scalar(&v[0], -1.7));
+    check("exp", &[a.clone()], |v| ops::exp(&v[0]));
+    check("relu", &[a.clone()], |v| ops::relu(&v[0]));
+    check("square", &[a.clone()], |v| ops::square(&v[0]));
+    check("silu", &[a.clone()], |v| ops::silu(&v[0]));
+    check("sigmoid", &[a.clone()], |v| ops::sigmoid(&v[0]));
+    // a large input: many blocks of the grid-stride loops
+    let big = rnd(&[1_000_003], &mut r);
+    check("silu (1e6+3)", &[big.clone()], |v| ops::silu(&v[0]));
+    check("sum_all (1e6+3)", &[big], |v| ops::sum_all(&v[0]));
+}
+
+#[test]
+fn reductions_and_softmax() {
+    let Some(_g) = gpu("reductions_and_softmax") else { return };
+    let mut r = Rng::new(2);
+    let a = rnd(&[4, 7, 33], &mut r);
+    check("sum_all", &[a.clone()], |v| ops::sum_all(&v[0]));
+    check("mean_all", &[a.clone()], |v| ops::mean_all(&v[0]));
+    check("sum_axes [1]", &[a.clone()], |v| ops::sum_axes(&v[0], &[1], false));
+    check("sum_axes [0,2] keepdim", &[a.clone()], |v| ops::sum_axes(&v[0], &[0, 2], true));
+    check("mean_axes [1,2]", &[a.clone()], |v| ops::mean_axes(&v[0], &[1, 2], false));
+    check("softmax", &[a.clone()], |v| ops::softmax(&v[0]));
+    check("log_softmax", &[a.clone()], |v| ops::log_softmax(&v[0]));
+    let logits = rnd(&[9, 10], &mut r);
+    let labels = [3usize, 0, 9, 2, 2, 7, 1, 5, 4];
+    check("cross_entropy", &[logits], |v| ops::cross_entropy(&v[0], &labels).unwrap());
+    let wide = rnd(&[3, 3001], &mut r);
+    check("softmax (rows of 3001)", &[wide], |v| ops::softmax(&v[0]));
+}
+
+#[test]
+fn layout_ops() {
+    let Some(_g) = gpu("layout_ops") else { return };
+    let mut r = Rng::new(3);
+    let a = rnd(&[2, 3, 5, 7], &mut r);
+    let b = rnd(&[2, 4, 5, 7], &mut r);
+    check("permute", &[a.clone()], |v| ops::permute(&v[0], &[2, 0, 3, 1]));
+    check("reshape+permute", &[a.clone()], |v| ops::permute(&ops::reshape(&v[0], &[6, 35]), &[1, 0]));
+    check("concat axis 1", &[a.clone(), b.clone()], |v| ops::concat(&[v[0].clone(), v[1].clone()], 1));
+    check("narrow axis 1", &[b.clone()], |v| ops::narrow(&v[0], 1, 1, 2));
+    check("narrow axis 3", &[a.clone()], |v| ops::narrow(&v[0], 3, 2, 4));
+    check("upsample 2x", &[a.clone()], |v| ops::upsample_nearest2x(&v[0]));
+    check("avg_pool 2x (odd sizes)", &[a.clone()], |v| ops::avg_pool2x(&v[0]));
+    let w = rnd(&[11, 19], &mut r);
+    let ids = [3usize, 10, 0, 3, 7];
+    check("embedding", &[w], |v| ops::embedding(&v[0], &ids).unwrap());
+    let t = Tensor::rand_uniform(&[13], 0.0, 1.0, &mut r);
+    check("timestep_embedding (odd dim)", &[t.clone()], |v| ops::timestep_embedding(&v[0], 65));
+    check("timestep_embedding", &[t], |v| ops::timestep_embedding(&v[0], 128));
+    // dropout draws its mask on the host: both devices drop the same units
+    check("dropout", &[a.clone()], |v| ops::dropout(&v[0], 0.3, &mut Rng::new(9)));
+}
+
+#[test]
+fn gemm_ops() {
+    let Some(_g) = gpu("gemm_ops") else { return };
+    let mut r = Rng::new(4);
+    check("matmul 33x47x29", &[rnd(&[33, 47], &mut r), rnd(&[47, 29], &mut r)], |v| ops::matmul(&v[0], &v[1]));
+    let (x, w, b) = (rnd(&[17, 130], &mut r), rnd(&[65, 130], &mut r), rnd(&[65], &mut r));
+    check("linear with bias", &[x.clone(), w.clone(), b], |v| ops::linear(&v[0], &v[1], Some(&v[2])));
+    check("linear without bias", &[x, w], |v| ops::linear(&v[0], &v[1], None));
+}
+
+#[test]
+fn convolutions() {
+    let Some(g) = gpu("convolutions") else { return };
+    eprintln!("convolution method: {}", cuda::conv::method(&g));
+    let mut r = Rng::new(5);
+    for (n, cin, h, w, cout, k, stride, pad) in [(3, 5, 9, 11, 7, 3, 1, 1), (2, 8, 16, 16, 12, 3, 2, 1), (2, 6, 7, 5, 4, 1, 1, 0), (1, 3, 28, 28, 32, 3, 1, 1)] {
+        let x = rnd(&[n, cin, h, w], &mut r);
+        let wt = Tensor::from_vec(rnd(&[cout, cin, k, k], &mut r).data().iter().map(|v| v * 0.2).collect(), &[cout, cin, k, k]);
+        let b = rnd(&[cout], &mut r);
+        let name = format!("conv {n}x{cin}x{h}x{w} k{k} s{stride} p{pad}");
+        check(&name, &[x, wt, b], |v| ops::conv2d(&v[0], &v[1], Some(&v[2]), stride, pad));
+    }
+}
+
+#[test]
+fn group_norm_and_attention() {
+    let Some(_g) = gpu("group_norm_and_attention") else { return };
+    let mut r = Rng::new(6);
+    let x = rnd(&[3, 64, 7, 9], &mut r);
+    let (w, b) = (rnd(&[64], &mut r), rnd(&[64], &mut r));
+    check("group_norm 32 groups", &[x, w, b], |v| ops::group_norm(&v[0], &v[1], &v[2], 32, 1e-5));
+    for order in [QkvOrder::Legacy, QkvOrder::New] {
+        let qkv = rnd(&[3, 3 * 2 * 16, 49], &mut r);
+        check(&format!("attention {order:?} 2 heads t=49"), &[qkv], |v| ops::qkv_attention(&v[0], 2, order));
+    }
+}
+
+fn perturbed_unet(cfg: &UNetConfig, seed: u64) -> UNetModel {
+    let m = UNetModel::new(cfg, Init::Torch(seed)).unwrap();
+    // zero-initialised layers (torchcfm's zero_module) are perturbed so that every path carries signal
+    let mut r = Rng::new(seed + 1);
+    let vals: Vec<Tensor> = m.params().vars().iter().map(|v| {
+        let t = v.value();
+        let n = rnd(t.shape(), &mut r);
+        Tensor::from_vec(t.data().iter().zip(n.data()).map(|(a, b)| a + 0.02 * b).collect(), t.shape())
+    }).collect();
+    m.params().set_all(vals);
+    m
+}
+
+#[test]
+fn unet_forward_and_backward_match_the_cpu() {
+    let Some(g) = gpu("unet_forward_and_backward_match_the_cpu") else { return };
+    let mut cfg = UNetConfig::mnist_small();
+    cfg.class_cond = true;
+    let cpu = perturbed_unet(&cfg, 21);
+    let mut dev = cpu.clone();
+    dev.to_device(DEV).unwrap();
+    let mut r = Rng::new(7);
+    let b = 3;
+    let x = rnd(&[b, 1, 28, 28], &mut r);
+    let t = Tensor::rand_uniform(&[b], 0.0, 1.0, &mut r);
+    let y = [1usize, 7, 4];
+    let seed = rnd(&[b, 1, 28, 28], &mut r);
+    let run = |m: &UNetModel, on: Device| {
+        let xv = Var::param(x.to_device(on).unwrap());
+        let v = m.forward(&Var::constant(t.to_device(on).unwrap()), &xv, Some(&y), &mut Forward { dropout_rng: None }).unwrap();
+        let gr = v.backward_with(seed.to_device(on).unwrap());
+        let mut grads: Vec<Tensor> = m.params().grads(&gr);
+        grads.push(gr.get(&xv).unwrap().clone());
+        (v.value(), grads)
+    };
+    let (vc, gc) = run(&cpu, Device::Cpu);
+    let before = g.pool_stats();
+    let (vg, gg) = run(&dev, DEV);
+    let e = vg.rel_err(&vc);
+    eprintln!("U-Net forward rel err {e:.2e}");
+    assert!(e <= FWD_TOL, "U-Net forward rel err {e:e}");
+    let names: Vec<String> = cpu.params().names().to_vec();
+    let mut worst = (0.0f64, String::new());
+    for (i, (a, b)) in gc.iter().zip(&gg).enumerate() {
+        assert!(b.all_finite(), "gradient {i} has non-finite values on the GPU");
+        let e = b.rel_err(a);
+        if e > worst.0 {
+            worst = (e, names.get(i).cloned().unwrap_or_else(|| "input x".into()));
+        }
+    }
+    eprintln!("U-Net backward worst gradient rel err {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 <= GRAD_TOL, "U-Net gradient {} rel err {:e}", worst.1, worst.0);
+    // the caching allocator: a second step asks nothing of the driver
+    let _ = run(&dev, DEV);
+    let mid = g.pool_stats();
+    let _ = run(&dev, DEV);
+    let after = g.pool_stats();
+    eprintln!("pool: {} driver allocations before, {} after the first GPU step, {} after the third", before.raw_allocs, mid.raw_allocs, after.raw_allocs);
+    assert_eq!(mid.raw_allocs, after.raw_allocs, "steady-state steps allocated from the driver");
+}
+
+#[test]
+fn adam_clipping_and_ema_match_the_cpu() {
+    let Some(_g) = gpu("adam_clipping_and_ema_match_the_cpu") else { return };
+    let mut r = Rng::new(8);
+    let shapes: [&[usize]; 3] = [&[257], &[33, 65], &[7]];
+    let mut pc: Vec<Tensor> = shapes.iter().map(|s| rnd(s, &mut r)).collect();
+    let mut pg: Vec<Tensor> = pc.iter().map(gpu_t).collect();
+    let (mut ac, mut ag) = (Adam::new(1e-2), Adam::new(1e-2));
+    ac.weight_decay = 0.01;
+    ag.weight_decay = 0.01;
+    for step in 0..4 {
+        let mut gc: Vec<Tensor> = shapes.iter().map(|s| rnd(s, &mut r)).collect();
+        let mut gg: Vec<Tensor> = gc.iter().map(gpu_t).collect();
+        let (nc, ng) = (grad_norm(&gc), grad_norm(&gg));
+        assert!((nc - ng).abs() <= 1e-6 * nc, "grad norm {nc} vs {ng}");
+        clip_grad_norm(&mut gc, 5.0);
+        clip_grad_norm(&mut gg, 5.0);
+        ac.step(&mut pc, &gc, 1e-2);
+        ag.step(&mut pg, &gg, 1e-2);
+        for (i, (a, b)) in pc.iter().zip(&pg).enumerate() {
+            assert!(b.is_cuda());
+            let e = b.rel_err(a);
+            assert!(e <= 1e-6, "Adam step {step}, parameter {i}: rel err {e:e}");
+        }
+    }
+    let src: Vec<Tensor> = shapes.iter().map(|s| rnd(s, &mut r)).collect();
+    let src_g: Vec<Tensor> = src.iter().map(gpu_t).collect();
+    ema_update(&mut pc, &src, 0.99);
+    ema_update(&mut pg, &src_g, 0.99);
+    for (a, b) in pc.iter().zip(&pg) {
+        assert!(b.rel_err(a) <= 1e-6, "EMA rel err {:e}", b.rel_err(a));
+    }
+}
+
+#[test]
+fn ode_solves_match_the_cpu() {
+    let Some(_g) = gpu("ode_solves_match_the_cpu") else { return };
+    let cpu = perturbed_unet(&UNetConfig::mnist_small(), 31);
+    let mut dev = cpu.clone();
+    dev.to_device(DEV).unwrap();
+    for solver in [OdeSolver::Euler, OdeSolver::Midpoint, OdeSolver::Rk4, OdeSolver::Dopri5 { atol: 1e-4, rtol: 1e-4 }] {
+        let (xc, _, sc) = sample_model(&cpu, 4, &solver, 5, &mut Rng::new(3)).unwrap();
+        let (xg, _, sg) = sample_model(&dev, 4, &solver, 5, &mut Rng::new(3)).unwrap();
+        assert!(!xg.is_cuda(), "samples come back to the host");
+        let e = xg.rel_err(&xc);
+        eprintln!("ODE {:<9} nfe cpu {} gpu {}, rel err {e:.2e}", solver.name(), sc.nfe, sg.nfe);
+        let tol = if matches!(solver, OdeSolver::Dopri5 { .. }) { 1e-4 } else { FWD_TOL };
+        assert!(e <= tol, "{}: samples differ by {e:e}", solver.name());
+    }
+}
+
+#[test]
+fn orw_steps_match_the_cpu() {
+    let Some(_g) = gpu("orw_steps_match_the_cpu") else { return };
+    let cfg = OrwConfig { learning_rate: 1e-3, warmup_steps: 0, batch_size: 4, steps_per_epoch: 2, num_epochs: 1, ode_steps: 3, temperature: 2.0, w2_coefficient: 0.3, seed: 5, ..OrwConfig::default() };
+    let model = perturbed_unet(&UNetConfig::mnist_small(), 41);
+    let mean = |x: &Tensor| -> Vec<f32> { x.data().chunks(784).map(|r| r.iter().sum::<f32>() / 784.0).collect() };
+    let mut cpu = Trainer::new(cfg.clone(), model.clone()).unwrap();
+    let mut dev = Trainer::new(cfg, model).unwrap();
+    dev.to_device(DEV).unwrap();
+    for step in 0..2 {
+        let mc = cpu.train_step(&mut FnReward::new("mean", mean)).unwrap();
+        let mg = dev.train_step(&mut FnReward::new("mean", mean)).unwrap();
+        eprintln!("step {step}: loss cpu {} gpu {}", mc.total_loss, mg.total_loss);
+        assert!(((mc.total_loss - mg.total_loss) as f64).abs() <= 1e-4 * (mc.total_loss as f64).abs(), "step {step}: loss {} vs {}", mc.total_loss, mg.total_loss);
+    }
+    let mut worst = 0.0f64;
+    for (a, b) in cpu.net().params().vars().iter().zip(dev.net().params().vars()) {
+        assert!(b.value().is_cuda(), "the trained model left the GPU");
+        worst = worst.max(b.value().rel_err(&a.value()));
+    }
+    eprintln!("ORW: parameters after 2 steps, worst rel err {worst:.2e}");
+    assert!(worst <= GRAD_TOL, "parameters after 2 ORW steps differ by {worst:e}");
+}

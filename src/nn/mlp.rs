@@ -76,7 +76,7 @@ impl VelocityField for Mlp {
         let b = xs[0];
         let tv = t.value();
         let tcol = match tv.numel() {
-            1 => Var::constant(Tensor::full(&[b, 1], tv.data()[0])),
+            1 => Var::constant(Tensor::full(&[b, 1], tv.item())),
             n if n == b => ops::reshape(t, &[b, 1]),
             n => bail!("t has {n} values for a batch of {b}"),
         };

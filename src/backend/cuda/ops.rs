@@ -57,34 +57,77 @@ fn i64s<const N: usize>(v: &[usize], what: &str) -> [i64; N] {
 
 // ---------------------------------------------------------------- element-wise
 
+/// `binary_f32`'s geometry (the kernel's `BinGeom`): the output shape and each operand's strides
+/// in the output's index space.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct BinGeom {
-    ndim: i64,
-    shape: [i64; 8],
-    sa: [i64; 8],
-    sb: [i64; 8],
+#[derive(Clone, Copy, Debug)]
+pub struct BinGeom {
+    pub ndim: i64,
+    pub shape: [i64; 8],
+    pub sa: [i64; 8],
+    pub sb: [i64; 8],
+}
+
+impl BinGeom {
+    pub fn new(a: &[usize], b: &[usize], out: &[usize]) -> BinGeom {
+        BinGeom { ndim: out.len() as i64, shape: i64s(out, "binary"), sa: i64s(&broadcast_strides(a, out), "binary"), sb: i64s(&broadcast_strides(b, out), "binary") }
+    }
 }
 unsafe impl DeviceRepr for BinGeom {}
 
+/// `reduce_sum_f32`'s geometry: kept axes (they index the output) and reduced axes, with their
+/// strides in the input.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct ReduceGeom {
-    nk: i64,
-    nr: i64,
-    kshape: [i64; 8],
-    kstride: [i64; 8],
-    rshape: [i64; 8],
-    rstride: [i64; 8],
+#[derive(Clone, Copy, Debug)]
+pub struct ReduceGeom {
+    pub nk: i64,
+    pub nr: i64,
+    pub kshape: [i64; 8],
+    pub kstride: [i64; 8],
+    pub rshape: [i64; 8],
+    pub rstride: [i64; 8],
+}
+
+impl ReduceGeom {
+    /// The geometry of summing a contiguous `from` down to `to` (NumPy broadcasting rules), with
+    /// the output and reduction sizes.
+    pub fn new(from: &[usize], to: &[usize]) -> (ReduceGeom, usize, usize) {
+        assert!(to.len() <= from.len(), "sum_to_shape {from:?} -> {to:?}");
+        let pad = from.len() - to.len();
+        let to_p: Vec<usize> = std::iter::repeat_n(1, pad).chain(to.iter().copied()).collect();
+        let st = contiguous_strides(from);
+        let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
+        for i in 0..from.len() {
+            if to_p[i] == from[i] {
+                if from[i] != 1 {
+                    ks.push(from[i]);
+                    kst.push(st[i]);
+                }
+            } else {
+                assert_eq!(to_p[i], 1, "sum_to_shape {from:?} -> {to:?}");
+                rs.push(from[i]);
+                rst.push(st[i]);
+            }
+        }
+        let geom = ReduceGeom { nk: ks.len() as i64, nr: rs.len() as i64, kshape: i64s(&ks, "sum"), kstride: i64s(&kst, "sum"), rshape: i64s(&rs, "sum"), rstride: i64s(&rst, "sum") };
+        (geom, to.iter().product(), rs.iter().product())
+    }
 }
 unsafe impl DeviceRepr for ReduceGeom {}
 
+/// `gather_strided_f32`'s view: a shape and the source strides of its axes.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct Strided {
-    ndim: i64,
-    shape: [i64; 8],
-    strides: [i64; 8],
+#[derive(Clone, Copy, Debug)]
+pub struct Strided {
+    pub ndim: i64,
+    pub shape: [i64; 8],
+    pub strides: [i64; 8],
+}
+
+impl Strided {
+    pub fn new(shape: &[usize], strides: &[usize]) -> Strided {
+        Strided { ndim: shape.len() as i64, shape: i64s(shape, "gather"), strides: i64s(strides, "gather") }
+    }
 }
 unsafe impl DeviceRepr for Strided {}
 
@@ -119,12 +162,7 @@ pub fn binary(a: &Tensor, b: &Tensor, out_shape: &[usize], op: Bin) -> Tensor {
     if a.shape() == out_shape && b.shape() == out_shape {
         ck(g.launch_n("binary_same_f32", n, &[Arg::I64(op as i64), Arg::Ptr(ptr(&a)), Arg::Ptr(ptr(&b)), Arg::Ptr(y.ptr()), Arg::I64(n as i64)]), "binary");
     } else {
-        let geom = BinGeom {
-            ndim: out_shape.len() as i64,
-            shape: i64s(out_shape, "binary"),
-            sa: i64s(&broadcast_strides(a.shape(), out_shape), "binary"),
-            sb: i64s(&broadcast_strides(b.shape(), out_shape), "binary"),
-        };
+        let geom = BinGeom::new(a.shape(), b.shape(), out_shape);
         ck(g.launch_n("binary_f32", n, &[Arg::I64(op as i64), Arg::Ptr(ptr(&a)), Arg::Ptr(ptr(&b)), Arg::Ptr(y.ptr()), Arg::I64(n as i64), Arg::Struct(&geom)]), "binary");
     }
     Tensor::from_gpu(y, out_shape)
@@ -180,29 +218,10 @@ pub fn scale_in_place(x: &mut Tensor, s: f32) {
 /// `x` (of shape `from`) summed down to `to` (CPU: `elementwise::sum_to_shape`).
 pub fn sum_to_shape(x: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
     let g = gpu_of(&[x]);
-    assert!(to.len() <= from.len(), "sum_to_shape {from:?} -> {to:?}");
-    let pad = from.len() - to.len();
-    let to_p: Vec<usize> = std::iter::repeat_n(1, pad).chain(to.iter().copied()).collect();
-    let st = contiguous_strides(from);
-    let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
-    for i in 0..from.len() {
-        if to_p[i] == from[i] {
-            if from[i] != 1 {
-                ks.push(from[i]);
-                kst.push(st[i]);
-            }
-        } else {
-            assert_eq!(to_p[i], 1, "sum_to_shape {from:?} -> {to:?}");
-            rs.push(from[i]);
-            rst.push(st[i]);
-        }
-    }
-    let out_n: usize = to.iter().product();
-    let red_n: usize = rs.iter().product();
+    let (geom, out_n, red_n) = ReduceGeom::new(from, to);
     if red_n == 1 {
         return x.reshape(to);
     }
-    let geom = ReduceGeom { nk: ks.len() as i64, nr: rs.len() as i64, kshape: i64s(&ks, "sum"), kstride: i64s(&kst, "sum"), rshape: i64s(&rs, "sum"), rstride: i64s(&rst, "sum") };
     let y = out(&g, to, "sum");
     ck(g.launch_rows("reduce_sum_f32", out_n, &[Arg::Ptr(ptr(x)), Arg::Ptr(y.ptr()), Arg::I64(out_n as i64), Arg::I64(red_n as i64), Arg::Struct(&geom)]), "sum");
     Tensor::from_gpu(y, to)
@@ -213,7 +232,7 @@ pub fn sum_to_shape(x: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
 pub fn gather_strided(x: &Tensor, shape: &[usize], strides: &[usize]) -> Tensor {
     let g = gpu_of(&[x]);
     let n: usize = shape.iter().product();
-    let s = Strided { ndim: shape.len() as i64, shape: i64s(shape, "gather"), strides: i64s(strides, "gather") };
+    let s = Strided::new(shape, strides);
     let y = out(&g, shape, "gather");
     ck(g.launch_n("gather_strided_f32", n, &[Arg::Ptr(ptr(x)), Arg::Ptr(y.ptr()), Arg::I64(n as i64), Arg::Struct(&s)]), "gather");
     Tensor::from_gpu(y, shape)

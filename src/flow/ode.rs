@@ -93,6 +93,9 @@ pub fn odeint(
     if !t0.is_finite() || !t1.is_finite() {
         bail!("odeint: non-finite time interval [{t0}, {t1}]");
     }
+    if steps == 0 && !matches!(solver, OdeSolver::Dopri5 { .. }) {
+        bail!("odeint: {} needs at least one step (steps = 0)", solver.name());
+    }
     if x0.is_cuda() {
         // the state stays on the GPU for the fixed grids; dopri5's controller runs on the host
         return match solver {
@@ -190,6 +193,12 @@ fn next_down(x: f32) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // fixed grid
 
+/// Point `k` of the uniform grid of `steps` steps over `[t0, t1]` (in f64, rounded to f32; the
+/// last point is exactly `t1`).
+fn grid_time(k: usize, steps: usize, t0: f32, t1: f32) -> f32 {
+    if k == steps { t1 } else { (t0 as f64 + k as f64 * (t1 as f64 - t0 as f64) / steps as f64) as f32 }
+}
+
 fn fixed_grid(
     f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
     x0: &Tensor,
@@ -198,13 +207,8 @@ fn fixed_grid(
     steps: usize,
     solver: &OdeSolver,
 ) -> Result<(Tensor, OdeStats)> {
-    if steps == 0 {
-        bail!("odeint: {} needs at least one step (steps = 0)", solver.name());
-    }
     let mut rhs = Rhs { f, shape: x0.shape().to_vec(), nfe: 0, sign: 1.0 };
-    let grid = |k: usize| -> f32 {
-        if k == steps { t1 } else { (t0 as f64 + k as f64 * (t1 as f64 - t0 as f64) / steps as f64) as f32 }
-    };
+    let grid = |k: usize| grid_time(k, steps, t0, t1);
     let mut y: Vec<f32> = x0.data().to_vec();
     for k in 0..steps {
         let ta = grid(k);
@@ -253,9 +257,6 @@ fn fixed_grid_gpu(
     solver: &OdeSolver,
 ) -> Result<(Tensor, OdeStats)> {
     use crate::backend::cuda::ops::{axpby, on, sum_squares};
-    if steps == 0 {
-        bail!("odeint: {} needs at least one step (steps = 0)", solver.name());
-    }
     let check = |y: &Tensor, t: f64| -> Result<()> {
         let s = sum_squares(&[y]);
         if !s.is_finite() {
@@ -282,9 +283,7 @@ fn fixed_grid_gpu(
         }
         out
     };
-    let grid = |k: usize| -> f32 {
-        if k == steps { t1 } else { (t0 as f64 + k as f64 * (t1 as f64 - t0 as f64) / steps as f64) as f32 }
-    };
+    let grid = |k: usize| grid_time(k, steps, t0, t1);
     let mut y = x0.clone();
     for k in 0..steps {
         let (ta, tb) = (grid(k), grid(k + 1));

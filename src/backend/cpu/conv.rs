@@ -5,8 +5,8 @@ use rayon::prelude::*;
 use super::gemm::{sgemm, threads_for, Mat};
 use super::winograd;
 
-/// Geometry of one conv2d call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Geometry of one conv2d call (also the key of the GPU's per-shape convolution plans).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeom {
     pub n: usize,
     pub cin: usize,

@@ -20,26 +20,6 @@ use super::ops::{add_channel_bias, ck, gemm, gpu_of, on, sum_to_shape, Operand};
 use crate::backend::cpu::conv::ConvGeom;
 use crate::tensor::Tensor;
 
-/// A convolution's shape, the key of the plan cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConvKey {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
-
-impl From<&ConvGeom> for ConvKey {
-    fn from(g: &ConvGeom) -> Self {
-        ConvKey { n: g.n, cin: g.cin, h: g.h, w: g.w, cout: g.cout, kh: g.kh, kw: g.kw, stride: g.stride, pad: g.pad }
-    }
-}
-
 /// cuDNN descriptors and chosen algorithms for one shape.
 pub struct ConvPlan {
     x: cudarc::cudnn::sys::cudnnTensorDescriptor_t,
@@ -73,7 +53,7 @@ macro_rules! pick {
     }};
 }
 
-fn plan(g: &Gpu, k: &ConvKey) -> Result<ConvPlan> {
+fn plan(g: &Gpu, k: &ConvGeom) -> Result<ConvPlan> {
     use cudarc::cudnn::sys as cd;
     let h = g.cudnn().expect("cuDNN handle");
     let (ho, wo) = ((k.h + 2 * k.pad - k.kh) / k.stride + 1, (k.w + 2 * k.pad - k.kw) / k.stride + 1);
@@ -115,7 +95,7 @@ fn plan(g: &Gpu, k: &ConvKey) -> Result<ConvPlan> {
 }
 
 /// Run `f` with the cached plan of `k` (made on first use).
-fn with_plan<R>(g: &Gpu, k: &ConvKey, f: impl FnOnce(&ConvPlan) -> Result<R>) -> Result<R> {
+fn with_plan<R>(g: &Gpu, k: &ConvGeom, f: impl FnOnce(&ConvPlan) -> Result<R>) -> Result<R> {
     let mut cache = g.conv_cache.lock().unwrap_or_else(|e| e.into_inner());
     if !cache.contains_key(k) {
         let p = plan(g, k)?;
@@ -168,10 +148,9 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvGeom) 
     let y = ck(g.alloc(shape.iter().product()), "conv2d");
     let r = (|| -> Result<()> {
         if let Some(h) = g.cudnn() {
-            let k = ConvKey::from(c);
             let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
             g.bind()?;
-            with_plan(&g, &k, |p| {
+            with_plan(&g, c, |p| {
                 let ws = g.alloc(p.fwd.1.div_ceil(4))?;
                 use cudarc::cudnn::sys as cd;
                 // SAFETY: descriptors match the buffers' shapes; the workspace is as large as asked
@@ -209,10 +188,9 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, c: &ConvGeom, need_d
     let r = (|| -> Result<()> {
         if let Some(h) = g.cudnn() {
             use cudarc::cudnn::sys as cd;
-            let k = ConvKey::from(c);
             let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
             g.bind()?;
-            with_plan(&g, &k, |p| {
+            with_plan(&g, c, |p| {
                 let ws = g.alloc(p.bwd_filter.1.max(p.bwd_data.1).div_ceil(4))?;
                 // SAFETY: as in the forward
                 unsafe {

@@ -90,7 +90,7 @@ pub struct Gpu {
     cudnn: Option<Handle<cudarc::cudnn::sys::cudnnHandle_t>>,
     /// serialises the library calls that share handles and workspaces
     pub(crate) exec: Mutex<()>,
-    pub(crate) conv_cache: Mutex<HashMap<super::conv::ConvKey, super::conv::ConvPlan>>,
+    pub(crate) conv_cache: Mutex<HashMap<crate::backend::cpu::conv::ConvGeom, super::conv::ConvPlan>>,
     /// fill every new buffer with NaN (tests: an output element a kernel forgets stays NaN)
     poison: AtomicBool,
 }

@@ -69,6 +69,9 @@ fn check_tol(name: &str, inputs: &[Tensor], fwd_tol: f64, grad_tol: f64, f: impl
     let seed = rnd(vc.shape(), &mut rng);
     let gc = yc.backward_with(seed.clone());
     let gg = yg.backward_with(gpu_t(&seed));
+    for (i, (t, g)) in inputs.iter().zip(&gv).enumerate() {
+        assert_eq!(g.value().to_vec(), t.data(), "{name}: input {i} was modified on the GPU");
+    }
     for (i, (c, g)) in cv.iter().zip(&gv).enumerate() {
         match (gc.get(c), gg.get(g)) {
             (Some(a), Some(b)) => {
@@ -158,7 +161,10 @@ fn gemm_ops() {
     check("matmul 33x47x29", &[rnd(&[33, 47], &mut r), rnd(&[47, 29], &mut r)], |v| ops::matmul(&v[0], &v[1]));
     let (x, w, b) = (rnd(&[17, 130], &mut r), rnd(&[65, 130], &mut r), rnd(&[65], &mut r));
     check("linear with bias", &[x.clone(), w.clone(), b], |v| ops::linear(&v[0], &v[1], Some(&v[2])));
-    check("linear without bias", &[x, w], |v| ops::linear(&v[0], &v[1], None));
+    check("linear without bias", &[x.clone(), w.clone()], |v| ops::linear(&v[0], &v[1], None));
+    // one row: the broadcast bias must be a copy, not the parameter itself
+    let (x1, b1) = (rnd(&[1, 130], &mut r), rnd(&[65], &mut r));
+    check("linear with bias, 1 row", &[x1, w, b1], |v| ops::linear(&v[0], &v[1], Some(&v[2])));
 }
 
 #[test]

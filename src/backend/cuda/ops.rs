@@ -559,7 +559,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     let (x, w) = (on(&g, x), on(&g, w));
     let (n, i, o) = (x.shape()[0], x.shape()[1], w.shape()[0]);
     let (y, beta) = match b {
-        Some(b) => (broadcast_to(&on(&g, b), &[1, o], &[n, o]), 1.0),
+        // a fresh buffer even for n = 1 (broadcast_to would share the bias, which the GEMM
+        // then accumulates into)
+        Some(b) => (gather_strided(&on(&g, b), &[n, o], &broadcast_strides(&[1, o], &[n, o])), 1.0),
         None => (Tensor::from_gpu(out(&g, &[n, o], "linear"), &[n, o]), 0.0),
     };
     ck(gemm(&g, n, o, i, Operand::n(&x), Operand::t(&w), ptr(&y), 0, 1.0, beta, 1), "linear");

@@ -1,0 +1,82 @@
+// CUDA-on-CPU shim for tests/kernels_on_cpu.rs: the kernels of kernels/*.cu compiled by the host
+// C++ compiler (`-include shim.h -x c++ kernels/X.cu runner.cpp`) and run with one OS thread per
+// GPU thread. Only what those kernels use is defined.
+//
+// - `__global__`/`__device__` vanish and `extern "C"` kernels become plain exported C functions.
+// - `threadIdx` and `blockIdx` are thread-local (each OS thread is one GPU thread, and walks the
+//   blocks of the grid one after another, see runner.cpp); `blockDim`/`gridDim` are per launch.
+// - `__shared__` is `static`: one copy per kernel, shared by the block's threads. Blocks run one
+//   after another (a barrier separates them), so that copy is never used by two blocks at once.
+//   Launches of one library must not overlap (the Rust side holds a lock per library).
+// - `__syncthreads()` is a barrier over the block's threads (mutex + condition variable, which
+//   also orders the memory accesses around it).
+// - `__fmul_rn` and friends are the plain IEEE operations: the library is compiled with
+//   `-ffp-contract=off`, so nothing is contracted into an FMA (NVRTC runs with --fmad=true; the
+//   kernels use the _rn intrinsics exactly where that matters). `__expf` is libm's `expf` (the
+//   GPU's is an approximation of a few ulp: not reproduced here).
+#pragma once
+
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+#include <mutex>
+
+struct shim_dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+
+inline thread_local shim_dim3 threadIdx;
+inline thread_local shim_dim3 blockIdx;
+inline shim_dim3 blockDim;
+inline shim_dim3 gridDim;
+
+class shim_barrier {
+    std::mutex m_;
+    std::condition_variable cv_;
+    unsigned n_;
+    unsigned count_ = 0;
+    unsigned long long gen_ = 0;
+
+public:
+    explicit shim_barrier(unsigned n) : n_(n) {}
+    void wait() {
+        std::unique_lock<std::mutex> lock(m_);
+        const unsigned long long gen = gen_;
+        if (++count_ == n_) {
+            count_ = 0;
+            ++gen_;
+            cv_.notify_all();
+        } else {
+            cv_.wait(lock, [&] { return gen_ != gen; });
+        }
+    }
+};
+
+// The barrier of the running launch (set by shim_launch).
+inline shim_barrier* shim_block_barrier = nullptr;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+
+inline void __syncthreads() { shim_block_barrier->wait(); }
+
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __expf(float x) { return expf(x); }
+inline float __int_as_float(int v) {
+    float f;
+    std::memcpy(&f, &v, sizeof f);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int v;
+    std::memcpy(&v, &f, sizeof v);
+    return v;
+}

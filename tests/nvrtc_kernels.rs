@@ -43,3 +43,29 @@ fn ptxas_report_parsing() {
     assert_eq!((u[0].name.as_str(), u[0].registers, u[0].spill_stores, u[0].spill_loads), ("adam_step_f32", 18, 4, 12));
     assert_eq!((u[1].name.as_str(), u[1].registers), ("axpy_f32", 10));
 }
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_by_source_and_architecture() {
+    use orwcfm_fast::backend::cuda::nvrtc::{cache_path, compile_cached_in, kernel_names};
+    if !orwcfm_fast::backend::cuda::libraries().nvrtc {
+        eprintln!("SKIPPED: NVRTC not found");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("orwcfm-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (name, src) = KERNEL_SOURCES[0];
+    let (first, cached) = compile_cached_in(Some(&dir), name, src, "sm_90").unwrap();
+    assert!(!cached, "an empty cache served a kernel");
+    assert!(cache_path(&dir, name, src, "sm_90").is_file(), "nothing was written to the cache");
+    let (second, cached) = compile_cached_in(Some(&dir), name, src, "sm_90").unwrap();
+    assert!(cached, "the second compile did not come from the cache");
+    assert_eq!(first, second);
+    // another architecture or an edited source is another entry
+    assert_ne!(cache_path(&dir, name, src, "sm_90"), cache_path(&dir, name, src, "sm_80"));
+    let edited = format!("{src}\n// edited\n");
+    assert_ne!(cache_path(&dir, name, src, "sm_90"), cache_path(&dir, name, &edited, "sm_90"));
+    let (_, cached) = compile_cached_in(Some(&dir), name, &edited, "sm_90").unwrap();
+    assert!(!cached, "an edited source was served from the cache");
+    assert!(kernel_names(src).contains(&"adam_step_f32".to_string()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

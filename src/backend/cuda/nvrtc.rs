@@ -158,7 +158,12 @@ pub fn cache_path(dir: &std::path::Path, name: &str, src: &str, arch: &str) -> P
 /// A CUBIN for `arch`, from the disk cache or compiled (and then cached). Returns whether it
 /// came from the cache. A cache that cannot be written is not an error.
 pub fn compile_cached(name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, bool)> {
-    let path = cache_dir().map(|d| cache_path(&d, name, src, arch));
+    compile_cached_in(cache_dir().as_deref(), name, src, arch)
+}
+
+/// [`compile_cached`] with the cache in `dir` (none: compile every time).
+pub fn compile_cached_in(dir: Option<&std::path::Path>, name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, bool)> {
+    let path = dir.map(|d| cache_path(d, name, src, arch));
     if let Some(p) = &path
         && let Ok(bytes) = std::fs::read(p)
         && bytes.len() > 4

@@ -27,10 +27,15 @@ struct shim_dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
 
-inline thread_local shim_dim3 threadIdx;
-inline thread_local shim_dim3 blockIdx;
-inline shim_dim3 blockDim;
-inline shim_dim3 gridDim;
+// Hidden: C++17 inline variables are otherwise exported as STB_GNU_UNIQUE symbols, which the
+// dynamic linker unifies across every library of the process, RTLD_LOCAL or not, so two kernel
+// libraries launched at once would share them.
+#define SHIM_LOCAL __attribute__((visibility("hidden")))
+
+SHIM_LOCAL inline thread_local shim_dim3 threadIdx;
+SHIM_LOCAL inline thread_local shim_dim3 blockIdx;
+SHIM_LOCAL inline shim_dim3 blockDim;
+SHIM_LOCAL inline shim_dim3 gridDim;
 
 class shim_barrier {
     std::mutex m_;
@@ -55,7 +60,7 @@ public:
 };
 
 // The barrier of the running launch (set by shim_launch).
-inline shim_barrier* shim_block_barrier = nullptr;
+SHIM_LOCAL inline shim_barrier* shim_block_barrier = nullptr;
 
 #define __global__
 #define __device__

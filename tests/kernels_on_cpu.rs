@@ -1,0 +1,1051 @@
+//! The CUDA kernels of `kernels/*.cu`, run on the CPU, against the Rust CPU backend.
+//!
+//! No GPU is needed: each `.cu` file is compiled at run time by the system C++ compiler (`$CXX`,
+//! else `c++`) together with a small CUDA shim (`tests/kernel_shim/`: `__global__`, `threadIdx`,
+//! `__syncthreads()` as a barrier, `__shared__` as static storage, `__half`, the `_rn`
+//! intrinsics) into a shared library, which is loaded with `libloading`. A launch of `grid`
+//! blocks of `block` threads runs `block` OS threads, each walking the blocks in order (see
+//! `tests/kernel_shim/runner.cpp`), so block-level reductions, barriers and grid-stride loops
+//! all execute as written. Device pointers are host pointers here.
+//!
+//! Every kernel is called with the arguments its host wrapper in `src/backend/cuda/ops.rs` /
+//! `conv.rs` passes (argument order, op codes, the geometry structs `BinGeom`, `ReduceGeom` and
+//! `Strided` built by the crate's own constructors, so the Rust and C layouts are checked too),
+//! on fresh random inputs whose sizes are not multiples of the block size, under three launch
+//! shapes: grid 3 × block 32, grid 1 × block 64, and the one the host wrapper would use (block
+//! 256). Each result is compared with the Rust CPU twin named in the kernel's comments:
+//! relative error (`util::rel_err`) ≤ 1e-6 where the kernel is meant to round like the CPU,
+//! ≤ 1e-5 where it is not (libm `expf` vs the CPU's polynomial `exp_f32`, double vs f32 sums);
+//! outputs start as NaN, so an element left unwritten fails.
+//!
+//! Every `__global__` kernel of every `.cu` file must be launched by the test of its file
+//! ([`TESTED`], checked against the sources): a new kernel without a CPU check fails here.
+//!
+//! Without a C++ compiler the tests print `SKIPPED: no C++ compiler` and pass, unless
+//! `ORWCFM_REQUIRE_SHIM=1`. `ORWCFM_KERNEL_DIR` points the tests at another copy of the kernels
+//! (default: `kernels/` of this crate), e.g. a deliberately broken one to see them fail.
+//!
+//! What this cannot see: the GPU's own arithmetic (its `__expf`/`expf`/`cosf` approximations,
+//! FMA contraction under `--fmad=true`), memory-model races beyond `__syncthreads()`, and
+//! NVRTC-only compile errors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use half::f16;
+use libloading::Library;
+use orwcfm_fast::autograd::{ops, Var};
+use orwcfm_fast::backend::cpu::conv::{conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward, ConvGeom};
+use orwcfm_fast::backend::cpu::{elementwise as ew, norm, simd};
+use orwcfm_fast::backend::cuda::ops::{BinGeom, ReduceGeom, Strided};
+use orwcfm_fast::optim::{ema_update, grad_norm, Adam};
+use orwcfm_fast::rng::Rng;
+use orwcfm_fast::tensor::{contiguous_strides, Tensor};
+use orwcfm_fast::util::rel_err;
+
+/// The kernels of each `.cu` file; each file's test below launches every one of them.
+const TESTED: &[(&str, &[&str])] = &[
+    (
+        "elementwise.cu",
+        &[
+            "silu_forward_f32",
+            "silu_backward_f32",
+            "silu_forward_f16",
+            "axpy_f32",
+            "adam_step_f32",
+            "orw_loss_rows_f32",
+            "fill_f32",
+            "axpby_f32",
+            "unary_f32",
+            "unary_backward_f32",
+            "binary_f32",
+            "binary_same_f32",
+        ],
+    ),
+    ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
+    (
+        "shape.cu",
+        &[
+            "gather_strided_f32",
+            "copy_slab_f32",
+            "upsample2x_f32",
+            "upsample2x_backward_f32",
+            "avgpool2x_f32",
+            "avgpool2x_backward_f32",
+            "embedding_forward_f32",
+            "embedding_backward_f32",
+            "timestep_embedding_f32",
+            "timestep_embedding_backward_f32",
+            "add_channel_bias_f32",
+        ],
+    ),
+    ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
+    ("conv.cu", &["im2col_f32", "col2im_f32"]),
+];
+
+/// Where the kernels should round like the CPU twin.
+const EXACT: f64 = 1e-6;
+/// Where they legitimately differ by rounding (other `exp`, other summation order/precision).
+const APPROX: f64 = 1e-5;
+
+type P = *const f32;
+type M = *mut f32;
+type I = i64;
+
+// ---------------------------------------------------------------- the shim
+
+fn kernel_dir() -> PathBuf {
+    match std::env::var_os("ORWCFM_KERNEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels"),
+    }
+}
+
+fn shim_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("kernel_shim")
+}
+
+/// The C++ compiler, if one runs.
+fn cxx() -> Option<String> {
+    let c = std::env::var("CXX").ok().filter(|c| !c.trim().is_empty()).unwrap_or_else(|| "c++".into());
+    let ok = Command::new(&c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    ok.then_some(c)
+}
+
+fn require_shim() -> bool {
+    std::env::var("ORWCFM_REQUIRE_SHIM").is_ok_and(|v| v == "1")
+}
+
+type LaunchFn = unsafe extern "C" fn(i32, i32, extern "C" fn(*mut c_void), *mut c_void);
+
+/// One `.cu` file compiled with the shim and loaded.
+struct Lib {
+    file: &'static str,
+    lib: Library,
+    launch_fn: LaunchFn,
+    /// Kernels fetched so far; the lock also keeps launches of this library apart (the shim's
+    /// `__shared__` memory and launch dimensions are per library).
+    launched: Mutex<BTreeSet<String>>,
+}
+
+/// `Fn() + Sync` behind a thin pointer, for the C side.
+extern "C" fn call_body(ctx: *mut c_void) {
+    // SAFETY: `ctx` is the `&&dyn Fn` that `Lib::launch` passes, alive for the whole launch
+    let f = unsafe { &*(ctx as *const &(dyn Fn() + Sync)) };
+    f();
+}
+
+impl Lib {
+    /// Compile and load `file`, or `None` (after saying so) when there is no C++ compiler.
+    fn load(file: &'static str) -> Option<Lib> {
+        let Some(cc) = cxx() else {
+            assert!(!require_shim(), "ORWCFM_REQUIRE_SHIM=1 but no C++ compiler runs ($CXX or c++)");
+            println!("SKIPPED: no C++ compiler");
+            return None;
+        };
+        let src = kernel_dir().join(file);
+        let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel_shim");
+        std::fs::create_dir_all(&out_dir).expect("create the shim's output folder");
+        let so = out_dir.join(format!("{}-{}.so", file.trim_end_matches(".cu"), std::process::id()));
+        let shim = shim_dir();
+        let t0 = std::time::Instant::now();
+        let out = Command::new(&cc)
+            .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-w"])
+            .arg("-I")
+            .arg(&shim)
+            .args(["-include", "shim.h", "-x", "c++"])
+            .arg(&src)
+            .arg(shim.join("runner.cpp"))
+            .arg("-o")
+            .arg(&so)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cc}: {e}"));
+        assert!(out.status.success(), "{cc} could not compile {} with the CUDA shim:\n{}", src.display(), String::from_utf8_lossy(&out.stderr));
+        // SAFETY: a library we just built from the kernel sources and the shim (no constructors
+        // beyond the C++ runtime's)
+        let lib = unsafe { Library::new(&so) }.unwrap_or_else(|e| panic!("loading {}: {e}", so.display()));
+        let _ = std::fs::remove_file(&so); // stays mapped
+        // SAFETY: runner.cpp defines shim_launch with exactly this signature
+        let launch_fn: LaunchFn = unsafe { *lib.get::<LaunchFn>("shim_launch").expect("shim_launch in the library") };
+        println!("compiled {} with {cc} in {:.1} s", src.display(), t0.elapsed().as_secs_f64());
+        Some(Lib { file, lib, launch_fn, launched: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// The kernel `name`, typed `F` (an `unsafe extern "C" fn` with the kernel's exact signature).
+    fn k<F: Copy>(&self, name: &str) -> F {
+        assert_eq!(size_of::<F>(), size_of::<usize>(), "{name}: F must be a function pointer");
+        self.launched.lock().unwrap().insert(name.to_string());
+        // SAFETY: F is the kernel's C signature (written next to each use, from the .cu source)
+        unsafe { *self.lib.get::<F>(name).unwrap_or_else(|e| panic!("{}: no kernel {name}: {e}", self.file)) }
+    }
+
+    /// Run `f` (which calls one kernel) as a launch of `grid` blocks of `block` threads.
+    fn launch(&self, (grid, block): (u32, u32), f: &(dyn Fn() + Sync)) {
+        let _serial = self.launched.lock().unwrap();
+        let r: &(dyn Fn() + Sync) = f;
+        // SAFETY: shim_launch calls `call_body(&r)` grid × block times and returns after all
+        // threads joined; the kernel arguments captured by `f` are live buffers of the sizes passed
+        unsafe { (self.launch_fn)(grid as i32, block as i32, call_body, &r as *const &(dyn Fn() + Sync) as *mut c_void) };
+    }
+}
+
+/// Launch shapes of an element-wise (grid-stride) kernel over `n` items: two small ones and the
+/// one `Gpu::launch_n` uses.
+fn shapes_n(n: usize) -> [(u32, u32); 3] {
+    [(3, 32), (1, 64), (n.div_ceil(256).clamp(1, 65_535) as u32, 256)]
+}
+
+/// Launch shapes of a block-per-row kernel: two small ones and the one `Gpu::launch_rows` uses.
+fn shapes_rows(rows: usize) -> [(u32, u32); 3] {
+    [(3, 32), (1, 64), (rows.clamp(1, 65_535) as u32, 256)]
+}
+
+fn addr<T>(v: &[T]) -> usize {
+    v.as_ptr() as usize
+}
+fn addr_mut<T>(v: &mut [T]) -> usize {
+    v.as_mut_ptr() as usize
+}
+fn nan(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
+}
+fn scaled(v: Vec<f32>, s: f32) -> Vec<f32> {
+    v.into_iter().map(|x| x * s).collect()
+}
+fn t(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape)
+}
+fn cst(v: &[f32], shape: &[usize]) -> Var {
+    Var::constant(t(v, shape))
+}
+fn numel(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+// ---------------------------------------------------------------- comparisons
+
+/// The comparisons of one file's test: every failure is collected, the worst error per kernel
+/// reported, and the file's kernels all required to have been launched.
+struct Checks {
+    file: &'static str,
+    worst: BTreeMap<String, (f64, f64, usize)>,
+    failures: Vec<String>,
+}
+
+impl Checks {
+    fn new(file: &'static str) -> Checks {
+        Checks { file, worst: BTreeMap::new(), failures: Vec::new() }
+    }
+
+    fn record(&mut self, kernel: &str, case: &str, err: f64, tol: f64, problem: Option<String>) {
+        let e = if err.is_nan() { f64::INFINITY } else { err };
+        let w = self.worst.entry(kernel.to_string()).or_insert((0.0, tol, 0));
+        w.0 = w.0.max(e);
+        w.1 = w.1.max(tol);
+        w.2 += 1;
+        if let Some(p) = problem {
+            let msg = format!("{kernel} [{case}]: {p}");
+            eprintln!("FAIL {msg}");
+            self.failures.push(msg);
+        }
+    }
+
+    /// `got` against `want`: same length, no element left NaN where `want` is a number, and
+    /// `rel_err ≤ tol`.
+    fn f32s(&mut self, kernel: &str, case: &str, got: &[f32], want: &[f32], tol: f64) {
+        if got.len() != want.len() {
+            self.record(kernel, case, f64::INFINITY, tol, Some(format!("{} values, want {}", got.len(), want.len())));
+            return;
+        }
+        let unwritten: Vec<usize> = (0..got.len()).filter(|&i| got[i].is_nan() && !want[i].is_nan()).collect();
+        let e = rel_err(got, want);
+        let problem = if !unwritten.is_empty() {
+            Some(format!("{} of {} elements not written (NaN), first at {}", unwritten.len(), got.len(), unwritten[0]))
+        } else if e.is_nan() || e > tol {
+            let (i, _) = (0..got.len()).map(|i| (i, (got[i] as f64 - want[i] as f64).abs())).fold((0, -1.0), |a, b| if b.1 > a.1 { b } else { a });
+            Some(format!("rel err {e:.3e} > {tol:.0e}; largest difference at {i}: got {} want {} (n = {})", got[i], want[i], got.len()))
+        } else {
+            None
+        };
+        self.record(kernel, case, e, tol, problem);
+    }
+
+    /// One f64 value against another, relatively.
+    fn f64s(&mut self, kernel: &str, case: &str, got: f64, want: f64, tol: f64) {
+        let e = (got - want).abs() / want.abs().max(1e-300);
+        let problem = (e.is_nan() || e > tol).then(|| format!("got {got:e} want {want:e}, rel err {e:.3e} > {tol:.0e}"));
+        self.record(kernel, case, e, tol, problem);
+    }
+
+    /// Prints the table; fails on any failure or on a kernel of the file that was not launched.
+    fn finish(mut self, lib: &Lib) {
+        let have = parse_kernels(&std::fs::read_to_string(kernel_dir().join(self.file)).expect("read the kernel file"));
+        let launched = lib.launched.lock().unwrap().clone();
+        for k in have.difference(&launched) {
+            self.failures.push(format!("kernel {k} of {} has no CPU-shim check (add it to tests/kernels_on_cpu.rs)", self.file));
+        }
+        println!("{}: kernel, worst rel err, tolerance, checks", self.file);
+        for (k, (e, tol, n)) in &self.worst {
+            println!("  {k:34} {e:10.3e}  {tol:.0e}  {n}");
+        }
+        assert!(self.failures.is_empty(), "{}: {} failed check(s):\n  {}", self.file, self.failures.len(), self.failures.join("\n  "));
+    }
+}
+
+/// Names of the `__global__` functions of a CUDA source (comments ignored).
+fn parse_kernels(src: &str) -> BTreeSet<String> {
+    let code: String = src.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let mut out = BTreeSet::new();
+    for piece in code.split("__global__").skip(1) {
+        let rest = piece.trim_start();
+        let rest = rest.strip_prefix("void").unwrap_or_else(|| panic!("a __global__ function that does not return void: {}", &rest[..rest.len().min(60)]));
+        let name: String = rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        assert!(!name.is_empty(), "unparsable __global__ declaration");
+        out.insert(name);
+    }
+    out
+}
+
+#[test]
+fn every_kernel_has_a_cpu_shim_check() {
+    let dir = kernel_dir();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".cu"))
+        .collect();
+    files.sort();
+    let listed: BTreeMap<&str, BTreeSet<String>> = TESTED.iter().map(|(f, ks)| (*f, ks.iter().map(|k| k.to_string()).collect())).collect();
+    let mut problems = Vec::new();
+    for f in &files {
+        let have = parse_kernels(&std::fs::read_to_string(dir.join(f)).unwrap());
+        match listed.get(f.as_str()) {
+            None => problems.push(format!("{f} ({} kernels) has no test in tests/kernels_on_cpu.rs", have.len())),
+            Some(want) => {
+                for k in have.difference(want) {
+                    problems.push(format!("{f}: kernel {k} has no CPU-shim check"));
+                }
+                for k in want.difference(&have) {
+                    problems.push(format!("{f}: kernel {k} is listed but not in the source"));
+                }
+            }
+        }
+    }
+    for f in listed.keys() {
+        if !files.iter().any(|x| x == f) {
+            problems.push(format!("{f} is listed but is not in {}", dir.display()));
+        }
+    }
+    let total: usize = listed.values().map(|s| s.len()).sum();
+    assert!(problems.is_empty(), "kernels without CPU-shim checks:\n  {}", problems.join("\n  "));
+    println!("{} kernels in {} files, all covered", total, files.len());
+}
+
+// ---------------------------------------------------------------- elementwise.cu
+
+#[test]
+fn elementwise_kernels_match_the_cpu_backend() {
+    let Some(lib) = Lib::load("elementwise.cu") else { return };
+    let mut c = Checks::new("elementwise.cu");
+    let mut r = Rng::new(0x5eed_0001);
+    let n = 1000usize;
+
+    // silu_forward_f32 (simd::silu)
+    {
+        let k: unsafe extern "C" fn(P, M, I) = lib.k("silu_forward_f32");
+        let x = scaled(r.normal_vec(n), 4.0);
+        let mut want = vec![0.0; n];
+        simd::silu(&x, &mut want);
+        for sh in shapes_n(n) {
+            let mut y = nan(n);
+            let (xp, yp) = (addr(&x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as P, yp as M, n as I) });
+            c.f32s("silu_forward_f32", &format!("{sh:?}"), &y, &want, APPROX);
+        }
+    }
+    // silu_backward_f32 (simd::silu_backward)
+    {
+        let k: unsafe extern "C" fn(P, P, M, I) = lib.k("silu_backward_f32");
+        let x = scaled(r.normal_vec(n), 4.0);
+        let gy = r.normal_vec(n);
+        let mut want = vec![0.0; n];
+        simd::silu_backward(&x, &gy, &mut want);
+        for sh in shapes_n(n) {
+            let mut gx = nan(n);
+            let (xp, gp, op) = (addr(&x), addr(&gy), addr_mut(&mut gx));
+            lib.launch(sh, &|| unsafe { k(xp as P, gp as P, op as M, n as I) });
+            c.f32s("silu_backward_f32", &format!("{sh:?}"), &gx, &want, APPROX);
+        }
+    }
+    // silu_forward_f16: f16 storage, f32 arithmetic (the `half` crate's conversions, simd::silu).
+    // Tolerance: one f16 ulp per element (the f32 values differ by an ulp of exp, which can move
+    // a value across an f16 rounding boundary).
+    {
+        let k: unsafe extern "C" fn(*const u16, *mut u16, I) = lib.k("silu_forward_f16");
+        let mut xs = scaled(r.normal_vec(n), 5.0);
+        xs[..6].copy_from_slice(&[0.0, -0.0, 1e-6, -18.0, 15.0, 6.0e-5]); // zero, subnormal in/out
+        let x: Vec<f16> = xs.iter().map(|&v| f16::from_f32(v)).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let mut yf = vec![0.0; n];
+        simd::silu(&xf, &mut yf);
+        let want: Vec<f16> = yf.iter().map(|&v| f16::from_f32(v)).collect();
+        let xb: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();
+        for sh in shapes_n(n) {
+            let mut y = vec![f16::NAN.to_bits(); n];
+            let (xp, yp) = (addr(&xb), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as *const u16, yp as *mut u16, n as I) });
+            let got: Vec<f32> = y.iter().map(|&b| f16::from_bits(b).to_f32()).collect();
+            let wantf: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
+            let ulps = |a: u16, b: u16| {
+                let key = |v: u16| if v & 0x8000 != 0 { -((v & 0x7fff) as i32) } else { v as i32 };
+                (key(a) - key(b)).abs()
+            };
+            let worst_ulp = y.iter().zip(&want).map(|(&a, b)| if f16::from_bits(a).is_nan() { i32::MAX } else { ulps(a, b.to_bits()) }).max().unwrap();
+            let differing = y.iter().zip(&want).filter(|(a, b)| **a != b.to_bits()).count();
+            let e = rel_err(&got, &wantf);
+            let problem = (worst_ulp > 1).then(|| format!("an element {worst_ulp} f16 ulps off (rel err {e:.3e})"));
+            c.record("silu_forward_f16", &format!("{sh:?}, {differing} elements 1 ulp off"), e, 1e-3, problem);
+        }
+    }
+    // axpy_f32: y += a x (the Euler step `y + dt k` of flow/ode.rs)
+    {
+        let k: unsafe extern "C" fn(f32, P, M, I) = lib.k("axpy_f32");
+        let (x, y0, a) = (r.normal_vec(n), r.normal_vec(n), 0.0371f32);
+        let want: Vec<f32> = y0.iter().zip(&x).map(|(&y, &v)| y + a * v).collect();
+        for sh in shapes_n(n) {
+            let mut y = y0.clone();
+            let (xp, yp) = (addr(&x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(a, xp as P, yp as M, n as I) });
+            c.f32s("axpy_f32", &format!("{sh:?}"), &y, &want, EXACT);
+        }
+    }
+    // adam_step_f32: three steps of optim::Adam (with and without weight decay), the scalars
+    // computed as Adam::step computes them for the GPU
+    {
+        let k: unsafe extern "C" fn(M, P, M, M, I, f32, f32, f32, f32, f32, f32) = lib.k("adam_step_f32");
+        for wd in [0.0f32, 0.01] {
+            let p0 = r.normal_vec(n);
+            let grads: Vec<Vec<f32>> = (0..3).map(|_| r.normal_vec(n)).collect();
+            let lrs = [1e-3f32, 2e-3, 5e-4];
+            let mut adam = Adam::new(1e-3);
+            adam.weight_decay = wd;
+            let mut params = vec![t(&p0, &[n])];
+            for (g, &lr) in grads.iter().zip(&lrs) {
+                adam.step(&mut params, &[t(g, &[n])], lr);
+            }
+            let (wp, wm, wv) = (params[0].to_vec(), adam.exp_avg[0].to_vec(), adam.exp_avg_sq[0].to_vec());
+            for sh in shapes_n(n) {
+                let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+                for (step, (g, &lr)) in grads.iter().zip(&lrs).enumerate() {
+                    let step = step as i32 + 1;
+                    let (b1, b2, eps) = (adam.beta1, adam.beta2, adam.eps);
+                    let bc1 = 1.0 - (b1 as f64).powi(step);
+                    let bc2_sqrt = (1.0 - (b2 as f64).powi(step)).sqrt() as f32;
+                    let step_size = (lr as f64 / bc1) as f32;
+                    let (pp, gp, mp, vp) = (addr_mut(&mut p), addr(g), addr_mut(&mut m), addr_mut(&mut v));
+                    lib.launch(sh, &|| unsafe { k(pp as M, gp as P, mp as M, vp as M, n as I, step_size, b1, b2, eps, bc2_sqrt, wd) });
+                }
+                let case = format!("wd {wd}, {sh:?}");
+                c.f32s("adam_step_f32", &format!("p, {case}"), &p, &wp, EXACT);
+                c.f32s("adam_step_f32", &format!("m, {case}"), &m, &wm, EXACT);
+                c.f32s("adam_step_f32", &format!("v, {case}"), &v, &wv, EXACT);
+            }
+        }
+    }
+    // orw_loss_rows_f32: block per sample row (grid-stride over rows); the per-sample terms of
+    // orw/loss.rs built from the same autograd ops: w · mean_pix (v − u)², mean_pix (v − v_ref)²
+    {
+        let k: unsafe extern "C" fn(P, P, P, P, M, M, i32, i32) = lib.k("orw_loss_rows_f32");
+        let (rows, per) = (6usize, 3 * 7 * 5);
+        let (v, u, vref) = (r.normal_vec(rows * per), r.normal_vec(rows * per), r.normal_vec(rows * per));
+        let w = r.uniform_vec(rows, 0.1, 3.0);
+        let (vv, uu, rr, ww) = (cst(&v, &[rows, per]), cst(&u, &[rows, per]), cst(&vref, &[rows, per]), cst(&w, &[rows]));
+        let want_fm = ops::mul(&ops::mean_axes(&ops::square(&ops::sub(&vv, &uu)), &[1], false), &ww).value().to_vec();
+        let want_w2 = ops::mean_axes(&ops::square(&ops::sub(&vv, &rr)), &[1], false).value().to_vec();
+        for (grid, block) in [(rows as u32, 32u32), (4, 64), (1, 256)] {
+            let (mut fm, mut w2) = (nan(rows), nan(rows));
+            let (vp, up, rp, wp, fp, qp) = (addr(&v), addr(&u), addr(&vref), addr(&w), addr_mut(&mut fm), addr_mut(&mut w2));
+            lib.launch((grid, block), &|| unsafe { k(vp as P, up as P, rp as P, wp as P, fp as M, qp as M, per as i32, rows as i32) });
+            c.f32s("orw_loss_rows_f32", &format!("fm_rows, grid {grid} block {block}"), &fm, &want_fm, APPROX);
+            c.f32s("orw_loss_rows_f32", &format!("w2_rows, grid {grid} block {block}"), &w2, &want_w2, APPROX);
+        }
+    }
+    // fill_f32 (Tensor::full; ops::full and narrow_backward's zeros)
+    {
+        let k: unsafe extern "C" fn(M, f32, I) = lib.k("fill_f32");
+        for v in [0.0f32, -2.5] {
+            let want = Tensor::full(&[n], v).to_vec();
+            for sh in shapes_n(n) {
+                let mut y = nan(n);
+                let yp = addr_mut(&mut y);
+                lib.launch(sh, &|| unsafe { k(yp as M, v, n as I) });
+                c.f32s("fill_f32", &format!("{v}, {sh:?}"), &y, &want, EXACT);
+            }
+        }
+    }
+    // axpby_f32: optim::ema_update (a = 1 − decay, b = decay) and the gradient accumulation of
+    // Var::backward_with (a = b = 1; CPU: elementwise::add_assign)
+    {
+        let k: unsafe extern "C" fn(f32, P, f32, M, I) = lib.k("axpby_f32");
+        let (src, y0) = (r.normal_vec(n), r.normal_vec(n));
+        let decay = 0.9999f32;
+        let mut target = vec![t(&y0, &[n])];
+        ema_update(&mut target, &[t(&src, &[n])], decay);
+        let want_ema = target[0].to_vec();
+        let mut want_acc = y0.clone();
+        ew::add_assign(&mut want_acc, &src);
+        for sh in shapes_n(n) {
+            for (case, a, b, want) in [("ema", 1.0 - decay, decay, &want_ema), ("accumulate", 1.0, 1.0, &want_acc)] {
+                let mut y = y0.clone();
+                let (xp, yp) = (addr(&src), addr_mut(&mut y));
+                lib.launch(sh, &|| unsafe { k(a, xp as P, b, yp as M, n as I) });
+                c.f32s("axpby_f32", &format!("{case}, {sh:?}"), &y, want, EXACT);
+            }
+        }
+    }
+    // unary_f32 / unary_backward_f32, op codes as backend::cuda::ops::Un, against the autograd
+    // ops on the CPU (forward values, and gradients through Var::backward_with)
+    {
+        let kf: unsafe extern "C" fn(I, f32, P, M, I) = lib.k("unary_f32");
+        let kb: unsafe extern "C" fn(I, P, P, P, M, I) = lib.k("unary_backward_f32");
+        let x = scaled(r.normal_vec(n), 3.0);
+        let g = r.normal_vec(n);
+        let s = 0.7f32;
+        for op in 0..8i64 {
+            let xv = Var::param(t(&x, &[n]));
+            let y = match op {
+                0 => ops::add_scalar(&xv, s),
+                1 => ops::mul_scalar(&xv, s),
+                2 => ops::exp(&xv),
+                3 => ops::relu(&xv),
+                4 => ops::square(&xv),
+                5 => ops::silu(&xv),
+                6 => ops::sigmoid(&xv),
+                // Neg is launched for sub's gradient of b: −g
+                _ => ops::sub(&cst(&vec![0.0; n], &[n]), &xv),
+            };
+            let want = if op == 7 { y.backward_with(t(&x, &[n])).get(&xv).unwrap().to_vec() } else { y.value().to_vec() };
+            let sc = if op <= 1 { s } else { 0.0 };
+            let tol = if op == 5 || op == 6 { APPROX } else { EXACT };
+            for sh in shapes_n(n) {
+                let mut out = nan(n);
+                let (xp, op_) = (addr(&x), addr_mut(&mut out));
+                lib.launch(sh, &|| unsafe { kf(op, sc, xp as P, op_ as M, n as I) });
+                c.f32s("unary_f32", &format!("op {op}, {sh:?}"), &out, &want, tol);
+            }
+            // the host launches unary_backward for AddScalar's grad (identity), Exp, Relu,
+            // Square (through ops::unary), Silu and Sigmoid; Neg (7) is checked too
+            if [0, 2, 3, 4, 5, 6, 7].contains(&op) {
+                let want_g = y.backward_with(t(&g, &[n])).get(&xv).unwrap().to_vec();
+                let yv = y.value().to_vec();
+                let tol = if op == 5 { APPROX } else { EXACT };
+                for sh in shapes_n(n) {
+                    let mut dx = nan(n);
+                    let (gp, xp, yp, dp) = (addr(&g), addr(&x), addr(&yv), addr_mut(&mut dx));
+                    lib.launch(sh, &|| unsafe { kb(op, gp as P, xp as P, yp as P, dp as M, n as I) });
+                    c.f32s("unary_backward_f32", &format!("op {op}, {sh:?}"), &dx, &want_g, tol);
+                }
+            }
+        }
+    }
+    // binary_f32 (broadcasting, BinGeom::new) and binary_same_f32, op codes as ops::Bin, against
+    // ops::{add, sub, mul, div} (elementwise::binary)
+    {
+        let kb: unsafe extern "C" fn(I, P, P, M, I, BinGeom) = lib.k("binary_f32");
+        let ks: unsafe extern "C" fn(I, P, P, M, I) = lib.k("binary_same_f32");
+        let cases: [(&[usize], &[usize]); 6] = [(&[4, 1, 5, 7], &[3, 1, 7]), (&[2, 3, 41], &[41]), (&[1], &[5, 67]), (&[6, 1], &[1, 59]), (&[], &[3, 45]), (&[10, 101], &[10, 101])];
+        for (sa, sb) in cases {
+            let out = ew::broadcast_shape(sa, sb).unwrap();
+            let on = numel(&out);
+            let a = r.normal_vec(numel(sa));
+            // divisors away from zero
+            let b: Vec<f32> = (0..numel(sb)).map(|_| r.uniform_range(0.5, 2.0) * if r.uniform() < 0.5 { -1.0 } else { 1.0 }).collect();
+            for op in 0..4i64 {
+                let (av, bv) = (cst(&a, sa), cst(&b, sb));
+                let want = match op {
+                    0 => ops::add(&av, &bv),
+                    1 => ops::sub(&av, &bv),
+                    2 => ops::mul(&av, &bv),
+                    _ => ops::div(&av, &bv),
+                }
+                .value()
+                .to_vec();
+                let same = sa == out.as_slice() && sb == out.as_slice();
+                let geom = BinGeom::new(sa, sb, &out);
+                for sh in shapes_n(on) {
+                    let mut y = nan(on);
+                    let (ap, bp, yp) = (addr(&a), addr(&b), addr_mut(&mut y));
+                    let case = format!("op {op}, {sa:?} with {sb:?}, {sh:?}");
+                    if same {
+                        lib.launch(sh, &|| unsafe { ks(op, ap as P, bp as P, yp as M, on as I) });
+                        c.f32s("binary_same_f32", &case, &y, &want, EXACT);
+                    } else {
+                        lib.launch(sh, &|| unsafe { kb(op, ap as P, bp as P, yp as M, on as I, geom) });
+                        c.f32s("binary_f32", &case, &y, &want, EXACT);
+                    }
+                }
+            }
+        }
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- reduce.cu
+
+#[test]
+fn reduce_kernels_match_the_cpu_backend() {
+    let Some(lib) = Lib::load("reduce.cu") else { return };
+    let mut c = Checks::new("reduce.cu");
+    let mut r = Rng::new(0x5eed_0002);
+
+    // reduce_sum_f32: ops::sum_to_shape's geometry (ReduceGeom::new), block per output value;
+    // CPU: elementwise::sum_to_shape
+    {
+        let k: unsafe extern "C" fn(P, M, I, I, ReduceGeom) = lib.k("reduce_sum_f32");
+        let cases: [(&[usize], &[usize]); 7] = [
+            (&[2, 3, 4, 5], &[1, 3, 1, 5]),
+            (&[2, 3, 4, 5], &[4, 1]),
+            (&[6, 7, 9], &[9]),
+            (&[37, 11], &[1, 11]),
+            (&[5, 300], &[5, 1]),
+            (&[3, 5, 7, 6], &[]),
+            (&[2, 7, 5, 3], &[7, 1, 1]), // a convolution's bias gradient
+        ];
+        for (from, to) in cases {
+            let x = r.normal_vec(numel(from));
+            let want = ew::sum_to_shape(&x, from, to);
+            let (geom, out_n, red_n) = ReduceGeom::new(from, to);
+            assert!(red_n > 1, "the host does not launch for red_n = 1");
+            for sh in shapes_rows(out_n) {
+                let mut y = nan(out_n);
+                let (xp, yp) = (addr(&x), addr_mut(&mut y));
+                lib.launch(sh, &|| unsafe { k(xp as P, yp as M, out_n as I, red_n as I, geom) });
+                c.f32s("reduce_sum_f32", &format!("{from:?} -> {to:?}, {sh:?}"), &y, &want, EXACT);
+            }
+        }
+    }
+    // sum_squares_partial_f32: ops::sum_squares (partials per tensor, summed on the host, sqrt)
+    // against optim::grad_norm
+    {
+        let k: unsafe extern "C" fn(P, I, *mut f64) = lib.k("sum_squares_partial_f32");
+        let ts: Vec<Vec<f32>> = [1000usize, 37, 5000].iter().map(|&n| r.normal_vec(n)).collect();
+        let want = grad_norm(&ts.iter().map(|v| t(v, &[v.len()])).collect::<Vec<_>>());
+        for sh in [(3, 32), (1, 64), (64, 256)] {
+            let mut total = 0.0f64;
+            let mut unwritten = 0;
+            for x in &ts {
+                let mut partial = vec![f64::NAN; sh.0 as usize];
+                let (xp, pp, n) = (addr(x), addr_mut(&mut partial), x.len());
+                lib.launch(sh, &|| unsafe { k(xp as P, n as I, pp as *mut f64) });
+                unwritten += partial.iter().filter(|v| v.is_nan()).count();
+                total += partial.iter().sum::<f64>();
+            }
+            let case = format!("{sh:?}");
+            if unwritten > 0 {
+                c.record("sum_squares_partial_f32", &case, f64::INFINITY, EXACT, Some(format!("{unwritten} partials not written")));
+            }
+            c.f64s("sum_squares_partial_f32", &case, total.sqrt(), want, EXACT);
+        }
+    }
+    // softmax_rows_f32 / softmax_rows_backward_f32 (elementwise::softmax_rows[_backward]), also in
+    // place as attention launches them (y = x; dx = dy)
+    {
+        let kf: unsafe extern "C" fn(P, M, I, I) = lib.k("softmax_rows_f32");
+        let kb: unsafe extern "C" fn(P, P, M, I, I) = lib.k("softmax_rows_backward_f32");
+        let rows = 13usize;
+        for n in [37usize, 300] {
+            let x = scaled(r.normal_vec(rows * n), 3.0);
+            let want = ew::softmax_rows(&x, n);
+            let dy = r.normal_vec(rows * n);
+            let want_b = ew::softmax_rows_backward(&want, &dy, n);
+            for sh in shapes_rows(rows) {
+                let mut y = nan(rows * n);
+                let (xp, yp) = (addr(&x), addr_mut(&mut y));
+                lib.launch(sh, &|| unsafe { kf(xp as P, yp as M, rows as I, n as I) });
+                c.f32s("softmax_rows_f32", &format!("n {n}, {sh:?}"), &y, &want, APPROX);
+                let mut dx = nan(rows * n);
+                let (yp, gp, dp) = (addr(&want), addr(&dy), addr_mut(&mut dx));
+                lib.launch(sh, &|| unsafe { kb(yp as P, gp as P, dp as M, rows as I, n as I) });
+                c.f32s("softmax_rows_backward_f32", &format!("n {n}, {sh:?}"), &dx, &want_b, APPROX);
+            }
+            let sh = shapes_rows(rows)[2];
+            let mut inplace = x.clone();
+            let p = addr_mut(&mut inplace);
+            lib.launch(sh, &|| unsafe { kf(p as P, p as M, rows as I, n as I) });
+            c.f32s("softmax_rows_f32", &format!("in place, n {n}"), &inplace, &want, APPROX);
+            let mut inplace = dy.clone();
+            let (yp, p) = (addr(&want), addr_mut(&mut inplace));
+            lib.launch(sh, &|| unsafe { kb(yp as P, p as P, p as M, rows as I, n as I) });
+            c.f32s("softmax_rows_backward_f32", &format!("in place, n {n}"), &inplace, &want_b, APPROX);
+        }
+    }
+    // log_softmax_rows_f32 / _backward_f32: ops::log_softmax forward and its backward closure
+    {
+        let kf: unsafe extern "C" fn(P, M, I, I) = lib.k("log_softmax_rows_f32");
+        let kb: unsafe extern "C" fn(P, P, M, I, I) = lib.k("log_softmax_rows_backward_f32");
+        let rows = 11usize;
+        for n in [10usize, 300] {
+            let x = scaled(r.normal_vec(rows * n), 3.0);
+            let g = r.normal_vec(rows * n);
+            let xv = Var::param(t(&x, &[rows, n]));
+            let y = ops::log_softmax(&xv);
+            let want = y.value().to_vec();
+            let want_b = y.backward_with(t(&g, &[rows, n])).get(&xv).unwrap().to_vec();
+            for sh in shapes_rows(rows) {
+                let mut out = nan(rows * n);
+                let (xp, op) = (addr(&x), addr_mut(&mut out));
+                lib.launch(sh, &|| unsafe { kf(xp as P, op as M, rows as I, n as I) });
+                c.f32s("log_softmax_rows_f32", &format!("n {n}, {sh:?}"), &out, &want, EXACT);
+                let mut dx = nan(rows * n);
+                let (yp, gp, dp) = (addr(&want), addr(&g), addr_mut(&mut dx));
+                lib.launch(sh, &|| unsafe { kb(yp as P, gp as P, dp as M, rows as I, n as I) });
+                c.f32s("log_softmax_rows_backward_f32", &format!("n {n}, {sh:?}"), &dx, &want_b, APPROX);
+            }
+        }
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- shape.cu
+
+#[test]
+fn shape_kernels_match_the_cpu_backend() {
+    let Some(lib) = Lib::load("shape.cu") else { return };
+    let mut c = Checks::new("shape.cu");
+    let mut r = Rng::new(0x5eed_0003);
+
+    // gather_strided_f32 (Strided::new): permutations (Tensor::permute) and broadcasts
+    // (ops::broadcast_to), against elementwise::gather_strided / broadcast_to
+    {
+        let k: unsafe extern "C" fn(P, M, I, Strided) = lib.k("gather_strided_f32");
+        let xs = [2usize, 3, 4, 5];
+        let x = r.normal_vec(numel(&xs));
+        let st = contiguous_strides(&xs);
+        for perm in [[0usize, 2, 3, 1], [3, 1, 0, 2], [0, 1, 2, 3]] {
+            let shape: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
+            let strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+            let want = ew::gather_strided(&x, &shape, &strides);
+            let s = Strided::new(&shape, &strides);
+            let nn = numel(&shape);
+            for sh in shapes_n(nn) {
+                let mut y = nan(nn);
+                let (xp, yp) = (addr(&x), addr_mut(&mut y));
+                lib.launch(sh, &|| unsafe { k(xp as P, yp as M, nn as I, s) });
+                c.f32s("gather_strided_f32", &format!("permute {perm:?}, {sh:?}"), &y, &want, EXACT);
+            }
+        }
+        let cases: [(&[usize], &[usize]); 3] = [(&[3, 1, 5], &[2, 3, 4, 5]), (&[], &[7, 13]), (&[1, 17], &[9, 17])];
+        for (from, to) in cases {
+            let x = r.normal_vec(numel(from));
+            let want = ew::broadcast_to(&x, from, to);
+            let s = Strided::new(to, &ew::broadcast_strides(from, to));
+            let nn = numel(to);
+            for sh in shapes_n(nn) {
+                let mut y = nan(nn);
+                let (xp, yp) = (addr(&x), addr_mut(&mut y));
+                lib.launch(sh, &|| unsafe { k(xp as P, yp as M, nn as I, s) });
+                c.f32s("gather_strided_f32", &format!("broadcast {from:?} -> {to:?}, {sh:?}"), &y, &want, EXACT);
+            }
+        }
+    }
+    // copy_slab_f32, driven as ops::concat / narrow / narrow_backward drive it, against
+    // elementwise::concat / narrow / narrow_backward
+    {
+        type CopySlab = unsafe extern "C" fn(P, M, I, I, I, I, I, I);
+        let k: CopySlab = lib.k("copy_slab_f32");
+        #[allow(clippy::too_many_arguments)]
+        fn slab(lib: &Lib, k: CopySlab, sh: (u32, u32), src: usize, dst: usize, outer: usize, len: usize, ss: usize, so: usize, ds: usize, d_o: usize) {
+            lib.launch(sh, &|| unsafe { k(src as P, dst as M, outer as I, len as I, ss as I, so as I, ds as I, d_o as I) });
+        }
+        let outer_inner = |s: &[usize], axis: usize| -> (usize, usize) { (numel(&s[..axis]), numel(&s[axis + 1..])) };
+        for axis in [0usize, 1, 3] {
+            let parts_shapes: Vec<Vec<usize>> = [3usize, 1, 2]
+                .iter()
+                .map(|&d| {
+                    let mut s = vec![2usize, 3, 4, 5];
+                    s[axis] = d;
+                    s
+                })
+                .collect();
+            let parts: Vec<Vec<f32>> = parts_shapes.iter().map(|s| r.normal_vec(numel(s))).collect();
+            let refs: Vec<(&[f32], &[usize])> = parts.iter().zip(&parts_shapes).map(|(p, s)| (p.as_slice(), s.as_slice())).collect();
+            let (want, shape) = ew::concat(&refs, axis);
+            let (outer, inner) = outer_inner(&shape, axis);
+            for sh in shapes_n(want.len()) {
+                let mut y = nan(want.len());
+                let yp = addr_mut(&mut y);
+                let mut start = 0;
+                for (p, ps) in parts.iter().zip(&parts_shapes) {
+                    let len = ps[axis] * inner;
+                    slab(&lib, k, sh, addr(p), yp, outer, len, len, 0, shape[axis] * inner, start * inner);
+                    start += ps[axis];
+                }
+                c.f32s("copy_slab_f32", &format!("concat axis {axis}, {sh:?}"), &y, &want, EXACT);
+            }
+        }
+        let xs = [3usize, 7, 5, 2];
+        let x = r.normal_vec(numel(&xs));
+        for (axis, start, len) in [(1usize, 2usize, 3usize), (0, 1, 2), (2, 1, 4), (3, 1, 1)] {
+            let (outer, inner) = outer_inner(&xs, axis);
+            let want = ew::narrow(&x, &xs, axis, start, len);
+            let g = r.normal_vec(want.len());
+            let want_b = ew::narrow_backward(&g, &xs, axis, start, len);
+            for sh in shapes_n(want.len()) {
+                let mut y = nan(want.len());
+                slab(&lib, k, sh, addr(&x), addr_mut(&mut y), outer, len * inner, xs[axis] * inner, start * inner, len * inner, 0);
+                c.f32s("copy_slab_f32", &format!("narrow axis {axis} [{start}, +{len}), {sh:?}"), &y, &want, EXACT);
+                // narrow_backward: zeros (fill_f32, checked in elementwise.cu's test), then the slab
+                let mut gx = vec![0.0f32; x.len()];
+                slab(&lib, k, sh, addr(&g), addr_mut(&mut gx), outer, len * inner, len * inner, 0, xs[axis] * inner, start * inner);
+                c.f32s("copy_slab_f32", &format!("narrow_backward axis {axis} [{start}, +{len}), {sh:?}"), &gx, &want_b, EXACT);
+            }
+        }
+    }
+    // upsample2x / avgpool2x and their backwards: image_op(nc, h, w of the small/input image)
+    {
+        type Img = unsafe extern "C" fn(P, M, I, I, I);
+        let kup: Img = lib.k("upsample2x_f32");
+        let kupb: Img = lib.k("upsample2x_backward_f32");
+        let kap: Img = lib.k("avgpool2x_f32");
+        let kapb: Img = lib.k("avgpool2x_backward_f32");
+        let run = |k: Img, sh: (u32, u32), x: &[f32], out_n: usize, nc: usize, h: usize, w: usize| -> Vec<f32> {
+            let mut y = nan(out_n);
+            let (xp, yp) = (addr(x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as P, yp as M, nc as I, h as I, w as I) });
+            y
+        };
+        let (nc, h, w) = (6usize, 5usize, 7usize);
+        let x = r.normal_vec(nc * h * w);
+        let g = r.normal_vec(nc * 4 * h * w);
+        let want = ew::upsample_nearest2x(&x, nc, h, w);
+        let want_b = ew::upsample_nearest2x_backward(&g, nc, h, w);
+        for sh in shapes_n(want.len()) {
+            c.f32s("upsample2x_f32", &format!("{sh:?}"), &run(kup, sh, &x, want.len(), nc, h, w), &want, EXACT);
+            c.f32s("upsample2x_backward_f32", &format!("{sh:?}"), &run(kupb, sh, &g, want_b.len(), nc, h, w), &want_b, EXACT);
+        }
+        for (h, w) in [(7usize, 9usize), (6, 8)] {
+            let x = r.normal_vec(nc * h * w);
+            let want = ew::avg_pool2x(&x, nc, h, w);
+            let g = r.normal_vec(want.len());
+            let want_b = ew::avg_pool2x_backward(&g, nc, h, w);
+            for sh in shapes_n(x.len()) {
+                c.f32s("avgpool2x_f32", &format!("{h}x{w}, {sh:?}"), &run(kap, sh, &x, want.len(), nc, h, w), &want, EXACT);
+                c.f32s("avgpool2x_backward_f32", &format!("{h}x{w}, {sh:?}"), &run(kapb, sh, &g, x.len(), nc, h, w), &want_b, EXACT);
+            }
+        }
+    }
+    // embedding_forward_f32 / embedding_backward_f32 (ids as i32), against ops::embedding and its
+    // backward closure; classes 4 and 5 never occur (their gradient rows must be written as 0)
+    {
+        let kf: unsafe extern "C" fn(P, *const i32, M, I, I) = lib.k("embedding_forward_f32");
+        let kb: unsafe extern "C" fn(P, *const i32, M, I, I, I) = lib.k("embedding_backward_f32");
+        let (num, dim) = (7usize, 10usize);
+        let ids = [3usize, 0, 3, 6, 1, 3, 0, 2, 6, 6, 1];
+        let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let w = r.normal_vec(num * dim);
+        let g = r.normal_vec(ids.len() * dim);
+        let wv = Var::param(t(&w, &[num, dim]));
+        let y = ops::embedding(&wv, &ids).unwrap();
+        let want = y.value().to_vec();
+        let want_b = y.backward_with(t(&g, &[ids.len(), dim])).get(&wv).unwrap().to_vec();
+        let nids = ids.len();
+        for sh in shapes_n(nids * dim) {
+            let mut out = nan(nids * dim);
+            let (wp, ip, op) = (addr(&w), addr(&ids32), addr_mut(&mut out));
+            lib.launch(sh, &|| unsafe { kf(wp as P, ip as *const i32, op as M, nids as I, dim as I) });
+            c.f32s("embedding_forward_f32", &format!("{sh:?}"), &out, &want, EXACT);
+        }
+        for sh in shapes_n(num * dim) {
+            let mut gw = nan(num * dim);
+            let (gp, ip, op) = (addr(&g), addr(&ids32), addr_mut(&mut gw));
+            lib.launch(sh, &|| unsafe { kb(gp as P, ip as *const i32, op as M, nids as I, num as I, dim as I) });
+            c.f32s("embedding_backward_f32", &format!("{sh:?}"), &gw, &want_b, EXACT);
+        }
+    }
+    // timestep_embedding_f32 / _backward_f32 with log_max_period = (max_period as f64).ln() as f32,
+    // against elementwise::timestep_embedding and ops::timestep_embedding's backward (max_period
+    // 10000); even and odd dims
+    {
+        let kf: unsafe extern "C" fn(P, M, I, I, f32) = lib.k("timestep_embedding_f32");
+        let kb: unsafe extern "C" fn(P, P, M, I, I, f32) = lib.k("timestep_embedding_backward_f32");
+        let max_period = 10000.0f32;
+        let lmp = (max_period as f64).ln() as f32;
+        let mut tt = r.uniform_vec(9, 0.0, 1.0);
+        tt[..3].copy_from_slice(&[0.0, 1.0, 0.5]);
+        let b = tt.len();
+        for dim in [32usize, 33, 7] {
+            let want = ew::timestep_embedding(&tt, dim, max_period);
+            let tv = Var::param(t(&tt, &[b]));
+            let e = ops::timestep_embedding(&tv, dim);
+            let g = r.normal_vec(b * dim);
+            let want_b = e.backward_with(t(&g, &[b, dim])).get(&tv).unwrap().to_vec();
+            let emb = e.value().to_vec();
+            for sh in shapes_n(b * dim) {
+                let mut out = nan(b * dim);
+                let (tp, op) = (addr(&tt), addr_mut(&mut out));
+                lib.launch(sh, &|| unsafe { kf(tp as P, op as M, b as I, dim as I, lmp) });
+                c.f32s("timestep_embedding_f32", &format!("dim {dim}, {sh:?}"), &out, &want, EXACT);
+                let mut gt = nan(b);
+                let (ep, gp, op) = (addr(&emb), addr(&g), addr_mut(&mut gt));
+                lib.launch(sh, &|| unsafe { kb(ep as P, gp as P, op as M, b as I, dim as I, lmp) });
+                c.f32s("timestep_embedding_backward_f32", &format!("dim {dim}, {sh:?}"), &gt, &want_b, EXACT);
+            }
+        }
+    }
+    // add_channel_bias_f32: in place on a convolution's output; exactly y + b broadcast
+    // (elementwise::binary), and close to conv2d_im2col_forward with the bias (which lays the
+    // bias down first and accumulates the product onto it)
+    {
+        let k: unsafe extern "C" fn(M, P, I, I, I) = lib.k("add_channel_bias_f32");
+        let g = ConvGeom { n: 2, cin: 3, h: 6, w: 7, cout: 5, kh: 3, kw: 3, stride: 1, pad: 1 };
+        let x = r.normal_vec(g.n * g.cin * g.h * g.w);
+        let w = r.normal_vec(g.cout * g.cin * g.kh * g.kw);
+        let bias = r.normal_vec(g.cout);
+        let y0 = conv2d_im2col_forward(&x, &w, None, &g);
+        let ys = [g.n, g.cout, g.ho(), g.wo()];
+        let want = ew::binary(&y0, &ys, &bias, &[1, g.cout, 1, 1], &ys, |a, b| a + b);
+        let want_conv = conv2d_im2col_forward(&x, &w, Some(&bias), &g);
+        let sp = g.ho() * g.wo();
+        for sh in shapes_n(y0.len()) {
+            let mut y = y0.clone();
+            let (yp, bp) = (addr_mut(&mut y), addr(&bias));
+            lib.launch(sh, &|| unsafe { k(yp as M, bp as P, g.n as I, g.cout as I, sp as I) });
+            c.f32s("add_channel_bias_f32", &format!("y + b, {sh:?}"), &y, &want, EXACT);
+            c.f32s("add_channel_bias_f32", &format!("conv2d with bias, {sh:?}"), &y, &want_conv, APPROX);
+        }
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- norm.cu
+
+#[test]
+fn norm_kernels_match_the_cpu_backend() {
+    let Some(lib) = Lib::load("norm.cu") else { return };
+    let mut c = Checks::new("norm.cu");
+    let mut r = Rng::new(0x5eed_0004);
+    let kf: unsafe extern "C" fn(P, P, P, M, M, M, I, I, I, I, f32) = lib.k("group_norm_forward_f32");
+    let ki: unsafe extern "C" fn(P, P, P, P, P, M, I, I, I, I) = lib.k("group_norm_backward_input_f32");
+    let ka: unsafe extern "C" fn(P, P, P, P, M, M, I, I, I, I) = lib.k("group_norm_backward_affine_f32");
+    let eps = 1e-5f32;
+    // (n, c, s, groups): several groups, one channel per group, one group with blk > 256
+    for (n, ch, s, groups) in [(2usize, 6usize, 35usize, 3usize), (3, 8, 17, 8), (1, 4, 300, 1)] {
+        let len = n * ch * s;
+        let x: Vec<f32> = r.normal_vec(len).into_iter().map(|v| 1.5 * v + 0.7).collect();
+        let gamma: Vec<f32> = r.normal_vec(ch).into_iter().map(|v| 1.0 + 0.3 * v).collect();
+        let beta = r.normal_vec(ch);
+        let dy = r.normal_vec(len);
+        let (wy, wmean, wrstd) = norm::group_norm_forward(&x, n, ch, s, groups, eps, &gamma, &beta);
+        let (wdx, wdg, wdb) = norm::group_norm_backward(&x, &dy, n, ch, s, groups, &gamma, &wmean, &wrstd);
+        let ng = n * groups;
+        let case = |sh: (u32, u32)| format!("n {n} c {ch} s {s} groups {groups}, {sh:?}");
+        for sh in shapes_rows(ng) {
+            let (mut y, mut mean, mut rstd) = (nan(len), nan(ng), nan(ng));
+            let (xp, gp, bp, yp, mp, rp) = (addr(&x), addr(&gamma), addr(&beta), addr_mut(&mut y), addr_mut(&mut mean), addr_mut(&mut rstd));
+            lib.launch(sh, &|| unsafe { kf(xp as P, gp as P, bp as P, yp as M, mp as M, rp as M, n as I, ch as I, s as I, groups as I, eps) });
+            c.f32s("group_norm_forward_f32", &format!("y, {}", case(sh)), &y, &wy, EXACT);
+            c.f32s("group_norm_forward_f32", &format!("mean, {}", case(sh)), &mean, &wmean, EXACT);
+            c.f32s("group_norm_forward_f32", &format!("rstd, {}", case(sh)), &rstd, &wrstd, EXACT);
+            let mut dx = nan(len);
+            let (dyp, mp, rp, dp) = (addr(&dy), addr(&wmean), addr(&wrstd), addr_mut(&mut dx));
+            lib.launch(sh, &|| unsafe { ki(xp as P, dyp as P, gp as P, mp as P, rp as P, dp as M, n as I, ch as I, s as I, groups as I) });
+            c.f32s("group_norm_backward_input_f32", &case(sh), &dx, &wdx, EXACT);
+        }
+        for sh in shapes_rows(ch) {
+            let (mut dg, mut db) = (nan(ch), nan(ch));
+            let (xp, dyp, mp, rp, gp, bp) = (addr(&x), addr(&dy), addr(&wmean), addr(&wrstd), addr_mut(&mut dg), addr_mut(&mut db));
+            lib.launch(sh, &|| unsafe { ka(xp as P, dyp as P, mp as P, rp as P, gp as M, bp as M, n as I, ch as I, s as I, groups as I) });
+            c.f32s("group_norm_backward_affine_f32", &format!("dgamma, {}", case(sh)), &dg, &wdg, EXACT);
+            c.f32s("group_norm_backward_affine_f32", &format!("dbeta, {}", case(sh)), &db, &wdb, EXACT);
+        }
+        // y may alias x
+        let sh = shapes_rows(ng)[2];
+        let (mut y, mut mean, mut rstd) = (x.clone(), nan(ng), nan(ng));
+        let (yp, gp, bp, mp, rp) = (addr_mut(&mut y), addr(&gamma), addr(&beta), addr_mut(&mut mean), addr_mut(&mut rstd));
+        lib.launch(sh, &|| unsafe { kf(yp as P, gp as P, bp as P, yp as M, mp as M, rp as M, n as I, ch as I, s as I, groups as I, eps) });
+        c.f32s("group_norm_forward_f32", &format!("in place, {}", case(sh)), &y, &wy, EXACT);
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- conv.cu
+
+/// `a [m, k] · b [k, n]` row-major, accumulated in f64.
+fn gemm_f64(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                s += av as f64 * b[p * n + j] as f64;
+            }
+            out[i * n + j] = s as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn conv_kernels_match_the_cpu_backend() {
+    let Some(lib) = Lib::load("conv.cu") else { return };
+    let mut c = Checks::new("conv.cu");
+    let mut r = Rng::new(0x5eed_0005);
+    type Fold = unsafe extern "C" fn(P, M, I, I, I, I, I, I, I, I, I, I);
+    let k_im2col: Fold = lib.k("im2col_f32");
+    let k_col2im: Fold = lib.k("col2im_f32");
+    // conv.rs: [x|col, col|x, n, cin, h, w, kh, kw, stride, pad, ho, wo]
+    let run = |k: Fold, sh: (u32, u32), src: &[f32], out_n: usize, g: &ConvGeom| -> Vec<f32> {
+        let mut y = nan(out_n);
+        let (sp, yp) = (addr(src), addr_mut(&mut y));
+        let a = [g.n, g.cin, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho(), g.wo()].map(|v| v as I);
+        lib.launch(sh, &|| unsafe { k(sp as P, yp as M, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]) });
+        y
+    };
+    let geoms = [
+        ConvGeom { n: 2, cin: 3, h: 7, w: 6, cout: 4, kh: 3, kw: 3, stride: 1, pad: 1 },
+        ConvGeom { n: 2, cin: 2, h: 9, w: 8, cout: 3, kh: 3, kw: 3, stride: 2, pad: 1 },
+        ConvGeom { n: 1, cin: 3, h: 5, w: 7, cout: 2, kh: 2, kw: 3, stride: 2, pad: 0 },
+        ConvGeom { n: 3, cin: 2, h: 8, w: 8, cout: 3, kh: 4, kw: 4, stride: 2, pad: 1 },
+        ConvGeom { n: 2, cin: 4, h: 5, w: 5, cout: 3, kh: 1, kw: 1, stride: 1, pad: 0 },
+    ];
+    for g in geoms {
+        let (kk, pp) = (g.cin * g.kh * g.kw, g.ho() * g.wo());
+        let xn = g.n * g.cin * g.h * g.w;
+        let x = r.normal_vec(xn);
+        let w = r.normal_vec(g.cout * kk);
+        let dy = r.normal_vec(g.n * g.cout * pp);
+        let col_n = g.n * kk * pp;
+        // The CPU's own im2col/col2im (private) seen through an identity weight: with W = I_K
+        // (cout = K), conv2d_im2col_forward's W·col is col exactly, and conv2d_im2col_backward's
+        // dx is col2im(Iᵀ·dy) = col2im(dy) exactly.
+        let gi = ConvGeom { cout: kk, ..g };
+        let mut eye = vec![0.0f32; kk * kk];
+        (0..kk).for_each(|i| eye[i * kk + i] = 1.0);
+        let want_col = conv2d_im2col_forward(&x, &eye, None, &gi);
+        let dcol = r.normal_vec(col_n);
+        let want_fold = conv2d_im2col_backward(&x, &eye, &dcol, &gi, true).0.unwrap();
+        // and the convolution itself: conv2d_forward = W·im2col(x), conv2d_backward's dx = col2im(Wᵀ·dy)
+        let want_y = conv2d_forward(&x, &w, None, &g);
+        let want_dx = conv2d_backward(&x, &w, &dy, &g, true).0.unwrap();
+        let wdcol: Vec<f32> = (0..g.n).flat_map(|i| gemm_f64(&w, &dy[i * g.cout * pp..(i + 1) * g.cout * pp], kk, g.cout, pp, true)).collect();
+        let case = |sh: (u32, u32)| format!("n {} cin {} {}x{} k {}x{} stride {} pad {}, {sh:?}", g.n, g.cin, g.h, g.w, g.kh, g.kw, g.stride, g.pad);
+        for sh in shapes_n(col_n) {
+            let col = run(k_im2col, sh, &x, col_n, &g);
+            c.f32s("im2col_f32", &format!("col, {}", case(sh)), &col, &want_col, EXACT);
+            let y: Vec<f32> = (0..g.n).flat_map(|i| gemm_f64(&w, &col[i * kk * pp..(i + 1) * kk * pp], g.cout, kk, pp, false)).collect();
+            c.f32s("im2col_f32", &format!("W·col vs conv2d_forward, {}", case(sh)), &y, &want_y, APPROX);
+        }
+        for sh in shapes_n(xn) {
+            let folded = run(k_col2im, sh, &dcol, xn, &g);
+            c.f32s("col2im_f32", &format!("col2im, {}", case(sh)), &folded, &want_fold, EXACT);
+            let dx = run(k_col2im, sh, &wdcol, xn, &g);
+            c.f32s("col2im_f32", &format!("col2im(Wᵀ·dy) vs conv2d_backward dx, {}", case(sh)), &dx, &want_dx, APPROX);
+        }
+    }
+    c.finish(&lib);
+}

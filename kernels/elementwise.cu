@@ -1,7 +1,12 @@
 // Elementwise and row-reduction kernels of the ORW-CFM-W2 step, f32 (and an f16 SiLU).
 // Compiled at run time by NVRTC (src/backend/cuda/nvrtc.rs); every kernel is `extern "C"`,
 // grid-stride over `n` elements unless it says otherwise, so any launch size is correct.
+// cuda_fp16.h comes with the CUDA toolkit or the nvidia-cuda-runtime wheel; without it the f16
+// kernels are left out and the f32 ones still compile (NVRTC alone suffices).
+#if __has_include(<cuda_fp16.h>)
 #include <cuda_fp16.h>
+#define ORWCFM_HAVE_FP16 1
+#endif
 
 extern "C" __global__ void silu_forward_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -19,6 +24,7 @@ extern "C" __global__ void silu_backward_f32(const float* __restrict__ x, const 
     }
 }
 
+#ifdef ORWCFM_HAVE_FP16
 // f16 storage, f32 arithmetic.
 extern "C" __global__ void silu_forward_f16(const __half* __restrict__ x, __half* __restrict__ y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -26,6 +32,7 @@ extern "C" __global__ void silu_forward_f16(const __half* __restrict__ x, __half
         y[i] = __float2half(v / (1.0f + __expf(-v)));
     }
 }
+#endif
 
 // y += a·x: an Euler step of the ODE sampler (x_{k+1} = x_k + dt v).
 extern "C" __global__ void axpy_f32(float a, const float* __restrict__ x, float* __restrict__ y, long long n) {

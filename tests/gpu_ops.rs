@@ -179,6 +179,9 @@ fn convolutions() {
         let name = format!("conv {n}x{cin}x{h}x{w} k{k} s{stride} p{pad}");
         check(&name, &[x, wt, b], |v| ops::conv2d(&v[0], &v[1], Some(&v[2]), stride, pad));
     }
+    for line in cuda::conv::plan_report(&g) {
+        eprintln!("conv plan {line}");
+    }
 }
 
 #[test]

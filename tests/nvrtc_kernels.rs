@@ -69,3 +69,18 @@ fn compiled_kernels_are_cached_on_disk_by_source_and_architecture() {
     assert!(kernel_names(src).contains(&"adam_step_f32".to_string()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn every_kernel_file_compiles_with_nvrtc_alone() {
+    // a GPU machine may have NVRTC but no CUDA headers: the f16 kernels drop out, the rest compiles
+    use orwcfm_fast::backend::cuda::nvrtc::compile_with;
+    if !orwcfm_fast::backend::cuda::libraries().nvrtc {
+        eprintln!("SKIPPED: NVRTC not found");
+        return;
+    }
+    for (name, src) in KERNEL_SOURCES {
+        let c = compile_with(name, src, "sm_90", &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        let f32_kernels = src.matches("extern \"C\" __global__ void ").count() - src.matches("_f16(").count();
+        assert_eq!(c.kernels.len(), f32_kernels, "{name} without headers: {:?}", c.kernels);
+    }
+}

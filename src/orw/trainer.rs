@@ -336,6 +336,11 @@ impl<M: VelocityField> Trainer<M> {
         let (reward_mean, reward_max, reward_min) = stats(&r);
         let (weight_mean, weight_max, _) = stats(&w);
         let (s1, s2) = w.iter().fold((0.0f64, 0.0f64), |(a, b), &v| (a + v as f64, b + (v as f64).powi(2)));
+        // the step's GPU work is queued: wait for it, so that `seconds` is the step's own time
+        // and an asynchronous GPU error surfaces at the step that caused it
+        if let crate::tensor::Device::Cuda(i) = self.net.device() {
+            crate::backend::cuda::gpu(i)?.sync()?;
+        }
         Ok(StepMetrics {
             step: self.step,
             epoch,

@@ -40,11 +40,16 @@ pub fn method(g: &Gpu) -> &'static str {
 
 const MAX_WORKSPACE: usize = 1 << 30;
 
-/// Pick from cuDNN's ranked list: the first usable one, deterministic ones first.
+/// Pick from cuDNN's ranked list: the first usable one, of math type `math` if given (FMA for
+/// f32 parity: the heuristics may list tensor-op variants too), not in `exclude` (by algorithm
+/// number), deterministic ones first.
 macro_rules! pick {
-    ($perf:expr, $count:expr) => {{
+    ($perf:expr, $count:expr, $math:expr, $exclude:expr) => {{
         use cudarc::cudnn::sys as cd;
-        let usable: Vec<_> = $perf[..$count as usize].iter().filter(|p| p.status == cd::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE).collect();
+        let usable: Vec<_> = $perf[..$count as usize]
+            .iter()
+            .filter(|p| p.status == cd::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE && $math.is_none_or(|m| p.mathType == m) && !$exclude.contains(&(p.algo as u32)))
+            .collect();
         let best = usable.iter().find(|p| p.determinism == cd::cudnnDeterminism_t::CUDNN_DETERMINISTIC).or(usable.first());
         match best {
             Some(p) => (p.algo, p.memory),
@@ -83,25 +88,68 @@ fn plan(g: &Gpu, k: &ConvGeom) -> Result<ConvPlan> {
         let mut count = 0i32;
         let mut fwd: [cd::cudnnConvolutionFwdAlgoPerf_t; 16] = std::mem::zeroed();
         cudnn_ok(cd::cudnnGetConvolutionForwardAlgorithm_v7(h, p.x, p.w, p.conv, p.y, 16, &mut count, fwd.as_mut_ptr()), "forward algorithm")?;
-        p.fwd = pick!(fwd, count);
+        // f32 parity (TF32 off) also leaves out the FFT and Winograd algorithms, whose rounding
+        // differs most from a direct convolution
+        let exact = !g.tf32;
+        let want_math = exact.then_some(math);
+        let (ex_fwd, ex_data, ex_filter): (&[u32], &[u32], &[u32]) = if exact { (&[4, 5, 6, 7], &[2, 3, 4, 5], &[2, 4, 5, 6]) } else { (&[], &[], &[]) };
+        p.fwd = pick!(fwd, count, want_math, ex_fwd);
+        let mut ws = 0usize;
+        cudnn_ok(cd::cudnnGetConvolutionForwardWorkspaceSize(h, p.x, p.w, p.conv, p.y, p.fwd.0, &mut ws), "forward workspace")?;
+        p.fwd.1 = p.fwd.1.max(ws);
         let mut bd: [cd::cudnnConvolutionBwdDataAlgoPerf_t; 16] = std::mem::zeroed();
         cudnn_ok(cd::cudnnGetConvolutionBackwardDataAlgorithm_v7(h, p.w, p.y, p.conv, p.x, 16, &mut count, bd.as_mut_ptr()), "backward-data algorithm")?;
-        p.bwd_data = pick!(bd, count);
+        p.bwd_data = pick!(bd, count, want_math, ex_data);
+        cudnn_ok(cd::cudnnGetConvolutionBackwardDataWorkspaceSize(h, p.w, p.y, p.conv, p.x, p.bwd_data.0, &mut ws), "backward-data workspace")?;
+        p.bwd_data.1 = p.bwd_data.1.max(ws);
         let mut bf: [cd::cudnnConvolutionBwdFilterAlgoPerf_t; 16] = std::mem::zeroed();
         cudnn_ok(cd::cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, p.x, p.y, p.conv, p.w, 16, &mut count, bf.as_mut_ptr()), "backward-filter algorithm")?;
-        p.bwd_filter = pick!(bf, count);
+        p.bwd_filter = pick!(bf, count, want_math, ex_filter);
+        cudnn_ok(cd::cudnnGetConvolutionBackwardFilterWorkspaceSize(h, p.x, p.y, p.conv, p.w, p.bwd_filter.0, &mut ws), "backward-filter workspace")?;
+        p.bwd_filter.1 = p.bwd_filter.1.max(ws);
         Ok(p)
     }
 }
 
-/// Run `f` with the cached plan of `k` (made on first use).
-fn with_plan<R>(g: &Gpu, k: &ConvGeom, f: impl FnOnce(&ConvPlan) -> Result<R>) -> Result<R> {
+/// One line per convolution shape planned so far: cuDNN's chosen algorithms and workspaces, or
+/// that it falls back to im2col + cuBLAS (for the GPU check's log).
+pub fn plan_report(g: &Gpu) -> Vec<String> {
+    let cache = g.conv_cache.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<String> = cache
+        .iter()
+        .map(|(k, p)| match p {
+            Some(p) => format!("{k:?}: fwd {:?} ({} B), bwd-data {:?} ({} B), bwd-filter {:?} ({} B)", p.fwd.0, p.fwd.1, p.bwd_data.0, p.bwd_data.1, p.bwd_filter.0, p.bwd_filter.1),
+            None => format!("{k:?}: im2col + cuBLAS (no cuDNN algorithm)"),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether cuDNN serves this shape: a plan is made on first use and cached; a shape cuDNN offers
+/// no usable algorithm for is remembered and goes the im2col+cuBLAS way (said once).
+fn cudnn_serves(g: &Gpu, k: &ConvGeom) -> bool {
+    if g.cudnn().is_none() {
+        return false;
+    }
     let mut cache = g.conv_cache.lock().unwrap_or_else(|e| e.into_inner());
     if !cache.contains_key(k) {
-        let p = plan(g, k)?;
-        cache.insert(*k, p);
+        let p = plan(g, k);
+        if let Err(e) = &p {
+            eprintln!("warning: cuDNN cannot serve the convolution {k:?} ({e:#}); it runs as im2col + cuBLAS");
+        }
+        cache.insert(*k, p.ok());
     }
-    f(&cache[k])
+    cache[k].is_some()
+}
+
+/// Run `f` with the cached plan of `k` (see [`cudnn_serves`]).
+fn with_plan<R>(g: &Gpu, k: &ConvGeom, f: impl FnOnce(&ConvPlan) -> Result<R>) -> Result<R> {
+    let cache = g.conv_cache.lock().unwrap_or_else(|e| e.into_inner());
+    match cache.get(k) {
+        Some(Some(p)) => f(p),
+        _ => bail!("no cuDNN plan for {k:?}"),
+    }
 }
 
 fn ptr(t: &Tensor) -> u64 {
@@ -147,7 +195,7 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvGeom) 
     let shape = [c.n, c.cout, c.ho(), c.wo()];
     let y = ck(g.alloc(shape.iter().product()), "conv2d");
     let r = (|| -> Result<()> {
-        if let Some(h) = g.cudnn() {
+        if let Some(h) = g.cudnn().filter(|_| cudnn_serves(&g, c)) {
             let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
             g.bind()?;
             with_plan(&g, c, |p| {
@@ -186,7 +234,7 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, c: &ConvGeom, need_d
     let dw = ck(g.alloc(w.numel()), "conv2d_backward");
     let dx = need_dx.then(|| ck(g.alloc(x.numel()), "conv2d_backward"));
     let r = (|| -> Result<()> {
-        if let Some(h) = g.cudnn() {
+        if let Some(h) = g.cudnn().filter(|_| cudnn_serves(&g, c)) {
             use cudarc::cudnn::sys as cd;
             let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
             g.bind()?;

@@ -90,7 +90,7 @@ pub struct Gpu {
     cudnn: Option<Handle<cudarc::cudnn::sys::cudnnHandle_t>>,
     /// serialises the library calls that share handles and workspaces
     pub(crate) exec: Mutex<()>,
-    pub(crate) conv_cache: Mutex<HashMap<crate::backend::cpu::conv::ConvGeom, super::conv::ConvPlan>>,
+    pub(crate) conv_cache: Mutex<HashMap<crate::backend::cpu::conv::ConvGeom, Option<super::conv::ConvPlan>>>,
     /// fill every new buffer with NaN (tests: an output element a kernel forgets stays NaN)
     poison: AtomicBool,
 }
@@ -133,12 +133,9 @@ impl Gpu {
         if !libs.cublas {
             bail!("cuda:{ordinal} ({}) needs cuBLAS (libcublas.so.13): install the CUDA 13 toolkit or `pip install nvidia-cublas` and name its folder in {}", info.name, super::LIB_DIRS_VAR);
         }
+        // TF32: cuBLAS' default math never uses it for SGEMM, and the cuDNN descriptors get
+        // FMA math unless it is allowed
         let tf32 = allow_tf32();
-        if !tf32 {
-            // cuBLAS and cuDNN honour this for every f32 path, including cuBLASLt's
-            // SAFETY: set before any library reads it, on the thread that opens the GPU
-            unsafe { std::env::set_var("NVIDIA_TF32_OVERRIDE", "0") };
-        }
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open cuda:{ordinal}: {e}"))?;
         // one stream: no cross-stream events are needed
         // SAFETY: every buffer is used on `stream` only
@@ -152,9 +149,12 @@ impl Gpu {
             let (cubin, cached) = nvrtc::compile_cached(file, src, &arch).with_context(|| format!("compiling kernels/{file} for {arch}"))?;
             all_cached &= cached;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| anyhow!("loading kernels/{file} on cuda:{ordinal}: {e}"))?;
+            // a kernel left out by its source's #if (the f16 ones without cuda_fp16.h) is simply
+            // absent: launching it says so
             for k in nvrtc::kernel_names(src) {
-                let f = module.load_function(&k).map_err(|e| anyhow!("kernel {k} in kernels/{file}: {e}"))?;
-                funcs.insert(k, f);
+                if let Ok(f) = module.load_function(&k) {
+                    funcs.insert(k, f);
+                }
             }
         }
         ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
@@ -265,8 +265,7 @@ impl Gpu {
 
     /// 32-bit integers (indices) to a device buffer.
     pub fn upload_i32(self: &Arc<Self>, data: &[i32]) -> Result<GpuBuf> {
-        let words: Vec<f32> = data.iter().map(|&v| f32::from_bits(v as u32)).collect();
-        self.upload(&words)
+        self.upload(bytemuck::cast_slice(data))
     }
 
     /// A device buffer's values to the host (waits for queued work).

@@ -47,20 +47,31 @@ pub fn preload_lib_dirs() -> &'static [PathBuf] {
     static LOADED: OnceLock<Vec<PathBuf>> = OnceLock::new();
     LOADED.get_or_init(|| {
         let Some(var) = std::env::var_os(LIB_DIRS_VAR) else { return Vec::new() };
-        let mut loaded = Vec::new();
-        for dir in std::env::split_paths(&var) {
-            for prefix in PRELOAD {
-                for lib in find_libs(&dir, prefix) {
-                    #[cfg(unix)]
-                    {
-                        use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
-                        // SAFETY: loading NVIDIA's libraries runs their initialisers, nothing else
-                        if let Ok(l) = unsafe { Library::open(Some(&lib), RTLD_NOW | RTLD_GLOBAL) } {
-                            std::mem::forget(l); // stay loaded for the life of the process
-                            loaded.push(lib);
+        let mut loaded: Vec<PathBuf> = Vec::new();
+        // passes until nothing new loads: a library whose dependency (say one cuDNN 9 part on
+        // another) came later in the order loads on the next pass
+        loop {
+            let before = loaded.len();
+            for dir in std::env::split_paths(&var) {
+                for prefix in PRELOAD {
+                    for lib in find_libs(&dir, prefix) {
+                        if loaded.contains(&lib) {
+                            continue;
+                        }
+                        #[cfg(unix)]
+                        {
+                            use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+                            // SAFETY: loading NVIDIA's libraries runs their initialisers, nothing else
+                            if let Ok(l) = unsafe { Library::open(Some(&lib), RTLD_NOW | RTLD_GLOBAL) } {
+                                std::mem::forget(l); // stay loaded for the life of the process
+                                loaded.push(lib);
+                            }
                         }
                     }
                 }
+            }
+            if loaded.len() == before {
+                break;
             }
         }
         loaded

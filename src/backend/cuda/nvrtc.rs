@@ -98,6 +98,11 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
 
 /// Compile one source for `arch` (e.g. `sm_90`) to a CUBIN, with ptxas' register report.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Compiled> {
+    compile_with(name, src, arch, &include_dirs())
+}
+
+/// [`compile`] with these include folders only.
+pub fn compile_with(name: &str, src: &str, arch: &str, includes: &[PathBuf]) -> Result<Compiled> {
     if !super::libraries().nvrtc {
         bail!("NVRTC (libnvrtc.so) cannot be loaded: install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and name its folder in {}", super::LIB_DIRS_VAR);
     }
@@ -106,7 +111,7 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Compiled> {
     let cname = CString::new(name).context("kernel name holds a NUL byte")?;
     let prog = result::create_program(&csrc, Some(&cname)).map_err(|e| anyhow!("NVRTC cannot create {name}: {e:?}"))?;
     let mut opts = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into(), "--fmad=true".into()];
-    for d in include_dirs() {
+    for d in includes {
         opts.push(format!("--include-path={}", d.display()));
     }
     // SAFETY: `prog` is live until destroyed below; the buffers are sized by NVRTC

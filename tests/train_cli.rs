@@ -140,7 +140,7 @@ while True:
 fn ctrl_c_saves_and_resume_finishes_the_run() {
     let d = tmpdir("ctrlc");
     let args = with(tiny(&d, "r"), &["--num-epochs", "4", "--eval-every", "0", "--grid-every", "0"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let r = d.join("r");
     let t0 = Instant::now();
     while steps(&r).is_empty() {

@@ -297,7 +297,19 @@ fn cmd_devices(json: bool) -> Result<()> {
                 for i in 0..d.device_count {
                     let d = cuda::probe(i)?;
                     println!("cuda:{i}: {} (sm_{}{}), {:.1} GiB", d.name, d.compute_capability.0, d.compute_capability.1, d.total_mem_bytes as f64 / (1u64 << 30) as f64);
-                    devs.push(serde_json::json!({"index": i, "name": d.name, "sm": format!("{}{}", d.compute_capability.0, d.compute_capability.1), "total_mem_bytes": d.total_mem_bytes}));
+                    // opening it compiles (or loads from the cache) the kernels and makes the handles
+                    let opened = match cuda::gpu(i) {
+                        Ok(g) => {
+                            let conv = cuda::conv::method(&g);
+                            println!("  ready: kernels for {} ({}), convolutions by {conv}, TF32 {}", g.arch, if g.kernels_cached { "from the cache" } else { "compiled now" }, if g.tf32 { "allowed" } else { "off" });
+                            serde_json::json!({"ok": true, "arch": g.arch, "kernels_cached": g.kernels_cached, "conv": conv, "tf32": g.tf32})
+                        }
+                        Err(e) => {
+                            println!("  cannot be used: {e:#}");
+                            serde_json::json!({"ok": false, "error": format!("{e:#}")})
+                        }
+                    };
+                    devs.push(serde_json::json!({"index": i, "name": d.name, "sm": format!("{}{}", d.compute_capability.0, d.compute_capability.1), "total_mem_bytes": d.total_mem_bytes, "open": opened}));
                 }
             }
             Err(e) => println!("no CUDA device: {e:#}"),

@@ -1,11 +1,11 @@
 //! The CUDA kernels of `kernels/*.cu`, run on the CPU, against the Rust CPU backend.
 //!
 //! No GPU is needed: each `.cu` file is compiled at run time by the system C++ compiler (`$CXX`,
-//! else `c++`) together with a small CUDA shim (`tests/kernel_shim/`: `__global__`, `threadIdx`,
+//! else `c++`) together with a small CUDA shim (`kernels/sim/`: `__global__`, `threadIdx`,
 //! `__syncthreads()` as a barrier, `__shared__` as static storage, `__half`, the `_rn`
 //! intrinsics) into a shared library, which is loaded with `libloading`. A launch of `grid`
 //! blocks of `block` threads runs `block` OS threads, each walking the blocks in order (see
-//! `tests/kernel_shim/runner.cpp`), so block-level reductions, barriers and grid-stride loops
+//! `kernels/sim/runner.cpp`), so block-level reductions, barriers and grid-stride loops
 //! all execute as written. Device pointers are host pointers here.
 //!
 //! Every kernel is called with the arguments its host wrapper in `src/backend/cuda/ops.rs` /
@@ -105,7 +105,7 @@ fn kernel_dir() -> PathBuf {
 }
 
 fn shim_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("kernel_shim")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels").join("sim")
 }
 
 /// The C++ compiler, if one runs.

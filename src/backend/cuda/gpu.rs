@@ -27,21 +27,45 @@ pub fn allow_tf32() -> bool {
     ALLOW_TF32.load(Ordering::SeqCst) || std::env::var("ORWCFM_ALLOW_TF32").is_ok_and(|v| v == "1")
 }
 
-/// The driver as the pool's source of memory.
-pub struct DriverAlloc {
-    ctx: Arc<CudaContext>,
+/// The pool's source of memory: the driver, or host memory for the simulated GPU.
+pub enum DriverAlloc {
+    Driver(Arc<CudaContext>),
+    Host,
 }
+
+const HOST_ALIGN: usize = 256;
 
 impl RawAlloc for DriverAlloc {
     fn alloc(&mut self, bytes: usize) -> Result<u64> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
-        // SAFETY: a plain allocation; the pool owns the pointer until it frees it
-        unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| anyhow!("cuMemAlloc of {bytes} bytes failed: {e}"))
+        match self {
+            DriverAlloc::Driver(ctx) => {
+                ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
+                // SAFETY: a plain allocation; the pool owns the pointer until it frees it
+                unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| anyhow!("cuMemAlloc of {bytes} bytes failed: {e}"))
+            }
+            DriverAlloc::Host => {
+                let layout = std::alloc::Layout::from_size_align(bytes.max(1), HOST_ALIGN)?;
+                // SAFETY: a non-zero size
+                let p = unsafe { std::alloc::alloc(layout) };
+                if p.is_null() {
+                    bail!("out of host memory for {bytes} bytes");
+                }
+                Ok(p as u64)
+            }
+        }
     }
-    fn free(&mut self, ptr: u64, _bytes: usize) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: `ptr` came from malloc_sync and no buffer refers to it any more
-            let _ = unsafe { cudarc::driver::result::free_sync(ptr) };
+    fn free(&mut self, ptr: u64, bytes: usize) {
+        match self {
+            DriverAlloc::Driver(ctx) => {
+                if ctx.bind_to_thread().is_ok() {
+                    // SAFETY: `ptr` came from malloc_sync and no buffer refers to it any more
+                    let _ = unsafe { cudarc::driver::result::free_sync(ptr) };
+                }
+            }
+            DriverAlloc::Host => {
+                // SAFETY: allocated above with this size class and alignment
+                unsafe { std::alloc::dealloc(ptr as *mut u8, std::alloc::Layout::from_size_align_unchecked(bytes.max(1), HOST_ALIGN)) }
+            }
         }
     }
 }
@@ -58,11 +82,16 @@ pub enum Arg<'a> {
 /// A `#[repr(C)]` struct passed to a kernel by value.
 pub trait PushStruct {
     fn push<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>);
+    /// Its address (a kernel parameter in CUDA's `void**` form).
+    fn raw(&self) -> *const std::ffi::c_void;
 }
 
 impl<T: DeviceRepr> PushStruct for T {
     fn push<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>) {
         b.arg(self);
+    }
+    fn raw(&self) -> *const std::ffi::c_void {
+        self as *const T as *const std::ffi::c_void
     }
 }
 
@@ -72,7 +101,22 @@ struct Handle<T>(T);
 unsafe impl<T> Send for Handle<T> {}
 unsafe impl<T> Sync for Handle<T> {}
 
-/// An open GPU.
+/// The driver-side parts of a real GPU.
+struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+    blas: Handle<cudarc::cublas::sys::cublasHandle_t>,
+    cudnn: Option<Handle<cudarc::cudnn::sys::cudnnHandle_t>>,
+}
+
+enum Engine {
+    Cuda(Cuda),
+    /// the CPU stand-in of `sim.rs`
+    Sim(super::sim::Sim),
+}
+
+/// An open GPU (or, in tests without one, the simulated GPU of `sim.rs`).
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
@@ -82,12 +126,8 @@ pub struct Gpu {
     pub tf32: bool,
     /// whether every kernel file came from the disk cache
     pub kernels_cached: bool,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    engine: Engine,
     pool: Mutex<Pool<DriverAlloc>>,
-    funcs: HashMap<String, CudaFunction>,
-    blas: Handle<cudarc::cublas::sys::cublasHandle_t>,
-    cudnn: Option<Handle<cudarc::cudnn::sys::cudnnHandle_t>>,
     /// serialises the library calls that share handles and workspaces
     pub(crate) exec: Mutex<()>,
     pub(crate) conv_cache: Mutex<HashMap<crate::backend::cpu::conv::ConvGeom, Option<super::conv::ConvPlan>>>,
@@ -104,7 +144,7 @@ pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     if let Some(g) = m.get(&ordinal) {
         return Ok(g.clone());
     }
-    let g = Arc::new(Gpu::open(ordinal)?);
+    let g = Arc::new(if super::sim::enabled() { Gpu::open_sim(ordinal)? } else { Gpu::open(ordinal)? });
     m.insert(ordinal, g.clone());
     Ok(g)
 }
@@ -182,7 +222,7 @@ impl Gpu {
             }
             None
         };
-        let pool = Mutex::new(Pool::new(DriverAlloc { ctx: ctx.clone() }));
+        let pool = Mutex::new(Pool::new(DriverAlloc::Driver(ctx.clone())));
         Ok(Gpu {
             ordinal,
             name: info.name,
@@ -190,36 +230,62 @@ impl Gpu {
             arch,
             tf32,
             kernels_cached: all_cached,
-            ctx,
-            stream,
+            engine: Engine::Cuda(Cuda { ctx, stream, funcs, blas: Handle(blas), cudnn }),
             pool,
-            funcs,
-            blas: Handle(blas),
-            cudnn,
             exec: Mutex::new(()),
             conv_cache: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(std::env::var_os("ORWCFM_CUDA_POISON").is_some()),
         })
     }
 
+    /// The simulated GPU of `sim.rs`: host memory, kernels through the C++ shim.
+    fn open_sim(ordinal: usize) -> Result<Gpu> {
+        let sim = super::sim::Sim::build()?;
+        Ok(Gpu {
+            ordinal,
+            name: "simulated GPU (the kernels on the CPU)".into(),
+            compute_capability: (0, 0),
+            arch: "sim".into(),
+            tf32: false,
+            kernels_cached: false,
+            engine: Engine::Sim(sim),
+            pool: Mutex::new(Pool::new(DriverAlloc::Host)),
+            exec: Mutex::new(()),
+            conv_cache: Mutex::new(HashMap::new()),
+            poison: AtomicBool::new(std::env::var_os("ORWCFM_CUDA_POISON").is_some()),
+        })
+    }
+
+    /// Whether this is the simulated GPU.
+    pub fn is_sim(&self) -> bool {
+        matches!(self.engine, Engine::Sim(_))
+    }
+
+    fn cuda(&self) -> Option<&Cuda> {
+        match &self.engine {
+            Engine::Cuda(c) => Some(c),
+            Engine::Sim(_) => None,
+        }
+    }
+
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("cuda:{}: {e}", self.ordinal))
+        match self.cuda() {
+            Some(c) => c.ctx.bind_to_thread().map_err(|e| anyhow!("cuda:{}: {e}", self.ordinal)),
+            None => Ok(()),
+        }
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
+        self.cuda().expect("a real GPU").stream.cu_stream()
     }
 
-    pub fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
-        self.stream.cu_stream()
-    }
-
+    /// The cuBLAS handle (a real GPU only: the simulated one runs GEMMs in `sim::gemm`).
     pub fn blas(&self) -> cudarc::cublas::sys::cublasHandle_t {
-        self.blas.0
+        self.cuda().expect("cuBLAS on a real GPU").blas.0
     }
 
     pub fn cudnn(&self) -> Option<cudarc::cudnn::sys::cudnnHandle_t> {
-        self.cudnn.as_ref().map(|h| h.0)
+        self.cuda().and_then(|c| c.cudnn.as_ref().map(|h| h.0))
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -233,7 +299,10 @@ impl Gpu {
 
     /// Wait for all queued work; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| anyhow!("cuda:{}: {e}", self.ordinal))
+        match self.cuda() {
+            Some(c) => c.stream.synchronize().map_err(|e| anyhow!("cuda:{}: {e}", self.ordinal)),
+            None => Ok(()),
+        }
     }
 
     /// Uninitialised room for `n` f32 values (at least one word).
@@ -255,6 +324,11 @@ impl Gpu {
     /// Host values to a new device buffer.
     pub fn upload(self: &Arc<Self>, data: &[f32]) -> Result<GpuBuf> {
         let b = self.alloc(data.len())?;
+        if self.is_sim() {
+            // SAFETY: `b` holds at least data.len() words of host memory
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr as *mut f32, data.len()) };
+            return Ok(b);
+        }
         if !data.is_empty() {
             self.bind()?;
             // SAFETY: `b` holds at least data.len() words; pageable memory is staged before return
@@ -271,6 +345,11 @@ impl Gpu {
     /// A device buffer's values to the host (waits for queued work).
     pub fn download(&self, b: &GpuBuf) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; b.len];
+        if self.is_sim() {
+            // SAFETY: `b` holds `len` words of host memory
+            unsafe { std::ptr::copy_nonoverlapping(b.ptr as *const f32, out.as_mut_ptr(), b.len) };
+            return Ok(out);
+        }
         if b.len > 0 {
             self.bind()?;
             // SAFETY: `b` holds `len` words written by earlier work on this stream
@@ -283,6 +362,11 @@ impl Gpu {
     /// A device copy of a buffer.
     pub fn duplicate(self: &Arc<Self>, b: &GpuBuf) -> Result<GpuBuf> {
         let out = self.alloc(b.len)?;
+        if self.is_sim() {
+            // SAFETY: both hold `len` words of host memory
+            unsafe { std::ptr::copy_nonoverlapping(b.ptr as *const f32, out.ptr as *mut f32, b.len) };
+            return Ok(out);
+        }
         if b.len > 0 {
             self.bind()?;
             // SAFETY: both hold `len` words
@@ -293,8 +377,26 @@ impl Gpu {
 
     /// Launch kernel `name` on the stream.
     pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        let f = self.funcs.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
-        let mut b = self.stream.launch_builder(f);
+        let cuda = match &self.engine {
+            Engine::Cuda(c) => c,
+            Engine::Sim(sim) => {
+                // CUDA's kernelParams: the address of each argument's value
+                let params: Vec<*mut std::ffi::c_void> = args
+                    .iter()
+                    .map(|a| match a {
+                        Arg::Ptr(p) => p as *const u64 as *mut std::ffi::c_void,
+                        Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
+                        Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+                        Arg::Struct(s) => s.raw() as *mut std::ffi::c_void,
+                    })
+                    .collect();
+                // every kernel is correct for any block size (a power of two for the row
+                // kernels): 8 keeps the OS threads few on a 2-core machine; the grid stays (partial sums use it)
+                return sim.launch(name, grid.max(1), block.min(8), &params);
+            }
+        };
+        let f = cuda.funcs.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
+        let mut b = cuda.stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::Ptr(p) => b.arg(p),

@@ -136,5 +136,6 @@ pub mod gpu;
 pub mod nvrtc;
 pub mod ops;
 pub mod pool;
+pub mod sim;
 
 pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf};

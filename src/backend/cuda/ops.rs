@@ -516,6 +516,9 @@ pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
         return Ok(());
     }
     let c = op.cublas();
+    if g.is_sim() {
+        return super::sim::gemm(&c);
+    }
     let t = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
     let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
     g.bind()?;

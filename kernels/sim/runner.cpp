@@ -26,3 +26,25 @@ extern "C" void shim_launch(int grid, int block, void (*body)(void*), void* ctx)
     for (auto& th : threads) th.join();
     shim_block_barrier = nullptr;
 }
+
+// For kernels without __syncthreads or __shared__ memory: no barrier is needed, so a few worker
+// threads share out the blocks and each runs a block's threads one after another.
+extern "C" void shim_launch_serial(int grid, int block, void (*body)(void*), void* ctx) {
+    gridDim.x = (unsigned)grid;
+    blockDim.x = (unsigned)block;
+    const int workers = grid < 4 ? (grid < 1 ? 1 : grid) : 4;
+    std::vector<std::thread> threads;
+    threads.reserve((size_t)workers);
+    for (int w = 0; w < workers; ++w) {
+        threads.emplace_back([=] {
+            for (int b = w; b < grid; b += workers) {
+                blockIdx.x = (unsigned)b;
+                for (int t = 0; t < block; ++t) {
+                    threadIdx.x = (unsigned)t;
+                    body(ctx);
+                }
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+}

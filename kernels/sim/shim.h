@@ -1,4 +1,4 @@
-// CUDA-on-CPU shim for tests/kernels_on_cpu.rs: the kernels of kernels/*.cu compiled by the host
+// CUDA-on-CPU shim (tests/kernels_on_cpu.rs, and the simulated device of src/backend/cuda/sim.rs): the kernels of kernels/*.cu compiled by the host
 // C++ compiler (`-include shim.h -x c++ kernels/X.cu runner.cpp`) and run with one OS thread per
 // GPU thread. Only what those kernels use is defined.
 //

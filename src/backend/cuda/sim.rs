@@ -82,7 +82,7 @@ pub fn barrier_kernels(src: &str) -> Vec<String> {
     for (i, _) in src.match_indices("__device__") {
         let rest = &src[i..];
         let Some(open) = rest.find('(') else { continue };
-        let name = rest[..open].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| !w.is_empty()).last().unwrap_or("").to_string();
+        let name = rest[..open].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).rfind(|w| !w.is_empty()).unwrap_or("").to_string();
         let end = rest.find("\n}\n").unwrap_or(rest.len());
         if uses(&rest[..end]) {
             helpers.push(name);

@@ -108,13 +108,6 @@ fn shim_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels").join("sim")
 }
 
-/// The C++ compiler, if one runs.
-fn cxx() -> Option<String> {
-    let c = std::env::var("CXX").ok().filter(|c| !c.trim().is_empty()).unwrap_or_else(|| "c++".into());
-    let ok = Command::new(&c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    ok.then_some(c)
-}
-
 fn require_shim() -> bool {
     std::env::var("ORWCFM_REQUIRE_SHIM").is_ok_and(|v| v == "1")
 }
@@ -141,7 +134,7 @@ extern "C" fn call_body(ctx: *mut c_void) {
 impl Lib {
     /// Compile and load `file`, or `None` (after saying so) when there is no C++ compiler.
     fn load(file: &'static str) -> Option<Lib> {
-        let Some(cc) = cxx() else {
+        let Some(cc) = orwcfm_fast::backend::cuda::sim::compiler() else {
             assert!(!require_shim(), "ORWCFM_REQUIRE_SHIM=1 but no C++ compiler runs ($CXX or c++)");
             println!("SKIPPED: no C++ compiler");
             return None;

@@ -157,12 +157,7 @@ impl Var {
                 let Some(pg) = pg else { continue };
                 debug_assert_eq!(pg.shape(), p.shape().as_slice(), "gradient shape from {}", node.0.name);
                 match grads.get_mut(&p.id()) {
-                    Some(acc) if acc.is_cuda() || pg.is_cuda() => {
-                        if !acc.is_cuda() {
-                            *acc = crate::backend::cuda::ops::on(&crate::backend::cuda::ops::gpu_of(&[&pg]), acc);
-                        }
-                        crate::backend::cuda::ops::axpby(1.0, &pg, 1.0, acc);
-                    }
+                    Some(acc) if acc.is_cuda() || pg.is_cuda() => crate::backend::cuda::ops::axpby(1.0, &pg, 1.0, acc),
                     Some(acc) => crate::backend::cpu::elementwise::add_assign(acc.data_mut(), pg.data()),
                     None => {
                         grads.insert(p.id(), pg);

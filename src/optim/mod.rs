@@ -124,9 +124,6 @@ pub fn ema_update(target: &mut [Tensor], source: &[Tensor], decay: f32) {
     assert_eq!(target.len(), source.len());
     for (t, s) in target.iter_mut().zip(source) {
         if t.is_cuda() || s.is_cuda() {
-            if !t.is_cuda() {
-                *t = crate::backend::cuda::ops::on(&crate::backend::cuda::ops::gpu_of(&[s]), t);
-            }
             crate::backend::cuda::ops::axpby(1.0 - decay, s, decay, t);
             continue;
         }

@@ -132,10 +132,35 @@ pub fn compile_with(name: &str, src: &str, arch: &str, includes: &[PathBuf]) -> 
     out
 }
 
+/// How every kernel is declared (one line each: the tests count these).
+pub const KERNEL_DECL: &str = "extern \"C\" __global__ void ";
+
 /// Names of the `extern "C" __global__` kernels a source declares.
 pub fn kernel_names(src: &str) -> Vec<String> {
-    let key = "extern \"C\" __global__ void ";
-    src.match_indices(key).filter_map(|(i, _)| src[i + key.len()..].split('(').next().map(|s| s.trim().to_string())).collect()
+    kernel_params(src).into_iter().map(|(name, _)| name).collect()
+}
+
+/// The parameter types of every `extern "C" __global__` kernel of a source, in order.
+pub fn kernel_params(src: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for (i, _) in src.match_indices(KERNEL_DECL) {
+        let rest = &src[i + KERNEL_DECL.len()..];
+        let Some(open) = rest.find('(') else { continue };
+        let Some(close) = rest[open..].find(')') else { continue };
+        let name = rest[..open].trim().to_string();
+        let params = rest[open + 1..open + close]
+            .split(',')
+            .map(|p| {
+                let p = p.replace("__restrict__", "");
+                let p = p.trim();
+                let ty = p.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_');
+                ty.trim().to_string()
+            })
+            .filter(|t| !t.is_empty())
+            .collect();
+        out.push((name, params));
+    }
+    out
 }
 
 /// Where compiled kernels are kept: `ORWCFM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/orwcfm-fast/kernels`,

@@ -195,9 +195,18 @@ pub fn full(g: &Arc<Gpu>, shape: &[usize], v: f32) -> Tensor {
     Tensor::from_gpu(y, shape)
 }
 
-/// `y ← a·x + b·y` in place (copying `y`'s buffer first if it is shared).
+/// Move an in-place target onto `g` (if it is on the CPU or another GPU).
+fn to_gpu_in_place(g: &Arc<Gpu>, t: &mut Tensor) {
+    if !matches!(t.gpu_buf(), Some(b) if b.gpu().ordinal == g.ordinal) {
+        *t = on(g, t);
+    }
+}
+
+/// `y ← a·x + b·y` in place (copying `y`'s buffer first if it is shared; a `y` on the CPU is
+/// moved to `x`'s GPU first).
 pub fn axpby(a: f32, x: &Tensor, b: f32, y: &mut Tensor) {
-    let g = gpu_of(&[y]);
+    let g = gpu_of(&[x, y]);
+    to_gpu_in_place(&g, y);
     let x = on(&g, x);
     assert_eq!(x.shape(), y.shape(), "axpby shapes");
     let n = y.numel() as i64;
@@ -713,12 +722,8 @@ pub fn attention_backward(qkv: &Tensor, probs: &Tensor, dout: &Tensor, a: &AttnG
 pub fn adam_step(p: &mut Tensor, gr: &Tensor, m: &mut Tensor, v: &mut Tensor, step_size: f32, beta1: f32, beta2: f32, eps: f32, bc2_sqrt: f32, weight_decay: f32) {
     let g = gpu_of(&[p]);
     let gr = on(&g, gr);
-    if !m.is_cuda() {
-        *m = on(&g, m);
-    }
-    if !v.is_cuda() {
-        *v = on(&g, v);
-    }
+    to_gpu_in_place(&g, m);
+    to_gpu_in_place(&g, v);
     let n = p.numel();
     let pp = ck(p.gpu_buf_mut(), "adam").ptr();
     let mp = ck(m.gpu_buf_mut(), "adam").ptr();

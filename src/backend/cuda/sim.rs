@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use anyhow::{anyhow, bail, Context, Result};
 use libloading::Library;
 
-use super::nvrtc::{kernel_names, KERNEL_SOURCES};
+use super::nvrtc::{kernel_names, kernel_params, KERNEL_DECL, KERNEL_SOURCES};
 use super::ops::CublasCall;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -50,30 +50,6 @@ const RUNNER: &str = include_str!("../../../kernels/sim/runner.cpp");
 type LaunchFn = unsafe extern "C" fn(i32, i32, extern "C" fn(*mut c_void), *mut c_void);
 type WrapFn = unsafe extern "C" fn(*mut *mut c_void);
 
-/// The parameter types of every `extern "C" __global__` kernel of a source, in order.
-pub fn kernel_params(src: &str) -> Vec<(String, Vec<String>)> {
-    let key = "extern \"C\" __global__ void ";
-    let mut out = Vec::new();
-    for (i, _) in src.match_indices(key) {
-        let rest = &src[i + key.len()..];
-        let Some(open) = rest.find('(') else { continue };
-        let Some(close) = rest[open..].find(')') else { continue };
-        let name = rest[..open].trim().to_string();
-        let params = rest[open + 1..open + close]
-            .split(',')
-            .map(|p| {
-                let p = p.replace("__restrict__", "");
-                let p = p.trim();
-                let ty = p.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_');
-                ty.trim().to_string()
-            })
-            .filter(|t| !t.is_empty())
-            .collect();
-        out.push((name, params));
-    }
-    out
-}
-
 /// Kernels of `src` that need their threads to run at once: they (or a `__device__` function they
 /// call) use `__syncthreads` or `__shared__` memory. The others run serially per block.
 pub fn barrier_kernels(src: &str) -> Vec<String> {
@@ -88,8 +64,7 @@ pub fn barrier_kernels(src: &str) -> Vec<String> {
             helpers.push(name);
         }
     }
-    let key = "extern \"C\" __global__ void ";
-    let starts: Vec<usize> = src.match_indices(key).map(|(i, _)| i).collect();
+    let starts: Vec<usize> = src.match_indices(KERNEL_DECL).map(|(i, _)| i).collect();
     let mut out = Vec::new();
     for (n, &i) in starts.iter().enumerate() {
         let body = &src[i..starts.get(n + 1).copied().unwrap_or(src.len())];

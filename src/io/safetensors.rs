@@ -108,6 +108,7 @@ pub fn serialize(tensors: &[(String, Out)], dtype: DType, metadata: &HashMap<Str
                     DType::F32 => (Dtype::F32, bytemuck::cast_slice(t.data()).to_vec()),
                     DType::F16 => (Dtype::F16, bytemuck::cast_slice(&t.to_f16()).to_vec()),
                     DType::BF16 => (Dtype::BF16, bytemuck::cast_slice(&t.to_bf16()).to_vec()),
+                    DType::I32 => bail!("tensor '{name}': i32 is not a float dtype to save floats as"),
                 };
                 bufs.push((name.clone(), dt, t.shape().to_vec(), bytes));
             }

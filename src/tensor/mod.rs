@@ -54,12 +54,13 @@ impl fmt::Display for Device {
     }
 }
 
-/// Element types that tensors can be loaded from or saved as. Computation is in f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Element types of a tensor's storage: f32, f16 and bf16 values, i32 labels and indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    I32,
 }
 
 impl DType {
@@ -68,14 +69,33 @@ impl DType {
             "f32" | "float32" | "float" => Ok(DType::F32),
             "f16" | "float16" | "half" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
-            _ => bail!("unknown dtype '{s}': expected f32, f16 or bf16"),
+            "i32" | "int32" => Ok(DType::I32),
+            _ => bail!("unknown dtype '{s}': expected f32, f16, bf16 or i32"),
         }
     }
+    /// Bytes per element.
     pub fn size(&self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
+    }
+    pub fn is_float(&self) -> bool {
+        !matches!(self, DType::I32)
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -6,42 +6,7 @@ use rayon::prelude::*;
 use super::simd::{softmax_backward_inplace, softmax_inplace};
 use super::gemm::{sgemm, Mat};
 
-/// Channel layout of the qkv tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QkvOrder {
-    /// `QKVAttentionLegacy`: heads first, `[h0: q k v | h1: q k v | …]`.
-    Legacy,
-    /// `QKVAttention` (use_new_attention_order): `[q (all heads) | k | v]`.
-    New,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct AttnGeom {
-    pub b: usize,
-    pub heads: usize,
-    /// channels per head
-    pub ch: usize,
-    pub t: usize,
-    pub order: QkvOrder,
-}
-
-impl AttnGeom {
-    /// Offsets (in elements) of q, k, v for batch `bi`, head `h` within qkv.
-    fn offsets(&self, bi: usize, h: usize) -> (usize, usize, usize) {
-        let c = self.heads * self.ch;
-        let base = bi * 3 * c * self.t;
-        match self.order {
-            QkvOrder::Legacy => {
-                let o = base + h * 3 * self.ch * self.t;
-                (o, o + self.ch * self.t, o + 2 * self.ch * self.t)
-            }
-            QkvOrder::New => {
-                let o = base + h * self.ch * self.t;
-                (o, o + c * self.t, o + 2 * c * self.t)
-            }
-        }
-    }
-}
+pub use crate::backend::geom::{AttnGeom, QkvOrder};
 
 /// Forward. Returns `(out [B, C, T], probs [B·H, T, T])`; the probabilities are kept for backward.
 pub fn attention_forward(qkv: &[f32], g: &AttnGeom) -> (Vec<f32>, Vec<f32>) {

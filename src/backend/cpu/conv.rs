@@ -6,33 +6,7 @@ use super::gemm::{sgemm, threads_for, Mat};
 use super::winograd;
 
 /// Geometry of one conv2d call (also the key of the GPU's per-shape convolution plans).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConvGeom {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
-
-impl ConvGeom {
-    pub fn ho(&self) -> usize {
-        (self.h + 2 * self.pad - self.kh) / self.stride + 1
-    }
-    pub fn wo(&self) -> usize {
-        (self.w + 2 * self.pad - self.kw) / self.stride + 1
-    }
-    fn k(&self) -> usize {
-        self.cin * self.kh * self.kw
-    }
-    fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
-}
+pub use crate::backend::geom::ConvGeom;
 
 /// Valid output columns `[lo, hi)` for kernel column `kj` with stride 1: those reading inside the row.
 #[inline]

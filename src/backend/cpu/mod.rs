@@ -35,3 +35,5 @@ pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + 
     }
     acc
 }
+pub mod storage;
+pub use storage::CpuStorage;

@@ -137,5 +137,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod pool;
 pub mod sim;
+pub mod storage;
+pub use storage::CudaStorage;
 
 pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf};

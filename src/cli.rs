@@ -381,9 +381,9 @@ pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, d
     for i in 0..warmup + iters {
         let s = Instant::now();
         let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), y.as_deref(), &mut Forward { dropout_rng: Some(&mut rng) })?;
-        let loss = ops::mse_loss(&v, &Var::constant(target.clone()));
-        let g = loss.backward();
-        std::hint::black_box(model.params().grads(&g));
+        let loss = ops::mse_loss(&v, &Var::constant(target.clone()))?;
+        let g = loss.backward()?;
+        std::hint::black_box(model.params().grads(&g)?);
         sync()?;
         if i >= warmup {
             fb.push(s.elapsed().as_secs_f64() * 1e3);

@@ -305,23 +305,23 @@ impl<M: VelocityField> Trainer<M> {
 
         let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.rng_dropout) } else { None } };
         let loss = orw_loss(&self.net, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
-        let (total, fm_loss, w2_loss) = (loss.total.value().item(), loss.fm, loss.w2);
+        let (total, fm_loss, w2_loss) = (loss.total.value().scalar_value()?, loss.fm, loss.w2);
         if !total.is_finite() {
             bail!("the loss is not finite at step {} (fm {}, w2 {}); lower the learning rate or the temperature", self.step, loss.fm, loss.w2);
         }
         let mut grads = {
-            let g = loss.total.backward();
-            self.net.params().grads(&g)
+            let g = loss.total.backward()?;
+            self.net.params().grads(&g)?
         };
         drop(loss);
-        let gnorm = if self.cfg.grad_clip > 0.0 { clip_grad_norm(&mut grads, self.cfg.grad_clip) } else { grad_norm(&grads) };
+        let gnorm = if self.cfg.grad_clip > 0.0 { clip_grad_norm(&mut grads, self.cfg.grad_clip)? } else { grad_norm(&grads)? };
         if !gnorm.is_finite() {
             bail!("the gradient norm is not finite at step {}", self.step);
         }
         let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
-        self.adam.step_params(self.net.params(), &grads, lr);
+        self.adam.step_params(self.net.params(), &grads, lr)?;
         if let Some(ema) = &self.ema {
-            ema_update_params(ema.params(), self.net.params(), self.cfg.ema_decay);
+            ema_update_params(ema.params(), self.net.params(), self.cfg.ema_decay)?;
         }
 
         let epoch = self.epoch;

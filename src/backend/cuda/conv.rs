@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use super::gpu::{cudnn_ok, Arg, Gpu};
+#[cfg(any())]
 use super::ops::{add_channel_bias, ck, gemm, gpu_of, on, sum_to_shape, Operand};
 use crate::backend::cpu::conv::ConvGeom;
 use crate::tensor::Tensor;
@@ -152,6 +153,7 @@ fn with_plan<R>(g: &Gpu, k: &ConvGeom, f: impl FnOnce(&ConvPlan) -> Result<R>) -
     }
 }
 
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 fn ptr(t: &Tensor) -> u64 {
     t.gpu_buf().expect("tensor on the GPU").ptr()
 }
@@ -189,6 +191,7 @@ fn zero() -> *const c_void {
 }
 
 /// `conv2d(x, w) + b` → `[N, Cout, Ho, Wo]`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvGeom) -> Tensor {
     let g = gpu_of(&[x, w]);
     let (x, w) = (on(&g, x), on(&g, w));
@@ -228,6 +231,7 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvGeom) 
 }
 
 /// `(dx if need_dx, dw, db)` of [`conv2d_forward`] given `dy`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, c: &ConvGeom, need_dx: bool) -> (Option<Tensor>, Tensor, Tensor) {
     let g = gpu_of(&[x, w, dy]);
     let (x, w, dy) = (on(&g, x), on(&g, w), on(&g, dy));

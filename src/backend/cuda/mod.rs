@@ -137,6 +137,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod pool;
 pub mod sim;
+pub mod pending;
 pub mod storage;
 pub use storage::CudaStorage;
 

@@ -21,6 +21,7 @@ pub(crate) fn ck<T>(r: Result<T>, op: &str) -> T {
 }
 
 /// The GPU of the first CUDA tensor among `ts`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn gpu_of(ts: &[&Tensor]) -> Arc<Gpu> {
     for t in ts {
         if let Some(b) = t.gpu_buf() {
@@ -31,6 +32,7 @@ pub fn gpu_of(ts: &[&Tensor]) -> Arc<Gpu> {
 }
 
 /// `t` on `g` (uploaded if it is on the CPU).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn on(g: &Arc<Gpu>, t: &Tensor) -> Tensor {
     match t.gpu_buf() {
         Some(b) if b.gpu().ordinal == g.ordinal => t.clone(),
@@ -38,6 +40,7 @@ pub fn on(g: &Arc<Gpu>, t: &Tensor) -> Tensor {
     }
 }
 
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 fn ptr(t: &Tensor) -> u64 {
     t.gpu_buf().expect("tensor on the GPU").ptr()
 }
@@ -154,6 +157,7 @@ pub enum Un {
 }
 
 /// `f(a, b)` broadcast to `out_shape` (CPU: `elementwise::binary`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn binary(a: &Tensor, b: &Tensor, out_shape: &[usize], op: Bin) -> Tensor {
     let g = gpu_of(&[a, b]);
     let (a, b) = (on(&g, a), on(&g, b));
@@ -169,6 +173,7 @@ pub fn binary(a: &Tensor, b: &Tensor, out_shape: &[usize], op: Bin) -> Tensor {
 }
 
 /// `f(x)` element-wise; `s` is the scalar of `AddScalar`/`MulScalar`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn unary(x: &Tensor, op: Un, s: f32) -> Tensor {
     let g = gpu_of(&[x]);
     let n = x.numel();
@@ -178,6 +183,7 @@ pub fn unary(x: &Tensor, op: Un, s: f32) -> Tensor {
 }
 
 /// The input gradient of `unary(x, op)` given its output `y` and output gradient `gy`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn unary_backward(op: Un, gy: &Tensor, x: &Tensor, y: &Tensor) -> Tensor {
     let g = gpu_of(&[gy, x, y]);
     let (gy, x, y) = (on(&g, gy), on(&g, x), on(&g, y));
@@ -188,6 +194,7 @@ pub fn unary_backward(op: Un, gy: &Tensor, x: &Tensor, y: &Tensor) -> Tensor {
 }
 
 /// A tensor of `shape` filled with `v` on `g`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn full(g: &Arc<Gpu>, shape: &[usize], v: f32) -> Tensor {
     let n: usize = shape.iter().product();
     let y = out(g, shape, "full");
@@ -196,6 +203,7 @@ pub fn full(g: &Arc<Gpu>, shape: &[usize], v: f32) -> Tensor {
 }
 
 /// Move an in-place target onto `g` (if it is on the CPU or another GPU).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 fn to_gpu_in_place(g: &Arc<Gpu>, t: &mut Tensor) {
     if !matches!(t.gpu_buf(), Some(b) if b.gpu().ordinal == g.ordinal) {
         *t = on(g, t);
@@ -204,6 +212,7 @@ fn to_gpu_in_place(g: &Arc<Gpu>, t: &mut Tensor) {
 
 /// `y ← a·x + b·y` in place (copying `y`'s buffer first if it is shared; a `y` on the CPU is
 /// moved to `x`'s GPU first).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn axpby(a: f32, x: &Tensor, b: f32, y: &mut Tensor) {
     let g = gpu_of(&[x, y]);
     to_gpu_in_place(&g, y);
@@ -215,6 +224,7 @@ pub fn axpby(a: f32, x: &Tensor, b: f32, y: &mut Tensor) {
 }
 
 /// `x ← x·s` in place.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn scale_in_place(x: &mut Tensor, s: f32) {
     let g = gpu_of(&[x]);
     let n = x.numel() as i64;
@@ -225,6 +235,7 @@ pub fn scale_in_place(x: &mut Tensor, s: f32) {
 // ---------------------------------------------------------------- reductions and layout
 
 /// `x` (of shape `from`) summed down to `to` (CPU: `elementwise::sum_to_shape`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn sum_to_shape(x: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
     let g = gpu_of(&[x]);
     let (geom, out_n, red_n) = ReduceGeom::new(from, to);
@@ -238,6 +249,7 @@ pub fn sum_to_shape(x: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
 
 /// A copy of the strided view `(shape, strides)` of `x`'s buffer (CPU: `gather_strided`):
 /// permutations, and broadcasts (stride 0).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn gather_strided(x: &Tensor, shape: &[usize], strides: &[usize]) -> Tensor {
     let g = gpu_of(&[x]);
     let n: usize = shape.iter().product();
@@ -248,6 +260,7 @@ pub fn gather_strided(x: &Tensor, shape: &[usize], strides: &[usize]) -> Tensor 
 }
 
 /// `x` of shape `from` repeated to `to` (CPU: `broadcast_to`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn broadcast_to(x: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
     if from == to {
         return x.reshape(to);
@@ -256,6 +269,7 @@ pub fn broadcast_to(x: &Tensor, from: &[usize], to: &[usize]) -> Tensor {
 }
 
 /// Sum of squares of every element of every tensor (f64), one download for all.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn sum_squares(ts: &[&Tensor]) -> f64 {
     if ts.is_empty() {
         return 0.0;
@@ -272,6 +286,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> f64 {
     words.chunks(2).map(|w| f64::from_bits(w[0].to_bits() as u64 | ((w[1].to_bits() as u64) << 32))).sum()
 }
 
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 fn rows_op(name: &'static str, a: &Tensor, b: Option<&Tensor>, n: usize) -> Tensor {
     let g = gpu_of(&[a]);
     let rows = a.numel() / n;
@@ -287,18 +302,22 @@ fn rows_op(name: &'static str, a: &Tensor, b: Option<&Tensor>, n: usize) -> Tens
 }
 
 /// Softmax over rows of `n` (CPU: `softmax_rows`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn softmax_rows(x: &Tensor, n: usize) -> Tensor {
     rows_op("softmax_rows_f32", x, None, n)
 }
 /// CPU: `softmax_rows_backward`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn softmax_rows_backward(y: &Tensor, dy: &Tensor, n: usize) -> Tensor {
     rows_op("softmax_rows_backward_f32", y, Some(dy), n)
 }
 /// Log-softmax over rows of `n` (CPU: `ops::log_softmax`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn log_softmax_rows(x: &Tensor, n: usize) -> Tensor {
     rows_op("log_softmax_rows_f32", x, None, n)
 }
 /// `dx = g − exp(y)·Σg` per row, `y` the log-probabilities.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn log_softmax_rows_backward(y: &Tensor, gy: &Tensor, n: usize) -> Tensor {
     rows_op("log_softmax_rows_backward_f32", y, Some(gy), n)
 }
@@ -314,6 +333,7 @@ fn copy_slab(g: &Gpu, src: u64, dst: u64, outer: usize, len: usize, src_stride: 
 }
 
 /// Concatenation along `axis` (CPU: `elementwise::concat`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn concat(parts: &[Tensor], axis: usize) -> Tensor {
     let refs: Vec<&Tensor> = parts.iter().collect();
     let g = gpu_of(&refs);
@@ -332,6 +352,7 @@ pub fn concat(parts: &[Tensor], axis: usize) -> Tensor {
 }
 
 /// `[start, start+len)` along `axis` (CPU: `elementwise::narrow`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Tensor {
     let g = gpu_of(&[x]);
     let shape = x.shape();
@@ -344,6 +365,7 @@ pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Tensor {
 }
 
 /// The gradient of [`narrow`]: `gy` placed in zeros of `shape` (CPU: `narrow_backward`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn narrow_backward(gy: &Tensor, shape: &[usize], axis: usize, start: usize, len: usize) -> Tensor {
     let g = gpu_of(&[gy]);
     let (outer, inner) = outer_inner(shape, axis);
@@ -352,6 +374,7 @@ pub fn narrow_backward(gy: &Tensor, shape: &[usize], axis: usize, start: usize, 
     y
 }
 
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 fn image_op(name: &'static str, x: &Tensor, out_shape: &[usize], nc: usize, h: usize, w: usize) -> Tensor {
     let g = gpu_of(&[x]);
     let y = out(&g, out_shape, name);
@@ -361,27 +384,32 @@ fn image_op(name: &'static str, x: &Tensor, out_shape: &[usize], nc: usize, h: u
 }
 
 /// Nearest 2× upsampling of `[N, C, H, W]`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn upsample2x(x: &Tensor) -> Tensor {
     let s = x.shape();
     image_op("upsample2x_f32", x, &[s[0], s[1], 2 * s[2], 2 * s[3]], s[0] * s[1], s[2], s[3])
 }
 /// Its gradient: `gy [N, C, 2H, 2W] → [N, C, H, W]` (`in_shape`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn upsample2x_backward(gy: &Tensor, in_shape: &[usize]) -> Tensor {
     let s = in_shape;
     image_op("upsample2x_backward_f32", gy, s, s[0] * s[1], s[2], s[3])
 }
 /// 2×2 average pooling, stride 2.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn avgpool2x(x: &Tensor) -> Tensor {
     let s = x.shape();
     image_op("avgpool2x_f32", x, &[s[0], s[1], s[2] / 2, s[3] / 2], s[0] * s[1], s[2], s[3])
 }
 /// Its gradient, to `in_shape`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn avgpool2x_backward(gy: &Tensor, in_shape: &[usize]) -> Tensor {
     let s = in_shape;
     image_op("avgpool2x_backward_f32", gy, s, s[0] * s[1], s[2], s[3])
 }
 
 /// Row `ids[r]` of `w [num, dim]` for each r.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn embedding(w: &Tensor, ids: &[usize]) -> Tensor {
     let g = gpu_of(&[w]);
     let dim = w.shape()[1];
@@ -392,6 +420,7 @@ pub fn embedding(w: &Tensor, ids: &[usize]) -> Tensor {
 }
 
 /// The weight gradient of [`embedding`].
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn embedding_backward(gy: &Tensor, ids: &[usize], num: usize) -> Tensor {
     let g = gpu_of(&[gy]);
     let dim = gy.shape()[1];
@@ -403,6 +432,7 @@ pub fn embedding_backward(gy: &Tensor, ids: &[usize], num: usize) -> Tensor {
 }
 
 /// torchcfm's sinusoidal embedding of `t [B]` → `[B, dim]`.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f32) -> Tensor {
     let g = gpu_of(&[t]);
     let b = t.numel();
@@ -413,6 +443,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f32) -> Tensor {
 }
 
 /// Its gradient with respect to `t`, from the embedding `emb` and its gradient.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn timestep_embedding_backward(emb: &Tensor, gy: &Tensor, max_period: f32) -> Tensor {
     let g = gpu_of(&[emb, gy]);
     let gy = on(&g, gy);
@@ -424,6 +455,7 @@ pub fn timestep_embedding_backward(emb: &Tensor, gy: &Tensor, max_period: f32) -
 }
 
 /// `y[n, c, s] += bias[c]` in place.
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn add_channel_bias(y: &mut Tensor, bias: &Tensor) {
     let g = gpu_of(&[y]);
     let bias = on(&g, bias);
@@ -445,9 +477,11 @@ pub struct Operand {
 }
 
 impl Operand {
+    #[cfg(any())]
     pub fn n(t: &Tensor) -> Operand {
         Operand { ptr: ptr(t), trans: false, batch_stride: 0 }
     }
+    #[cfg(any())]
     pub fn t(t: &Tensor) -> Operand {
         Operand { ptr: ptr(t), trans: true, batch_stride: 0 }
     }
@@ -555,6 +589,7 @@ pub fn gemm(g: &Gpu, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: u6
 /// `a [M, K] · b [K, N]` with optional transposes of the stored matrices: `ta` means `a` is
 /// stored `[K, M]`, `tb` that `b` is stored `[N, K]`.
 #[allow(clippy::too_many_arguments)]
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn matmul(a: &Tensor, ta: bool, b: &Tensor, tb: bool, m: usize, n: usize, k: usize, alpha: f32) -> Tensor {
     let g = gpu_of(&[a, b]);
     let (a, b) = (on(&g, a), on(&g, b));
@@ -566,6 +601,7 @@ pub fn matmul(a: &Tensor, ta: bool, b: &Tensor, tb: bool, m: usize, n: usize, k:
 
 /// `x [N, I] · wᵀ + b` with `w [O, I]` (CPU: `ops::linear`: the bias is laid down first, then
 /// the product accumulated onto it).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     let g = gpu_of(&[x, w]);
     let (x, w) = (on(&g, x), on(&g, w));
@@ -584,6 +620,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
 
 /// GroupNorm forward: `(y, mean, rstd)` (CPU: `norm::group_norm_forward`).
 #[allow(clippy::too_many_arguments)]
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, n: usize, c: usize, s: usize, groups: usize, eps: f32) -> (Tensor, Tensor, Tensor) {
     let g = gpu_of(&[x]);
     let (gamma, beta) = (on(&g, gamma), on(&g, beta));
@@ -609,6 +646,7 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, n: usize, c: usize,
 
 /// GroupNorm backward: `(dx, dgamma, dbeta)`.
 #[allow(clippy::too_many_arguments)]
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn group_norm_backward(x: &Tensor, dy: &Tensor, gamma: &Tensor, mean: &Tensor, rstd: &Tensor, n: usize, c: usize, s: usize, groups: usize) -> (Tensor, Tensor, Tensor) {
     let g = gpu_of(&[x]);
     let (dy, gamma) = (on(&g, dy), on(&g, gamma));
@@ -681,6 +719,7 @@ pub fn attention_backward_gemms(a: &AttnGeom, qkv: u64, probs: u64, dout: u64, d
 }
 
 /// torchcfm's QKV attention: `(out [B, C, T], probs [B·H, T, T])` (CPU: `attention_forward`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn attention(qkv: &Tensor, a: &AttnGeom) -> (Tensor, Tensor) {
     let g = gpu_of(&[qkv]);
     let (t, ch, bh) = (a.t, a.ch, a.b * a.heads);
@@ -698,6 +737,7 @@ pub fn attention(qkv: &Tensor, a: &AttnGeom) -> (Tensor, Tensor) {
 }
 
 /// `dqkv` from `dout` and the saved probabilities (CPU: `attention_backward`).
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn attention_backward(qkv: &Tensor, probs: &Tensor, dout: &Tensor, a: &AttnGeom) -> Tensor {
     let g = gpu_of(&[qkv]);
     let dout = on(&g, dout);
@@ -719,6 +759,7 @@ pub fn attention_backward(qkv: &Tensor, probs: &Tensor, dout: &Tensor, a: &AttnG
 
 /// One Adam update of `p` with gradient `gr` and moments `m`, `v`, all in place (CPU: `Adam::step`).
 #[allow(clippy::too_many_arguments)]
+#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
 pub fn adam_step(p: &mut Tensor, gr: &Tensor, m: &mut Tensor, v: &mut Tensor, step_size: f32, beta1: f32, beta2: f32, eps: f32, bc2_sqrt: f32, weight_decay: f32) {
     let g = gpu_of(&[p]);
     let gr = on(&g, gr);

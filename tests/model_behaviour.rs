@@ -75,7 +75,7 @@ fn inference_records_no_tape_and_training_does() {
     assert!(!v.requires_grad() && v.is_leaf());
     let v = f.model.forward(&Var::constant(t), &Var::constant(x), None, &mut Forward { dropout_rng: None }).unwrap();
     assert!(v.requires_grad());
-    let g = ops::mean_all(&ops::square(&v)).backward();
+    let g = ops::mean_all(&ops::square(&v).unwrap()).unwrap().backward().unwrap();
     let n_nonzero = f.model.params().vars().iter().filter(|p| g.get(p).is_some()).count();
     assert_eq!(n_nonzero, f.model.params().len());
 }

@@ -37,6 +37,11 @@ impl Device {
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
     }
 
+    /// Whether this is a GPU.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
     /// Check that tensors can be placed on this device (opens a GPU on first use).
     pub fn ensure_available(&self) -> Result<()> {
         match self {

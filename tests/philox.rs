@@ -68,7 +68,7 @@ fn normals_are_box_muller_of_the_lane_pairs() {
     let (seed, off, n) = (0xdead_beef_u64, 3u64, 4003usize);
     let z = normal(seed, off, n);
     let mut worst = 0.0f64;
-    for i in 0..n {
+    for (i, &zi) in z.iter().enumerate() {
         let pair = i & !1;
         let (a, b) = (element_u32(seed, off, pair), element_u32(seed, off, pair + 1));
         let u1 = ((a >> 8) + 1) as f64 / 16_777_216.0;
@@ -76,7 +76,7 @@ fn normals_are_box_muller_of_the_lane_pairs() {
         let r = (-2.0 * u1.ln()).sqrt();
         let th = std::f64::consts::TAU * u2;
         let want = if i % 2 == 0 { r * th.cos() } else { r * th.sin() };
-        worst = worst.max((z[i] as f64 - want).abs());
+        worst = worst.max((zi as f64 - want).abs());
     }
     // f32 evaluation against f64: 2π u2 rounds (≤ 2⁻²² absolute in θ) times r ≤ 5.8
     assert!(worst < 5e-6, "worst |f32 − f64| {worst:e}");
@@ -106,7 +106,8 @@ fn large_draws_do_not_depend_on_the_thread_count() {
     let n = 300_001usize;
     let (seed, off) = (0x5eed_u64, 12_345u64);
     let reference_u: Vec<u32> = (0..n).map(|i| element_u32(seed, off, i) >> 8).collect();
-    let mut first: Option<(Vec<u32>, Vec<u32>, Vec<u32>, Vec<u32>)> = None;
+    type Draws = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<u32>);
+    let mut first: Option<Draws> = None;
     for threads in [1usize, 2, 3, 7] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let got = pool.install(|| {

@@ -16,7 +16,10 @@
 //! 256). Each result is compared with the Rust CPU twin named in the kernel's comments:
 //! relative error (`util::rel_err`) ≤ 1e-6 where the kernel is meant to round like the CPU,
 //! ≤ 1e-5 where it is not (libm `expf` vs the CPU's polynomial `exp_f32`, double vs f32 sums);
-//! outputs start as NaN, so an element left unwritten fails.
+//! outputs start as NaN, so an element left unwritten fails. The random-number kernels of
+//! `rng.cu` are compared with `rng::philox` bit for bit (uniforms, dropout), the normals within
+//! 2 ulp (both sides use the host's `logf`/`sinf`/`cosf` here; on a GPU CUDA's `logf` and
+//! `sincosf`, ≤ 1 and ≤ 2 ulp, may put a normal a few ulp from the CPU's).
 //!
 //! Every `__global__` kernel of every `.cu` file must be launched by the test of its file
 //! ([`TESTED`], checked against the sources): a new kernel without a CPU check fails here.
@@ -84,6 +87,7 @@ const TESTED: &[(&str, &[&str])] = &[
     ),
     ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
+    ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_mask_f32", "dropout_f32"]),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -1040,5 +1044,105 @@ fn conv_kernels_match_the_cpu_backend() {
             c.f32s("col2im_f32", &format!("col2im(Wᵀ·dy) vs conv2d_backward dx, {}", case(sh)), &dx, &want_dx, APPROX);
         }
     }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- rng.cu
+
+/// Distance in ulps between two f32 (equal bits: 0; a NaN or a sign change of non-zeros: huge).
+fn ulps(a: f32, b: f32) -> u64 {
+    if a.to_bits() == b.to_bits() {
+        return 0;
+    }
+    if a.is_nan() || b.is_nan() {
+        return u64::MAX;
+    }
+    let key = |v: f32| {
+        let b = v.to_bits() as i64;
+        if b & 0x8000_0000 != 0 { -(b & 0x7fff_ffff) } else { b }
+    };
+    (key(a) - key(b)).unsigned_abs()
+}
+
+#[test]
+fn rng_kernels_match_the_cpu_twin() {
+    use orwcfm_fast::rng::philox;
+    let Some(lib) = Lib::load("rng.cu") else { return };
+    let mut c = Checks::new("rng.cu");
+    type Fill = unsafe extern "C" fn(M, I, u64, u64);
+    type Mask = unsafe extern "C" fn(M, I, f32, u64, u64);
+    type Apply = unsafe extern "C" fn(P, M, M, I, f32, u64, u64);
+    let k_uniform: Fill = lib.k("philox_uniform_f32");
+    let k_normal: Fill = lib.k("philox_normal_f32");
+    let k_mask: Mask = lib.k("dropout_mask_f32");
+    let k_apply: Apply = lib.k("dropout_f32");
+    let mut r = Rng::new(0x5eed_0006);
+    // bit-identical, or the problem: how many elements differ, the first of them
+    let exact = |c: &mut Checks, kernel: &str, case: &str, got: &[f32], want: &[f32]| {
+        let diff: Vec<usize> = (0..want.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+        let problem = (!diff.is_empty()).then(|| format!("{} of {} elements differ, first at {}: got {} want {}", diff.len(), want.len(), diff[0], got[diff[0]], want[diff[0]]));
+        c.record(kernel, case, rel_err(got, want), EXACT, problem);
+    };
+    let mut worst_normal_ulps = 0u64;
+    let mut normal_differing = 0usize;
+    // sizes around the 4-element block, one past the CPU's parallel threshold; seeds with high
+    // words, offsets across the 2^32 and 2^64 boundaries
+    let draws: [(usize, u64, u64); 7] = [
+        (1, 0, 0),
+        (3, 1, 5),
+        (4, 0xdead_beef_0000_0001, 0xffff_ffff),
+        (1001, 42, u64::MAX - 100),
+        (4099, u64::MAX, 1 << 40),
+        (70_001, 0x0123_4567_89ab_cdef, 3),
+        (262, 7, u64::MAX),
+    ];
+    for (n, seed, offset) in draws {
+        let mut want_u = vec![0.0; n];
+        philox::fill_uniform(seed, offset, &mut want_u);
+        let mut want_z = vec![0.0; n];
+        philox::fill_normal(seed, offset, &mut want_z);
+        for sh in shapes_n(n) {
+            let case = format!("n {n} seed {seed:#x} offset {offset:#x}, {sh:?}");
+            let mut y = nan(n);
+            let yp = addr_mut(&mut y);
+            lib.launch(sh, &|| unsafe { k_uniform(yp as M, n as I, seed, offset) });
+            exact(&mut c, "philox_uniform_f32", &case, &y, &want_u);
+            let mut z = nan(n);
+            let zp = addr_mut(&mut z);
+            lib.launch(sh, &|| unsafe { k_normal(zp as M, n as I, seed, offset) });
+            let worst = z.iter().zip(&want_z).map(|(&a, &b)| ulps(a, b)).max().unwrap();
+            worst_normal_ulps = worst_normal_ulps.max(worst);
+            normal_differing += z.iter().zip(&want_z).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let problem = (worst > 2).then(|| format!("a normal {worst} ulp from the CPU's (rel err {:.3e})", rel_err(&z, &want_z)));
+            // (the table's tolerance: 2 ulp relative, 2·2⁻²³; the check itself counts ulps)
+            c.record("philox_normal_f32", &case, rel_err(&z, &want_z), 2.0 * f32::EPSILON as f64, problem);
+        }
+        for p in [0.0f32, 0.1, 0.5, 0.9, 1.0] {
+            let mut want_m = vec![0.0; n];
+            philox::dropout_mask(seed, offset, p, &mut want_m);
+            let x = scaled(r.normal_vec(n), 3.0);
+            let mut want_y = vec![0.0; n];
+            philox::dropout(seed, offset, p, &x, &mut want_y, None);
+            for sh in shapes_n(n) {
+                let case = format!("n {n} p {p} seed {seed:#x} offset {offset:#x}, {sh:?}");
+                let mut m = nan(n);
+                let mp = addr_mut(&mut m);
+                lib.launch(sh, &|| unsafe { k_mask(mp as M, n as I, p, seed, offset) });
+                exact(&mut c, "dropout_mask_f32", &case, &m, &want_m);
+                // with the mask written
+                let (mut y, mut m) = (nan(n), nan(n));
+                let (xp, yp, mp) = (addr(&x), addr_mut(&mut y), addr_mut(&mut m));
+                lib.launch(sh, &|| unsafe { k_apply(xp as P, yp as M, mp as M, n as I, p, seed, offset) });
+                exact(&mut c, "dropout_f32", &format!("y, {case}"), &y, &want_y);
+                exact(&mut c, "dropout_f32", &format!("mask, {case}"), &m, &want_m);
+                // in place, no mask
+                let mut y = x.clone();
+                let yp = addr_mut(&mut y);
+                lib.launch(sh, &|| unsafe { k_apply(yp as P, yp as M, std::ptr::null_mut(), n as I, p, seed, offset) });
+                exact(&mut c, "dropout_f32", &format!("in place, no mask, {case}"), &y, &want_y);
+            }
+        }
+    }
+    println!("philox_normal_f32: worst {worst_normal_ulps} ulp from rng::philox::fill_normal, {normal_differing} elements not bit-identical");
     c.finish(&lib);
 }

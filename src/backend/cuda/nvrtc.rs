@@ -14,6 +14,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("shape.cu", include_str!("../../../kernels/shape.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("conv.cu", include_str!("../../../kernels/conv.cu")),
+    ("rng.cu", include_str!("../../../kernels/rng.cu")),
 ];
 
 /// Register use of one compiled kernel, from ptxas' report.

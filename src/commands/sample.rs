@@ -48,6 +48,9 @@ pub struct SamplerArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Precision of the model's weights and activations: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
 }
 
 fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
@@ -66,6 +69,7 @@ fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
     let (orw, prod) = resolve(None, flags)?;
     let mut m = load_base(&orw, &prod)?;
     m.to_device(dev)?;
+    m.to_precision(crate::tensor::DType::parse_precision(&a.precision)?)?;
     Ok(m)
 }
 
@@ -115,7 +119,7 @@ pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], referen
     let solver = OdeSolver::parse(&a.solver, a.atol, a.rtol)?;
     let refx = match reference {
         Some(p) => {
-            let m = model_of(&SamplerArgs { model: Some(p.clone()), key: None, unet_config: a.unet_config.clone(), num: a.num, solver: a.solver.clone(), steps: a.steps, atol: a.atol, rtol: a.rtol, seed: a.seed, device: a.device.clone() })?;
+            let m = model_of(&SamplerArgs { model: Some(p.clone()), key: None, unet_config: a.unet_config.clone(), num: a.num, solver: a.solver.clone(), steps: a.steps, atol: a.atol, rtol: a.rtol, seed: a.seed, device: a.device.clone(), precision: a.precision.clone() })?;
             Some(evaluate(&m, a.num, &solver, a.steps, a.seed ^ 0x2EF, r.as_mut(), None, None)?.0)
         }
         None => None,

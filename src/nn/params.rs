@@ -132,6 +132,20 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Cast every parameter to `dtype` (no copy for those already in it).
+    pub fn to_dtype(&self, dtype: crate::tensor::DType) -> Result<()> {
+        for (n, v) in self.iter() {
+            let t = v.value().to_dtype(dtype).with_context(|| format!("casting parameter {n} to {dtype}"))?;
+            v.set_value(t);
+        }
+        Ok(())
+    }
+
+    /// The dtype of the parameters (the first one's; f32 for an empty store).
+    pub fn dtype(&self) -> crate::tensor::DType {
+        self.vars.first().map(|v| v.value().dtype()).unwrap_or(crate::tensor::DType::F32)
+    }
+
     /// The device of the parameters (the first one's; the CPU for an empty store).
     pub fn device(&self) -> crate::tensor::Device {
         self.vars.first().map(|v| v.value().device()).unwrap_or(crate::tensor::Device::Cpu)

@@ -8,7 +8,7 @@ use crate::autograd::ops::{self, *};
 use crate::autograd::Var;
 use crate::backend::cpu::attention::QkvOrder;
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 const GN_GROUPS: usize = 32;
 const GN_EPS: f32 = 1e-5;
@@ -419,8 +419,13 @@ impl UNetModel {
     /// `v = model(t, x, y)`. `t`: scalar or `[B]`; `x`: `[B, C, H, W]`; `y`: labels when class-conditional.
     pub fn forward(&self, t: &Var, x: &Var, y: Option<&[usize]>, fw: &mut Forward) -> Result<Var> {
         let t = self.check_inputs(t, x, y)?;
+        // mixed precision: activations in the parameters' dtype (the sinusoidal embedding is
+        // computed in f32 and then cast, as autocast does); the velocity comes back in f32
+        let dt = self.params.dtype();
+        let x = &ops::to_dtype(x, dt)?;
         let mc = self.config.num_channels;
-        let mut emb = self.lin(&self.time_embed.1, &silu(&self.lin(&self.time_embed.0, &timestep_embedding(&t, mc)?)?)?)?;
+        let temb = ops::to_dtype(&timestep_embedding(&ops::to_dtype(&t, DType::F32)?, mc)?, dt)?;
+        let mut emb = self.lin(&self.time_embed.1, &silu(&self.lin(&self.time_embed.0, &temb)?)?)?;
         if let (Some(le), Some(y)) = (self.label_emb, y) {
             emb = ops::add(&emb, &embedding(self.p(le), y)?)?;
         }
@@ -447,7 +452,7 @@ impl UNetModel {
                 h = self.layer(l, &h, &emb_silu, fw)?;
             }
         }
-        self.conv(&self.out_conv, &silu(&self.norm(&self.out_norm, &h)?)?)
+        ops::to_dtype(&self.conv(&self.out_conv, &silu(&self.norm(&self.out_norm, &h)?)?)?, DType::F32)
     }
 
     /// Inference: no tape, no dropout.

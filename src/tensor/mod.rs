@@ -81,6 +81,13 @@ impl DType {
             _ => bail!("unknown dtype '{s}': expected f32, f16, bf16 or i32"),
         }
     }
+    /// A `--precision` value: a float dtype.
+    pub fn parse_precision(s: &str) -> Result<DType> {
+        match DType::parse(s) {
+            Ok(d) if d.is_float() => Ok(d),
+            _ => bail!("unknown precision '{s}': expected f32, f16 or bf16"),
+        }
+    }
     /// Bytes per element.
     pub fn size(&self) -> usize {
         match self {

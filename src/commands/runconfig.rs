@@ -42,8 +42,10 @@ pub struct ProductConfig {
     /// Save a PNG grid of samples every this many epochs (and at the start and the end).
     pub grid_every: u64,
     pub grid_samples: usize,
-    /// cpu (cuda comes with the CUDA backend).
+    /// cpu, cuda or cuda:N.
     pub device: String,
+    /// f32, f16 or bf16 (see `Trainer::set_precision`).
+    pub precision: String,
     /// No progress bar or lines, only errors and the final summary.
     pub quiet: bool,
 }
@@ -66,6 +68,7 @@ impl Default for ProductConfig {
             grid_every: 5,
             grid_samples: 64,
             device: "cpu".into(),
+            precision: "f32".into(),
             quiet: false,
         }
     }

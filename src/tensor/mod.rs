@@ -37,6 +37,14 @@ impl Device {
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
     }
 
+    /// Wait for the work queued on this device (a no-op on the CPU); surfaces asynchronous GPU errors.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => crate::backend::cuda::gpu(*i)?.sync(),
+        }
+    }
+
     /// Whether this is a GPU.
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))

@@ -105,9 +105,11 @@ impl GnCase {
     }
 }
 
+/// `(y, gn_out, pre_act, mean, rstd)`
+type GnReference = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// The unfused forward: `group_norm_forward`, then broadcast `· (1 + scale)`, `+ shift`, `silu`.
-/// Returns `(y, gn_out, pre_act, mean, rstd)`.
-fn gn_reference(k: &GnCase, act: Act) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+fn gn_reference(k: &GnCase, act: Act) -> GnReference {
     let GnGeom { n, c, s, groups, eps } = k.g;
     let (full, per) = ([n, c, s], [n, c, 1]);
     let (y0, mean, rstd) = group_norm_forward(&k.x, n, c, s, groups, eps, &k.gamma, &k.beta);
@@ -323,7 +325,7 @@ fn flash_attention_backward_matches_unfused() {
 fn flash_attention_default_tiles_many_tiles() {
     for (i, order) in [QkvOrder::Legacy, QkvOrder::New].into_iter().enumerate() {
         let g = geom(2, 3, 32, 200, order);
-        assert!(g.t >= 3 * FLASH_TILE && g.t % FLASH_TILE != 0);
+        assert!(g.t >= 3 * FLASH_TILE && !g.t.is_multiple_of(FLASH_TILE));
         let qkv = qkv_data(&g, 700 + i as u64);
         let dout = randn(g.b * g.heads * g.ch * g.t, 710 + i as u64);
         let (out, lse) = flash_attention_forward(&qkv, &g);
@@ -547,4 +549,28 @@ fn ode_combine_backward_and_finite_differences() {
             fwd(&x, &kk)
         });
     }
+}
+
+/// `cargo test --release --test fused_cpu -- --ignored --nocapture flash_attention_timing`
+#[test]
+#[ignore = "timing, not a check"]
+fn flash_attention_timing() {
+    use std::time::Instant;
+    let g = geom(8, 4, 32, 256, QkvOrder::Legacy);
+    let qkv = qkv_data(&g, 1);
+    let dout = randn(g.b * g.heads * g.ch * g.t, 2);
+    let best = |f: &dyn Fn()| (0..7).map(|_| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64() * 1e3
+    }).fold(f64::INFINITY, f64::min);
+    let (o, l) = flash_attention_forward(&qkv, &g);
+    let (_, p) = attention_forward(&qkv, &g);
+    let ff = best(&|| drop(flash_attention_forward(&qkv, &g)));
+    let fb = best(&|| drop(flash_attention_backward(&qkv, &o, &l, &dout, &g)));
+    let rf = best(&|| drop(attention_forward(&qkv, &g)));
+    let rb = best(&|| drop(attention_backward(&qkv, &p, &dout, &g)));
+    eprintln!("{g:?}, {} threads", rayon::current_num_threads());
+    eprintln!("flash:    fwd {ff:.2} ms, bwd {fb:.2} ms, total {:.2} ms; saved lse {} KiB", ff + fb, l.len() * 4 / 1024);
+    eprintln!("existing: fwd {rf:.2} ms, bwd {rb:.2} ms, total {:.2} ms; saved probs {} KiB", rf + rb, p.len() * 4 / 1024);
 }

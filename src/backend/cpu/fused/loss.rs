@@ -23,7 +23,7 @@ pub struct OrwLossValue {
 
 fn check(v: &[f32], u: &[f32], vref: Option<&[f32]>, w: &[f32], alpha: f32) -> usize {
     let b = w.len();
-    assert!(b > 0 && v.len() % b == 0, "orw_loss: {} values for a batch of {b}", v.len());
+    assert!(b > 0 && v.len().is_multiple_of(b), "orw_loss: {} values for a batch of {b}", v.len());
     assert_eq!(u.len(), v.len(), "orw_loss: u length");
     if let Some(r) = vref {
         assert_eq!(r.len(), v.len(), "orw_loss: v_ref length");

@@ -6,6 +6,10 @@
 //! * [`loss`]: the ORW-CFM-W2 loss values and `dL/dv` in one pass;
 //! * [`ode`]: `x + Σ c_i k_i` (the Euler / midpoint / RK4 step combinations).
 //!
+//! What each backward needs (besides its forward's inputs and the upstream gradient):
+//! `group_norm_act_backward`: the forward's `mean`, `rstd [N·groups]` (f32); flash attention:
+//! the forward's `out [B, C, T]` and `lse [B·heads, T]`; the loss and the ODE combination: nothing.
+//!
 //! Every reduction runs in a fixed order (per-block partial sums added sequentially), so results
 //! do not depend on the number of rayon threads.
 

@@ -33,7 +33,7 @@ pub struct GnGeom {
 
 impl GnGeom {
     fn check(&self, x: usize, gamma: usize, beta: usize, scale: Option<usize>, shift: Option<usize>) {
-        assert!(self.groups > 0 && self.c % self.groups == 0, "group_norm_act: {} channels in {} groups", self.c, self.groups);
+        assert!(self.groups > 0 && self.c.is_multiple_of(self.groups), "group_norm_act: {} channels in {} groups", self.c, self.groups);
         assert_eq!(x, self.n * self.c * self.s, "group_norm_act: x length");
         assert!(gamma == self.c && beta == self.c, "group_norm_act: gamma/beta length");
         for l in [scale, shift].into_iter().flatten() {

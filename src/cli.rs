@@ -210,6 +210,9 @@ fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str) -> Result<
     check_writable(out)?;
     let inp = st::load(input).with_context(|| "reading the forward inputs".to_string())?;
     let x = inp.get("x").ok_or_else(|| anyhow!("{} has no tensor 'x' (found: {})", input.display(), inp.names().join(", ")))?.clone();
+    if x.shape().first() == Some(&0) {
+        bail!("'x' in {} has shape {:?}: the batch is empty (B = 0); give at least one input", input.display(), x.shape());
+    }
     let t = match inp.get("t") {
         Some(t) => t.clone(),
         None => bail!("{} has no tensor 't' (found: {})", input.display(), inp.names().join(", ")),

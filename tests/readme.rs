@@ -53,3 +53,18 @@ fn the_preset_paragraph_states_the_presets_values() {
     assert_eq!(num_after(&p, paper, "grid, ") as u64, o.num_epochs, "paper num_epochs");
     assert_eq!(num_after(&p, paper, "epochs × ") as u64, o.steps_per_epoch, "paper steps_per_epoch");
 }
+
+/// Every command line of the README (a line starting `orwcfm-fast `) is inside a fenced block,
+/// and every fence is closed.
+#[test]
+fn command_lines_are_inside_code_blocks() {
+    let mut open = false;
+    for (i, l) in readme().lines().enumerate() {
+        if l.trim_start().starts_with("```") {
+            open = !open;
+        } else if l.starts_with("orwcfm-fast ") {
+            assert!(open, "README line {}: a command outside a code block: {l}", i + 1);
+        }
+    }
+    assert!(!open, "README ends inside a code block");
+}

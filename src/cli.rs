@@ -144,6 +144,7 @@ pub enum BenchCmd {
         unet_config: String,
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Timed iterations (the median is reported).

@@ -300,3 +300,21 @@ fn empty_requests_are_one_clear_line() {
     assert!(e.contains("[0, 1, 28, 28]") && e.contains("batch is empty"), "{e}");
     assert!(!out.exists());
 }
+
+/// Every subcommand with `--device` says in its help which devices there are.
+#[test]
+fn device_help_names_cpu_and_cuda() {
+    for cmd in [&["train"][..], &["forward"], &["sample"], &["eval"], &["bench", "unet"]] {
+        let r = run(&[cmd, &["--help"]].concat());
+        assert!(r.ok, "{cmd:?}: {}", r.stderr);
+        // the description: the rest of the flag's line and the lines up to the next flag
+        let mut lines = r.stdout.lines().skip_while(|l| !l.contains("--device <DEVICE>"));
+        let first = lines.next().unwrap_or_else(|| panic!("{cmd:?} --help has no --device: {}", r.stdout));
+        let mut desc = first[first.find("--device <DEVICE>").unwrap() + "--device <DEVICE>".len()..].to_string();
+        for l in lines.take_while(|l| !l.trim().is_empty() && !l.trim_start().starts_with('-')) {
+            desc = desc + " " + l;
+        }
+        let desc = desc.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(desc.starts_with("cpu, cuda or cuda:N"), "{cmd:?}: --device is described as {desc:?}");
+    }
+}

@@ -42,7 +42,7 @@ pub struct ProductConfig {
     /// Save a PNG grid of samples every this many epochs (and at the start and the end).
     pub grid_every: u64,
     pub grid_samples: usize,
-    /// cpu (cuda comes with the CUDA backend).
+    /// cpu, cuda or cuda:N.
     pub device: String,
     /// No progress bar or lines, only errors and the final summary.
     pub quiet: bool,

@@ -125,7 +125,7 @@ flags! {
         /// Sample grid every N epochs.
         grid_every: u64,
         grid_samples: usize,
-        /// cpu.
+        /// cpu, cuda or cuda:N.
         device: String,
     }
     switches {

@@ -147,6 +147,7 @@ pub enum BenchCmd {
         unet_config: String,
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Precision of weights and activations: f32, f16 or bf16 (GEMMs and convolutions
@@ -218,6 +219,9 @@ fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str, precision:
     check_writable(out)?;
     let inp = st::load(input).with_context(|| "reading the forward inputs".to_string())?;
     let x = inp.get("x").ok_or_else(|| anyhow!("{} has no tensor 'x' (found: {})", input.display(), inp.names().join(", ")))?.clone();
+    if x.shape().first() == Some(&0) {
+        bail!("'x' in {} has shape {:?}: the batch is empty (B = 0); give at least one input", input.display(), x.shape());
+    }
     let t = match inp.get("t") {
         Some(t) => t.clone(),
         None => bail!("{} has no tensor 't' (found: {})", input.display(), inp.names().join(", ")),

@@ -53,6 +53,16 @@ pub struct SamplerArgs {
     pub precision: String,
 }
 
+impl SamplerArgs {
+    /// Reject values that cannot be sampled, before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        if self.num == 0 {
+            anyhow::bail!("-n/--num must be at least 1 (the number of samples), got 0");
+        }
+        Ok(())
+    }
+}
+
 fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
     let dev = Device::parse(&a.device)?;
     dev.ensure_available()?;
@@ -76,6 +86,7 @@ fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
 /// Draw samples to a PNG grid and/or a safetensors file (`x` [N,C,H,W] in [-1,1], `y` for
 /// class-conditional models).
 pub fn run_sample(a: &SamplerArgs, grid: Option<&PathBuf>, out: Option<&PathBuf>) -> Result<()> {
+    a.validate()?;
     if grid.is_none() && out.is_none() {
         anyhow::bail!("give --grid FILE.png and/or --out FILE.safetensors");
     }
@@ -110,6 +121,7 @@ pub fn run_sample(a: &SamplerArgs, grid: Option<&PathBuf>, out: Option<&PathBuf>
 
 /// Reward and diversity of a model's samples (and their distance to a reference model's).
 pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], reference: Option<&String>, json: bool) -> Result<()> {
+    a.validate()?;
     let model = model_of(a)?;
     let mut flags = Map::new();
     flags.insert("reward".into(), reward.into());

@@ -125,7 +125,7 @@ flags! {
         /// Sample grid every N epochs.
         grid_every: u64,
         grid_samples: usize,
-        /// cpu.
+        /// cpu, cuda or cuda:N.
         device: String,
         /// f32, f16 or bf16: weights and activations of the forward/backward pass in that dtype,
         /// f32 master weights and Adam moments (f16 with dynamic loss scaling).

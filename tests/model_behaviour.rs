@@ -127,6 +127,6 @@ fn an_empty_batch_does_not_panic() {
     let v = m.predict(&t, &x, None).unwrap();
     assert_eq!(v.shape(), &[0, 1, 8, 8]);
     let v = m.forward(&Var::constant(t), &Var::constant(x), None, &mut Forward { dropout_rng: None }).unwrap();
-    let g = ops::sum_all(&v).backward();
+    let g = ops::sum_all(&v).unwrap().backward().unwrap();
     assert!(m.params().vars().iter().all(|p| g.get(p).is_none_or(|d| d.data().iter().all(|&e| e == 0.0))));
 }

@@ -3,12 +3,12 @@
 //! of `L = Σ out ⊙ G` (≤ 3e-3 relative L2 over the checked elements, 1e-4 for the linear and
 //! quadratic ops), on awkward sizes.
 
-use orwcfm_fast::backend::cpu::attention::{attention_backward, attention_forward, AttnGeom, QkvOrder};
+use orwcfm_fast::backend::cpu::attention::{AttnGeom, QkvOrder, attention_backward, attention_forward};
 use orwcfm_fast::backend::cpu::elementwise::{binary, map, sum_to_shape, zip_map};
 use orwcfm_fast::backend::cpu::fused::*;
 use orwcfm_fast::backend::cpu::norm::{group_norm_backward, group_norm_forward};
 use orwcfm_fast::backend::cpu::simd::{silu, silu_backward};
-use orwcfm_fast::flow::ode::{odeint, OdeSolver};
+use orwcfm_fast::flow::ode::{OdeSolver, odeint};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::Tensor;
 
@@ -211,8 +211,7 @@ fn group_norm_act_backward_matches_unfused() {
 
 #[test]
 fn group_norm_act_finite_differences() {
-    for (ci, &(n, c, s, groups, sc, sh, act)) in
-        [(2, 6, 5, 3, true, true, Act::Silu), (2, 6, 7, 2, false, false, Act::Silu), (1, 4, 6, 2, true, false, Act::None), (3, 3, 4, 1, false, true, Act::Silu)].iter().enumerate()
+    for (ci, &(n, c, s, groups, sc, sh, act)) in [(2, 6, 5, 3, true, true, Act::Silu), (2, 6, 7, 2, false, false, Act::Silu), (1, 4, 6, 2, true, false, Act::None), (3, 3, 4, 1, false, true, Act::Silu)].iter().enumerate()
     {
         let k = gn_case(n, c, s, groups, sc, sh, 300 + ci as u64 * 10);
         let gy = randn(k.x.len(), 999 + ci as u64);
@@ -270,9 +269,7 @@ fn lse_reference(qkv: &[f32], g: &AttnGeom) -> Vec<f32> {
                 QkvOrder::New => (base + h * ch * t, base + c * t + h * ch * t),
             };
             for i in 0..t {
-                let s: Vec<f64> = (0..t)
-                    .map(|j| (0..ch).map(|cc| qkv[oq + cc * t + i] as f64 * qkv[ok + cc * t + j] as f64).sum::<f64>() / (ch as f64).sqrt())
-                    .collect();
+                let s: Vec<f64> = (0..t).map(|j| (0..ch).map(|cc| qkv[oq + cc * t + i] as f64 * qkv[ok + cc * t + j] as f64).sum::<f64>() / (ch as f64).sqrt()).collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 out.push((m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln()) as f32);
             }
@@ -282,8 +279,7 @@ fn lse_reference(qkv: &[f32], g: &AttnGeom) -> Vec<f32> {
 }
 
 /// (b, heads, ch, t, br, bc): T not a multiple of the tiles, a single partial tile, tiles of one.
-const ATTN_CASES: [(usize, usize, usize, usize, usize, usize); 6] =
-    [(2, 3, 5, 37, 8, 11), (1, 2, 7, 29, 16, 16), (2, 1, 6, 23, 64, 64), (1, 2, 3, 13, 1, 4), (3, 2, 4, 31, 10, 3), (2, 2, 8, 50, 13, 50)];
+const ATTN_CASES: [(usize, usize, usize, usize, usize, usize); 6] = [(2, 3, 5, 37, 8, 11), (1, 2, 7, 29, 16, 16), (2, 1, 6, 23, 64, 64), (1, 2, 3, 13, 1, 4), (3, 2, 4, 31, 10, 3), (2, 2, 8, 50, 13, 50)];
 
 #[test]
 fn flash_attention_forward_matches_unfused() {
@@ -559,11 +555,15 @@ fn flash_attention_timing() {
     let g = geom(8, 4, 32, 256, QkvOrder::Legacy);
     let qkv = qkv_data(&g, 1);
     let dout = randn(g.b * g.heads * g.ch * g.t, 2);
-    let best = |f: &dyn Fn()| (0..7).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64() * 1e3
-    }).fold(f64::INFINITY, f64::min);
+    let best = |f: &dyn Fn()| {
+        (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
     let (o, l) = flash_attention_forward(&qkv, &g);
     let (_, p) = attention_forward(&qkv, &g);
     let ff = best(&|| drop(flash_attention_forward(&qkv, &g)));

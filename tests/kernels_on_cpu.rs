@@ -40,33 +40,20 @@ use std::sync::Mutex;
 
 use half::f16;
 use libloading::Library;
-use orwcfm_fast::autograd::{ops, Var};
-use orwcfm_fast::backend::cpu::conv::{conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward, ConvGeom};
+use orwcfm_fast::autograd::{Var, ops};
+use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward};
 use orwcfm_fast::backend::cpu::{elementwise as ew, norm, simd};
 use orwcfm_fast::backend::cuda::ops::{BinGeom, ReduceGeom, Strided};
-use orwcfm_fast::optim::{ema_update, grad_norm, Adam};
+use orwcfm_fast::optim::{Adam, ema_update, grad_norm};
 use orwcfm_fast::rng::Rng;
-use orwcfm_fast::tensor::{contiguous_strides, Tensor};
+use orwcfm_fast::tensor::{Tensor, contiguous_strides};
 use orwcfm_fast::util::rel_err;
 
 /// The kernels of each `.cu` file; each file's test below launches every one of them.
 const TESTED: &[(&str, &[&str])] = &[
     (
         "elementwise.cu",
-        &[
-            "silu_forward_f32",
-            "silu_backward_f32",
-            "silu_forward_f16",
-            "axpy_f32",
-            "adam_step_f32",
-            "orw_loss_rows_f32",
-            "fill_f32",
-            "axpby_f32",
-            "unary_f32",
-            "unary_backward_f32",
-            "binary_f32",
-            "binary_same_f32",
-        ],
+        &["silu_forward_f32", "silu_backward_f32", "silu_forward_f16", "axpy_f32", "adam_step_f32", "orw_loss_rows_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"],
     ),
     ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
     (
@@ -309,12 +296,7 @@ fn parse_kernels(src: &str) -> BTreeSet<String> {
 #[test]
 fn every_kernel_has_a_cpu_shim_check() {
     let dir = kernel_dir();
-    let mut files: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".cu"))
-        .collect();
+    let mut files: Vec<String> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.ends_with(".cu")).collect();
     files.sort();
     let listed: BTreeMap<&str, BTreeSet<String>> = TESTED.iter().map(|(f, ks)| (*f, ks.iter().map(|k| k.to_string()).collect())).collect();
     let mut problems = Vec::new();
@@ -1087,15 +1069,7 @@ fn rng_kernels_match_the_cpu_twin() {
     let mut normal_differing = 0usize;
     // sizes around the 4-element block, one past the CPU's parallel threshold; seeds with high
     // words, offsets across the 2^32 and 2^64 boundaries
-    let draws: [(usize, u64, u64); 7] = [
-        (1, 0, 0),
-        (3, 1, 5),
-        (4, 0xdead_beef_0000_0001, 0xffff_ffff),
-        (1001, 42, u64::MAX - 100),
-        (4099, u64::MAX, 1 << 40),
-        (70_001, 0x0123_4567_89ab_cdef, 3),
-        (262, 7, u64::MAX),
-    ];
+    let draws: [(usize, u64, u64); 7] = [(1, 0, 0), (3, 1, 5), (4, 0xdead_beef_0000_0001, 0xffff_ffff), (1001, 42, u64::MAX - 100), (4099, u64::MAX, 1 << 40), (70_001, 0x0123_4567_89ab_cdef, 3), (262, 7, u64::MAX)];
     for (n, seed, offset) in draws {
         let mut want_u = vec![0.0; n];
         philox::fill_uniform(seed, offset, &mut want_u);

@@ -3,7 +3,7 @@
 //! the state round trip, and the statistics of uniforms, normals and dropout masks.
 //! (Its CUDA kernels are checked against it in tests/kernels_on_cpu.rs.)
 
-use orwcfm_fast::rng::philox::{self, block, blocks_for, counter, dropout, dropout_mask, fill_normal, fill_uniform, key, philox4x32_10, Philox};
+use orwcfm_fast::rng::philox::{self, Philox, block, blocks_for, counter, dropout, dropout_mask, fill_normal, fill_uniform, key, philox4x32_10};
 
 /// Random123's kat_vectors for philox4x32 with 10 rounds: (counter, key, result).
 const KAT: [([u32; 4], [u32; 2], [u32; 4]); 3] = [

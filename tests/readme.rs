@@ -1,6 +1,6 @@
 //! The README states facts the code defines: they are checked here so the two cannot drift.
 
-use orwcfm_fast::commands::runconfig::{preset, ProductConfig};
+use orwcfm_fast::commands::runconfig::{ProductConfig, preset};
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()

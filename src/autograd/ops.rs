@@ -1,7 +1,7 @@
 //! Differentiable ops. Each computes its value with [`Tensor`]'s ops (so on whatever device and
 //! in whatever dtype its inputs are) and records a backward written once, in tensor ops.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::Var;
 use crate::backend::{QkvOrder, UnaryOp};

@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::params::ParamStore;
-use crate::autograd::{no_grad, ops, Var};
+use crate::autograd::{Var, no_grad, ops};
 use crate::io::safetensors as st;
 use crate::optim::Adam;
 use crate::rng::Rng;
@@ -39,7 +39,7 @@ impl ClassifierConfig {
         if self.in_channels == 0 || self.num_classes < 2 || self.hidden == 0 || self.channels.is_empty() || self.channels.contains(&0) {
             bail!("invalid classifier config {self:?}");
         }
-        if self.image_size == 0 || self.image_size % f != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(f) {
             bail!("classifier image_size {} must be divisible by 2^{} (one halving per conv stage)", self.image_size, self.channels.len());
         }
         Ok(())
@@ -129,7 +129,13 @@ impl Classifier {
         let mut p = l.to_vec();
         for row in p.chunks_mut(k) {
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = row.iter_mut().map(|v| { *v = (*v - m).exp(); *v }).sum();
+            let s: f32 = row
+                .iter_mut()
+                .map(|v| {
+                    *v = (*v - m).exp();
+                    *v
+                })
+                .sum();
             row.iter_mut().for_each(|v| *v /= s);
         }
         Ok(Tensor::from_vec(p, &[l.shape()[0], k]))

@@ -1,7 +1,7 @@
 //! Optimisation: Adam with PyTorch's semantics, torchcfm's linear warm-up, global gradient-norm
 //! clipping like `torch.nn.utils.clip_grad_norm_`, and an exponential moving average of weights.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::backend::AdamStep;
 use crate::nn::ParamStore;

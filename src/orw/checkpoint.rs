@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
 
 use super::config::OrwConfig;
 use super::trainer::{Batch, SamplePool, Trainer};
-use crate::io::safetensors::{self as st, write_atomic, Out};
+use crate::io::safetensors::{self as st, Out, write_atomic};
 use crate::nn::VelocityField;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -113,11 +113,7 @@ impl<M: VelocityField> Trainer<M> {
     }
 
     fn prune_checkpoints(&self, ckdir: &Path, keep_name: &str) -> Result<()> {
-        let mut names: Vec<String> = std::fs::read_dir(ckdir)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("step-"))
-            .collect();
+        let mut names: Vec<String> = std::fs::read_dir(ckdir)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-")).collect();
         names.sort();
         let keep = self.cfg.keep_checkpoints.max(1);
         if names.len() > keep {
@@ -135,10 +131,10 @@ impl<M: VelocityField> Trainer<M> {
         self.net.save_file(&dir.join("net.safetensors"))?;
         // fault injection for tests: `ORWCFM_FAIL_CHECKPOINT=<run folder>` fails saves into that run
         // folder after their first file, as a full disk would
-        if let (Some(v), Some(run)) = (std::env::var_os("ORWCFM_FAIL_CHECKPOINT"), &self.run_dir) {
-            if Path::new(&v) == run.as_path() {
-                bail!("injected failure (ORWCFM_FAIL_CHECKPOINT) after writing net.safetensors");
-            }
+        if let (Some(v), Some(run)) = (std::env::var_os("ORWCFM_FAIL_CHECKPOINT"), &self.run_dir)
+            && Path::new(&v) == run.as_path()
+        {
+            bail!("injected failure (ORWCFM_FAIL_CHECKPOINT) after writing net.safetensors");
         }
         self.last_policy.save_file(&dir.join("last_policy.safetensors"))?;
         if let Some(e) = &self.ema {
@@ -293,10 +289,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         return Ok(());
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-        .collect();
+    let kept: Vec<&str> = text.lines().filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)).collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {
         out.push('\n');

@@ -159,11 +159,7 @@ pub fn dropout_scale(p: f32) -> f32 {
 /// Dropout's mask value from one lane: `scale` when `uniform_of(x) ≥ p`, else 0.
 #[inline]
 pub fn keep_of(x: u32, p: f32, scale: f32) -> f32 {
-    if uniform_of(x) >= p {
-        scale
-    } else {
-        0.0
-    }
+    if uniform_of(x) >= p { scale } else { 0.0 }
 }
 
 fn check_p(p: f32) {

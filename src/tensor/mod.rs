@@ -9,8 +9,8 @@
 mod ops;
 pub mod storage;
 
+use anyhow::{Result, bail};
 use std::fmt;
-use anyhow::{bail, Result};
 
 /// Where a tensor lives. The CPU is the reference backend; CUDA devices are named here so that
 /// configuration and command lines can speak of them.
@@ -31,9 +31,10 @@ impl Device {
             return Ok(Device::Cuda(0));
         }
         if let Some(n) = s.strip_prefix("cuda:")
-            && let Ok(i) = n.parse::<usize>() {
-                return Ok(Device::Cuda(i));
-            }
+            && let Ok(i) = n.parse::<usize>()
+        {
+            return Ok(Device::Cuda(i));
+        }
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
     }
 

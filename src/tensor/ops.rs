@@ -1,9 +1,9 @@
 //! Tensor ops: shapes are checked and computed here, values by the operands' backend.
 //! Each op has the name it has in autograd, in both backends and in the kernels.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
-use super::{contiguous_strides, DType, Storage, Tensor};
+use super::{DType, Storage, Tensor, contiguous_strides};
 use crate::backend::cpu::elementwise::broadcast_shape;
 use crate::backend::{AdamStep, AttnGeom, BinaryOp, ConvGeom, NormGeom, QkvOrder, UnaryOp};
 
@@ -222,9 +222,10 @@ impl Tensor {
         }
         let (n, i, o) = (self.shape[0], self.shape[1], w.shape[0]);
         if let Some(b) = bias
-            && b.shape != [o] {
-                bail!("linear: bias {:?} for {o} outputs", b.shape);
-            }
+            && b.shape != [o]
+        {
+            bail!("linear: bias {:?} for {o} outputs", b.shape);
+        }
         Ok(Tensor::from_op(self.storage.linear(&w.storage, bias.map(|b| &b.storage), n, i, o)?, &[n, o]))
     }
     /// The geometry of `conv2d(self, w)`, checked.
@@ -243,9 +244,10 @@ impl Tensor {
     pub fn conv2d(&self, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
         let g = self.conv_geom(w, stride, pad)?;
         if let Some(b) = bias
-            && b.shape != [g.cout] {
-                bail!("conv2d: bias {:?} for {} output channels", b.shape, g.cout);
-            }
+            && b.shape != [g.cout]
+        {
+            bail!("conv2d: bias {:?} for {} output channels", b.shape, g.cout);
+        }
         Ok(Tensor::from_op(self.storage.conv2d(&w.storage, bias.map(|b| &b.storage), &g)?, &g.out_shape()))
     }
     /// `(dx if need_dx, dw, db)` of `conv2d(self, w)` given `dy`.

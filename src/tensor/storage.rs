@@ -2,7 +2,7 @@
 //! each op to that backend's [`BackendStorage`] implementation. Operands on different devices
 //! are an error naming both; nothing is copied behind the caller's back.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::{DType, Device};
 use crate::backend::cpu::CpuStorage;

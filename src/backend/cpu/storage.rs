@@ -5,16 +5,16 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::attention::{attention_backward, attention_forward};
 use super::conv::{conv2d_backward, conv2d_forward};
 use super::elementwise as ew;
-use super::gemm::{sgemm, threads_for, Mat};
+use super::gemm::{Mat, sgemm, threads_for};
 use super::norm::{group_norm_backward, group_norm_forward};
-use super::{simd, PAR_MIN};
+use super::{PAR_MIN, simd};
 use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, UnaryOp};
 use crate::tensor::{DType, Device};
 
@@ -192,7 +192,7 @@ pub fn log_softmax_rows_backward(y: &[f32], g: &[f32], n: usize) -> Vec<f32> {
 /// `dt` of the timestep embedding from the embedding `e` and its gradient `gd`.
 pub fn timestep_embedding_backward(e: &[f32], gd: &[f32], dim: usize, max_period: f32) -> Vec<f32> {
     let half = dim / 2;
-    let b = if dim == 0 { 0 } else { e.len() / dim };
+    let b = e.len().checked_div(dim).unwrap_or(0);
     let freqs = ew::timestep_freqs(half, max_period);
     // d cos(t f)/dt = −f sin(t f);  d sin(t f)/dt = f cos(t f)
     (0..b)

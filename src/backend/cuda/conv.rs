@@ -9,17 +9,17 @@
 //!   The batch is processed in chunks so that `col` stays under 256 MiB.
 //!
 //! The bias is added by `add_channel_bias_f32`; its gradient is a reduction of `dy`.
+// The device implementations of the Tensor-level ops were removed with the engine-core rewrite;
+// these launch helpers and cuDNN plans wait for the storage-level CUDA port (see pending.rs).
+#![allow(dead_code)]
 
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
-use super::gpu::{cudnn_ok, Arg, Gpu};
-#[cfg(any())]
-use super::ops::{add_channel_bias, ck, gemm, gpu_of, on, sum_to_shape, Operand};
+use super::gpu::{Arg, Gpu, cudnn_ok};
 use crate::backend::cpu::conv::ConvGeom;
-use crate::tensor::Tensor;
 
 /// cuDNN descriptors and chosen algorithms for one shape.
 pub struct ConvPlan {
@@ -153,11 +153,6 @@ fn with_plan<R>(g: &Gpu, k: &ConvGeom, f: impl FnOnce(&ConvPlan) -> Result<R>) -
     }
 }
 
-#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
-fn ptr(t: &Tensor) -> u64 {
-    t.gpu_buf().expect("tensor on the GPU").ptr()
-}
-
 fn geom_args(c: &ConvGeom, n: usize) -> [Arg<'static>; 10] {
     [c.cin, c.h, c.w, c.kh, c.kw, c.stride, c.pad, c.ho(), c.wo(), n].map(|v| Arg::I64(v as i64))
 }
@@ -188,97 +183,4 @@ fn one() -> *const c_void {
 }
 fn zero() -> *const c_void {
     &ZERO as *const f32 as *const c_void
-}
-
-/// `conv2d(x, w) + b` → `[N, Cout, Ho, Wo]`.
-#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
-pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvGeom) -> Tensor {
-    let g = gpu_of(&[x, w]);
-    let (x, w) = (on(&g, x), on(&g, w));
-    let shape = [c.n, c.cout, c.ho(), c.wo()];
-    let y = ck(g.alloc(shape.iter().product()), "conv2d");
-    let r = (|| -> Result<()> {
-        if let Some(h) = g.cudnn().filter(|_| cudnn_serves(&g, c)) {
-            let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
-            g.bind()?;
-            with_plan(&g, c, |p| {
-                let ws = g.alloc(p.fwd.1.div_ceil(4))?;
-                use cudarc::cudnn::sys as cd;
-                // SAFETY: descriptors match the buffers' shapes; the workspace is as large as asked
-                unsafe { cudnn_ok(cd::cudnnConvolutionForward(h, one(), p.x, ptr(&x) as *const c_void, p.w, ptr(&w) as *const c_void, p.conv, p.fwd.0, ws.ptr() as *mut c_void, p.fwd.1, zero(), p.y, y.ptr() as *mut c_void), "convolution forward") }
-            })
-        } else {
-            let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
-            let step = chunk(c);
-            let col = g.alloc(step * kk * pp)?;
-            for n0 in (0..c.n).step_by(step) {
-                let nb = step.min(c.n - n0);
-                im2col(&g, ptr(&x) + 4 * (n0 * c.cin * c.h * c.w) as u64, col.ptr(), c, nb)?;
-                // y_n [Cout, P] = W [Cout, K] · col_n [K, P]
-                let wop = Operand { ptr: ptr(&w), trans: false, batch_stride: 0 };
-                let cop = Operand { ptr: col.ptr(), trans: false, batch_stride: (kk * pp) as i64 };
-                gemm(&g, c.cout, pp, kk, wop, cop, y.ptr() + 4 * (n0 * c.cout * pp) as u64, (c.cout * pp) as i64, 1.0, 0.0, nb)?;
-            }
-            Ok(())
-        }
-    })();
-    ck(r, "conv2d");
-    let mut y = Tensor::from_gpu(y, &shape);
-    if let Some(b) = b {
-        add_channel_bias(&mut y, b);
-    }
-    y
-}
-
-/// `(dx if need_dx, dw, db)` of [`conv2d_forward`] given `dy`.
-#[cfg(any())] // interim: the Tensor-level op, replaced by the storage-level one at merge
-pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, c: &ConvGeom, need_dx: bool) -> (Option<Tensor>, Tensor, Tensor) {
-    let g = gpu_of(&[x, w, dy]);
-    let (x, w, dy) = (on(&g, x), on(&g, w), on(&g, dy));
-    let dw = ck(g.alloc(w.numel()), "conv2d_backward");
-    let dx = need_dx.then(|| ck(g.alloc(x.numel()), "conv2d_backward"));
-    let r = (|| -> Result<()> {
-        if let Some(h) = g.cudnn().filter(|_| cudnn_serves(&g, c)) {
-            use cudarc::cudnn::sys as cd;
-            let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
-            g.bind()?;
-            with_plan(&g, c, |p| {
-                let ws = g.alloc(p.bwd_filter.1.max(p.bwd_data.1).div_ceil(4))?;
-                // SAFETY: as in the forward
-                unsafe {
-                    cudnn_ok(cd::cudnnConvolutionBackwardFilter(h, one(), p.x, ptr(&x) as *const c_void, p.y, ptr(&dy) as *const c_void, p.conv, p.bwd_filter.0, ws.ptr() as *mut c_void, p.bwd_filter.1, zero(), p.w, dw.ptr() as *mut c_void), "convolution backward-filter")?;
-                    if let Some(dx) = &dx {
-                        cudnn_ok(cd::cudnnConvolutionBackwardData(h, one(), p.w, ptr(&w) as *const c_void, p.y, ptr(&dy) as *const c_void, p.conv, p.bwd_data.0, ws.ptr() as *mut c_void, p.bwd_data.1, zero(), p.x, dx.ptr() as *mut c_void), "convolution backward-data")?;
-                    }
-                }
-                Ok(())
-            })
-        } else {
-            let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
-            let step = chunk(c);
-            let col = g.alloc(step * kk * pp)?;
-            for n0 in (0..c.n).step_by(step) {
-                let nb = step.min(c.n - n0);
-                im2col(&g, ptr(&x) + 4 * (n0 * c.cin * c.h * c.w) as u64, col.ptr(), c, nb)?;
-                // dW [Cout, K] += dy_n [Cout, P] · col_nᵀ, image by image (one accumulator)
-                for i in 0..nb {
-                    let dyo = Operand { ptr: ptr(&dy) + 4 * ((n0 + i) * c.cout * pp) as u64, trans: false, batch_stride: 0 };
-                    let co = Operand { ptr: col.ptr() + 4 * (i * kk * pp) as u64, trans: true, batch_stride: 0 };
-                    let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
-                    gemm(&g, c.cout, kk, pp, dyo, co, dw.ptr(), 0, 1.0, beta, 1)?;
-                }
-                if let Some(dx) = &dx {
-                    // dcol_n [K, P] = Wᵀ · dy_n, then scattered back by col2im (a gather)
-                    let wop = Operand { ptr: ptr(&w), trans: true, batch_stride: 0 };
-                    let dyo = Operand { ptr: ptr(&dy) + 4 * (n0 * c.cout * pp) as u64, trans: false, batch_stride: (c.cout * pp) as i64 };
-                    gemm(&g, kk, pp, c.cout, wop, dyo, col.ptr(), (kk * pp) as i64, 1.0, 0.0, nb)?;
-                    col2im(&g, col.ptr(), dx.ptr() + 4 * (n0 * c.cin * c.h * c.w) as u64, c, nb)?;
-                }
-            }
-            Ok(())
-        }
-    })();
-    ck(r, "conv2d_backward");
-    let db = sum_to_shape(&dy, &[c.n, c.cout, c.ho(), c.wo()], &[c.cout, 1, 1]).reshape(&[c.cout]);
-    (dx.map(|d| Tensor::from_gpu(d, x.shape())), Tensor::from_gpu(dw, w.shape()), db)
 }

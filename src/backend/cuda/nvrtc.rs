@@ -2,10 +2,10 @@
 //! the machine's exact architecture on a GPU, or for any `sm_XX` on a machine without one (CI
 //! compiles every kernel for sm_80 and sm_90 with NVRTC from PyPI wheels).
 
-use std::ffi::{c_char, CString};
+use std::ffi::{CString, c_char};
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 
 /// Every kernel source: `(file name, text)`.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[
@@ -70,7 +70,7 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     let mut current: Option<String> = None;
     let num_before = |line: &str, word: &str| -> Option<u32> {
         let i = line.find(word)?;
-        line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+        line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).next_back()?.parse().ok()
     };
     for line in log.lines() {
         if let Some(i) = line.find("Compiling entry function '") {

@@ -172,4 +172,3 @@ impl BackendStorage for CudaStorage {
         CpuStorage::sum_squares(&hs.iter().collect::<Vec<_>>())
     }
 }
-

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::attention::{AttnGeom, QkvOrder};
-use crate::backend::cpu::gemm::{sgemm, Mat};
+use crate::backend::cpu::gemm::{Mat, sgemm};
 use crate::backend::cpu::simd::exp_f32;
 
 /// Default query and key tile length.

@@ -44,9 +44,9 @@ pub mod loss;
 pub mod norm_act;
 pub mod ode;
 
-pub use attention::{flash_attention_backward, flash_attention_backward_tiled, flash_attention_forward, flash_attention_forward_tiled, FLASH_TILE};
-pub use loss::{orw_loss_backward, orw_loss_forward, orw_loss_forward_backward, OrwLossValue};
-pub use norm_act::{group_norm_act_backward, group_norm_act_forward, Act, GnActGrads, GnGeom};
+pub use attention::{FLASH_TILE, flash_attention_backward, flash_attention_backward_tiled, flash_attention_forward, flash_attention_forward_tiled};
+pub use loss::{OrwLossValue, orw_loss_backward, orw_loss_forward, orw_loss_forward_backward};
+pub use norm_act::{Act, GnActGrads, GnGeom, group_norm_act_backward, group_norm_act_forward};
 pub use ode::{ode_combine, ode_combine_backward};
 
 /// Fixed chunk length for element-parallel loops (fixed, so partial sums do not depend on the

@@ -214,11 +214,5 @@ pub fn group_norm_act_backward(x: &[f32], dy: &[f32], g: &GnGeom, gamma: &[f32],
             }
         }
     }
-    GnActGrads {
-        dx,
-        dgamma: dgamma.into_iter().map(|v| v as f32).collect(),
-        dbeta: dbeta.into_iter().map(|v| v as f32).collect(),
-        dscale,
-        dshift,
-    }
+    GnActGrads { dx, dgamma: dgamma.into_iter().map(|v| v as f32).collect(), dbeta: dbeta.into_iter().map(|v| v as f32).collect(), dscale, dshift }
 }

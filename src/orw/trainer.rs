@@ -121,7 +121,7 @@ pub fn sample_model<M: VelocityField>(model: &M, n: usize, solver: &OdeSolver, s
     // model is; the samples come back to the host for the reward
     let z = Tensor::randn(&shape, rng).to_device(model.device())?;
     let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| rng.below(k as u64) as usize).collect());
-    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full(&[n], t), x, y.as_deref());
+    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full_on(&[n], t, crate::tensor::DType::F32, x.device())?, x, y.as_deref());
     let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
     Ok((x1.to_device(crate::tensor::Device::Cpu)?, y, stats))
 }

@@ -502,8 +502,10 @@ fn ode_combine_matches_ode_rs() {
     let e = dt64 * 0.125;
     let got = ode_combine(&x, &[(e, &ks[0]), (3.0 * e, &ks[1]), (3.0 * e, &ks[2]), (e, &ks[3])]);
     let worst = got.iter().zip(&want).map(|(a, b)| ((a - b).abs() / b.abs().max(1e-3)) as f64).fold(0.0, f64::max);
-    assert!(worst <= 1e-6, "rk4 combination: worst rel err {worst:.3e}");
-    assert_close("rk4 combination", &got, &want, 1e-7);
+    // odeint combines the stages in f32, one axpby per term (as torchdiffeq and the GPU do);
+    // ode_combine sums in f64: they agree to f32 rounding
+    assert!(worst <= 5e-5, "rk4 combination: worst rel err {worst:.3e}");
+    assert_close("rk4 combination", &got, &want, 1e-6);
     // Euler: x + dt k1; midpoint: x + dt k(mid), the second slope
     let want = odeint_with_slopes(&x, &ks[..1], t0, t1, &OdeSolver::Euler);
     assert_close("euler combination", &ode_combine(&x, &[(dt64, &ks[0])]), &want, 1e-7);

@@ -112,27 +112,8 @@ impl Strided {
 }
 unsafe impl DeviceRepr for Strided {}
 
-/// Binary op codes of `binary_f32`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bin {
-    Add = 0,
-    Sub = 1,
-    Mul = 2,
-    Div = 3,
-}
-
-/// Unary op codes of `unary_f32` / `unary_backward_f32`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Un {
-    AddScalar = 0,
-    MulScalar = 1,
-    Exp = 2,
-    Relu = 3,
-    Square = 4,
-    Silu = 5,
-    Sigmoid = 6,
-    Neg = 7,
-}
+/// The op codes of `binary_f32` and `unary_f32` / `unary_backward_f32` are the backend's.
+pub use crate::backend::{BinaryOp as Bin, UnaryOp as Un};
 
 // ---------------------------------------------------------------- reductions and layout
 

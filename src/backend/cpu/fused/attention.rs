@@ -14,33 +14,17 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::attention::{AttnGeom, QkvOrder};
+use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::gemm::{Mat, sgemm};
 use crate::backend::cpu::simd::exp_f32;
 
 /// Default query and key tile length.
 pub const FLASH_TILE: usize = 64;
 
-/// Offsets (in elements) of q, k, v for batch `bi`, head `h` within qkv (as `AttnGeom::offsets`).
-fn offsets(g: &AttnGeom, bi: usize, h: usize) -> (usize, usize, usize) {
-    let c = g.heads * g.ch;
-    let base = bi * 3 * c * g.t;
-    match g.order {
-        QkvOrder::Legacy => {
-            let o = base + h * 3 * g.ch * g.t;
-            (o, o + g.ch * g.t, o + 2 * g.ch * g.t)
-        }
-        QkvOrder::New => {
-            let o = base + h * g.ch * g.t;
-            (o, o + c * g.t, o + 2 * c * g.t)
-        }
-    }
-}
-
 /// `(q, k, v)` of one batch·head, each `[ch, T]` row-major.
 fn qkv_of<'a>(qkv: &'a [f32], g: &AttnGeom, bh: usize) -> (&'a [f32], &'a [f32], &'a [f32]) {
     let n = g.ch * g.t;
-    let (oq, ok, ov) = offsets(g, bh / g.heads, bh % g.heads);
+    let (oq, ok, ov) = g.offsets(bh / g.heads, bh % g.heads);
     (&qkv[oq..oq + n], &qkv[ok..ok + n], &qkv[ov..ov + n])
 }
 
@@ -201,7 +185,7 @@ pub fn flash_attention_backward_tiled(qkv: &[f32], out: &[f32], lse: &[f32], dou
         })
         .collect();
     for (bh, (dq, dk, dv)) in per.into_iter().enumerate() {
-        let (oq, ok, ov) = offsets(g, bh / g.heads, bh % g.heads);
+        let (oq, ok, ov) = g.offsets(bh / g.heads, bh % g.heads);
         dqkv[oq..oq + n].copy_from_slice(&dq);
         dqkv[ok..ok + n].copy_from_slice(&dk);
         dqkv[ov..ov + n].copy_from_slice(&dv);

@@ -20,7 +20,7 @@ fn bench_config(c: &mut Criterion, name: &str, cfg: UNetConfig, batch: usize) {
     g.bench_function("forward", |b| b.iter(|| model.predict(&t, &x, None).unwrap()));
     g.bench_function("forward_backward", |b| {
         b.iter(|| {
-            let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), None, &mut Forward { dropout_rng: Some(&mut rng) }).unwrap();
+            let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), None, &mut Forward { dropout_rng: Some(&mut orwcfm_fast::rng::philox::Philox::new(1)) }).unwrap();
             let grads = ops::mse_loss(&v, &Var::constant(target.clone())).unwrap().backward().unwrap();
             model.params().grads(&grads).unwrap()
         })

@@ -80,7 +80,8 @@ pub fn pretrain<M: VelocityField>(net: &M, ema: &M, data: &Dataset, cfg: &Pretra
     }
     let matcher = FlowMatcher::new(MatcherKind::parse(&cfg.coupling)?, cfg.sigma);
     let mut rng = Rng::new(cfg.seed);
-    let mut drop_rng = rng.fork();
+    // dropout masks from a Philox stream keyed by the draw `fork()` used to take
+    let mut drop_rng = crate::rng::philox::Philox::new(rng.next_u64());
     let mut adam = Adam::new(cfg.lr);
     let n = data.len();
     let mut order: Vec<usize> = Vec::new();

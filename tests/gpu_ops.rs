@@ -22,6 +22,7 @@ use orwcfm_fast::optim::{Adam, clip_grad_norm, ema_update, grad_norm};
 use orwcfm_fast::orw::{OrwConfig, Trainer, sample_model};
 use orwcfm_fast::reward::FnReward;
 use orwcfm_fast::rng::Rng;
+use orwcfm_fast::rng::philox::Philox;
 use orwcfm_fast::tensor::{Device, Tensor};
 
 const FWD_TOL: f64 = 1e-5;
@@ -167,7 +168,7 @@ fn layout_ops() {
     check("timestep_embedding (odd dim)", &[t.clone()], |v| ops::timestep_embedding(&v[0], 65).unwrap());
     check("timestep_embedding", &[t], |v| ops::timestep_embedding(&v[0], 128).unwrap());
     // dropout draws its mask on the host: both devices drop the same units
-    check("dropout", &[a.clone()], |v| ops::dropout(&v[0], 0.3, &mut Rng::new(9)).unwrap());
+    check("dropout", &[a.clone()], |v| ops::dropout(&v[0], 0.3, &mut Philox::new(9)).unwrap());
 }
 
 #[test]
@@ -352,6 +353,62 @@ fn ode_solves_match_the_cpu() {
         let tol = if matches!(solver, OdeSolver::Dopri5 { .. }) { 1e-4 } else { FWD_TOL };
         assert!(e <= tol, "{}: samples differ by {e:e}", solver.name());
     }
+}
+
+/// Bits of f32 values as an ordered integer line (so that ulp distances are differences).
+fn ordered(x: f32) -> i64 {
+    let b = x.to_bits() as i32 as i64;
+    if b < 0 { i64::from(i32::MIN) - b } else { b }
+}
+
+/// The device's Philox draws are the CPU's: uniforms, dropout masks, casts and gathers bit for
+/// bit; normals within 2 ulp (a GPU's `logf`/`sincosf`; bit for bit where the device's draw is
+/// made by the CPU reference, as on the simulated GPU until the kernels are wired in).
+#[test]
+fn philox_draws_match_the_cpu_bit_for_bit() {
+    let Some((_g, _one)) = gpu("philox_draws_match_the_cpu_bit_for_bit") else { return };
+    use orwcfm_fast::backend::RandomDist;
+    use orwcfm_fast::tensor::DType;
+    let bits = |t: &Tensor| t.to_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let shape = [5, 3, 37, 11]; // 6105 values: not a multiple of 4 or of any block size
+    for (seed, off) in [(0u64, 0u64), (0xDEAD_BEEF_0123_4567, 1 << 40)] {
+        let at = |dist, dev, dtype| Tensor::philox_at(&shape, dist, seed, off, dev, dtype).unwrap();
+        let (uc, ug) = (at(RandomDist::Uniform, Device::Cpu, DType::F32), at(RandomDist::Uniform, DEV, DType::F32));
+        assert!(ug.device().is_cuda(), "the draw is made on the GPU");
+        assert_eq!(bits(&ug), bits(&uc), "uniform ({seed}, {off})");
+        let (zc, zg) = (at(RandomDist::Normal, Device::Cpu, DType::F32), at(RandomDist::Normal, DEV, DType::F32));
+        let ulp = zc.to_vec().iter().zip(zg.to_vec()).map(|(&a, b)| (ordered(a) - ordered(b)).abs()).max().unwrap();
+        eprintln!("normal ({seed}, {off}): max {ulp} ulp from the CPU");
+        assert!(ulp <= 2, "normal ({seed}, {off}): {ulp} ulp from the CPU");
+        let (hc, hg) = (at(RandomDist::Uniform, Device::Cpu, DType::F16), at(RandomDist::Uniform, DEV, DType::F16));
+        assert_eq!(hg.to_f16().unwrap(), hc.to_f16().unwrap(), "f16 uniform");
+        // dropout, forward and (the same call on the gradient) backward
+        let x = rnd(&shape, &mut Rng::new(seed ^ 1));
+        for p in [0.1f32, 0.5] {
+            let (yc, yg) = (x.dropout_philox(p, seed, off).unwrap(), gpu_t(&x).dropout_philox(p, seed, off).unwrap());
+            assert!(yg.device().is_cuda());
+            assert_eq!(bits(&yg), bits(&yc), "dropout p {p} ({seed}, {off})");
+        }
+        let mut sc = Philox::from_state(seed, off);
+        let mut sg = sc;
+        let (xc, xg) = (Var::param(x.clone()), Var::param(gpu_t(&x)));
+        let (yc, yg) = (ops::dropout(&xc, 0.2, &mut sc).unwrap(), ops::dropout(&xg, 0.2, &mut sg).unwrap());
+        assert_eq!(sc, sg, "both streams advance alike");
+        let gc = yc.backward_with(x.clone()).unwrap();
+        let gg = yg.backward_with(gpu_t(&x)).unwrap();
+        assert_eq!(bits(gg.get(&xg).unwrap()), bits(gc.get(&xc).unwrap()), "dropout backward");
+    }
+    // the step's device-side sum of squares and the row gather of OT pairings
+    let ts: Vec<Tensor> = [&[257usize][..], &[33, 65]].iter().map(|s| rnd(s, &mut Rng::new(4))).collect();
+    let tg: Vec<Tensor> = ts.iter().map(gpu_t).collect();
+    let (pc, pg) = (Tensor::sum_squares_on_device(&ts.iter().collect::<Vec<_>>()).unwrap(), Tensor::sum_squares_on_device(&tg.iter().collect::<Vec<_>>()).unwrap());
+    assert!(pg.device().is_cuda(), "the sum stays on the GPU");
+    let (c, g) = (pc.to_vec(), pg.to_vec());
+    let (sc, sg) = (c[0] as f64 + c[1] as f64, g[0] as f64 + g[1] as f64);
+    assert!(((sc - sg) / sc).abs() < 1e-12, "sum of squares {sc} vs {sg}");
+    let x = rnd(&[6, 2, 3], &mut Rng::new(5));
+    let idx = [5, 0, 0, 3, 2, 1];
+    assert_eq!(bits(&gpu_t(&x).index_rows(&idx).unwrap()), bits(&x.index_rows(&idx).unwrap()));
 }
 
 #[test]

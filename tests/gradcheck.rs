@@ -7,6 +7,7 @@ use orwcfm_fast::autograd::ops::*;
 use orwcfm_fast::autograd::{Var, no_grad};
 use orwcfm_fast::backend::cpu::attention::QkvOrder;
 use orwcfm_fast::rng::Rng;
+use orwcfm_fast::rng::philox::Philox;
 use orwcfm_fast::tensor::Tensor;
 
 fn loss_f64(out: &Tensor, g: &Tensor) -> f64 {
@@ -113,7 +114,30 @@ fn embeddings_and_dropout() {
     check("embedding", vec![r(&[5, 4], 40)], |v| embedding(&v[0], &[3, 0, 3, 4]).unwrap());
     check("timestep_embedding", vec![Tensor::from_vec(vec![0.1, 0.5, 0.93], &[3])], |v| timestep_embedding(&v[0], 9).unwrap());
     // the same seed gives the same mask in every evaluation, so the op is a fixed linear map
-    check("dropout", vec![r(&[4, 16], 41)], |v| dropout(&v[0], 0.3, &mut Rng::new(99)).unwrap());
+    check("dropout", vec![r(&[4, 16], 41)], |v| dropout(&v[0], 0.3, &mut Philox::new(99)).unwrap());
+}
+
+/// The dropout op's mask (drawn by the backend from a Philox stream): it keeps a fraction 1 − p
+/// of the units within a binomial bound, with the value 1/(1 − p), and the gradient is the same
+/// mask (regenerated from the draw's (seed, offset) in backward).
+#[test]
+fn dropout_mask_statistics_and_gradient() {
+    let n = 1 << 16;
+    let ones = Var::param(Tensor::full(&[n], 1.0));
+    let mut s = Philox::new(2024);
+    for p in [0.1f32, 0.3, 0.5] {
+        let y = dropout(&ones, p, &mut s).unwrap();
+        let yv = y.value();
+        let scale = 1.0 / (1.0 - p);
+        assert!(yv.data().iter().all(|&v| v == 0.0 || v == scale), "p {p}: values other than 0 and {scale}");
+        let kept = yv.data().iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+        let sd = (p as f64 * (1.0 - p as f64) / n as f64).sqrt();
+        eprintln!("dropout op p {p}: kept {kept:.5}, want {:.2} ± {:.1e} (5 sd)", 1.0 - p, 5.0 * sd);
+        assert!((kept - (1.0 - p as f64)).abs() < 5.0 * sd, "p {p}: kept {kept}");
+        let g = y.backward_with(Tensor::full(&[n], 2.0)).unwrap();
+        let gx = g.get(&ones).unwrap();
+        assert!(gx.data().iter().zip(yv.data()).all(|(&d, &m)| d == 2.0 * m), "p {p}: the gradient is 2 · mask");
+    }
 }
 
 #[test]

@@ -36,8 +36,9 @@ fn one_step_matches_pytorch() {
 
     let loss = orw_loss(&net, &reference, &t, &xt, &ut, None, &w, alpha, &mut Forward { dropout_rng: None }).unwrap();
     let rel = |a: f32, b: f32| ((a - b) / b).abs();
-    assert!(rel(loss.fm, g("fm").item()) < 1e-5, "fm {} vs {}", loss.fm, g("fm").item());
-    assert!(rel(loss.w2, g("w2").item()) < 1e-5, "w2 {} vs {}", loss.w2, g("w2").item());
+    let (fm, w2) = (loss.fm.item(), loss.w2.item());
+    assert!(rel(fm, g("fm").item()) < 1e-5, "fm {fm} vs {}", g("fm").item());
+    assert!(rel(w2, g("w2").item()) < 1e-5, "w2 {w2} vs {}", g("w2").item());
     assert!(rel(loss.total.value().item(), g("loss").item()) < 1e-5);
 
     let grads = loss.total.backward().unwrap();

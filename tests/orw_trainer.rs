@@ -11,7 +11,8 @@ use orwcfm_fast::nn::{Init, Mlp, MlpConfig, UNetConfig, UNetModel, VelocityField
 use orwcfm_fast::orw::{OrwConfig, StepMetrics, Trainer, pair_batch};
 use orwcfm_fast::reward::FnReward;
 use orwcfm_fast::rng::Rng;
-use orwcfm_fast::tensor::Tensor;
+use orwcfm_fast::rng::philox::Philox;
+use orwcfm_fast::tensor::{Device, Tensor};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("orwcfm-trainer-{name}-{}", std::process::id()));
@@ -42,13 +43,13 @@ fn weights_follow_their_samples_through_ot_pairing() {
     let mut rng = Rng::new(11);
     let b = 24;
     let x1 = Tensor::randn(&[b, 2], &mut rng);
-    let x0 = Tensor::randn(&[b, 2], &mut rng);
     let w: Vec<f32> = first_coord(&x1).iter().map(|r| (0.7 * r).exp()).collect();
     let y: Vec<usize> = (0..b).collect();
     for (kind, replace) in [(MatcherKind::ExactOt, false), (MatcherKind::ExactOt, true), (MatcherKind::SchrodingerBridge, true), (MatcherKind::Independent, false)] {
         let mut m = FlowMatcher::new(kind, 0.0);
         m.ot_replace = replace;
-        let p = pair_batch(&m, &x0, &x1, &w, Some(&y), &mut rng).unwrap();
+        let p = pair_batch(&m, &x1, &w, Some(&y), Device::Cpu, &mut rng, &mut Philox::new(12), &mut Philox::new(13)).unwrap();
+        let x0 = &p.x0;
         let (xt, ut, t) = (p.flow.xt.data(), p.flow.ut.data(), p.flow.t.data());
         let mut moved = false;
         for k in 0..b {
@@ -294,4 +295,45 @@ fn a_failed_checkpoint_save_keeps_the_previous_one() {
     // and the next save works again
     tr.save_checkpoint().unwrap();
     assert_eq!(std::fs::read_to_string(d.join("checkpoints/latest")).unwrap().trim(), "step-00000003");
+}
+
+/// The Philox noise streams: keyed by the run's seed (another seed, other noise), saved in
+/// `state.json` with their offsets, and a checkpoint of the xoshiro era (format 1) or one that
+/// lacks them is refused with a message that says why.
+#[test]
+fn noise_streams_are_seeded_checkpointed_and_old_checkpoints_refused() {
+    let mut reward = FnReward::new("x", first_coord);
+    let loss_of = |seed: u64| {
+        let mut tr = Trainer::new(OrwConfig { seed, ..base_cfg() }, mlp()).unwrap();
+        tr.train_step(&mut FnReward::new("x", first_coord)).unwrap().fm_loss
+    };
+    assert_eq!(loss_of(3).to_bits(), loss_of(3).to_bits(), "one seed, one run");
+    assert_ne!(loss_of(3), loss_of(4), "another seed draws other noise");
+
+    let d = tmpdir("philox-state");
+    let mut tr = Trainer::new(base_cfg(), mlp()).unwrap();
+    tr.set_run_dir(&d).unwrap();
+    tr.run(&mut reward, Some(2), &mut |_| {}).unwrap();
+    let sp = d.join("checkpoints/step-00000002/state.json");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
+    assert_eq!(state["format"], "orwcfm-fast/orw-checkpoint/2");
+    let ph = &state["philox"];
+    let seeds: Vec<u64> = ["sample", "x0", "eps", "dropout"].iter().map(|k| ph[k]["seed"].as_u64().unwrap_or_else(|| panic!("philox.{k}.seed in {ph}"))).collect();
+    assert!(seeds.windows(2).all(|w| w[0] != w[1]), "each stream has its own key: {seeds:?}");
+    // the x0 and ε streams drew one batch of 16 × 2 values per step (8 blocks each)
+    assert_eq!((ph["x0"]["offset"].as_u64(), ph["eps"]["offset"].as_u64()), (Some(16), Some(16)), "{ph}");
+    assert!(ph["sample"]["offset"].as_u64().unwrap() > 0);
+
+    let mut old = state.clone();
+    old["format"] = "orwcfm-fast/orw-checkpoint/1".into();
+    std::fs::write(&sp, serde_json::to_string(&old).unwrap()).unwrap();
+    let e = format!("{:#}", Trainer::<Mlp>::resume(&d).err().unwrap());
+    assert!(e.contains("xoshiro") && e.contains("cannot continue") && e.contains("net.safetensors"), "{e}");
+    let mut lacking = state.clone();
+    lacking.as_object_mut().unwrap().remove("philox");
+    std::fs::write(&sp, serde_json::to_string(&lacking).unwrap()).unwrap();
+    let e = format!("{:#}", Trainer::<Mlp>::resume(&d).err().unwrap());
+    assert!(e.contains("'philox'"), "{e}");
+    std::fs::write(&sp, serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(Trainer::<Mlp>::resume(&d).unwrap().step(), 2);
 }

@@ -280,3 +280,100 @@ fn dropout_rejects_a_probability_outside_0_1() {
     let mut m = vec![0.0; 4];
     dropout_mask(1, 0, 1.5, &mut m);
 }
+
+// ------------------------------------------------ the Tensor-level draws (through the backend)
+
+use orwcfm_fast::autograd::{Var, ops};
+use orwcfm_fast::backend::RandomDist;
+use orwcfm_fast::tensor::{DType, Device, Tensor};
+
+#[test]
+fn tensor_draws_are_the_philox_bits() {
+    let shape = [3, 5, 7]; // 105 values: the last block is partly used
+    let n = 105;
+    for (seed, off) in [(0u64, 0u64), (42, 7), (u64::MAX, u64::MAX - 3)] {
+        let u = Tensor::philox_at(&shape, RandomDist::Uniform, seed, off, Device::Cpu, DType::F32).unwrap();
+        assert_eq!(u.shape(), &shape);
+        assert_eq!(bits(u.data()), bits(&uniform(seed, off, n)), "uniform ({seed}, {off})");
+        let z = Tensor::philox_at(&shape, RandomDist::Normal, seed, off, Device::Cpu, DType::F32).unwrap();
+        assert_eq!(bits(z.data()), bits(&normal(seed, off, n)), "normal ({seed}, {off})");
+        // narrower dtypes: the f32 draw rounded once
+        let h = Tensor::philox_at(&shape, RandomDist::Normal, seed, off, Device::Cpu, DType::BF16).unwrap();
+        assert_eq!(h.dtype(), DType::BF16);
+        assert_eq!(h.to_bf16().unwrap(), normal(seed, off, n).iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>());
+    }
+    assert!(Tensor::philox_at(&[4], RandomDist::Uniform, 1, 0, Device::Cpu, DType::I32).is_err(), "an integer draw is an error");
+}
+
+#[test]
+fn tensor_streams_advance_and_differ_per_seed_and_offset() {
+    let mut s = Philox::new(9);
+    let a = Tensor::philox_normal(&[10], Device::Cpu, DType::F32, &mut s).unwrap();
+    assert_eq!(s.offset(), 3, "10 values use 3 blocks");
+    let b = Tensor::philox_normal(&[10], Device::Cpu, DType::F32, &mut s).unwrap();
+    assert_eq!(bits(a.data()), bits(&normal(9, 0, 10)));
+    assert_eq!(bits(b.data()), bits(&normal(9, 3, 10)), "the second draw starts on the next block");
+    assert_ne!(a.data(), b.data(), "consecutive draws differ");
+    let c = Tensor::philox_normal(&[10], Device::Cpu, DType::F32, &mut Philox::new(10)).unwrap();
+    assert_ne!(a.data(), c.data(), "another seed, other numbers");
+    let mut s2 = Philox::from_state(9, 0);
+    let u = Tensor::philox_uniform(&[10], Device::Cpu, DType::F32, &mut s2).unwrap();
+    assert_eq!(bits(u.data()), bits(&uniform(9, 0, 10)));
+    assert_eq!(s2, Philox::from_state(9, 3));
+}
+
+#[test]
+fn dropout_op_uses_the_streams_mask_and_recomputes_it_in_backward() {
+    let x = Tensor::from_vec((0..999).map(|i| (i as f32 * 0.37).sin() + 0.1).collect(), &[27, 37]);
+    let mut s = Philox::from_state(77, 5);
+    let xv = Var::param(x.clone());
+    let y = ops::dropout(&xv, 0.3, &mut s).unwrap();
+    assert_eq!(s.offset(), 5 + 250, "999 values use 250 blocks");
+    let m = mask(77, 5, 0.3, 999);
+    let want: Vec<f32> = x.data().iter().zip(&m).map(|(a, b)| a * b).collect();
+    assert_eq!(bits(y.value().data()), bits(&want), "y = x · mask of (seed, offset)");
+    // backward: dL/dx = g · mask, the mask regenerated from (seed, offset)
+    let g = Tensor::from_vec((0..999).map(|i| (i as f32 * 0.11).cos()).collect(), &[27, 37]);
+    let grads = y.backward_with(g.clone()).unwrap();
+    let want: Vec<f32> = g.data().iter().zip(&m).map(|(a, b)| a * b).collect();
+    assert_eq!(bits(grads.get(&xv).unwrap().data()), bits(&want));
+    // the next dropout of the stream draws another mask; p = 0 draws nothing
+    let y2 = ops::dropout(&xv, 0.3, &mut s).unwrap();
+    assert_ne!(y.value().data(), y2.value().data());
+    let before = s;
+    let y0 = ops::dropout(&xv, 0.0, &mut s).unwrap();
+    assert_eq!((y0.value().data(), s), (x.data(), before));
+    // f16: the f32 product rounded once
+    let xh = x.to_dtype(DType::F16).unwrap();
+    let yh = xh.dropout_philox(0.3, 77, 5).unwrap();
+    let want: Vec<half::f16> = xh.to_f16().unwrap().iter().zip(&m).map(|(a, b)| half::f16::from_f32(a.to_f32() * b)).collect();
+    assert_eq!(yh.to_f16().unwrap(), want);
+    assert!(x.dropout_philox(1.5, 1, 0).is_err(), "p outside [0, 1] is an error, not a panic");
+}
+
+#[test]
+fn sum_squares_on_device_is_the_f64_sum_as_an_f32_pair() {
+    let a = Tensor::from_vec((0..1000).map(|i| (i as f32 * 0.013).sin() * 3.0).collect(), &[1000]);
+    let b = Tensor::from_vec((0..77).map(|i| i as f32 * 1e-3 + 0.5).collect(), &[7, 11]);
+    let want = Tensor::sum_squares(&[&a, &b]).unwrap();
+    let pair = Tensor::sum_squares_on_device(&[&a, &b]).unwrap();
+    assert_eq!(pair.shape(), &[2]);
+    let (hi, lo) = (pair.data()[0], pair.data()[1]);
+    assert_eq!(hi, want as f32);
+    assert!(lo != 0.0, "the remainder is kept");
+    let got = hi as f64 + lo as f64;
+    assert!(((got - want) / want).abs() < 1e-13, "hi + lo = {got}, f64 sum {want}");
+    let inf = Tensor::from_vec(vec![1.0, f32::INFINITY], &[2]);
+    assert!(!Tensor::sum_squares_on_device(&[&inf]).unwrap().data()[0].is_finite());
+    assert!(Tensor::sum_squares_on_device(&[]).is_err());
+}
+
+#[test]
+fn index_rows_gathers_along_axis_0() {
+    let x = Tensor::from_vec((0..24).map(|i| i as f32).collect(), &[4, 3, 2]);
+    let r = x.index_rows(&[2, 0, 2]).unwrap();
+    assert_eq!(r.shape(), &[3, 3, 2]);
+    let want: Vec<f32> = [2, 0, 2].iter().flat_map(|&i| (0..6).map(move |k| (i * 6 + k) as f32)).collect();
+    assert_eq!(r.data(), &want[..]);
+    assert!(x.index_rows(&[4]).is_err());
+}

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use super::Var;
 use crate::backend::{QkvOrder, UnaryOp};
-use crate::rng::Rng;
+use crate::rng::philox::Philox;
 use crate::tensor::Tensor;
 
 /// The gradient of a broadcast operand: `g` summed down to `to` (shared when nothing was broadcast).
@@ -250,17 +250,20 @@ pub fn embedding(weight: &Var, ids: &[usize]) -> Result<Var> {
     Ok(Var::from_op(wv.embedding(&idt)?, vec![weight.clone()], "embedding", move |g| Ok(vec![Some(g.embedding_backward(&idt, num)?)])))
 }
 
-/// Inverted dropout: zero with probability `p`, scale survivors by `1/(1−p)`. The mask comes from `rng`.
-pub fn dropout(x: &Var, p: f32, rng: &mut Rng) -> Result<Var> {
+/// Inverted dropout: zero with probability `p`, scale survivors by `1/(1−p)`. The mask is the
+/// next Philox draw of `stream` (one value per element; the stream moves past it), made by the
+/// backend on the tensor's device, so CPU and GPU runs drop the same units and nothing is
+/// uploaded. The backward regenerates the mask from the draw's `(seed, offset)` instead of
+/// keeping it: no activation-sized buffer lives on the tape, and the recomputation is the same
+/// kernel applied to the gradient.
+pub fn dropout(x: &Var, p: f32, stream: &mut Philox) -> Result<Var> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
     let xv = x.value();
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..xv.numel()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
-    // drawn on the host from the run's generator, so CPU and GPU runs drop the same units
-    let m = Tensor::from_vec(mask, xv.shape()).to_dtype(xv.dtype())?.to_device(xv.device())?;
-    Ok(Var::from_op(xv.mul(&m)?, vec![x.clone()], "dropout", move |g| Ok(vec![Some(g.mul(&m)?)])))
+    let (seed, offset) = (stream.seed(), stream.reserve(xv.numel()));
+    let y = xv.dropout_philox(p, seed, offset)?;
+    Ok(Var::from_op(y, vec![x.clone()], "dropout", move |g| Ok(vec![Some(g.dropout_philox(p, seed, offset)?)])))
 }
 
 /// torchcfm's sinusoidal `timestep_embedding(t, dim)`: `t [B] → [B, dim]`, `[cos | sin]`.

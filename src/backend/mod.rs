@@ -43,6 +43,16 @@ pub enum UnaryOp {
     Neg = 7,
 }
 
+/// The distribution of a counter-based random draw (Philox4x32-10, the layout of
+/// [`crate::rng::philox`]; kernels `philox_uniform_f32` / `philox_normal_f32` of `kernels/rng.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RandomDist {
+    /// In [0, 1), the top 24 bits of each lane ([`crate::rng::philox::fill_uniform`]).
+    Uniform,
+    /// Standard normal, Box–Muller on lane pairs ([`crate::rng::philox::fill_normal`]).
+    Normal,
+}
+
 /// One Adam update's scalars (PyTorch's semantics; see `optim`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
@@ -73,6 +83,18 @@ pub trait BackendStorage: Sized + Clone {
     fn to_dtype(&self, dtype: DType) -> Result<Self>;
     /// `n` copies of `v` in `dtype` on the same device as `self`.
     fn full_like(&self, n: usize, v: f32, dtype: DType) -> Result<Self>;
+
+    // ------------------------------------------------------------ counter-based random draws
+    /// The `n` values of the Philox draw `(seed, offset)` of `dist` (element `i` from lane `i % 4`
+    /// of block `offset + i / 4`, see [`crate::rng::philox`]), made on the same device as `self`
+    /// (nothing crosses the bus), computed in f32 and rounded once to `dtype`. Uniforms are
+    /// bit-identical on every device; normals agree to the device's `logf`/`sincosf` (a few ulp).
+    fn philox_like(&self, n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Self>;
+    /// Inverted dropout with the mask of the Philox draw `(seed, offset)`: `self · m` with
+    /// `m = 1/(1−p)` where the draw's uniform is ≥ p, else 0 ([`crate::rng::philox::dropout`]),
+    /// in f32, rounded once to `self`'s dtype. The mask is a function of `(seed, offset, p)` and
+    /// the element index only, so the same call on the output gradient is dropout's backward.
+    fn dropout(&self, p: f32, seed: u64, offset: u64) -> Result<Self>;
 
     // ------------------------------------------------------------ element-wise
     /// `self (shape a) op rhs (shape b)` broadcast to `out` (NumPy rules).
@@ -140,4 +162,9 @@ pub trait BackendStorage: Sized + Clone {
     fn adam_in_place(&mut self, grad: &Self, m: &mut Self, v: &mut Self, h: &AdamStep) -> Result<()>;
     /// `Σ x²` over every element of every tensor, in f64, read back to the host.
     fn sum_squares(ts: &[&Self]) -> Result<f64>;
+    /// [`BackendStorage::sum_squares`] left on the device (no host read, `ts` non-empty): an F32
+    /// pair `[hi, lo]` with `hi` the f64 sum rounded to f32 and `lo` the f32 rounding of
+    /// `sum − hi`, so `hi as f64 + lo as f64` is the f64 sum to about 2⁻⁴⁸ relative (a sum past
+    /// f32's range gives `hi = ∞`, as does a non-finite element).
+    fn sum_squares_on_device(ts: &[&Self]) -> Result<Self>;
 }

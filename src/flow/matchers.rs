@@ -4,6 +4,12 @@
 //! σ = 0, as torchcfm does), and returns `x_t = μ_t + σ_t ε` and the target velocity `u_t`.
 //! Couplings that re-pair the batch (exact OT) report which `x1` row each output row came from,
 //! so that per-sample data such as ORW's reward weights stay with their samples.
+//!
+//! [`FlowMatcher::sample`] is torchcfm's one call on host tensors, drawing `t` and `ε` from a
+//! xoshiro [`Rng`]. Its parts work on any device: [`FlowMatcher::pairing`] (the coupling, solved
+//! on host tensors), [`FlowMatcher::paired_sample`] and [`FlowMatcher::location_and_flow`]
+//! (row gathers and the formulas as tensor ops where the data is), so the ORW trainer pairs
+//! device noise drawn from Philox streams without reading it back.
 
 use anyhow::{Result, bail};
 
@@ -72,23 +78,15 @@ pub struct FlowSample {
     pub x1_idx: Vec<usize>,
 }
 
-fn rows(x: &Tensor, idx: &[usize]) -> Tensor {
-    let per = x.numel() / x.shape()[0];
-    let mut out = Vec::with_capacity(idx.len() * per);
-    for &i in idx {
-        out.extend_from_slice(&x.data()[i * per..(i + 1) * per]);
-    }
-    let mut shape = x.shape().to_vec();
-    shape[0] = idx.len();
-    Tensor::from_vec(out, &shape)
-}
-
 impl FlowMatcher {
     pub fn new(kind: MatcherKind, sigma: f32) -> Self {
         FlowMatcher { kind, sigma, ot_replace: false }
     }
 
-    /// `(x_t, u_t)` for given `x0`, `x1` (already paired), `t [B]` and noise `ε`.
+    /// `(x_t, u_t)` for given `x0`, `x1` (already paired), `t [B]` and noise `ε`, on the device
+    /// where `x0`, `x1` and `ε` are (one device): per-row coefficients are computed from `t` on
+    /// the host, element-wise work by tensor ops, in the order of torchcfm's formulas (the CPU
+    /// result is the plain f32 loop's, bit for bit).
     pub fn location_and_flow(&self, x0: &Tensor, x1: &Tensor, t: &[f32], eps: &Tensor) -> Result<(Tensor, Tensor)> {
         if x0.shape() != x1.shape() || x0.shape() != eps.shape() {
             bail!("flow matching needs x0, x1 and noise of one shape, got {:?}, {:?}, {:?}", x0.shape(), x1.shape(), eps.shape());
@@ -97,61 +95,56 @@ impl FlowMatcher {
         if t.len() != b {
             bail!("t has {} values for a batch of {b}", t.len());
         }
-        let per = x0.numel() / b.max(1);
         let s = self.sigma;
-        let mut xt = vec![0.0f32; x0.numel()];
-        let mut ut = vec![0.0f32; x0.numel()];
-        let (a0, a1, e) = (x0.data(), x1.data(), eps.data());
+        // a per-row coefficient as [B, 1, …, 1] on the data's device
+        let mut col_shape = vec![1; x0.ndim()];
+        col_shape[0] = b;
+        let dev = x0.device();
+        let col = |f: &dyn Fn(f32) -> f32| Tensor::from_vec(t.iter().map(|&tt| f(tt)).collect(), &col_shape).to_device(dev);
+        // `a + σ ε` (σ = 0 adds nothing: the ε term is ±0)
+        let plus_noise = |a: Tensor, scale: &Tensor| -> Result<Tensor> { if s == 0.0 { Ok(a) } else { a.add(&scale.mul(eps)?) } };
+        let sigma_col = || col(&|_| s);
         let half_pi = std::f32::consts::FRAC_PI_2;
-        for i in 0..b {
-            let tt = t[i];
-            let r = i * per..(i + 1) * per;
-            let (xo, uo) = (&mut xt[r.clone()], &mut ut[r.clone()]);
-            let (p0, p1, pe) = (&a0[r.clone()], &a1[r.clone()], &e[r]);
-            match self.kind {
-                MatcherKind::Independent | MatcherKind::ExactOt => {
-                    for k in 0..per {
-                        xo[k] = tt * p1[k] + (1.0 - tt) * p0[k] + s * pe[k];
-                        uo[k] = p1[k] - p0[k];
-                    }
-                }
-                MatcherKind::Target => {
-                    let st = 1.0 - (1.0 - s) * tt;
-                    for k in 0..per {
-                        xo[k] = tt * p1[k] + st * pe[k];
-                        uo[k] = (p1[k] - (1.0 - s) * xo[k]) / (1.0 - (1.0 - s) * tt);
-                    }
-                }
-                MatcherKind::SchrodingerBridge => {
-                    let st = s * (tt * (1.0 - tt)).sqrt();
-                    let ratio = (1.0 - 2.0 * tt) / (2.0 * tt * (1.0 - tt) + 1e-8);
-                    for k in 0..per {
-                        let mu = tt * p1[k] + (1.0 - tt) * p0[k];
-                        xo[k] = mu + st * pe[k];
-                        uo[k] = ratio * (xo[k] - mu) + p1[k] - p0[k];
-                    }
-                }
-                MatcherKind::VariancePreserving => {
-                    let (c, sn) = ((half_pi * tt).cos(), (half_pi * tt).sin());
-                    for k in 0..per {
-                        xo[k] = c * p0[k] + sn * p1[k] + s * pe[k];
-                        uo[k] = half_pi * (c * p1[k] - sn * p0[k]);
-                    }
-                }
+        Ok(match self.kind {
+            MatcherKind::Independent | MatcherKind::ExactOt => {
+                // x_t = t x1 + (1 − t) x0 + σ ε,  u_t = x1 − x0
+                let mu = col(&|tt| tt)?.mul(x1)?.add(&col(&|tt| 1.0 - tt)?.mul(x0)?)?;
+                (plus_noise(mu, &sigma_col()?)?, x1.sub(x0)?)
             }
-        }
-        Ok((Tensor::from_vec(xt, x0.shape()), Tensor::from_vec(ut, x0.shape())))
+            MatcherKind::Target => {
+                // σ_t = 1 − (1 − σ) t;  x_t = t x1 + σ_t ε;  u_t = (x1 − (1 − σ) x_t) / σ_t
+                let st = col(&|tt| 1.0 - (1.0 - s) * tt)?;
+                let xt = col(&|tt| tt)?.mul(x1)?.add(&st.mul(eps)?)?;
+                let ut = x1.sub(&xt.mul_scalar(1.0 - s)?)?.div(&st)?;
+                (xt, ut)
+            }
+            MatcherKind::SchrodingerBridge => {
+                // σ_t = σ √(t(1−t));  u_t = (1−2t)/(2t(1−t)+1e−8) (x_t − μ_t) + x1 − x0
+                let mu = col(&|tt| tt)?.mul(x1)?.add(&col(&|tt| 1.0 - tt)?.mul(x0)?)?;
+                let xt = mu.add(&col(&|tt| s * (tt * (1.0 - tt)).sqrt())?.mul(eps)?)?;
+                let ratio = col(&|tt| (1.0 - 2.0 * tt) / (2.0 * tt * (1.0 - tt) + 1e-8))?;
+                let ut = ratio.mul(&xt.sub(&mu)?)?.add(x1)?.sub(x0)?;
+                (xt, ut)
+            }
+            MatcherKind::VariancePreserving => {
+                // x_t = cos(πt/2) x0 + sin(πt/2) x1 + σ ε;  u_t = π/2 (cos(πt/2) x1 − sin(πt/2) x0)
+                let (c, sn) = (col(&|tt| (half_pi * tt).cos())?, col(&|tt| (half_pi * tt).sin())?);
+                let mu = c.mul(x0)?.add(&sn.mul(x1)?)?;
+                let ut = c.mul(x1)?.sub(&sn.mul(x0)?)?.mul_scalar(half_pi)?;
+                (plus_noise(mu, &sigma_col()?)?, ut)
+            }
+        })
     }
 
-    /// torchcfm's `sample_location_and_conditional_flow`: pair (OT couplings), draw `t` (unless
-    /// given) and `ε`, and compute `x_t`, `u_t`. Draws come from `rng` in a fixed order: pairing,
-    /// then t, then ε.
-    pub fn sample(&self, x0: &Tensor, x1: &Tensor, t: Option<&[f32]>, rng: &mut Rng) -> Result<FlowSample> {
+    /// The coupling of a batch: `(x0_idx, x1_idx)`, the `x0` and `x1` rows each training pair is
+    /// built from. Exact OT couplings solve the assignment on these host tensors (with
+    /// `ot_replace`, drawing pairs from the plan with `rng`); the others pair row with row.
+    pub fn pairing(&self, x0: &Tensor, x1: &Tensor, rng: &mut Rng) -> Result<(Vec<usize>, Vec<usize>)> {
         if x0.shape() != x1.shape() {
             bail!("flow matching needs x0 and x1 of one shape, got {:?} and {:?}", x0.shape(), x1.shape());
         }
         let b = x0.shape()[0];
-        let (x0_idx, x1_idx): (Vec<usize>, Vec<usize>) = if self.kind.uses_ot() {
+        Ok(if self.kind.uses_ot() {
             let perm = exact_ot_pairing(x0, x1)?;
             if self.ot_replace {
                 sample_plan_with_replacement(&perm, b, rng).into_iter().unzip()
@@ -165,16 +158,32 @@ impl FlowMatcher {
             }
         } else {
             ((0..b).collect(), (0..b).collect())
-        };
+        })
+    }
+
+    /// Training pairs from a coupling, times and noise: the rows `x0_idx` of `x0` and `x1_idx`
+    /// of `x1` (gathered on their device), then [`FlowMatcher::location_and_flow`].
+    pub fn paired_sample(&self, x0: &Tensor, x1: &Tensor, (x0_idx, x1_idx): (Vec<usize>, Vec<usize>), t: Vec<f32>, eps: Tensor) -> Result<FlowSample> {
         let identity = |v: &[usize]| v.iter().enumerate().all(|(i, &j)| i == j);
-        let x0p = if identity(&x0_idx) { x0.clone() } else { rows(x0, &x0_idx) };
-        let x1p = if identity(&x1_idx) { x1.clone() } else { rows(x1, &x1_idx) };
+        let x0p = if identity(&x0_idx) { x0.clone() } else { x0.index_rows(&x0_idx)? };
+        let x1p = if identity(&x1_idx) { x1.clone() } else { x1.index_rows(&x1_idx)? };
+        let (xt, ut) = self.location_and_flow(&x0p, &x1p, &t, &eps)?;
+        let b = t.len();
+        Ok(FlowSample { t: Tensor::from_vec(t, &[b]), xt, ut, eps, x0_idx, x1_idx })
+    }
+
+    /// torchcfm's `sample_location_and_conditional_flow` on host tensors: pair (OT couplings),
+    /// draw `t` (unless given) and `ε`, and compute `x_t`, `u_t`. Draws come from `rng` in a fixed
+    /// order: pairing, then t, then ε. (The ORW trainer composes [`FlowMatcher::pairing`] and
+    /// [`FlowMatcher::paired_sample`] itself, with `ε` from a Philox stream on the model's device.)
+    pub fn sample(&self, x0: &Tensor, x1: &Tensor, t: Option<&[f32]>, rng: &mut Rng) -> Result<FlowSample> {
+        let pairs = self.pairing(x0, x1, rng)?;
+        let b = x0.shape()[0];
         let t: Vec<f32> = match t {
             Some(t) => t.to_vec(),
             None => (0..b).map(|_| rng.uniform()).collect(),
         };
         let eps = Tensor::randn(x0.shape(), rng);
-        let (xt, ut) = self.location_and_flow(&x0p, &x1p, &t, &eps)?;
-        Ok(FlowSample { t: Tensor::from_vec(t, &[b]), xt, ut, eps, x0_idx, x1_idx })
+        self.paired_sample(x0, x1, pairs, t, eps)
     }
 }

@@ -147,8 +147,8 @@ pub struct UNetModel {
 
 /// Per-call options of the forward pass.
 pub struct Forward<'a> {
-    /// `Some(rng)` applies dropout (training mode) with masks drawn from `rng`.
-    pub dropout_rng: Option<&'a mut Rng>,
+    /// `Some(stream)` applies dropout (training mode) with masks drawn from this Philox stream.
+    pub dropout_rng: Option<&'a mut crate::rng::philox::Philox>,
 }
 
 impl UNetModel {

@@ -83,13 +83,20 @@ pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
 /// Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f32) -> Result<f64> {
     let norm = grad_norm(grads)?;
+    clip_grads_with_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// [`clip_grad_norm`] with the norm already known (read back with other values): scale all
+/// gradients by `min(1, max_norm / (norm + 1e-6))`, reading nothing from the device.
+pub fn clip_grads_with_norm(grads: &mut [Tensor], norm: f64, max_norm: f32) -> Result<()> {
     let coef = (max_norm as f64 / (norm + 1e-6)).min(1.0) as f32;
     if coef < 1.0 {
         for g in grads.iter_mut() {
             *g = g.mul_scalar(coef)?;
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 /// [`ema_update`] of a model's parameters toward another's (same names and shapes).

@@ -6,7 +6,8 @@
 //!   weights in torchcfm naming, loadable by `forward`, `info` and PyTorch;
 //! - `optimizer.safetensors`: Adam's moments (`exp_avg.<param>`, `exp_avg_sq.<param>`);
 //! - `samples.safetensors`: samples drawn from the current policy and not yet trained on;
-//! - `state.json`: config, step, epoch, Adam's settings and step, every RNG's state.
+//! - `state.json`: config, step, epoch, Adam's settings and step, every RNG's state (the
+//!   xoshiro generators under `rng`, the Philox noise streams' `(seed, offset)` under `philox`).
 //!
 //! A checkpoint is written into a temporary folder that is renamed into place when complete, and
 //! `checkpoints/latest` (itself replaced atomically) names the newest one, so a crash or a full
@@ -25,8 +26,11 @@ use crate::nn::VelocityField;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
-/// The `format` field of `state.json`.
-pub const FORMAT: &str = "orwcfm-fast/orw-checkpoint/1";
+/// The `format` field of `state.json`. Version 2 draws its noise from Philox streams whose
+/// `(seed, offset)` states are saved under `philox`.
+pub const FORMAT: &str = "orwcfm-fast/orw-checkpoint/2";
+/// Version 1 drew noise and dropout masks on the host with xoshiro (`rng.dropout`, no `philox`).
+const FORMAT_V1: &str = "orwcfm-fast/orw-checkpoint/1";
 
 fn rng_json(r: &Rng) -> Value {
     let (s, spare) = r.state();
@@ -192,7 +196,8 @@ impl<M: VelocityField> Trainer<M> {
             "step_in_epoch": self.step_in_epoch,
             "has_ema": self.ema.is_some(),
             "adam": { "step": a.step, "lr": a.lr, "beta1": a.beta1, "beta2": a.beta2, "eps": a.eps, "weight_decay": a.weight_decay },
-            "rng": { "sample": rng_json(&self.rng_sample), "train": rng_json(&self.rng_train), "dropout": rng_json(&self.rng_dropout) },
+            "rng": { "sample": rng_json(&self.rng_sample), "train": rng_json(&self.rng_train) },
+            "philox": serde_json::to_value(self.noise)?,
             "batch_uses_left": self.current.as_ref().map(|b| b.uses_left),
             "loss_scale": { "scale": self.loss_scale, "good_steps": self.scale_good_steps, "skipped_steps": self.skipped_steps },
         });
@@ -206,6 +211,12 @@ impl<M: VelocityField> Trainer<M> {
         let (run, ck) = locate(path)?;
         let sp = ck.join("state.json");
         let state: Value = serde_json::from_str(&std::fs::read_to_string(&sp).with_context(|| format!("reading {}", sp.display()))?).with_context(|| format!("{} is not valid JSON", sp.display()))?;
+        if state["format"].as_str() == Some(FORMAT_V1) {
+            bail!(
+                "{} was written by an older orwcfm-fast ({FORMAT_V1}) that drew noise and dropout masks on the host with xoshiro; this version draws them with Philox streams on the device, so the run cannot continue its random streams bit for bit. Start a new run from its net.safetensors (or finish it with the version that wrote it)",
+                sp.display()
+            );
+        }
         if state["format"].as_str() != Some(FORMAT) {
             bail!("{} is not an orwcfm-fast trainer checkpoint (format {}, expected {FORMAT})", sp.display(), state["format"]);
         }
@@ -260,7 +271,7 @@ impl<M: VelocityField> Trainer<M> {
         let r = &state["rng"];
         tr.rng_sample = rng_from_json(&r["sample"]).context("state.json: rng.sample")?;
         tr.rng_train = rng_from_json(&r["train"]).context("state.json: rng.train")?;
-        tr.rng_dropout = rng_from_json(&r["dropout"]).context("state.json: rng.dropout")?;
+        tr.noise = serde_json::from_value(state["philox"].clone()).context("state.json: 'philox' (the noise streams' seed and offset) is missing or malformed")?;
         let sp = ck.join("samples.safetensors");
         if sp.is_file() {
             let sf = st::load(&sp)?;

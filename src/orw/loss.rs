@@ -60,13 +60,14 @@ pub fn reward_weights(r: &[f32], tau: f32, mode: WeightMode) -> Result<Vec<f32>>
     Ok(w)
 }
 
-/// The loss of one batch: the differentiable total and its two terms' values.
+/// The loss of one batch: the differentiable total and its two terms' values, as scalars on the
+/// model's device (nothing is read back here: the trainer reads them with its other values).
 pub struct OrwLoss {
     pub total: Var,
     /// `mean_i w_i mean_pix (v − u)²`
-    pub fm: f32,
-    /// `mean_i mean_pix (v − v_ref)²` (before multiplying by α)
-    pub w2: f32,
+    pub fm: Tensor,
+    /// `mean_i mean_pix (v − v_ref)²` (before multiplying by α; 0 when α = 0)
+    pub w2: Tensor,
 }
 
 /// Build the ORW-CFM-W2 loss for `net` on `(t, x_t, u_t)` with per-sample weights `w`.
@@ -89,10 +90,10 @@ pub fn orw_loss<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tenso
     let (total, w2v) = if alpha != 0.0 {
         let v_ref = no_grad(|| reference.predict(t, xt, y))?;
         let w2 = ops::mean_all(&ops::square(&ops::sub(&v, &Var::constant(v_ref))?)?)?;
-        let w2v = w2.value().item();
+        let w2v = w2.value();
         (ops::add(&fm, &ops::mul_scalar(&w2, alpha)?)?, w2v)
     } else {
-        (fm.clone(), 0.0)
+        (fm.clone(), fm.value().zeros_like()?)
     };
-    Ok(OrwLoss { fm: fm.value().item(), w2: w2v, total })
+    Ok(OrwLoss { fm: fm.value(), w2: w2v, total })
 }

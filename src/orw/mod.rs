@@ -5,4 +5,4 @@ pub mod loss;
 pub mod trainer;
 
 pub use config::OrwConfig;
-pub use trainer::{PairedBatch, StepMetrics, Trainer, pair_batch, sample_model};
+pub use trainer::{NoiseStreams, PairedBatch, StepMetrics, Trainer, pair_batch, sample_model, sample_model_with_noise};

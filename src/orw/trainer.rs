@@ -6,12 +6,32 @@
 //! normalised variant), pairs it with fresh noise through the configured coupling — the weights and
 //! labels follow their samples through any OT re-pairing — and takes one Adam step on the
 //! weighted flow-matching loss plus `α` times the W2 term, with warm-up and gradient clipping.
+//!
+//! # Random streams
+//!
+//! Continuous noise is drawn on the model's device by counter-based Philox streams
+//! ([`NoiseStreams`], each a `(seed, offset)`): the ODE's starting points `x0 ~ N(0, I)` when
+//! sampling, the training noise `x0` and the matcher's `ε`, and the dropout masks. The backend
+//! makes the values where they are used (nothing is drawn on the host and uploaded), and the CPU
+//! draws the same bits (normals to the last ulp of the GPU's `logf`/`sincosf`), so CPU and GPU
+//! runs agree. Host-side, discrete or tiny draws stay on xoshiro ([`Rng`]): class labels of
+//! sampled batches (`rng_sample`), `t ~ U[0, 1)` (B values, needed on the host for the
+//! matchers' per-row coefficients) and OT-plan resampling (`rng_train`). An exact OT coupling is
+//! solved on the host from the CPU twin of the device's `x0` draw (same `(seed, offset)`), so no
+//! noise is read back. Every stream is derived from the config's `seed`; their states are in the
+//! checkpoint, so a resumed run continues bit for bit.
+//!
+//! # Host reads
+//!
+//! A step reads the device once: the loss, its two terms and the gradients' sum of squares are
+//! device scalars gathered into one `[5]` tensor and downloaded together, before the update
+//! (the finite checks, f16's skip decision and the clipping coefficient need them there).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::OrwConfig;
 use super::loss::{WeightMode, orw_loss, reward_weights};
@@ -19,10 +39,11 @@ use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{Adam, clip_grad_norm, ema_update_params, grad_norm, warmup_lr};
+use crate::optim::{Adam, clip_grads_with_norm, ema_update_params, warmup_lr};
 use crate::reward::{Reward, score_checked};
 use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
+use crate::rng::philox::Philox;
+use crate::tensor::{DType, Device, Tensor};
 
 /// What one gradient step did. `step` counts completed steps (1 after the first).
 #[derive(Clone, Debug, Serialize)]
@@ -75,6 +96,27 @@ pub(crate) struct Batch {
     pub(crate) uses_left: usize,
 }
 
+/// The trainer's Philox streams, one per kind of device noise (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoiseStreams {
+    /// The ODE's starting points when sampling from the policy.
+    pub sample: Philox,
+    /// The training noise `x0`.
+    pub x0: Philox,
+    /// The matcher's `ε`.
+    pub eps: Philox,
+    /// Dropout masks.
+    pub dropout: Philox,
+}
+
+impl NoiseStreams {
+    /// Four streams keyed by the next draws of `master`.
+    pub fn from_master(master: &mut Rng) -> Self {
+        let mut next = || Philox::new(master.next_u64());
+        NoiseStreams { sample: next(), x0: next(), eps: next(), dropout: next() }
+    }
+}
+
 /// The ORW-CFM-W2 trainer over any [`VelocityField`].
 pub struct Trainer<M: VelocityField> {
     pub(crate) cfg: OrwConfig,
@@ -89,9 +131,11 @@ pub struct Trainer<M: VelocityField> {
     pub(crate) step: u64,
     pub(crate) epoch: u64,
     pub(crate) step_in_epoch: u64,
+    /// Class labels of sampled batches.
     pub(crate) rng_sample: Rng,
+    /// `t` and OT-plan resampling.
     pub(crate) rng_train: Rng,
-    pub(crate) rng_dropout: Rng,
+    pub(crate) noise: NoiseStreams,
     pub(crate) pool: SamplePool,
     pub(crate) current: Option<Batch>,
     pub(crate) run_dir: Option<PathBuf>,
@@ -113,39 +157,64 @@ pub const LOSS_SCALE_INIT: f32 = 65536.0;
 pub const LOSS_SCALE_GROWTH_INTERVAL: u64 = 2000;
 
 /// Draw `n` samples from `model` by integrating its ODE from `N(0, I)` at t = 0 to t = 1 (no tape).
-/// Class-conditional models get uniformly drawn labels, returned with the samples.
+/// Class-conditional models get uniformly drawn labels, returned with the samples. Seeded by
+/// `rng`: the noise comes from a Philox stream keyed by its next draw, the labels from it.
 pub fn sample_model<M: VelocityField>(model: &M, n: usize, solver: &OdeSolver, steps: usize, rng: &mut Rng) -> Result<(Tensor, Option<Vec<usize>>, OdeStats)> {
+    let mut noise = Philox::new(rng.next_u64());
+    sample_model_with_noise(model, n, solver, steps, &mut noise, rng)
+}
+
+/// [`sample_model`] with the starting points drawn from `noise` on the model's device (the
+/// stream moves past them) and the labels from `labels`.
+pub fn sample_model_with_noise<M: VelocityField>(model: &M, n: usize, solver: &OdeSolver, steps: usize, noise: &mut Philox, labels: &mut Rng) -> Result<(Tensor, Option<Vec<usize>>, OdeStats)> {
     let mut shape = vec![n];
     shape.extend(model.sample_shape());
-    // the noise is drawn on the host (the same draws on every device) and the ODE runs where the
-    // model is; the samples come back to the host for the reward
-    let z = Tensor::randn(&shape, rng).to_device(model.device())?;
-    let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| rng.below(k as u64) as usize).collect());
-    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full_on(&[n], t, crate::tensor::DType::F32, x.device())?, x, y.as_deref());
+    // the noise is drawn where the model is (the same draws on every device); the samples come
+    // back to the host for the reward
+    let z = Tensor::philox_normal(&shape, model.device(), DType::F32, noise)?;
+    let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| labels.below(k as u64) as usize).collect());
+    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full_on(&[n], t, DType::F32, x.device())?, x, y.as_deref());
     let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
-    Ok((x1.to_device(crate::tensor::Device::Cpu)?, y, stats))
+    Ok((x1.to_device(Device::Cpu)?, y, stats))
 }
 
 /// Training pairs with the weights and labels that belong to them, row for row.
 pub struct PairedBatch {
     pub flow: FlowSample,
+    /// The noise drawn for the batch, before pairing (`flow.x0_idx` indexes it).
+    pub x0: Tensor,
     /// `w[k]` is the weight of the sample `x1[flow.x1_idx[k]]` that row `k` was built from.
     pub w: Vec<f32>,
     pub y: Option<Vec<usize>>,
 }
 
-/// Pair noise `x0` with samples `x1` through the matcher's coupling and carry each sample's
-/// weight and label along. (The reference code multiplies the OT-resampled rows by the weights
-/// in their original order, which pairs rewards with the wrong samples; this cannot.)
-pub fn pair_batch(matcher: &FlowMatcher, x0: &Tensor, x1: &Tensor, w: &[f32], y: Option<&[usize]>, rng: &mut Rng) -> Result<PairedBatch> {
+/// Draw noise `x0` on `device` from `x0_noise`, pair it with the samples `x1` through the
+/// matcher's coupling, draw `t` (from `rng`, after any plan resampling) and `ε` (from
+/// `eps_noise`, on `device`), and carry each sample's weight and label along. An OT plan is
+/// solved on the host from the CPU twin of the `x0` draw (the same `(seed, offset)`), so nothing
+/// is read back from the device. (The reference code multiplies the OT-resampled rows by the
+/// weights in their original order, which pairs rewards with the wrong samples; this cannot.)
+#[allow(clippy::too_many_arguments)]
+pub fn pair_batch(matcher: &FlowMatcher, x1: &Tensor, w: &[f32], y: Option<&[usize]>, device: Device, rng: &mut Rng, x0_noise: &mut Philox, eps_noise: &mut Philox) -> Result<PairedBatch> {
     let b = x1.shape()[0];
     if w.len() != b || y.is_some_and(|y| y.len() != b) {
         bail!("{} weights for a batch of {b}", w.len());
     }
-    let flow = matcher.sample(x0, x1, None, rng)?;
+    let shape = x1.shape().to_vec();
+    let (seed, offset) = (x0_noise.seed(), x0_noise.offset());
+    let x0 = Tensor::philox_normal(&shape, device, DType::F32, x0_noise)?;
+    let pairs = if matcher.kind.uses_ot() {
+        let x0_host = Tensor::philox_at(&shape, crate::backend::RandomDist::Normal, seed, offset, Device::Cpu, DType::F32)?;
+        matcher.pairing(&x0_host, &x1.to_cpu()?, rng)?
+    } else {
+        matcher.pairing(&x0, x1, rng)?
+    };
+    let t: Vec<f32> = (0..b).map(|_| rng.uniform()).collect();
+    let eps = Tensor::philox_normal(&shape, device, DType::F32, eps_noise)?;
+    let flow = matcher.paired_sample(&x0, &x1.to_device(device)?, pairs, t, eps)?;
     let w = flow.x1_idx.iter().map(|&j| w[j]).collect();
     let y = y.map(|y| flow.x1_idx.iter().map(|&j| y[j]).collect());
-    Ok(PairedBatch { flow, w, y })
+    Ok(PairedBatch { flow, x0, w, y })
 }
 
 /// Samples, their labels (class-conditional models), rewards and the solve's cost.
@@ -178,7 +247,8 @@ impl<M: VelocityField> Trainer<M> {
             bail!("the reference model's parameters do not match the trained model's");
         }
         let mut master = Rng::new(cfg.seed);
-        let (rng_sample, rng_train, rng_dropout) = (master.fork(), master.fork(), master.fork());
+        let (rng_sample, rng_train) = (master.fork(), master.fork());
+        let noise = NoiseStreams::from_master(&mut master);
         let ema = (cfg.ema_decay > 0.0).then(|| init.clone());
         let last_policy = init.clone();
         Ok(Trainer {
@@ -196,7 +266,7 @@ impl<M: VelocityField> Trainer<M> {
             step_in_epoch: 0,
             rng_sample,
             rng_train,
-            rng_dropout,
+            noise,
             pool: SamplePool::default(),
             current: None,
             run_dir: None,
@@ -218,8 +288,8 @@ impl<M: VelocityField> Trainer<M> {
 
     /// Write checkpoints and `metrics.jsonl` under `dir` (created if needed).
     /// Move the trained, policy, reference and EMA models to `device` (Adam's moments follow on
-    /// the first step). Sampling noise, couplings and rewards stay on the host, so a run draws
-    /// the same numbers on every device.
+    /// the first step). Noise is drawn there by the Philox streams (the same numbers on every
+    /// device); labels, `t`, couplings and rewards stay on the host.
     pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
         self.net.to_device(device)?;
         self.last_policy.to_device(device)?;
@@ -309,7 +379,7 @@ impl<M: VelocityField> Trainer<M> {
 
     /// Draw `n` samples from the frozen policy and score them.
     fn draw(&mut self, n: usize, reward: &mut dyn Reward) -> Result<Drawn> {
-        let (x, y, st) = sample_model(&self.last_policy, n, &self.solver, self.cfg.ode_steps, &mut self.rng_sample)?;
+        let (x, y, st) = sample_model_with_noise(&self.last_policy, n, &self.solver, self.cfg.ode_steps, &mut self.noise.sample, &mut self.rng_sample)?;
         let r = score_checked(reward, &x, y.as_deref()).with_context(|| format!("scoring samples at step {}", self.step))?;
         Ok((x, y, r, st))
     }
@@ -361,8 +431,8 @@ impl<M: VelocityField> Trainer<M> {
         let (x1, y, r) = (batch.x1.clone(), batch.y.clone(), batch.r.clone());
 
         let w = reward_weights(&r, self.cfg.temperature, self.weight_mode).with_context(|| format!("at step {}", self.step))?;
-        let x0 = Tensor::randn(x1.shape(), &mut self.rng_train);
-        let PairedBatch { flow: fs, w: w_pair, y: y_pair } = pair_batch(&self.matcher, &x0, &x1, &w, y.as_deref(), &mut self.rng_train)?;
+        let dev = self.net.device();
+        let PairedBatch { flow: fs, w: w_pair, y: y_pair, .. } = pair_batch(&self.matcher, &x1, &w, y.as_deref(), dev, &mut self.rng_train, &mut self.noise.x0, &mut self.noise.eps)?;
 
         // mixed precision: the pass runs on `work`, `net` cast to the training dtype
         if let Some(work) = &mut self.work {
@@ -370,12 +440,8 @@ impl<M: VelocityField> Trainer<M> {
             work.to_precision(self.precision)?;
         }
         let model = self.work.as_ref().unwrap_or(&self.net);
-        let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.rng_dropout) } else { None } };
+        let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.noise.dropout) } else { None } };
         let loss = orw_loss(model, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
-        let (total, fm_loss, w2_loss) = (loss.total.value().scalar_value()?, loss.fm, loss.w2);
-        if !total.is_finite() {
-            bail!("the loss is not finite at step {} (fm {}, w2 {}); lower the learning rate or the temperature", self.step, loss.fm, loss.w2);
-        }
         let scale = self.loss_scale;
         let mut grads = {
             let seed = if scale == 1.0 { &loss.total } else { &ops::mul_scalar(&loss.total, scale)? };
@@ -384,8 +450,20 @@ impl<M: VelocityField> Trainer<M> {
             // back to f32 (and unscaled) for the master weights
             gs.iter().map(|t| if scale == 1.0 { t.to_dtype(DType::F32) } else { t.to_dtype(DType::F32)?.mul_scalar(1.0 / scale) }).collect::<Result<Vec<_>>>()?
         };
+        // the step's one host read: the loss, its terms and Σ g² (as an f32 pair), gathered on
+        // the device and downloaded together
+        let read = {
+            let sq = Tensor::sum_squares_on_device(&grads.iter().collect::<Vec<_>>())?;
+            let mut parts = [loss.total.value(), loss.fm.clone(), loss.w2.clone()].iter().map(|t| t.reshape(&[1])?.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?;
+            parts.push(sq);
+            Tensor::concat(&parts, 0)?.values()?
+        };
         drop(loss);
-        let gnorm = grad_norm(&grads)?;
+        let (total, fm_loss, w2_loss) = (read[0], read[1], read[2]);
+        let gnorm = (read[3] as f64 + read[4] as f64).sqrt();
+        if !total.is_finite() {
+            bail!("the loss is not finite at step {} (fm {fm_loss}, w2 {w2_loss}); lower the learning rate or the temperature", self.step);
+        }
         let mut skipped = false;
         if !gnorm.is_finite() {
             if self.precision != DType::F16 {
@@ -398,7 +476,7 @@ impl<M: VelocityField> Trainer<M> {
             self.scale_good_steps = 0;
         } else {
             if self.cfg.grad_clip > 0.0 {
-                clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+                clip_grads_with_norm(&mut grads, gnorm, self.cfg.grad_clip)?;
             }
             let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
             self.adam.step_params(self.net.params(), &grads, lr)?;

@@ -7,6 +7,7 @@
 //! tensor produced by an op is contiguous (row-major); `strides()` reports its layout.
 
 mod ops;
+mod random;
 pub mod storage;
 
 use anyhow::{Result, bail};

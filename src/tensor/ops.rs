@@ -183,6 +183,21 @@ impl Tensor {
         let (num, dim) = (self.shape[0], self.shape[1]);
         Ok(Tensor::from_op(self.storage.embedding(&ids.storage, num, dim)?, &[ids.numel(), dim]))
     }
+    /// The rows `idx` of `self` along axis 0 (any rank; a gather on `self`'s device, the
+    /// indices uploaded as i32).
+    pub fn index_rows(&self, idx: &[usize]) -> Result<Tensor> {
+        if self.ndim() == 0 {
+            bail!("index_rows of a scalar");
+        }
+        let (num, per) = (self.shape[0], self.numel() / self.shape[0].max(1));
+        if let Some(&bad) = idx.iter().find(|&&i| i >= num) {
+            bail!("index_rows: row {bad} of a tensor with {num} rows");
+        }
+        let ids = Tensor::from_indices(idx)?.to_device(self.device())?;
+        let mut shape = self.shape.clone();
+        shape[0] = idx.len();
+        self.reshape(&[num, per])?.embedding(&ids)?.reshape(&shape)
+    }
     pub fn embedding_backward(&self, ids: &Tensor, num: usize) -> Result<Tensor> {
         let dim = self.shape[1];
         Ok(Tensor::from_op(self.storage.embedding_backward(&ids.storage, num, dim)?, &[num, dim]))
@@ -319,5 +334,13 @@ impl Tensor {
     pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
         let s: Vec<&Storage> = ts.iter().map(|t| &t.storage).collect();
         Storage::sum_squares(&s)
+    }
+    /// `Σ x²` over all the (non-empty list of) tensors, left on their device: an f32 `[2]`
+    /// tensor `[hi, lo]` whose f64 sum `hi + lo` is the f64 sum of squares (see
+    /// [`crate::backend::BackendStorage::sum_squares_on_device`]); read it with the other values
+    /// a step reports, in one transfer.
+    pub fn sum_squares_on_device(ts: &[&Tensor]) -> Result<Tensor> {
+        let s: Vec<&Storage> = ts.iter().map(|t| &t.storage).collect();
+        Ok(Tensor::from_op(Storage::sum_squares_on_device(&s)?, &[2]))
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use super::{DType, Device};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cuda::CudaStorage;
-use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, UnaryOp};
+use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
 
 /// A tensor's values: host memory or a GPU buffer, in one dtype.
 #[derive(Clone, Debug)]
@@ -138,6 +138,22 @@ impl Storage {
             Device::Cpu => Storage::Cpu(CpuStorage::from_f32_as(vec![v; n], dtype)),
             Device::Cuda(i) => Storage::Cuda(CudaStorage::full(&crate::backend::cuda::gpu(i)?, n, v, dtype)?),
         })
+    }
+    /// The `n` values of the Philox draw `(seed, offset)` of `dist`, made on `device`, in `dtype`.
+    pub fn philox(device: Device, n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Storage> {
+        Ok(match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::philox(n, dist, seed, offset, dtype)?),
+            Device::Cuda(i) => Storage::Cuda(CudaStorage::philox(&crate::backend::cuda::gpu(i)?, n, dist, seed, offset, dtype)?),
+        })
+    }
+    /// The same draw on this storage's device.
+    pub fn philox_like(&self, n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Storage> {
+        let a = self;
+        on_backend!("philox", [a], a.philox_like(n, dist, seed, offset, dtype))
+    }
+    pub fn dropout(&self, p: f32, seed: u64, offset: u64) -> Result<Storage> {
+        let a = self;
+        on_backend!("dropout", [a], a.dropout(p, seed, offset))
     }
     pub fn to_dtype(&self, dtype: DType) -> Result<Storage> {
         let a = self;
@@ -305,5 +321,16 @@ impl Storage {
             Storage::Cpu(_) => CpuStorage::sum_squares(&ts.iter().map(|s| if let Storage::Cpu(c) = s { c } else { unreachable!() }).collect::<Vec<_>>()),
             Storage::Cuda(_) => CudaStorage::sum_squares(&ts.iter().map(|s| if let Storage::Cuda(c) = s { c } else { unreachable!() }).collect::<Vec<_>>()),
         }
+    }
+    /// `Σ x²` as the device-resident f32 pair `[hi, lo]` (see [`BackendStorage::sum_squares_on_device`]).
+    pub fn sum_squares_on_device(ts: &[&Storage]) -> Result<Storage> {
+        if ts.is_empty() {
+            bail!("sum_squares_on_device of no tensors (no device to put the sum on)");
+        }
+        same_device("sum_squares", ts)?;
+        Ok(match ts[0] {
+            Storage::Cpu(_) => Storage::Cpu(CpuStorage::sum_squares_on_device(&ts.iter().map(|s| if let Storage::Cpu(c) = s { c } else { unreachable!() }).collect::<Vec<_>>())?),
+            Storage::Cuda(_) => Storage::Cuda(CudaStorage::sum_squares_on_device(&ts.iter().map(|s| if let Storage::Cuda(c) = s { c } else { unreachable!() }).collect::<Vec<_>>())?),
+        })
     }
 }

@@ -15,7 +15,8 @@ use super::elementwise as ew;
 use super::gemm::{Mat, sgemm, threads_for};
 use super::norm::{group_norm_backward, group_norm_forward};
 use super::{PAR_MIN, simd};
-use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, UnaryOp};
+use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
+use crate::rng::philox;
 use crate::tensor::{DType, Device};
 
 /// Host memory of one dtype, shared by `Arc` (copy on write).
@@ -102,6 +103,26 @@ impl CpuStorage {
     fn out(&self, v: Vec<f32>) -> Self {
         CpuStorage::from_f32_as(v, self.dtype())
     }
+    /// The `n` values of the Philox draw `(seed, offset)` of `dist`, rounded once to `dtype`
+    /// (the reference of [`BackendStorage::philox_like`]).
+    pub fn philox(n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Self> {
+        if !dtype.is_float() {
+            bail!("a random draw of {n} {dist:?} values cannot be stored as {dtype}");
+        }
+        let mut v = vec![0.0f32; n];
+        match dist {
+            RandomDist::Uniform => philox::fill_uniform(seed, offset, &mut v),
+            RandomDist::Normal => philox::fill_normal(seed, offset, &mut v),
+        }
+        Ok(CpuStorage::from_f32_as(v, dtype))
+    }
+}
+
+/// An f64 as the f32 pair `[hi, lo]` of [`BackendStorage::sum_squares_on_device`].
+pub fn split_f64(s: f64) -> [f32; 2] {
+    let hi = s as f32;
+    let lo = if hi.is_finite() { (s - hi as f64) as f32 } else { 0.0 };
+    [hi, lo]
 }
 
 fn same_dtype(op: &str, ts: &[&CpuStorage]) -> Result<()> {
@@ -250,6 +271,18 @@ impl BackendStorage for CpuStorage {
     }
     fn full_like(&self, n: usize, v: f32, dtype: DType) -> Result<Self> {
         Ok(CpuStorage::from_f32_as(vec![v; n], dtype))
+    }
+    fn philox_like(&self, n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Self> {
+        CpuStorage::philox(n, dist, seed, offset, dtype)
+    }
+    fn dropout(&self, p: f32, seed: u64, offset: u64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("dropout probability {p} is not in [0, 1]");
+        }
+        let x = self.float("dropout")?;
+        let mut y = vec![0.0f32; x.len()];
+        philox::dropout(seed, offset, p, &x, &mut y, None);
+        Ok(self.out(y))
     }
 
     fn binary(&self, a: &[usize], rhs: &Self, b: &[usize], out: &[usize], op: BinaryOp) -> Result<Self> {
@@ -451,5 +484,8 @@ impl BackendStorage for CpuStorage {
     }
     fn sum_squares(ts: &[&Self]) -> Result<f64> {
         Ok(ts.iter().map(|t| t.f32s().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum())
+    }
+    fn sum_squares_on_device(ts: &[&Self]) -> Result<Self> {
+        Ok(CpuStorage::from_f32(split_f64(Self::sum_squares(ts)?).to_vec()))
     }
 }

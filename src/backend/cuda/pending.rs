@@ -8,7 +8,7 @@ use anyhow::Result;
 use super::gpu::Gpu;
 use super::storage::CudaStorage;
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, UnaryOp};
+use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
 use crate::tensor::{DType, Device};
 
 impl CudaStorage {
@@ -21,6 +21,11 @@ impl CudaStorage {
     }
     pub fn full(g: &Arc<Gpu>, n: usize, v: f32, dtype: DType) -> Result<Self> {
         CudaStorage::from_cpu(g, &CpuStorage::from_f32_as(vec![v; n], dtype))
+    }
+    /// The Philox draw `(seed, offset)` of `dist` on the GPU (interim: drawn by the CPU reference
+    /// and uploaded; the port launches `philox_uniform_f32` / `philox_normal_f32`).
+    pub fn philox(g: &Arc<Gpu>, n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Self> {
+        CudaStorage::from_cpu(g, &CpuStorage::philox(n, dist, seed, offset, dtype)?)
     }
     fn host(&self) -> Result<CpuStorage> {
         let w = self.gpu().download(self.buf())?;
@@ -57,6 +62,12 @@ impl BackendStorage for CudaStorage {
     }
     fn full_like(&self, n: usize, v: f32, dtype: DType) -> Result<Self> {
         CudaStorage::full(self.gpu(), n, v, dtype)
+    }
+    fn philox_like(&self, n: usize, dist: RandomDist, seed: u64, offset: u64, dtype: DType) -> Result<Self> {
+        CudaStorage::philox(self.gpu(), n, dist, seed, offset, dtype)
+    }
+    fn dropout(&self, p: f32, seed: u64, offset: u64) -> Result<Self> {
+        self.up(self.host()?.dropout(p, seed, offset)?)
     }
     fn binary(&self, a: &[usize], rhs: &Self, b: &[usize], out: &[usize], op: BinaryOp) -> Result<Self> {
         self.up(self.host()?.binary(a, &rhs.host()?, b, out, op)?)
@@ -170,5 +181,9 @@ impl BackendStorage for CudaStorage {
     fn sum_squares(ts: &[&Self]) -> Result<f64> {
         let hs: Vec<CpuStorage> = ts.iter().map(|t| t.host()).collect::<Result<_>>()?;
         CpuStorage::sum_squares(&hs.iter().collect::<Vec<_>>())
+    }
+    fn sum_squares_on_device(ts: &[&Self]) -> Result<Self> {
+        let hs: Vec<CpuStorage> = ts.iter().map(|t| t.host()).collect::<Result<_>>()?;
+        ts[0].up(CpuStorage::sum_squares_on_device(&hs.iter().collect::<Vec<_>>())?)
     }
 }

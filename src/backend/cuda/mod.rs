@@ -132,7 +132,9 @@ pub fn probe(index: usize) -> Result<DeviceInfo> {
     Ok(DeviceInfo { index, name, compute_capability, total_mem_bytes, device_count: n, libraries: libs })
 }
 pub mod conv;
+pub mod gemm;
 pub mod gpu;
+pub mod kargs;
 pub mod nvrtc;
 pub mod ops;
 pub mod pool;

@@ -1,19 +1,24 @@
-//! The engine's ops on a GPU, f32: each function mirrors a CPU twin in `backend/cpu` (named in
-//! its comment) and launches the kernels of `kernels/*.cu`, cuBLAS (GEMMs, TF32 off unless
-//! allowed) or cuDNN (see `conv.rs`). Inputs on the CPU are uploaded to the other input's GPU
-//! (constants such as loss weights); outputs are new pool buffers.
+//! The engine's ops on a GPU at the `Tensor` level, f32 (legacy: the old autograd calls them
+//! until the engine core moves to `BackendStorage`, whose CUDA implementation is `storage.rs`
+//! over `f32ops.rs`, `linalg.rs` and `conv.rs`). Each function mirrors a CPU twin in
+//! `backend/cpu` (named in its comment) and launches the kernels of `kernels/*.cu`, cuBLAS
+//! (GEMMs, TF32 off unless allowed) or cuDNN (see `conv.rs`). Inputs on the CPU are uploaded to
+//! the other input's GPU (constants such as loss weights); outputs are new pool buffers.
 //!
 //! Failures inside an op (out of memory, a driver error) panic with the op's name: ops return
-//! values, not `Result`s, as on the CPU.
+//! values, not `Result`s, as on the CPU. The kernel argument structs and the GEMM plumbing live
+//! in `kargs.rs` and `gemm.rs` (re-exported here).
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
-use cudarc::driver::DeviceRepr;
+use anyhow::Result;
 
+pub use super::gemm::{attention_backward_gemms, attention_forward_gemms, gemm, run_gemm, CublasCall, Gemm, Operand};
 use super::gpu::{Arg, Gpu, GpuBuf};
-use crate::backend::cpu::elementwise::broadcast_strides;
-use crate::tensor::{contiguous_strides, Device, Tensor};
+pub use super::kargs::{BinGeom, ReduceGeom, Strided};
+use crate::backend::geom::broadcast_strides;
+use crate::backend::geom::AttnGeom;
+use crate::tensor::{Device, Tensor};
 
 /// Unwrap an op's result; a GPU failure inside an op panics with its name.
 pub(crate) fn ck<T>(r: Result<T>, op: &str) -> T {
@@ -46,90 +51,7 @@ fn out(g: &Arc<Gpu>, shape: &[usize], op: &str) -> GpuBuf {
     ck(g.alloc(shape.iter().product()), op)
 }
 
-fn i64s<const N: usize>(v: &[usize], what: &str) -> [i64; N] {
-    assert!(v.len() <= N, "{what}: {} axes (at most {N} on the GPU)", v.len());
-    let mut a = [0i64; N];
-    for (x, &y) in a.iter_mut().zip(v) {
-        *x = y as i64;
-    }
-    a
-}
-
 // ---------------------------------------------------------------- element-wise
-
-/// `binary_f32`'s geometry (the kernel's `BinGeom`): the output shape and each operand's strides
-/// in the output's index space.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct BinGeom {
-    pub ndim: i64,
-    pub shape: [i64; 8],
-    pub sa: [i64; 8],
-    pub sb: [i64; 8],
-}
-
-impl BinGeom {
-    pub fn new(a: &[usize], b: &[usize], out: &[usize]) -> BinGeom {
-        BinGeom { ndim: out.len() as i64, shape: i64s(out, "binary"), sa: i64s(&broadcast_strides(a, out), "binary"), sb: i64s(&broadcast_strides(b, out), "binary") }
-    }
-}
-unsafe impl DeviceRepr for BinGeom {}
-
-/// `reduce_sum_f32`'s geometry: kept axes (they index the output) and reduced axes, with their
-/// strides in the input.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct ReduceGeom {
-    pub nk: i64,
-    pub nr: i64,
-    pub kshape: [i64; 8],
-    pub kstride: [i64; 8],
-    pub rshape: [i64; 8],
-    pub rstride: [i64; 8],
-}
-
-impl ReduceGeom {
-    /// The geometry of summing a contiguous `from` down to `to` (NumPy broadcasting rules), with
-    /// the output and reduction sizes.
-    pub fn new(from: &[usize], to: &[usize]) -> (ReduceGeom, usize, usize) {
-        assert!(to.len() <= from.len(), "sum_to_shape {from:?} -> {to:?}");
-        let pad = from.len() - to.len();
-        let to_p: Vec<usize> = std::iter::repeat_n(1, pad).chain(to.iter().copied()).collect();
-        let st = contiguous_strides(from);
-        let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
-        for i in 0..from.len() {
-            if to_p[i] == from[i] {
-                if from[i] != 1 {
-                    ks.push(from[i]);
-                    kst.push(st[i]);
-                }
-            } else {
-                assert_eq!(to_p[i], 1, "sum_to_shape {from:?} -> {to:?}");
-                rs.push(from[i]);
-                rst.push(st[i]);
-            }
-        }
-        let geom = ReduceGeom { nk: ks.len() as i64, nr: rs.len() as i64, kshape: i64s(&ks, "sum"), kstride: i64s(&kst, "sum"), rshape: i64s(&rs, "sum"), rstride: i64s(&rst, "sum") };
-        (geom, to.iter().product(), rs.iter().product())
-    }
-}
-unsafe impl DeviceRepr for ReduceGeom {}
-
-/// `gather_strided_f32`'s view: a shape and the source strides of its axes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct Strided {
-    pub ndim: i64,
-    pub shape: [i64; 8],
-    pub strides: [i64; 8],
-}
-
-impl Strided {
-    pub fn new(shape: &[usize], strides: &[usize]) -> Strided {
-        Strided { ndim: shape.len() as i64, shape: i64s(shape, "gather"), strides: i64s(strides, "gather") }
-    }
-}
-unsafe impl DeviceRepr for Strided {}
 
 /// Binary op codes of `binary_f32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,15 +357,6 @@ pub fn add_channel_bias(y: &mut Tensor, bias: &Tensor) {
 
 // ---------------------------------------------------------------- GEMM (cuBLAS)
 
-/// A row-major operand of a GEMM: device pointer, whether it is used transposed, and the
-/// element stride between batch items.
-#[derive(Clone, Copy, Debug)]
-pub struct Operand {
-    pub ptr: u64,
-    pub trans: bool,
-    pub batch_stride: i64,
-}
-
 impl Operand {
     pub fn n(t: &Tensor) -> Operand {
         Operand { ptr: ptr(t), trans: false, batch_stride: 0 }
@@ -451,105 +364,6 @@ impl Operand {
     pub fn t(t: &Tensor) -> Operand {
         Operand { ptr: ptr(t), trans: true, batch_stride: 0 }
     }
-}
-
-/// One row-major GEMM `C[m, n] = α·op(A)·op(B) + β·C` over `batch` items (C's items `c_stride`
-/// apart).
-#[derive(Clone, Copy, Debug)]
-pub struct Gemm {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub a: Operand,
-    pub b: Operand,
-    pub c: u64,
-    pub c_stride: i64,
-    pub alpha: f32,
-    pub beta: f32,
-    pub batch: usize,
-}
-
-/// The column-major cuBLAS call that computes a [`Gemm`]: `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so cuBLAS'
-/// first operand is B. (Kept apart from the call so that tests can check the mapping on the CPU
-/// against a reference column-major GEMM.)
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CublasCall {
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub a: u64,
-    pub lda: usize,
-    pub stride_a: i64,
-    pub b: u64,
-    pub ldb: usize,
-    pub stride_b: i64,
-    pub c: u64,
-    pub ldc: usize,
-    pub stride_c: i64,
-    pub alpha: f32,
-    pub beta: f32,
-    pub batch: usize,
-}
-
-impl Gemm {
-    pub fn cublas(&self) -> CublasCall {
-        let (m, n, k) = (self.m, self.n, self.k);
-        CublasCall {
-            trans_a: self.b.trans,
-            trans_b: self.a.trans,
-            m: n,
-            n: m,
-            k,
-            a: self.b.ptr,
-            lda: if self.b.trans { k } else { n },
-            stride_a: self.b.batch_stride,
-            b: self.a.ptr,
-            ldb: if self.a.trans { m } else { k },
-            stride_b: self.a.batch_stride,
-            c: self.c,
-            ldc: n,
-            stride_c: self.c_stride,
-            alpha: self.alpha,
-            beta: self.beta,
-            batch: self.batch,
-        }
-    }
-}
-
-/// Run a [`Gemm`] with cuBLAS on the GPU's stream.
-pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
-    use cudarc::cublas::sys::{self as cb, cublasOperation_t as Op};
-    if op.m == 0 || op.n == 0 {
-        return Ok(());
-    }
-    let c = op.cublas();
-    if g.is_sim() {
-        return super::sim::gemm(&c);
-    }
-    let t = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-    let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
-    g.bind()?;
-    // SAFETY: the pointers are live device buffers holding the operands at these sizes; the
-    // scalars are host pointers (cuBLAS' default pointer mode)
-    let s = unsafe {
-        if c.batch == 1 {
-            cb::cublasSgemm_v2(g.blas(), t(c.trans_a), t(c.trans_b), c.m as i32, c.n as i32, c.k as i32, &c.alpha, c.a as *const f32, c.lda as i32, c.b as *const f32, c.ldb as i32, &c.beta, c.c as *mut f32, c.ldc as i32)
-        } else {
-            cb::cublasSgemmStridedBatched(g.blas(), t(c.trans_a), t(c.trans_b), c.m as i32, c.n as i32, c.k as i32, &c.alpha, c.a as *const f32, c.lda as i32, c.stride_a, c.b as *const f32, c.ldb as i32, c.stride_b, &c.beta, c.c as *mut f32, c.ldc as i32, c.stride_c, c.batch as i32)
-        }
-    };
-    if s != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        bail!("cuBLAS sgemm {}x{}x{} (batch {}) failed: {s:?}", op.m, op.n, op.k, op.batch);
-    }
-    Ok(())
-}
-
-/// [`run_gemm`] from its parts.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(g: &Gpu, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: u64, c_stride: i64, alpha: f32, beta: f32, batch: usize) -> Result<()> {
-    run_gemm(g, &Gemm { m, n, k, a, b, c, c_stride, alpha, beta, batch })
 }
 
 /// `a [M, K] · b [K, N]` with optional transposes of the stored matrices: `ta` means `a` is
@@ -627,59 +441,6 @@ pub fn group_norm_backward(x: &Tensor, dy: &Tensor, gamma: &Tensor, mean: &Tenso
 
 // ---------------------------------------------------------------- attention
 
-use crate::backend::cpu::attention::{AttnGeom, QkvOrder};
-
-/// The q, k, v operands (offset, batch stride) and the number of GEMM calls: the legacy order
-/// has one uniform stride over all batch·head items; the new order is batched over heads within
-/// each batch item.
-fn attn_layout(a: &AttnGeom) -> (Vec<usize>, usize, [usize; 3], i64) {
-    let (c, ct) = (a.heads * a.ch, a.ch * a.t);
-    match a.order {
-        QkvOrder::Legacy => (vec![0], a.b * a.heads, [0, ct, 2 * ct], (3 * ct) as i64),
-        QkvOrder::New => ((0..a.b).map(|bi| bi * 3 * c * a.t).collect(), a.heads, [0, c * a.t, 2 * c * a.t], ct as i64),
-    }
-}
-
-/// The GEMMs of attention's forward around the row softmax: `[S = scale·qᵀk into probs]`, then
-/// `[out = v·Pᵀ]`, for buffers at the given addresses (bytes).
-pub fn attention_forward_gemms(a: &AttnGeom, qkv: u64, probs: u64, out: u64) -> [Vec<Gemm>; 2] {
-    let (t, ch) = (a.t, a.ch);
-    let scale = 1.0 / (ch as f32).sqrt();
-    let (bases, count, offs, stride) = attn_layout(a);
-    let at = |off: usize, trans: bool| Operand { ptr: qkv + 4 * off as u64, trans, batch_stride: stride };
-    let item = |base: u64, ci: usize, size: usize, trans: bool| Operand { ptr: base + 4 * (ci * count * size) as u64, trans, batch_stride: size as i64 };
-    let mut s = Vec::new();
-    let mut o = Vec::new();
-    for (ci, &b0) in bases.iter().enumerate() {
-        let p = item(probs, ci, t * t, false);
-        s.push(Gemm { m: t, n: t, k: ch, a: at(b0 + offs[0], true), b: at(b0 + offs[1], false), c: p.ptr, c_stride: (t * t) as i64, alpha: scale, beta: 0.0, batch: count });
-        let oc = item(out, ci, ch * t, false);
-        o.push(Gemm { m: ch, n: t, k: t, a: at(b0 + offs[2], false), b: Operand { trans: true, ..p }, c: oc.ptr, c_stride: (ch * t) as i64, alpha: 1.0, beta: 0.0, batch: count });
-    }
-    [s, o]
-}
-
-/// The GEMMs of attention's backward around the row-softmax backward (which turns dP into dS in
-/// place): `[dV = dout·P, dP = doutᵀ·v]`, then `[dQ = scale·k·dSᵀ, dK = scale·q·dS]`.
-pub fn attention_backward_gemms(a: &AttnGeom, qkv: u64, probs: u64, dout: u64, dqkv: u64, dp: u64) -> [Vec<Gemm>; 2] {
-    let (t, ch) = (a.t, a.ch);
-    let scale = 1.0 / (ch as f32).sqrt();
-    let (bases, count, offs, stride) = attn_layout(a);
-    let at = |base: u64, off: usize, trans: bool| Operand { ptr: base + 4 * off as u64, trans, batch_stride: stride };
-    let item = |base: u64, ci: usize, size: usize, trans: bool| Operand { ptr: base + 4 * (ci * count * size) as u64, trans, batch_stride: size as i64 };
-    let (mut first, mut second) = (Vec::new(), Vec::new());
-    for (ci, &b0) in bases.iter().enumerate() {
-        let d_out = item(dout, ci, ch * t, false);
-        let p = item(probs, ci, t * t, false);
-        let dpp = item(dp, ci, t * t, false);
-        first.push(Gemm { m: ch, n: t, k: t, a: d_out, b: p, c: at(dqkv, b0 + offs[2], false).ptr, c_stride: stride, alpha: 1.0, beta: 0.0, batch: count });
-        first.push(Gemm { m: t, n: t, k: ch, a: Operand { trans: true, ..d_out }, b: at(qkv, b0 + offs[2], false), c: dpp.ptr, c_stride: (t * t) as i64, alpha: 1.0, beta: 0.0, batch: count });
-        second.push(Gemm { m: ch, n: t, k: t, a: at(qkv, b0 + offs[1], false), b: Operand { trans: true, ..dpp }, c: at(dqkv, b0 + offs[0], false).ptr, c_stride: stride, alpha: scale, beta: 0.0, batch: count });
-        second.push(Gemm { m: ch, n: t, k: t, a: at(qkv, b0 + offs[0], false), b: dpp, c: at(dqkv, b0 + offs[1], false).ptr, c_stride: stride, alpha: scale, beta: 0.0, batch: count });
-    }
-    [first, second]
-}
-
 /// torchcfm's QKV attention: `(out [B, C, T], probs [B·H, T, T])` (CPU: `attention_forward`).
 pub fn attention(qkv: &Tensor, a: &AttnGeom) -> (Tensor, Tensor) {
     let g = gpu_of(&[qkv]);
@@ -742,125 +503,4 @@ pub fn adam_step(p: &mut Tensor, gr: &Tensor, m: &mut Tensor, v: &mut Tensor, st
         Arg::F32(weight_decay),
     ];
     ck(g.launch_n("adam_step_f32", n, &a), "adam");
-}
-
-#[cfg(test)]
-mod tests {
-    //! The host-side logic of the GEMM-based ops, checked without a GPU: each [`Gemm`] is turned
-    //! into its cuBLAS call and executed by a reference column-major GEMM over a flat memory
-    //! (addresses are byte offsets into it), then compared with the CPU backend.
-    use super::*;
-    use crate::backend::cpu::attention::{attention_backward as cpu_attn_bwd, attention_forward as cpu_attn_fwd};
-    use crate::backend::cpu::elementwise::{softmax_rows as cpu_softmax, softmax_rows_backward as cpu_softmax_bwd};
-    use crate::rng::Rng;
-
-    /// cuBLAS' `sgemm(_strided_batched)` semantics, column-major, on host memory.
-    fn emulate(mem: &mut [f32], c: &CublasCall) {
-        for bi in 0..c.batch {
-            let ao = (c.a / 4) as i64 + bi as i64 * c.stride_a;
-            let bo = (c.b / 4) as i64 + bi as i64 * c.stride_b;
-            let co = (c.c / 4) as i64 + bi as i64 * c.stride_c;
-            for j in 0..c.n {
-                for i in 0..c.m {
-                    let mut acc = 0.0f64;
-                    for p in 0..c.k {
-                        let ai = if c.trans_a { p + i * c.lda } else { i + p * c.lda };
-                        let bj = if c.trans_b { j + p * c.ldb } else { p + j * c.ldb };
-                        acc += mem[(ao + ai as i64) as usize] as f64 * mem[(bo + bj as i64) as usize] as f64;
-                    }
-                    let ci = (co + (i + j * c.ldc) as i64) as usize;
-                    let old = if c.beta == 0.0 { 0.0 } else { c.beta * mem[ci] };
-                    mem[ci] = c.alpha * acc as f32 + old;
-                }
-            }
-        }
-    }
-
-    fn run(mem: &mut [f32], ops: &[Gemm]) {
-        for op in ops {
-            emulate(mem, &op.cublas());
-        }
-    }
-
-    fn close(a: &[f32], b: &[f32], what: &str) {
-        let e = crate::util::rel_err(a, b);
-        assert!(e < 1e-5, "{what}: rel err {e:e}");
-    }
-
-    #[test]
-    fn row_major_gemm_maps_to_cublas_for_every_transpose() {
-        let mut r = Rng::new(1);
-        let (m, n, k) = (5usize, 7usize, 3usize);
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let a = r.normal_vec(m * k); // stored [m,k], or [k,m] when ta
-            let b = r.normal_vec(k * n); // stored [k,n], or [n,k] when tb
-            let c0 = r.normal_vec(m * n);
-            let mut mem = [a.clone(), b.clone(), c0.clone()].concat();
-            let op = Gemm {
-                m,
-                n,
-                k,
-                a: Operand { ptr: 0, trans: ta, batch_stride: 0 },
-                b: Operand { ptr: 4 * (m * k) as u64, trans: tb, batch_stride: 0 },
-                c: 4 * (m * k + k * n) as u64,
-                c_stride: 0,
-                alpha: 0.5,
-                beta: 1.0,
-                batch: 1,
-            };
-            run(&mut mem, &[op]);
-            let want: Vec<f32> = (0..m * n)
-                .map(|idx| {
-                    let (i, j) = (idx / n, idx % n);
-                    let s: f32 = (0..k).map(|p| (if ta { a[p * m + i] } else { a[i * k + p] }) * (if tb { b[j * k + p] } else { b[p * n + j] })).sum();
-                    0.5 * s + c0[idx]
-                })
-                .collect();
-            close(&mem[m * k + k * n..], &want, &format!("ta={ta} tb={tb}"));
-        }
-    }
-
-    fn attention_case(order: QkvOrder) {
-        let mut r = Rng::new(2);
-        let a = AttnGeom { b: 2, heads: 3, ch: 4, t: 5, order };
-        let (c, t, bh) = (a.heads * a.ch, a.t, a.b * a.heads);
-        let qkv = r.normal_vec(a.b * 3 * c * t);
-        let dout = r.normal_vec(a.b * c * t);
-        // memory: qkv | probs | out | dout | dqkv | dp
-        let sizes = [qkv.len(), bh * t * t, a.b * c * t, dout.len(), qkv.len(), bh * t * t];
-        let mut at = vec![0usize];
-        for s in sizes {
-            at.push(at.last().unwrap() + s);
-        }
-        let mut mem = vec![f32::NAN; at[6]];
-        mem[at[0]..at[1]].copy_from_slice(&qkv);
-        mem[at[3]..at[4]].copy_from_slice(&dout);
-        let addr = |i: usize| 4 * at[i] as u64;
-        let [s, pv] = attention_forward_gemms(&a, addr(0), addr(1), addr(2));
-        run(&mut mem, &s);
-        let p = cpu_softmax(&mem[at[1]..at[2]], t);
-        mem[at[1]..at[2]].copy_from_slice(&p);
-        run(&mut mem, &pv);
-        let (want_out, want_p) = cpu_attn_fwd(&qkv, &a);
-        close(&mem[at[1]..at[2]], &want_p, &format!("{order:?} probabilities"));
-        close(&mem[at[2]..at[3]], &want_out, &format!("{order:?} output"));
-        let [first, second] = attention_backward_gemms(&a, addr(0), addr(1), addr(3), addr(4), addr(5));
-        run(&mut mem, &first);
-        let ds = cpu_softmax_bwd(&mem[at[1]..at[2]], &mem[at[5]..at[6]], t);
-        mem[at[5]..at[6]].copy_from_slice(&ds);
-        run(&mut mem, &second);
-        let want_d = cpu_attn_bwd(&qkv, &want_p, &dout, &a);
-        assert!(mem[at[4]..at[5]].iter().all(|v| v.is_finite()), "{order:?}: dqkv has unwritten elements");
-        close(&mem[at[4]..at[5]], &want_d, &format!("{order:?} dqkv"));
-    }
-
-    #[test]
-    fn attention_gemm_plan_matches_the_cpu_legacy_order() {
-        attention_case(QkvOrder::Legacy);
-    }
-
-    #[test]
-    fn attention_gemm_plan_matches_the_cpu_new_order() {
-        attention_case(QkvOrder::New);
-    }
 }

@@ -5,7 +5,7 @@
 //! `kernels/*.cu` compiled by the system C++ compiler with the shim of `kernels/sim/` (one OS
 //! thread per GPU thread, `__syncthreads` a barrier), launched with the very argument lists the
 //! CUDA path hands to the driver, and whose GEMMs are the cuBLAS column-major calls that
-//! `ops::Gemm::cublas` produces, executed by the CPU backend's GEMM. There is no cuDNN:
+//! `gemm::Gemm::cublas` produces, executed by the CPU backend's GEMM. There is no cuDNN:
 //! convolutions take the im2col + GEMM path.
 //!
 //! What it checks: every wrapper's argument list against its kernel, the geometry, the
@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use libloading::Library;
 
 use super::nvrtc::{kernel_names, kernel_params, KERNEL_DECL, KERNEL_SOURCES};
-use super::ops::CublasCall;
+use super::gemm::CublasCall;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 

@@ -142,4 +142,4 @@ pub mod sim;
 pub mod storage;
 pub use storage::CudaStorage;
 
-pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf};
+pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf, Launch, FAIL_ALLOC_VAR};

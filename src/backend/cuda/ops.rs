@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 pub use super::gemm::{attention_backward_gemms, attention_forward_gemms, gemm, run_gemm, CublasCall, Gemm, Operand};
-use super::gpu::{Arg, Gpu, GpuBuf};
+use super::gpu::{Arg, Gpu, GpuBuf, Launch};
 pub use super::kargs::{BinGeom, ReduceGeom, Strided};
 use crate::backend::geom::broadcast_strides;
 use crate::backend::geom::AttnGeom;
@@ -188,7 +188,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> f64 {
     let partial = ck(g.alloc(2 * BLOCKS * ts.len()), "sum_squares");
     for (i, t) in ts.iter().enumerate() {
         let t = on(&g, t);
-        ck(g.launch("sum_squares_partial_f32", BLOCKS as u32, 256, &[Arg::Ptr(ptr(&t)), Arg::I64(t.numel() as i64), Arg::Ptr(partial.ptr() + (i * BLOCKS * 8) as u64)]), "sum_squares");
+        ck(g.launch("sum_squares_partial_f32", Launch::linear(BLOCKS as u32, 256).any_block(), &[Arg::Ptr(ptr(&t)), Arg::I64(t.numel() as i64), Arg::Ptr(partial.ptr() + (i * BLOCKS * 8) as u64)]), "sum_squares");
     }
     let words = ck(g.download(&partial), "sum_squares");
     words.chunks(2).map(|w| f64::from_bits(w[0].to_bits() as u64 | ((w[1].to_bits() as u64) << 32))).sum()

@@ -24,6 +24,7 @@ use libloading::Library;
 
 use super::nvrtc::{kernel_names, kernel_params, KERNEL_DECL, KERNEL_SOURCES};
 use super::gemm::CublasCall;
+use super::gpu::Launch;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -123,7 +124,11 @@ impl Sim {
     /// Compile every kernel file with the shim (a few seconds each) and load them.
     pub fn build() -> Result<Sim> {
         let cc = compiler().ok_or_else(|| anyhow!("the simulated GPU needs a C++ compiler ($CXX or c++)"))?;
-        let dir = std::env::temp_dir().join(format!("orwcfm-sim-{}-{}", std::process::id(), std::thread::current().name().unwrap_or("main").replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
+        // a fresh folder per build: the dynamic linker would hand a second simulated GPU the
+        // first one's libraries (and their launch state) if the paths were the same
+        static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let build = BUILDS.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("orwcfm-sim-{}-{build}-{}", std::process::id(), std::thread::current().name().unwrap_or("main").replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("shim.h"), SHIM_H)?;
         std::fs::write(dir.join("cuda_fp16.h"), FP16_H)?;
@@ -170,7 +175,13 @@ impl Sim {
 
     /// Run kernel `name` over `grid × block` threads with CUDA-style parameters (pointers to each
     /// argument's value).
-    pub fn launch(&self, name: &str, grid: u32, block: u32, params: &[*mut c_void]) -> Result<()> {
+    pub fn launch(&self, name: &str, cfg: Launch, params: &[*mut c_void]) -> Result<()> {
+        if cfg.grid.1 != 1 || cfg.grid.2 != 1 || cfg.block.1 != 1 || cfg.block.2 != 1 || cfg.shared_bytes != 0 {
+            bail!("the simulated GPU runs 1-D launches without dynamic shared memory only ({cfg:?})");
+        }
+        // every `any_block` kernel is correct for any block size (a power of two for the row
+        // kernels): 8 keeps the OS threads few on a 2-core machine; the grid stays (partial sums use it)
+        let (grid, block) = (cfg.grid.0, if cfg.any_block { cfg.block.0.min(8) } else { cfg.block.0 });
         let &(li, f, barriers) = self.kernels.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
         let lib = &self.libs[li];
         let _one = lib.lock.lock().unwrap_or_else(|e| e.into_inner());

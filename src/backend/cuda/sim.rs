@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use anyhow::{anyhow, bail, Context, Result};
 use libloading::Library;
 
-use super::nvrtc::{kernel_names, kernel_params, KERNEL_DECL, KERNEL_SOURCES};
+use super::nvrtc::{fp16_kernels, kernel_names, kernel_params, KERNEL_DECL, KERNEL_SOURCES};
 use super::gemm::CublasCall;
 use super::gpu::Launch;
 
@@ -80,10 +80,11 @@ pub fn barrier_kernels(src: &str) -> Vec<String> {
 /// wrapper per kernel taking CUDA's `void** kernelParams`.
 fn library_source(file: &str, src: &str) -> String {
     let mut s = format!("#include \"{file}\"\n{RUNNER}\n");
+    let fp16 = fp16_kernels(src);
     for (name, params) in kernel_params(src) {
         let args: Vec<String> = params.iter().enumerate().map(|(i, t)| format!("*({t}*)a[{i}]")).collect();
-        // a kernel left out by the source's #if (the f16 ones) has no wrapper either
-        let guard = if name.ends_with("_f16") { "#ifdef ORWCFM_HAVE_FP16\n" } else { "#if 1\n" };
+        // a kernel left out by the source's #if (the cuda_fp16.h ones) has no wrapper either
+        let guard = if fp16.contains(&name) { "#ifdef ORWCFM_HAVE_FP16\n" } else { "#if 1\n" };
         s.push_str(&format!("{guard}extern \"C\" void orwcfm_sim_{name}(void** a) {{ {name}({}); }}\n#endif\n", args.join(", ")));
     }
     s

@@ -133,14 +133,18 @@ pub fn probe(index: usize) -> Result<DeviceInfo> {
 }
 pub mod cast;
 pub mod conv;
+pub mod f32ops;
 pub mod gemm;
 pub mod gpu;
 pub mod kargs;
+pub mod linalg;
 pub mod nvrtc;
 pub mod ops;
 pub mod pool;
 pub mod sim;
 pub mod storage;
+#[cfg(test)]
+mod tests;
 pub use storage::CudaStorage;
 
 pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf, Launch, FAIL_ALLOC_VAR};

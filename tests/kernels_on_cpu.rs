@@ -140,10 +140,14 @@ impl Lib {
             println!("SKIPPED: no C++ compiler");
             return None;
         };
-        let src = kernel_dir().join(file);
+        let src_path = kernel_dir().join(file);
         let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel_shim");
         std::fs::create_dir_all(&out_dir).expect("create the shim's output folder");
         let so = out_dir.join(format!("{}-{}.so", file.trim_end_matches(".cu"), std::process::id()));
+        // dynamic shared memory declarations rewritten for the shim, as the simulated GPU does
+        let text = std::fs::read_to_string(&src_path).unwrap_or_else(|e| panic!("{}: {e}", src_path.display()));
+        let src = out_dir.join(format!("{}-{}.cu", file.trim_end_matches(".cu"), std::process::id()));
+        std::fs::write(&src, orwcfm_fast::backend::cuda::sim::shim_source(&text)).expect("write the shim's source");
         let shim = shim_dir();
         let t0 = std::time::Instant::now();
         let out = Command::new(&cc)
@@ -162,9 +166,10 @@ impl Lib {
         // beyond the C++ runtime's)
         let lib = unsafe { Library::new(&so) }.unwrap_or_else(|e| panic!("loading {}: {e}", so.display()));
         let _ = std::fs::remove_file(&so); // stays mapped
+        let _ = std::fs::remove_file(&src);
         // SAFETY: runner.cpp defines shim_launch with exactly this signature
         let launch_fn: LaunchFn = unsafe { *lib.get::<LaunchFn>("shim_launch").expect("shim_launch in the library") };
-        println!("compiled {} with {cc} in {:.1} s", src.display(), t0.elapsed().as_secs_f64());
+        println!("compiled {} with {cc} in {:.1} s", src_path.display(), t0.elapsed().as_secs_f64());
         Some(Lib { file, lib, launch_fn, launched: Mutex::new(BTreeSet::new()) })
     }
 

@@ -229,7 +229,7 @@ fn rows_op(name: &str, a: &CudaStorage, b: Option<&CudaStorage>, n: usize) -> Re
     let n = n.max(1);
     want_f32(a, name)?;
     let len = a.elements();
-    if len % n != 0 {
+    if !len.is_multiple_of(n) {
         bail!("{name}: {len} values are not rows of {n}");
     }
     if let Some(b) = b {
@@ -430,7 +430,7 @@ pub fn timestep_embedding_backward(e: &CudaStorage, gy: &CudaStorage, dim: usize
     let g = same_gpu("timestep_embedding_backward", &[e, gy])?;
     want_f32(e, "timestep_embedding_backward")?;
     want_f32(gy, "timestep_embedding_backward")?;
-    let b = if dim == 0 { 0 } else { e.elements() / dim };
+    let b = e.elements().checked_div(dim).unwrap_or(0);
     want_len(e, b * dim, "timestep_embedding_backward", "the embedding")?;
     want_len(gy, b * dim, "timestep_embedding_backward", "the gradient")?;
     let y = f32_out(&g, b)?;

@@ -56,7 +56,7 @@ pub fn linear(x: &CudaStorage, w: &CudaStorage, bias: Option<&CudaStorage>, n: u
 }
 
 fn check_norm(g: &NormGeom, op: &str) -> Result<()> {
-    if g.groups == 0 || g.c % g.groups != 0 {
+    if g.groups == 0 || !g.c.is_multiple_of(g.groups) {
         bail!("{op}: {} channels in {} groups", g.c, g.groups);
     }
     Ok(())

@@ -70,7 +70,7 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     let mut current: Option<String> = None;
     let num_before = |line: &str, word: &str| -> Option<u32> {
         let i = line.find(word)?;
-        line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+        line[..i].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
     };
     for line in log.lines() {
         if let Some(i) = line.find("Compiling entry function '") {

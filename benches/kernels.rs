@@ -1,10 +1,10 @@
 //! Kernel microbenchmarks of the CPU backend: GEMM at the U-Net's conv shapes, conv2d forward and
 //! backward, GroupNorm, attention. `cargo bench --bench kernels`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use orwcfm_fast::backend::cpu::attention::{attention_backward, attention_forward, AttnGeom, QkvOrder};
-use orwcfm_fast::backend::cpu::conv::{conv2d_backward, conv2d_forward, ConvGeom};
-use orwcfm_fast::backend::cpu::gemm::{sgemm, Mat};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use orwcfm_fast::backend::cpu::attention::{AttnGeom, QkvOrder, attention_backward, attention_forward};
+use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward};
+use orwcfm_fast::backend::cpu::gemm::{Mat, sgemm};
 use orwcfm_fast::backend::cpu::norm::group_norm_forward;
 use orwcfm_fast::rng::Rng;
 

@@ -2,8 +2,8 @@
 //! training mode) for torchcfm's MNIST config at batch 32 and CIFAR-10 config at batch 4.
 //! Compare with `scripts/bench_torch_cpu.py` on the same shapes and thread count.
 
-use criterion::{criterion_group, criterion_main, Criterion};
-use orwcfm_fast::autograd::{ops, Var};
+use criterion::{Criterion, criterion_group, criterion_main};
+use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::nn::{Forward, Init, UNetConfig, UNetModel};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::Tensor;

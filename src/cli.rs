@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
-use crate::autograd::{ops, Var};
-use crate::io::model::{load_model, save_model, LoadedModel};
+use crate::autograd::{Var, ops};
+use crate::io::model::{LoadedModel, load_model, save_model};
 use crate::io::safetensors::{self as st, Out};
 use crate::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
 use crate::rng::Rng;
@@ -232,11 +232,8 @@ fn cmd_info(ma: &ModelArgs, json: bool) -> Result<()> {
     let m = &lm.model;
     let c = m.config();
     if json {
-        let blocks: Vec<serde_json::Value> = m
-            .blocks()
-            .iter()
-            .map(|b| serde_json::json!({"name": b.name, "kind": b.kind, "channels": b.channels, "ds": b.ds, "resolution": c.image_size() / b.ds, "params": b.params}))
-            .collect();
+        let blocks: Vec<serde_json::Value> =
+            m.blocks().iter().map(|b| serde_json::json!({"name": b.name, "kind": b.kind, "channels": b.channels, "ds": b.ds, "resolution": c.image_size() / b.ds, "params": b.params})).collect();
         let v = serde_json::json!({
             "config": c.to_json(), "config_source": lm.config_source.to_string(), "warnings": lm.warnings,
             "checkpoint_key": lm.checkpoint_key, "dtypes": lm.dtypes,
@@ -272,14 +269,7 @@ fn cmd_convert(ckpt: &Path, out: &Path, key: Option<&str>, cfg: Option<&Path>, d
     check_writable(out)?;
     let lm = load(&ModelArgs { model: ckpt.to_path_buf(), unet_config: cfg.map(Path::to_path_buf), key: key.map(str::to_string) })?;
     save_model(&lm.model, out, dtype)?;
-    eprintln!(
-        "converted {}{} ({} parameters, config {}) to {}",
-        ckpt.display(),
-        lm.checkpoint_key.map(|k| format!(" [{k}]")).unwrap_or_default(),
-        lm.model.params().count(),
-        lm.config_source,
-        out.display()
-    );
+    eprintln!("converted {}{} ({} parameters, config {}) to {}", ckpt.display(), lm.checkpoint_key.map(|k| format!(" [{k}]")).unwrap_or_default(), lm.model.params().count(), lm.config_source, out.display());
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 //! - `w2_to_reference`: empirical 2-Wasserstein distance (exact OT on squared Euclidean cost) between
 //!   the samples and a set of reference-model samples of the same size.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -60,10 +60,14 @@ pub fn entropy_bits(hist: &[usize]) -> f32 {
     if n == 0 {
         return 0.0;
     }
-    -hist.iter().filter(|&&c| c > 0).map(|&c| {
-        let p = c as f64 / n as f64;
-        p * p.log2()
-    }).sum::<f64>() as f32
+    -hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n as f64;
+            p * p.log2()
+        })
+        .sum::<f64>() as f32
 }
 
 /// Everything measured on one sample set.

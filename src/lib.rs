@@ -8,11 +8,11 @@
 //! - [`io`]: safetensors and PyTorch `.pt` checkpoints.
 pub mod autograd;
 pub mod backend;
-pub mod eval;
-pub mod flow;
 pub mod cli;
 pub mod commands;
 pub mod data;
+pub mod eval;
+pub mod flow;
 pub mod io;
 pub mod logging;
 pub mod nn;

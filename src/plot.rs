@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::sync::Once;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{Result, anyhow, bail};
 use plotters::prelude::*;
-use plotters::style::{register_font, FontStyle};
+use plotters::style::{FontStyle, register_font};
 
 const FONT: &str = "sans-serif";
 static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
@@ -36,16 +36,8 @@ pub fn check_out(path: &Path) -> Result<()> {
 }
 
 /// A palette that stays readable in print.
-pub const PALETTE: [RGBColor; 8] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-];
+pub const PALETTE: [RGBColor; 8] =
+    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127)];
 
 /// `(lo, hi)` of the values, padded by 5% (and widened when flat).
 fn span(v: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -75,13 +67,7 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     let yr = span(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
     let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(pe)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(65)
-        .build_cartesian_2d(xr.0..xr.1, yr.0..yr.1)
-        .map_err(pe)?;
+    let mut chart = ChartBuilder::on(&root).caption(title, (FONT, 22)).margin(12).x_label_area_size(45).y_label_area_size(65).build_cartesian_2d(xr.0..xr.1, yr.0..yr.1).map_err(pe)?;
     chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style((FONT, 14)).draw().map_err(pe)?;
     for (i, s) in series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
@@ -106,13 +92,7 @@ pub fn scatter_panels(path: &Path, panels: &[(String, Vec<(f64, f64)>)], marker:
     let root = BitMapBackend::new(path, (420 * panels.len().max(1) as u32, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(pe)?;
     for (area, (title, pts)) in root.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, (FONT, 16))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(35)
-            .build_cartesian_2d(range.0..range.1, range.0..range.1)
-            .map_err(pe)?;
+        let mut chart = ChartBuilder::on(area).caption(title, (FONT, 16)).margin(10).x_label_area_size(30).y_label_area_size(35).build_cartesian_2d(range.0..range.1, range.0..range.1).map_err(pe)?;
         chart.configure_mesh().label_style((FONT, 12)).draw().map_err(pe)?;
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, PALETTE[0].mix(0.5).filled()))).map_err(pe)?;
         if let Some(m) = marker {
@@ -141,13 +121,7 @@ pub fn frontier(path: &Path, title: &str, x_label: &str, y_label: &str, points: 
     let yr = span(all().map(|p| p.1));
     let root = BitMapBackend::new(path, (820, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(pe)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 20))
-        .margin(14)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(xr.0..xr.1 + 0.08 * (xr.1 - xr.0), yr.0..yr.1)
-        .map_err(pe)?;
+    let mut chart = ChartBuilder::on(&root).caption(title, (FONT, 20)).margin(14).x_label_area_size(45).y_label_area_size(60).build_cartesian_2d(xr.0..xr.1 + 0.08 * (xr.1 - xr.0), yr.0..yr.1).map_err(pe)?;
     chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style((FONT, 14)).draw().map_err(pe)?;
     for (i, p) in points.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
@@ -156,17 +130,9 @@ pub fn frontier(path: &Path, title: &str, x_label: &str, y_label: &str, points: 
     chart.draw_series(LineSeries::new(points.iter().map(|p| (p.x, p.y)), BLACK.stroke_width(2))).map_err(pe)?;
     for (i, p) in points.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(std::iter::once(Circle::new((p.x, p.y), 6, c.filled())))
-            .map_err(pe)?
-            .label(p.label.clone())
-            .legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
+        chart.draw_series(std::iter::once(Circle::new((p.x, p.y), 6, c.filled()))).map_err(pe)?.label(p.label.clone()).legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
     }
-    chart
-        .draw_series(std::iter::once(TriangleMarker::new(start, 9, BLACK.filled())))
-        .map_err(pe)?
-        .label("pre-trained")
-        .legend(|(x, y)| TriangleMarker::new((x + 8, y), 6, BLACK.filled()));
+    chart.draw_series(std::iter::once(TriangleMarker::new(start, 9, BLACK.filled()))).map_err(pe)?.label("pre-trained").legend(|(x, y)| TriangleMarker::new((x + 8, y), 6, BLACK.filled()));
     chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 14)).draw().map_err(pe)?;
     root.present().map_err(pe)?;
     Ok(())

@@ -5,14 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::autograd::{ops, Var};
+use crate::autograd::{Var, ops};
 use crate::data::Dataset;
 use crate::flow::matchers::{FlowMatcher, MatcherKind};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{clip_grad_norm, ema_update_params, warmup_lr, Adam};
+use crate::optim::{Adam, clip_grad_norm, ema_update_params, warmup_lr};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 

@@ -11,13 +11,13 @@ use std::sync::{Mutex, OnceLock};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::autograd::ops;
 use crate::autograd::Var;
+use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, MatcherKind};
 use crate::flow::ode::OdeSolver;
 use crate::nn::{Forward, Mlp, MlpConfig, VelocityField};
-use crate::optim::{clip_grad_norm, Adam};
-use crate::orw::{sample_model, OrwConfig, Trainer};
+use crate::optim::{Adam, clip_grad_norm};
+use crate::orw::{OrwConfig, Trainer, sample_model};
 use crate::reward::FnReward;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -304,24 +304,13 @@ pub fn run_cli(a: &Toy2dArgs) -> Result<()> {
         for &alpha in &a.alphas {
             let t = Instant::now();
             let r = finetune(&base, &opts(alpha), &mut |_| {})?;
-            println!(
-                "alpha {alpha:<6} tau {}: reward {:.3} -> {:.3}, diversity {:.3} -> {:.3} ({:.1} s)",
-                a.tau,
-                r.reward_mean_initial,
-                r.reward_mean,
-                r.diversity_initial,
-                r.diversity,
-                t.elapsed().as_secs_f64()
-            );
+            println!("alpha {alpha:<6} tau {}: reward {:.3} -> {:.3}, diversity {:.3} -> {:.3} ({:.1} s)", a.tau, r.reward_mean_initial, r.reward_mean, r.diversity_initial, r.diversity, t.elapsed().as_secs_f64());
             res.push(r);
         }
         let pts: Vec<crate::plot::FrontierPoint> = res
             .iter()
             .map(|r| crate::plot::FrontierPoint {
-                label: format!("α = {}", r.alpha),
-                x: r.diversity as f64,
-                y: r.reward_mean as f64,
-                path: r.history.iter().map(|p| (p.diversity as f64, p.reward_mean as f64)).collect(),
+                label: format!("α = {}", r.alpha), x: r.diversity as f64, y: r.reward_mean as f64, path: r.history.iter().map(|p| (p.diversity as f64, p.reward_mean as f64)).collect()
             })
             .collect();
         let start = (res[0].diversity_initial as f64, res[0].reward_mean_initial as f64);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture_path, UnetFixture};
+use common::{UnetFixture, fixture_path};
 use orwcfm_fast::io::safetensors::{self as st, Out};
 use orwcfm_fast::tensor::{DType, Tensor};
 

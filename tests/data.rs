@@ -270,9 +270,7 @@ fn image_folder_classes_and_colour() {
     assert_eq!(px[24 + 2 * 4 + 3], 32.0f32 / 127.5 - 1.0);
 
     // A colour JPEG makes every image RGB; gray images are replicated over the channels.
-    image::RgbImage::from_fn(4, 3, |_, _| image::Rgb([250, 10, 10]))
-        .save(d.join("dogs/c.JPG"))
-        .expect("save JPEG");
+    image::RgbImage::from_fn(4, 3, |_, _| image::Rgb([250, 10, 10])).save(d.join("dogs/c.JPG")).expect("save JPEG");
     let ds = data::open(d.to_str().expect("utf-8 path")).expect("colour folder");
     assert_eq!(ds.images.shape(), &[4, 3, 3, 4]);
     assert_eq!(ds.labels.as_deref(), Some(&[0usize, 0, 1, 1][..]));
@@ -422,9 +420,7 @@ fn load_image_gray_and_rgb() {
     let t = img::load_image(&d.join("g.png")).expect("gray");
     assert_eq!(t.shape(), &[1, 2, 3]);
     assert_eq!(t.data()[4], 101.0f32 / 127.5 - 1.0); // (y=1, x=1)
-    image::RgbImage::from_fn(2, 2, |x, y| image::Rgb([x as u8 * 255, y as u8 * 51, 7]))
-        .save(d.join("c.png"))
-        .expect("save");
+    image::RgbImage::from_fn(2, 2, |x, y| image::Rgb([x as u8 * 255, y as u8 * 51, 7])).save(d.join("c.png")).expect("save");
     let t = img::load_image(&d.join("c.png")).expect("rgb");
     assert_eq!(t.shape(), &[3, 2, 2]);
     assert_eq!(t.data()[1], 1.0); // red at (0, 1)

@@ -29,9 +29,7 @@ fn exact_ot_pairing_reaches_pots_cost_and_keeps_x1_in_place() {
     let s = m.sample(&x0, &x1, None, &mut Rng::new(1)).unwrap();
     assert_eq!(s.x1_idx, (0..5).collect::<Vec<_>>(), "without replacement x1 keeps its order");
     let per = x0.numel() / 5;
-    let cost: f64 = (0..5)
-        .map(|k| (0..per).map(|e| (x0.data()[s.x0_idx[k] * per + e] as f64 - x1.data()[k * per + e] as f64).powi(2)).sum::<f64>())
-        .sum();
+    let cost: f64 = (0..5).map(|k| (0..per).map(|e| (x0.data()[s.x0_idx[k] * per + e] as f64 - x1.data()[k * per + e] as f64).powi(2)).sum::<f64>()).sum();
     let want = f.get("ot.cost").unwrap().item() as f64;
     assert!((cost - want).abs() / want < 1e-5, "OT cost {cost} vs POT {want}");
 }

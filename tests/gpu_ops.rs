@@ -13,13 +13,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use orwcfm_fast::autograd::{ops, Var};
+use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::cpu::attention::QkvOrder;
 use orwcfm_fast::backend::cuda::{self, Gpu};
 use orwcfm_fast::flow::ode::OdeSolver;
 use orwcfm_fast::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
-use orwcfm_fast::optim::{clip_grad_norm, ema_update, grad_norm, Adam};
-use orwcfm_fast::orw::{sample_model, OrwConfig, Trainer};
+use orwcfm_fast::optim::{Adam, clip_grad_norm, ema_update, grad_norm};
+use orwcfm_fast::orw::{OrwConfig, Trainer, sample_model};
 use orwcfm_fast::reward::FnReward;
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::{Device, Tensor};
@@ -226,11 +226,16 @@ fn perturbed_unet(cfg: &UNetConfig, seed: u64) -> UNetModel {
     let m = UNetModel::new(cfg, Init::Torch(seed)).unwrap();
     // zero-initialised layers (torchcfm's zero_module) are perturbed so that every path carries signal
     let mut r = Rng::new(seed + 1);
-    let vals: Vec<Tensor> = m.params().vars().iter().map(|v| {
-        let t = v.value();
-        let n = rnd(t.shape(), &mut r);
-        Tensor::from_vec(t.data().iter().zip(n.data()).map(|(a, b)| a + 0.02 * b).collect(), t.shape())
-    }).collect();
+    let vals: Vec<Tensor> = m
+        .params()
+        .vars()
+        .iter()
+        .map(|v| {
+            let t = v.value();
+            let n = rnd(t.shape(), &mut r);
+            Tensor::from_vec(t.data().iter().zip(n.data()).map(|(a, b)| a + 0.02 * b).collect(), t.shape())
+        })
+        .collect();
     m.params().set_all(vals);
     m
 }

@@ -4,7 +4,7 @@
 //! tape's gradient is compared with central differences of `L` on sampled elements of every input.
 
 use orwcfm_fast::autograd::ops::*;
-use orwcfm_fast::autograd::{no_grad, Var};
+use orwcfm_fast::autograd::{Var, no_grad};
 use orwcfm_fast::backend::cpu::attention::QkvOrder;
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::Tensor;
@@ -126,11 +126,7 @@ fn linear_algebra() {
 #[test]
 fn convolutions() {
     for (stride, pad, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 0, 3)] {
-        check(
-            &format!("conv2d s{stride} p{pad} k{k}"),
-            vec![r(&[2, 3, 7, 6], 60), mul_t(r(&[4, 3, k, k], 61), 0.5), r(&[4], 62)],
-            |v| conv2d(&v[0], &v[1], Some(&v[2]), stride, pad),
-        );
+        check(&format!("conv2d s{stride} p{pad} k{k}"), vec![r(&[2, 3, 7, 6], 60), mul_t(r(&[4, 3, k, k], 61), 0.5), r(&[4], 62)], |v| conv2d(&v[0], &v[1], Some(&v[2]), stride, pad));
     }
     // 64 channels in and out: the Winograd path (forward, input and weight gradients)
     check("conv2d winograd", vec![r(&[2, 64, 5, 4], 65), mul_t(r(&[64, 64, 3, 3], 66), 0.05), r(&[64], 67)], |v| conv2d(&v[0], &v[1], Some(&v[2]), 1, 1));

@@ -37,33 +37,20 @@ use std::sync::Mutex;
 
 use half::{bf16, f16};
 use libloading::Library;
-use orwcfm_fast::autograd::{ops, Var};
-use orwcfm_fast::backend::cpu::conv::{conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward, ConvGeom};
+use orwcfm_fast::autograd::{Var, ops};
+use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward};
 use orwcfm_fast::backend::cpu::{elementwise as ew, norm, simd};
 use orwcfm_fast::backend::cuda::ops::{BinGeom, ReduceGeom, Strided};
-use orwcfm_fast::optim::{ema_update, grad_norm, Adam};
+use orwcfm_fast::optim::{Adam, ema_update, grad_norm};
 use orwcfm_fast::rng::Rng;
-use orwcfm_fast::tensor::{contiguous_strides, Tensor};
+use orwcfm_fast::tensor::{Tensor, contiguous_strides};
 use orwcfm_fast::util::rel_err;
 
 /// The kernels of each `.cu` file; each file's test below launches every one of them.
 const TESTED: &[(&str, &[&str])] = &[
     (
         "elementwise.cu",
-        &[
-            "silu_forward_f32",
-            "silu_backward_f32",
-            "silu_forward_f16",
-            "axpy_f32",
-            "adam_step_f32",
-            "orw_loss_rows_f32",
-            "fill_f32",
-            "axpby_f32",
-            "unary_f32",
-            "unary_backward_f32",
-            "binary_f32",
-            "binary_same_f32",
-        ],
+        &["silu_forward_f32", "silu_backward_f32", "silu_forward_f16", "axpy_f32", "adam_step_f32", "orw_loss_rows_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"],
     ),
     ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
     (
@@ -311,12 +298,7 @@ fn parse_kernels(src: &str) -> BTreeSet<String> {
 #[test]
 fn every_kernel_has_a_cpu_shim_check() {
     let dir = kernel_dir();
-    let mut files: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".cu"))
-        .collect();
+    let mut files: Vec<String> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.ends_with(".cu")).collect();
     files.sort();
     let listed: BTreeMap<&str, BTreeSet<String>> = TESTED.iter().map(|(f, ks)| (*f, ks.iter().map(|k| k.to_string()).collect())).collect();
     let mut problems = Vec::new();
@@ -1067,7 +1049,13 @@ fn narrowing_cases(to_f32: impl Fn(u16) -> f32) -> Vec<u32> {
         v.push(b);
         // the next 16-bit value up in magnitude (for the largest finite one: its overflow tie)
         let next = to_f32(h.wrapping_add(1));
-        let up = if next.is_finite() && next.abs() > x.abs() { next } else if next.is_infinite() { x + (x - to_f32(h.wrapping_sub(1))) } else { continue };
+        let up = if next.is_finite() && next.abs() > x.abs() {
+            next
+        } else if next.is_infinite() {
+            x + (x - to_f32(h.wrapping_sub(1)))
+        } else {
+            continue;
+        };
         let tie = ((x as f64 + up as f64) / 2.0) as f32;
         let t = tie.to_bits();
         v.extend([t, t.wrapping_add(1), t.wrapping_sub(1), b.wrapping_add(1), b.wrapping_sub(1)]);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use orwcfm_fast::logging::tensorboard::records;
-use orwcfm_fast::logging::{crc32c, masked_crc32c, plot_metrics, read_scalars, MetricsLog, Progress, ProgressMode, TbWriter};
+use orwcfm_fast::logging::{MetricsLog, Progress, ProgressMode, TbWriter, crc32c, masked_crc32c, plot_metrics, read_scalars};
 use serde::Serialize;
 use serde_json::json;
 
@@ -19,11 +19,7 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn event_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
-        .collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents.")).collect();
     v.sort();
     v
 }
@@ -65,13 +61,7 @@ fn tensorboard_round_trip() {
     drop(w);
 
     let got = read_scalars(&path).unwrap();
-    let want = owned(&[
-        (0, "train/loss", 1.0),
-        (5, "train/reward", 0.1),
-        (5, "train/tiny", -3.5e-7),
-        (5, "train/big", f32::MAX),
-        (1 << 40, "eval/diversity", std::f32::consts::PI),
-    ]);
+    let want = owned(&[(0, "train/loss", 1.0), (5, "train/reward", 0.1), (5, "train/tiny", -3.5e-7), (5, "train/big", f32::MAX), (1 << 40, "eval/diversity", std::f32::consts::PI)]);
     assert_eq!(bits(&got), bits(&want));
 
     // first record: file_version, then one record per call with values

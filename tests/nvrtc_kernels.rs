@@ -2,7 +2,7 @@
 //! spills reported. Needs NVRTC (a GPU is not needed): `.ci/run` installs it from PyPI and sets
 //! `ORWCFM_CUDA_LIB_DIRS` and `ORWCFM_REQUIRE_NVRTC=1`; elsewhere the test says it skipped.
 
-use orwcfm_fast::backend::cuda::nvrtc::{compile, parse_usage, KERNEL_SOURCES};
+use orwcfm_fast::backend::cuda::nvrtc::{KERNEL_SOURCES, compile, parse_usage};
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {

@@ -58,15 +58,7 @@ struct Problem {
 fn problems() -> Vec<Problem> {
     let d0 = Tensor::from_vec(vec![1.0, -0.5, 2.0, 0.25], &[4]);
     let r0 = Tensor::from_vec(vec![1.0, 0.0, -0.3, 0.8], &[2, 2]);
-    vec![
-        Problem {
-            name: "decay",
-            f: decay,
-            exact: d0.data().iter().map(|&v| v as f64 * (-1.0f64).exp()).collect(),
-            x0: d0,
-        },
-        Problem { name: "rotation", f: rotation, exact: rotation_exact(r0.data(), 1.0), x0: r0 },
-    ]
+    vec![Problem { name: "decay", f: decay, exact: d0.data().iter().map(|&v| v as f64 * (-1.0f64).exp()).collect(), x0: d0 }, Problem { name: "rotation", f: rotation, exact: rotation_exact(r0.data(), 1.0), x0: r0 }]
 }
 
 fn solve(p: &Problem, steps: usize, solver: &OdeSolver) -> (Tensor, OdeStats) {
@@ -77,11 +69,7 @@ fn solve(p: &Problem, steps: usize, solver: &OdeSolver) -> (Tensor, OdeStats) {
 #[test]
 fn fixed_grid_convergence_orders() {
     // (solver, expected error ratio when steps double, allowed band, step counts)
-    let cases = [
-        (OdeSolver::Euler, 2.0, (1.7, 2.3), [16usize, 32, 64]),
-        (OdeSolver::Midpoint, 4.0, (3.4, 4.6), [8, 16, 32]),
-        (OdeSolver::Rk4, 16.0, (12.0, 20.0), [2, 4, 8]),
-    ];
+    let cases = [(OdeSolver::Euler, 2.0, (1.7, 2.3), [16usize, 32, 64]), (OdeSolver::Midpoint, 4.0, (3.4, 4.6), [8, 16, 32]), (OdeSolver::Rk4, 16.0, (12.0, 20.0), [2, 4, 8])];
     for p in problems() {
         for (solver, expect, (lo, hi), counts) in &cases {
             // rk4: the decay problem reaches f32 round-off by 16 steps; the rotation (ω = 2) is
@@ -229,4 +217,3 @@ fn errors_propagate() {
     let mut h = |_t: f32, _x: &Tensor| -> Result<Tensor> { Ok(Tensor::zeros(&[3])) };
     assert!(odeint(&mut h, &x0, 0.0, 1.0, 4, &OdeSolver::Rk4).is_err());
 }
-

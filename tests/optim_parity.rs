@@ -4,7 +4,7 @@
 mod common;
 
 use orwcfm_fast::io::safetensors::load;
-use orwcfm_fast::optim::{clip_grad_norm, ema_update, warmup_lr, Adam};
+use orwcfm_fast::optim::{Adam, clip_grad_norm, ema_update, warmup_lr};
 use orwcfm_fast::tensor::Tensor;
 
 #[test]

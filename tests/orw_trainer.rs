@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use orwcfm_fast::flow::matchers::{FlowMatcher, MatcherKind};
 use orwcfm_fast::nn::{Init, Mlp, MlpConfig, UNetConfig, UNetModel, VelocityField};
-use orwcfm_fast::orw::{pair_batch, OrwConfig, StepMetrics, Trainer};
+use orwcfm_fast::orw::{OrwConfig, StepMetrics, Trainer, pair_batch};
 use orwcfm_fast::reward::FnReward;
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::Tensor;
@@ -25,18 +25,7 @@ fn mlp() -> Mlp {
 }
 
 fn base_cfg() -> OrwConfig {
-    OrwConfig {
-        learning_rate: 1e-2,
-        warmup_steps: 2,
-        batch_size: 16,
-        steps_per_epoch: 4,
-        num_epochs: 3,
-        ode_steps: 4,
-        temperature: 1.0,
-        w2_coefficient: 0.5,
-        seed: 3,
-        ..OrwConfig::default()
-    }
+    OrwConfig { learning_rate: 1e-2, warmup_steps: 2, batch_size: 16, steps_per_epoch: 4, num_epochs: 3, ode_steps: 4, temperature: 1.0, w2_coefficient: 0.5, seed: 3, ..OrwConfig::default() }
 }
 
 /// Reward of a 2-D sample: its first coordinate.
@@ -163,7 +152,12 @@ fn resume_matches<M: VelocityField>(name: &str, model: M, cfg: OrwConfig, n: u64
 
     assert_eq!(la.len(), lb.len());
     for (x, y) in la.iter().zip(&lb) {
-        assert_eq!((x.fm_loss.to_bits(), x.w2_loss.to_bits(), x.reward_mean.to_bits(), x.grad_norm.to_bits()), (y.fm_loss.to_bits(), y.w2_loss.to_bits(), y.reward_mean.to_bits(), y.grad_norm.to_bits()), "{name}: step {} differs after resuming", x.step);
+        assert_eq!(
+            (x.fm_loss.to_bits(), x.w2_loss.to_bits(), x.reward_mean.to_bits(), x.grad_norm.to_bits()),
+            (y.fm_loss.to_bits(), y.w2_loss.to_bits(), y.reward_mean.to_bits(), y.grad_norm.to_bits()),
+            "{name}: step {} differs after resuming",
+            x.step
+        );
     }
     assert_eq!(values(a.net()), values(c.net()), "{name}: net");
     assert_eq!(values(a.last_policy()), values(c.last_policy()), "{name}: last_policy");
@@ -172,11 +166,15 @@ fn resume_matches<M: VelocityField>(name: &str, model: M, cfg: OrwConfig, n: u64
     assert_eq!(moments(&a), moments(&c), "{name}: Adam moments");
     // the log of the resumed run equals the straight one line for line (timings aside)
     let strip = |p: PathBuf| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p).unwrap().lines().map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        }).collect()
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v
+            })
+            .collect()
     };
     assert_eq!(strip(d1.join("metrics.jsonl")), strip(d2.join("metrics.jsonl")));
 }
@@ -249,7 +247,11 @@ fn bad_rewards_and_configs_stop_with_a_message() {
         let mut tr = Trainer::new(cfg.clone(), mlp()).unwrap();
         format!("{:#}", tr.train_step(r).expect_err("must fail"))
     };
-    let e = err(&mut FnReward::new("nan", |x: &Tensor| { let mut v = first_coord(x); v[3] = f32::NAN; v }));
+    let e = err(&mut FnReward::new("nan", |x: &Tensor| {
+        let mut v = first_coord(x);
+        v[3] = f32::NAN;
+        v
+    }));
     assert!(e.contains("non-finite") && e.contains("sample 3"), "{e}");
     let e = err(&mut FnReward::new("short", |x: &Tensor| first_coord(x)[1..].to_vec()));
     assert!(e.contains("15 values for a batch of 16"), "{e}");

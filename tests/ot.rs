@@ -35,7 +35,11 @@ fn brute_force_min(cost: &[f64], n: usize) -> f64 {
     let mut i = 0;
     while i < n {
         if c[i] < i {
-            if i % 2 == 0 { p.swap(0, i) } else { p.swap(c[i], i) }
+            if i % 2 == 0 {
+                p.swap(0, i)
+            } else {
+                p.swap(c[i], i)
+            }
             best = best.min(total(cost, n, &p));
             c[i] += 1;
             i = 0;
@@ -267,10 +271,7 @@ fn time_case(n: usize, d: usize, seed: u64) -> (f64, f64, f64) {
     let rp = linear_assignment(&rc, n);
     let t_rand = t3.elapsed().as_secs_f64();
     assert_permutation(&rp, n);
-    println!(
-        "n={n} d={d}: cost {:.3} ms, assignment {:.3} ms, exact_ot_pairing {:.3} ms; random uniform {n}x{n} cost matrix: assignment {:.3} ms",
-        t_cost * 1e3, t_lap * 1e3, t_all * 1e3, t_rand * 1e3
-    );
+    println!("n={n} d={d}: cost {:.3} ms, assignment {:.3} ms, exact_ot_pairing {:.3} ms; random uniform {n}x{n} cost matrix: assignment {:.3} ms", t_cost * 1e3, t_lap * 1e3, t_all * 1e3, t_rand * 1e3);
     (t_cost, t_lap, t_all.max(t_rand))
 }
 

@@ -11,9 +11,7 @@ use orwcfm_fast::io::pt::{PtStateDict, PtTensor, read_pt_state_dict};
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/pt")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pt").join(name)
 }
 
 fn read(name: &str, key: Option<&str>) -> PtStateDict {
@@ -42,16 +40,8 @@ fn expected(name: &str) -> (Vec<String>, HashMap<String, PtTensor>) {
     for n in &order {
         let view = st.tensor(n).unwrap();
         assert_eq!(view.dtype(), safetensors::Dtype::F32);
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let t = PtTensor {
-            shape: view.shape().to_vec(),
-            data,
-            dtype: meta[n].clone(),
-        };
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let t = PtTensor { shape: view.shape().to_vec(), data, dtype: meta[n].clone() };
         map.insert(n.clone(), t);
     }
     (order, map)
@@ -74,11 +64,7 @@ fn assert_matches(got: &PtStateDict, name: &str) {
 }
 
 fn tensor<'a>(sd: &'a PtStateDict, name: &str) -> &'a PtTensor {
-    &sd.tensors
-        .iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no {name}"))
-        .1
+    &sd.tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -92,14 +78,7 @@ fn bare_state_dict() {
     assert!(sd.top_level_keys.is_empty());
     assert_matches(&sd, "bare");
     let nbt = tensor(&sd, "norm.num_batches_tracked");
-    assert_eq!(
-        (
-            nbt.dtype.as_str(),
-            nbt.shape.as_slice(),
-            nbt.data.as_slice()
-        ),
-        ("I64", &[][..], &[12.0][..])
-    );
+    assert_eq!((nbt.dtype.as_str(), nbt.shape.as_slice(), nbt.data.as_slice()), ("I64", &[][..], &[12.0][..]));
     assert_eq!(tensor(&sd, "conv.weight").shape, vec![3, 2, 3, 3]);
 }
 
@@ -113,10 +92,7 @@ fn bare_state_dict_with_key_is_an_error() {
 fn checkpoint_default_picks_ema_model() {
     let sd = read("ckpt.pt", None);
     assert_eq!(sd.key.as_deref(), Some("ema_model"));
-    assert_eq!(
-        sd.top_level_keys,
-        ["net_model", "ema_model", "sched", "optim", "step"]
-    );
+    assert_eq!(sd.top_level_keys, ["net_model", "ema_model", "sched", "optim", "step"]);
     assert_matches(&sd, "ckpt_ema");
 }
 
@@ -127,49 +103,30 @@ fn checkpoint_explicit_keys() {
     assert_matches(&net, "ckpt_net");
     let ema = read("ckpt.pt", Some("ema_model"));
     assert_matches(&ema, "ckpt_ema");
-    assert_ne!(
-        tensor(&net, "conv.weight").data,
-        tensor(&ema, "conv.weight").data
-    );
+    assert_ne!(tensor(&net, "conv.weight").data, tensor(&ema, "conv.weight").data);
 }
 
 #[test]
 fn checkpoint_missing_key_lists_available_keys() {
     let msg = read_err("ckpt.pt", Some("model"));
-    for k in [
-        "'model'",
-        "net_model",
-        "ema_model",
-        "sched",
-        "optim",
-        "step",
-    ] {
+    for k in ["'model'", "net_model", "ema_model", "sched", "optim", "step"] {
         assert!(msg.contains(k), "message lacks {k}: {msg}");
     }
-    assert!(
-        msg.contains("ckpt.pt"),
-        "message should name the file: {msg}"
-    );
+    assert!(msg.contains("ckpt.pt"), "message should name the file: {msg}");
 }
 
 #[test]
 fn checkpoint_key_that_is_not_a_state_dict() {
     for k in ["optim", "sched", "step"] {
         let msg = read_err("ckpt.pt", Some(k));
-        assert!(
-            msg.contains("not a state_dict") && msg.contains("ema_model"),
-            "{msg}"
-        );
+        assert!(msg.contains("not a state_dict") && msg.contains("ema_model"), "{msg}");
     }
 }
 
 #[test]
 fn two_state_dicts_without_ema_are_ambiguous() {
     let msg = read_err("two_models.pt", None);
-    assert!(
-        msg.contains("net_model") && msg.contains("other_model"),
-        "{msg}"
-    );
+    assert!(msg.contains("net_model") && msg.contains("other_model"), "{msg}");
     let sd = read("two_models.pt", Some("other_model"));
     assert_eq!(sd.top_level_keys, ["net_model", "other_model", "step"]);
     assert_matches(&sd, "ckpt_ema");
@@ -179,10 +136,7 @@ fn two_state_dicts_without_ema_are_ambiguous() {
 fn dtypes_are_converted() {
     let sd = read("dtypes.pt", None);
     assert_matches(&sd, "dtypes");
-    assert_eq!(
-        tensor(&sd, "i64").data,
-        vec![-(2f32.powi(40)), -1.0, 0.0, 7.0, 2f32.powi(20)]
-    );
+    assert_eq!(tensor(&sd, "i64").data, vec![-(2f32.powi(40)), -1.0, 0.0, 7.0, 2f32.powi(20)]);
     assert_eq!(tensor(&sd, "u8").data, vec![0.0, 255.0, 17.0]);
     assert_eq!(tensor(&sd, "u16").data, vec![0.0, 65535.0, 3.0]);
     assert_eq!(tensor(&sd, "bool").data, vec![1.0, 0.0, 1.0]);
@@ -191,12 +145,7 @@ fn dtypes_are_converted() {
     assert_eq!(tensor(&sd, "empty").shape, vec![0, 3]);
     assert!(tensor(&sd, "empty").data.is_empty());
     let dts: Vec<&str> = sd.tensors.iter().map(|(_, t)| t.dtype.as_str()).collect();
-    assert_eq!(
-        dts,
-        [
-            "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "U16", "BOOL", "F32", "F32"
-        ]
-    );
+    assert_eq!(dts, ["F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "U16", "BOOL", "F32", "F32"]);
 }
 
 #[test]
@@ -206,10 +155,7 @@ fn strided_views_and_storage_offsets() {
     let big = tensor(&sd, "big");
     let at = |r: usize, c: usize| big.data[r * 6 + c];
     assert_eq!(tensor(&sd, "rows").data, big.data[6..18].to_vec());
-    assert_eq!(
-        tensor(&sd, "col").data,
-        (0..4).map(|r| at(r, 2)).collect::<Vec<_>>()
-    );
+    assert_eq!(tensor(&sd, "col").data, (0..4).map(|r| at(r, 2)).collect::<Vec<_>>());
     let bt = tensor(&sd, "block_t");
     assert_eq!(bt.shape, vec![3, 3]);
     for i in 0..3 {
@@ -218,19 +164,13 @@ fn strided_views_and_storage_offsets() {
         }
     }
     let (w, wt) = (tensor(&sd, "w"), tensor(&sd, "wt"));
-    assert_eq!(
-        (w.shape.as_slice(), wt.shape.as_slice()),
-        (&[3, 5][..], &[5, 3][..])
-    );
+    assert_eq!((w.shape.as_slice(), wt.shape.as_slice()), (&[3, 5][..], &[5, 3][..]));
     for i in 0..3 {
         for j in 0..5 {
             assert_eq!(w.data[i * 5 + j], wt.data[j * 3 + i]);
         }
     }
-    assert_eq!(
-        tensor(&sd, "expanded").data,
-        vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
-    );
+    assert_eq!(tensor(&sd, "expanded").data, vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]);
     assert_eq!(tensor(&sd, "step2").data, vec![1.0, 4.0, 7.0]);
 }
 
@@ -265,27 +205,18 @@ fn big_endian_checkpoint() {
 #[test]
 fn legacy_format_is_rejected() {
     let msg = read_err("legacy.pt", None);
-    assert!(
-        msg.contains("not a zip archive") && msg.contains("legacy"),
-        "{msg}"
-    );
+    assert!(msg.contains("not a zip archive") && msg.contains("legacy"), "{msg}");
     assert!(msg.contains("legacy.pt"), "{msg}");
 }
 
 #[test]
 fn broken_archives_give_specific_errors() {
     let msg = read_err("bad_missing_storage.pt", None);
-    assert!(
-        msg.contains("missing storage entry") && msg.contains("data/1"),
-        "{msg}"
-    );
+    assert!(msg.contains("missing storage entry") && msg.contains("data/1"), "{msg}");
     let msg = read_err("bad_short_storage.pt", None);
     assert!(msg.contains("storage entry has 40 bytes"), "{msg}");
     let msg = read_err("bad_opcode.pt", None);
-    assert!(
-        msg.contains("unsupported pickle opcode 0xff") && msg.contains("offset 5"),
-        "{msg}"
-    );
+    assert!(msg.contains("unsupported pickle opcode 0xff") && msg.contains("offset 5"), "{msg}");
     let msg = read_err("bad_no_pickle.pt", None);
     assert!(msg.contains("data.pkl"), "{msg}");
     let msg = read_err("bad_deflated.pt", None);
@@ -329,8 +260,7 @@ impl Rng {
 
 /// Run the reader, turning a panic into a test failure that names the input.
 fn read_guarded(path: &Path, key: Option<&str>, what: &str) -> anyhow::Result<PtStateDict> {
-    std::panic::catch_unwind(|| read_pt_state_dict(path, key))
-        .unwrap_or_else(|_| panic!("reader panicked on {what}"))
+    std::panic::catch_unwind(|| read_pt_state_dict(path, key)).unwrap_or_else(|_| panic!("reader panicked on {what}"))
 }
 
 #[test]
@@ -341,10 +271,7 @@ fn garbage_files_are_errors() {
         ("empty".into(), vec![]),
         ("pk".into(), b"PK".to_vec()),
         ("pk_header".into(), b"PK\x03\x04".to_vec()),
-        (
-            "pk_empty_zip".into(),
-            b"PK\x05\x06\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec(),
-        ),
+        ("pk_empty_zip".into(), b"PK\x05\x06\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec()),
         ("pickle".into(), b"\x80\x02}q\x00.".to_vec()),
     ];
     for len in [1usize, 10, 100, 1000, 10000] {
@@ -450,18 +377,14 @@ fn le32(b: &[u8], at: usize) -> usize {
 /// (name, data) of every entry, via the central directory (torch writes data descriptors,
 /// so the local headers carry no sizes).
 fn local_entries(zip: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let eocd = (0..=zip.len() - 22)
-        .rev()
-        .find(|&i| &zip[i..i + 4] == b"PK\x05\x06")
-        .unwrap();
+    let eocd = (0..=zip.len() - 22).rev().find(|&i| &zip[i..i + 4] == b"PK\x05\x06").unwrap();
     let count = le16(zip, eocd + 10);
     let mut at = le32(zip, eocd + 16);
     let mut out = Vec::new();
     for _ in 0..count {
         assert_eq!(&zip[at..at + 4], b"PK\x01\x02");
         let size = le32(zip, at + 20);
-        let (name_len, extra_len, comment_len) =
-            (le16(zip, at + 28), le16(zip, at + 30), le16(zip, at + 32));
+        let (name_len, extra_len, comment_len) = (le16(zip, at + 28), le16(zip, at + 30), le16(zip, at + 32));
         let local = le32(zip, at + 42);
         let name = String::from_utf8(zip[at + 46..at + 46 + name_len].to_vec()).unwrap();
         let data_at = local + 30 + le16(zip, local + 26) + le16(zip, local + 28);
@@ -472,11 +395,7 @@ fn local_entries(zip: &[u8]) -> Vec<(String, Vec<u8>)> {
 }
 
 fn extract_stored(zip: &[u8], name: &str) -> Vec<u8> {
-    local_entries(zip)
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap()
-        .1
+    local_entries(zip).into_iter().find(|(n, _)| n == name).unwrap().1
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -484,11 +403,7 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
         }
     }
     !c

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use image::codecs::jpeg::JpegEncoder;
 use image::ExtendedColorType;
+use image::codecs::jpeg::JpegEncoder;
 use orwcfm_fast::reward::external::ExternalReward;
 use orwcfm_fast::reward::jpeg::JpegReward;
 use orwcfm_fast::reward::target::TargetImageReward;
-use orwcfm_fast::reward::{score_checked, Reward};
+use orwcfm_fast::reward::{Reward, score_checked};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::Tensor;
 
@@ -69,8 +69,7 @@ fn reference_kb(img: &Tensor, idx: usize) -> f32 {
     }
     let color = if c == 1 { ExtendedColorType::L8 } else { ExtendedColorType::Rgb8 };
     let mut buf = Vec::new();
-    image::ImageEncoder::write_image(JpegEncoder::new_with_quality(&mut buf, 95), &px, w as u32, h as u32, color)
-        .unwrap();
+    image::ImageEncoder::write_image(JpegEncoder::new_with_quality(&mut buf, 95), &px, w as u32, h as u32, color).unwrap();
     buf.len() as f32 / 1000.0
 }
 

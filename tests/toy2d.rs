@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use orwcfm_fast::toy2d::{default_base, finetune, Toy2dOptions, Toy2dResult};
+use orwcfm_fast::toy2d::{Toy2dOptions, Toy2dResult, default_base, finetune};
 
 fn run(alpha: f32, tau: f32, epochs: u64) -> Toy2dResult {
     let base = default_base(0).unwrap();

@@ -14,13 +14,10 @@ fn tmpdir(name: &str) -> PathBuf {
 
 /// Tiny settings: 2 steps per epoch of 4 samples, 2 Euler steps, 8 evaluation samples.
 fn tiny(d: &Path, run: &str) -> Vec<String> {
-    [
-        "train", "--savedir", d.to_str().unwrap(), "--run-name", run, "--batch-size", "4", "--sample-batch", "8", "--steps-per-epoch", "2",
-        "--ode-steps", "2", "--eval-samples", "8", "--grid-samples", "4", "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ["train", "--savedir", d.to_str().unwrap(), "--run-name", run, "--batch-size", "4", "--sample-batch", "8", "--steps-per-epoch", "2", "--ode-steps", "2", "--eval-samples", "8", "--grid-samples", "4", "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn run(args: &[String]) -> Output {
@@ -48,7 +45,9 @@ fn a_run_writes_every_output() {
     let o = run(&with(tiny(&d, "r"), &["--config", cfg.to_str().unwrap(), "--temperature", "1.5", "--eval-every", "1"]));
     assert!(o.status.success(), "{}", err(&o));
     let r = d.join("r");
-    for f in ["metrics.jsonl", "metrics.csv", "eval.jsonl", "config.toml", "summary.json", "reward.png", "losses.png", "samples_step00000000.png", "samples_step00000004.png", "checkpoints/latest", "reference.safetensors"] {
+    for f in
+        ["metrics.jsonl", "metrics.csv", "eval.jsonl", "config.toml", "summary.json", "reward.png", "losses.png", "samples_step00000000.png", "samples_step00000004.png", "checkpoints/latest", "reference.safetensors"]
+    {
         assert!(r.join(f).is_file(), "{f} missing");
     }
     assert!(std::fs::read_dir(&r).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));

@@ -4,7 +4,7 @@
 mod common;
 
 use common::UnetFixture;
-use orwcfm_fast::autograd::{ops, Var};
+use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::nn::Forward;
 
 const CONFIGS: &[&str] = &["mnist", "scaleshift", "neworder", "tiny"];
@@ -97,10 +97,7 @@ fn parameter_names_and_counts_match_torchcfm() {
 #[test]
 fn state_dict_order_matches_torchcfm_listing() {
     use orwcfm_fast::nn::{Init, UNetConfig, UNetModel};
-    for (file, cfg, total) in [
-        ("torchcfm_mnist_state_dict.txt", UNetConfig::mnist(), 1_075_361usize),
-        ("torchcfm_cifar10_state_dict.txt", UNetConfig::cifar10(), 35_746_307),
-    ] {
+    for (file, cfg, total) in [("torchcfm_mnist_state_dict.txt", UNetConfig::mnist(), 1_075_361usize), ("torchcfm_cifar10_state_dict.txt", UNetConfig::cifar10(), 35_746_307)] {
         let text = std::fs::read_to_string(common::fixture_path(file)).unwrap();
         let want: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()).collect();
         let m = UNetModel::new(&cfg, Init::Zeros).unwrap();

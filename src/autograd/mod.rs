@@ -76,11 +76,7 @@ impl Var {
 
     /// The result of an op. Records the node only if gradients are enabled and an input needs them.
     pub(crate) fn from_op(value: Tensor, parents: Vec<Var>, name: &'static str, backward: impl Fn(&Tensor) -> Vec<Option<Tensor>> + 'static) -> Var {
-        if grad_enabled() && parents.iter().any(|p| p.requires_grad()) {
-            Var::new_node(value, true, parents, Some(Box::new(backward)), name)
-        } else {
-            Var::new_node(value, false, Vec::new(), None, name)
-        }
+        if grad_enabled() && parents.iter().any(|p| p.requires_grad()) { Var::new_node(value, true, parents, Some(Box::new(backward)), name) } else { Var::new_node(value, false, Vec::new(), None, name) }
     }
 
     pub fn id(&self) -> usize {

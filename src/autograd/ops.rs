@@ -1,14 +1,14 @@
 //! Differentiable ops. Each computes its value with the CPU backend and records its backward.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::Var;
-use crate::backend::cpu::attention::{attention_backward, attention_forward, AttnGeom, QkvOrder};
-use crate::backend::cpu::conv::{conv2d_backward, conv2d_forward, ConvGeom};
+use crate::backend::cpu::attention::{AttnGeom, QkvOrder, attention_backward, attention_forward};
+use crate::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use crate::backend::cpu::elementwise as ew;
-use crate::backend::cpu::gemm::{sgemm, threads_for, Mat};
+use crate::backend::cpu::gemm::{Mat, sgemm, threads_for};
 use crate::backend::cpu::norm::{group_norm_backward, group_norm_forward};
-use crate::backend::cpu::{simd, PAR_MIN};
+use crate::backend::cpu::{PAR_MIN, simd};
 use crate::backend::cuda::ops::{self as gpu, Bin, Un};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -273,9 +273,7 @@ pub fn sum_axes(x: &Var, axes: &[usize], keepdim: bool) -> Var {
         return Var::from_op(v, vec![x.clone()], "sum_axes", move |g| vec![Some(gpu::broadcast_to(g, &kept, &shape))]);
     }
     let (v, kept) = ew::sum_axes_keepdim(xv.data(), &shape, axes);
-    Var::from_op(t(v, &out_shape), vec![x.clone()], "sum_axes", move |g| {
-        vec![Some(t(ew::broadcast_to(g.data(), &kept, &shape), &shape))]
-    })
+    Var::from_op(t(v, &out_shape), vec![x.clone()], "sum_axes", move |g| vec![Some(t(ew::broadcast_to(g.data(), &kept, &shape), &shape))])
 }
 
 /// Mean over `axes`.
@@ -405,9 +403,7 @@ pub fn narrow(x: &Var, axis: usize, start: usize, len: usize) -> Var {
     if xv.is_cuda() {
         return Var::from_op(gpu::narrow(&xv, axis, start, len), vec![x.clone()], "narrow", move |g| vec![Some(gpu::narrow_backward(g, &shape, axis, start, len))]);
     }
-    Var::from_op(t(ew::narrow(xv.data(), &shape, axis, start, len), &out), vec![x.clone()], "narrow", move |g| {
-        vec![Some(t(ew::narrow_backward(g.data(), &shape, axis, start, len), &shape))]
-    })
+    Var::from_op(t(ew::narrow(xv.data(), &shape, axis, start, len), &out), vec![x.clone()], "narrow", move |g| vec![Some(t(ew::narrow_backward(g.data(), &shape, axis, start, len), &shape))])
 }
 
 /// Nearest-neighbour 2× upsampling of `[N, C, H, W]` (`F.interpolate(scale_factor=2, mode="nearest")`).
@@ -419,9 +415,7 @@ pub fn upsample_nearest2x(x: &Var) -> Var {
         return Var::from_op(gpu::upsample2x(&xv), vec![x.clone()], "upsample", move |g| vec![Some(gpu::upsample2x_backward(g, &s))]);
     }
     let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
-    Var::from_op(t(ew::upsample_nearest2x(xv.data(), nc, h, w), &[s[0], s[1], 2 * h, 2 * w]), vec![x.clone()], "upsample", move |g| {
-        vec![Some(t(ew::upsample_nearest2x_backward(g.data(), nc, h, w), &s))]
-    })
+    Var::from_op(t(ew::upsample_nearest2x(xv.data(), nc, h, w), &[s[0], s[1], 2 * h, 2 * w]), vec![x.clone()], "upsample", move |g| vec![Some(t(ew::upsample_nearest2x_backward(g.data(), nc, h, w), &s))])
 }
 
 /// 2×2 average pooling, stride 2 (`F.avg_pool2d(kernel_size=2, stride=2)`).
@@ -433,9 +427,7 @@ pub fn avg_pool2x(x: &Var) -> Var {
         return Var::from_op(gpu::avgpool2x(&xv), vec![x.clone()], "avg_pool", move |g| vec![Some(gpu::avgpool2x_backward(g, &s))]);
     }
     let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
-    Var::from_op(t(ew::avg_pool2x(xv.data(), nc, h, w), &[s[0], s[1], h / 2, w / 2]), vec![x.clone()], "avg_pool", move |g| {
-        vec![Some(t(ew::avg_pool2x_backward(g.data(), nc, h, w), &s))]
-    })
+    Var::from_op(t(ew::avg_pool2x(xv.data(), nc, h, w), &[s[0], s[1], h / 2, w / 2]), vec![x.clone()], "avg_pool", move |g| vec![Some(t(ew::avg_pool2x_backward(g.data(), nc, h, w), &s))])
 }
 
 /// Rows of `weight [num, dim]` picked by `ids` (an `nn.Embedding` lookup) → `[len(ids), dim]`.
@@ -667,9 +659,7 @@ pub fn qkv_attention(qkv: &Var, heads: usize, order: QkvOrder) -> Var {
         return Var::from_op(out, vec![qkv.clone()], "qkv_attention", move |gd| vec![Some(gpu::attention_backward(&v, &probs, gd, &g))]);
     }
     let (out, probs) = attention_forward(v.data(), &g);
-    Var::from_op(t(out, &[s[0], s[1] / 3, s[2]]), vec![qkv.clone()], "qkv_attention", move |gd| {
-        vec![Some(t(attention_backward(v.data(), &probs, gd.data(), &g), &s))]
-    })
+    Var::from_op(t(out, &[s[0], s[1] / 3, s[2]]), vec![qkv.clone()], "qkv_attention", move |gd| vec![Some(t(attention_backward(v.data(), &probs, gd.data(), &g), &s))])
 }
 
 // ---------------------------------------------------------------- operator sugar

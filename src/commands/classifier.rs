@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use clap::Subcommand;
 
-use crate::nn::classifier::{train_classifier, Classifier, ClassifierConfig, ClassifierTraining};
+use crate::nn::classifier::{Classifier, ClassifierConfig, ClassifierTraining, train_classifier};
 
 #[derive(Subcommand, Debug)]
 pub enum ClassifierCmd {

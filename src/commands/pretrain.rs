@@ -9,7 +9,7 @@ use crate::flow::ode::OdeSolver;
 use crate::io::image::save_grid;
 use crate::nn::{Init, UNetModel, VelocityField};
 use crate::orw::sample_model;
-use crate::pretrain::{net_path, pretrain, PretrainConfig};
+use crate::pretrain::{PretrainConfig, net_path, pretrain};
 use crate::rng::Rng;
 
 /// Flags of `pretrain`.

@@ -1,12 +1,12 @@
 //! The `train` configuration: the trainer's keys ([`OrwConfig`]) plus the product's (model,
 //! reward, evaluation, outputs), from built-in presets, a TOML file and flags, in that order.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::orw::config::config_keys;
 use crate::orw::OrwConfig;
+use crate::orw::config::config_keys;
 use crate::util::nearest;
 
 /// Settings of `train` beyond the trainer's.
@@ -169,7 +169,11 @@ pub fn resolve(file: Option<Map<String, Value>>, flags: Map<String, Value>) -> R
     let okeys = config_keys();
     let (mut o, mut p) = (Map::new(), Map::new());
     for (k, v) in merged {
-        if okeys.contains(&k) { o.insert(k, v) } else { p.insert(k, v) };
+        if okeys.contains(&k) {
+            o.insert(k, v)
+        } else {
+            p.insert(k, v)
+        };
     }
     let orw = OrwConfig::from_json_value(Value::Object(o))?;
     let prod: ProductConfig = serde_json::from_value(Value::Object(p)).context("in the config")?;

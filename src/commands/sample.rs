@@ -115,7 +115,18 @@ pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], referen
     let solver = OdeSolver::parse(&a.solver, a.atol, a.rtol)?;
     let refx = match reference {
         Some(p) => {
-            let m = model_of(&SamplerArgs { model: Some(p.clone()), key: None, unet_config: a.unet_config.clone(), num: a.num, solver: a.solver.clone(), steps: a.steps, atol: a.atol, rtol: a.rtol, seed: a.seed, device: a.device.clone() })?;
+            let m = model_of(&SamplerArgs {
+                model: Some(p.clone()),
+                key: None,
+                unet_config: a.unet_config.clone(),
+                num: a.num,
+                solver: a.solver.clone(),
+                steps: a.steps,
+                atol: a.atol,
+                rtol: a.rtol,
+                seed: a.seed,
+                device: a.device.clone(),
+            })?;
             Some(evaluate(&m, a.num, &solver, a.steps, a.seed ^ 0x2EF, r.as_mut(), None, None)?.0)
         }
         None => None,

@@ -4,26 +4,26 @@
 //! bar; Ctrl-C saves a checkpoint that `--resume` continues.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Map, Value};
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value, json};
 
-use super::runconfig::{read_toml, resolve, to_toml, ProductConfig};
-use crate::eval::{sample_stats, SampleStats};
+use super::runconfig::{ProductConfig, read_toml, resolve, to_toml};
+use crate::eval::{SampleStats, sample_stats};
 use crate::flow::ode::OdeSolver;
 use crate::io::image::save_grid;
 use crate::io::safetensors::write_atomic;
-use crate::logging::{plot_metrics, MetricsLog, Progress};
+use crate::logging::{MetricsLog, Progress, plot_metrics};
 use crate::nn::{Classifier, UNetModel, VelocityField};
-use crate::orw::{sample_model, OrwConfig, Trainer};
+use crate::orw::{OrwConfig, Trainer, sample_model};
 use crate::reward::classifier::ClassifierReward;
 use crate::reward::external::ExternalReward;
 use crate::reward::jpeg::JpegReward;
 use crate::reward::target::TargetImageReward;
-use crate::reward::{score_checked, Reward};
+use crate::reward::{Reward, score_checked};
 use crate::rng::Rng;
 use crate::tensor::{Device, Tensor};
 
@@ -255,7 +255,16 @@ pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box
 
 /// Samples, rewards and statistics of `model` with a fixed noise seed.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(model: &UNetModel, n: usize, solver: &OdeSolver, steps: usize, seed: u64, reward: &mut dyn Reward, classifier: Option<(&Classifier, &[usize])>, reference: Option<&Tensor>) -> Result<(Tensor, SampleStats)> {
+pub fn evaluate(
+    model: &UNetModel,
+    n: usize,
+    solver: &OdeSolver,
+    steps: usize,
+    seed: u64,
+    reward: &mut dyn Reward,
+    classifier: Option<(&Classifier, &[usize])>,
+    reference: Option<&Tensor>,
+) -> Result<(Tensor, SampleStats)> {
     let mut rng = Rng::new(seed ^ 0xE7A1_5EED);
     let (x, y, _) = sample_model(model, n, solver, steps, &mut rng)?;
     let r = score_checked(reward, &x, y.as_deref())?;

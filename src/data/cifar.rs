@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
-use super::{byte_to_unit, Dataset};
+use super::{Dataset, byte_to_unit};
 use crate::tensor::Tensor;
 
 /// Side of a CIFAR-10 image.
@@ -32,10 +32,7 @@ pub fn load_cifar10(path: &Path) -> Result<Dataset> {
     if path.is_dir() {
         match find_batches_in_folder(path, false)? {
             Some(files) => load_cifar10_files(&files, path),
-            None => bail!(
-                "{} holds no CIFAR-10 training batches: expected data_batch_1.bin … data_batch_5.bin",
-                path.display()
-            ),
+            None => bail!("{} holds no CIFAR-10 training batches: expected data_batch_1.bin … data_batch_5.bin", path.display()),
         }
     } else if path.is_file() {
         load_cifar10_files(&[path.to_path_buf()], path)
@@ -52,8 +49,7 @@ pub(crate) fn find_batches_in_folder(dir: &Path, test: bool) -> Result<Option<Ve
         if !d.is_dir() {
             continue;
         }
-        let train: Vec<PathBuf> =
-            (1..=5).map(|i| d.join(format!("data_batch_{i}.bin"))).filter(|p| p.is_file()).collect();
+        let train: Vec<PathBuf> = (1..=5).map(|i| d.join(format!("data_batch_{i}.bin"))).filter(|p| p.is_file()).collect();
         let test_file = d.join("test_batch.bin");
         if test {
             if test_file.is_file() {
@@ -77,10 +73,8 @@ pub(crate) fn find_batches_in_folder(dir: &Path, test: bool) -> Result<Option<Ve
         }
     }
     // Other `.bin` files: the folder looks like CIFAR but with unexpected names.
-    let has_bin = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .any(|e| e.path().is_file() && e.path().extension().is_some_and(|x| x.eq_ignore_ascii_case("bin")));
+    let has_bin =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.filter_map(|e| e.ok()).any(|e| e.path().is_file() && e.path().extension().is_some_and(|x| x.eq_ignore_ascii_case("bin")));
     if has_bin {
         bail!(
             "{} holds .bin files but none named like CIFAR-10 batches \
@@ -103,11 +97,7 @@ pub(crate) fn load_cifar10_files(files: &[PathBuf], origin: &Path) -> Result<Dat
                  (1 label byte + 3×32×32 pixels per image){}",
                 f.display(),
                 bytes.len(),
-                if bytes.len() > RECORD {
-                    format!(", i.e. {} or {} bytes", bytes.len() / RECORD * RECORD, (bytes.len() / RECORD + 1) * RECORD)
-                } else {
-                    String::new()
-                }
+                if bytes.len() > RECORD { format!(", i.e. {} or {} bytes", bytes.len() / RECORD * RECORD, (bytes.len() / RECORD + 1) * RECORD) } else { String::new() }
             );
         }
         pixels.reserve(bytes.len() / RECORD * PIXELS);
@@ -126,17 +116,7 @@ pub(crate) fn load_cifar10_files(files: &[PathBuf], origin: &Path) -> Result<Dat
         }
     }
     let n = labels.len();
-    let names: Vec<String> =
-        files.iter().map(|f| f.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()).collect();
-    let source = if files.len() == 1 && files[0] == origin {
-        format!("CIFAR-10 {}", origin.display())
-    } else {
-        format!("CIFAR-10 {} ({})", origin.display(), names.join(", "))
-    };
-    Ok(Dataset {
-        images: Tensor::from_vec(pixels, &[n, 3, SIDE, SIDE]),
-        labels: Some(labels),
-        num_classes: Some(CLASSES),
-        source,
-    })
+    let names: Vec<String> = files.iter().map(|f| f.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()).collect();
+    let source = if files.len() == 1 && files[0] == origin { format!("CIFAR-10 {}", origin.display()) } else { format!("CIFAR-10 {} ({})", origin.display(), names.join(", ")) };
+    Ok(Dataset { images: Tensor::from_vec(pixels, &[n, 3, SIDE, SIDE]), labels: Some(labels), num_classes: Some(CLASSES), source })
 }

@@ -3,18 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use image::DynamicImage;
 use rayon::prelude::*;
 
-use super::{byte_to_unit, Dataset};
+use super::{Dataset, byte_to_unit};
 use crate::tensor::Tensor;
 
 /// Whether a path names a PNG or JPEG file by its extension (`.png`, `.jpg`, `.jpeg`, any case).
 pub(crate) fn is_image_name(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| ["png", "jpg", "jpeg"].iter().any(|x| e.eq_ignore_ascii_case(x)))
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["png", "jpg", "jpeg"].iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 /// Whether a file name starts with a dot (hidden files, macOS `._*` companions).
@@ -79,16 +77,10 @@ pub fn load_image_folder(dir: &Path) -> Result<Dataset> {
             classes[0].0
         );
     }
-    let items: Vec<(PathBuf, Option<usize>)> = if classes.is_empty() {
-        top.into_iter().map(|p| (p, None)).collect()
-    } else {
-        classes.iter().enumerate().flat_map(|(k, (_, fs))| fs.iter().map(move |p| (p.clone(), Some(k)))).collect()
-    };
+    let items: Vec<(PathBuf, Option<usize>)> =
+        if classes.is_empty() { top.into_iter().map(|p| (p, None)).collect() } else { classes.iter().enumerate().flat_map(|(k, (_, fs))| fs.iter().map(move |p| (p.clone(), Some(k)))).collect() };
     if items.is_empty() {
-        bail!(
-            "{} holds no .png, .jpg or .jpeg images (neither directly nor in class subfolders)",
-            dir.display()
-        );
+        bail!("{} holds no .png, .jpg or .jpeg images (neither directly nor in class subfolders)", dir.display());
     }
 
     let decoded: Vec<DynamicImage> = items.par_iter().map(|(p, _)| decode(p)).collect::<Result<_>>()?;
@@ -131,16 +123,8 @@ pub fn load_image_folder(dir: &Path) -> Result<Dataset> {
         (None, None, format!("image folder {} ({n} images)", dir.display()))
     } else {
         let names: Vec<&str> = classes.iter().map(|(s, _)| s.as_str()).collect();
-        let shown = if names.len() > 12 {
-            format!("{}, …", names[..12].join(", "))
-        } else {
-            names.join(", ")
-        };
-        (
-            Some(items.iter().map(|(_, l)| l.unwrap_or(0)).collect()),
-            Some(classes.len()),
-            format!("image folder {} ({n} images, {} classes: {shown})", dir.display(), classes.len()),
-        )
+        let shown = if names.len() > 12 { format!("{}, …", names[..12].join(", ")) } else { names.join(", ") };
+        (Some(items.iter().map(|(_, l)| l.unwrap_or(0)).collect()), Some(classes.len()), format!("image folder {} ({n} images, {} classes: {shown})", dir.display(), classes.len()))
     };
     Ok(Dataset { images: Tensor::from_vec(pixels, &[n, c, h, w]), labels, num_classes, source })
 }

@@ -8,9 +8,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
-use super::{bytes_to_unit, Dataset};
+use super::{Dataset, bytes_to_unit};
 use crate::tensor::Tensor;
 
 /// Magic number of an IDX file of unsigned bytes with 3 dimensions (MNIST images).
@@ -88,12 +88,7 @@ fn decode_idx_pair(images: &[u8], img_name: &str, labels: Option<(&[u8], &str)>)
         None => None,
     };
     let num_classes = labels.as_ref().map(|_| MNIST_CLASSES);
-    Ok(Dataset {
-        images: Tensor::from_vec(bytes_to_unit(pixels), &[n, 1, h, w]),
-        labels,
-        num_classes,
-        source: img_name.to_string(),
-    })
+    Ok(Dataset { images: Tensor::from_vec(bytes_to_unit(pixels), &[n, 1, h, w]), labels, num_classes, source: img_name.to_string() })
 }
 
 /// Read the big-endian `u32` at `off`.
@@ -116,10 +111,7 @@ fn parse_idx_images<'a>(b: &'a [u8], name: &str) -> Result<(usize, usize, usize,
     if n == 0 || h == 0 || w == 0 {
         bail!("{name}: IDX images file has dimensions {n}×{h}×{w}; expected at least one image of at least 1×1 pixel");
     }
-    let data = n
-        .checked_mul(h)
-        .and_then(|x| x.checked_mul(w))
-        .with_context(|| format!("{name}: IDX dimensions {n}×{h}×{w} are too large"))?;
+    let data = n.checked_mul(h).and_then(|x| x.checked_mul(w)).with_context(|| format!("{name}: IDX dimensions {n}×{h}×{w} are too large"))?;
     check_len(b.len(), 16, data, name, &format!("{n} images of {h}×{w}"))?;
     Ok((n, h, w, &b[16..]))
 }
@@ -160,10 +152,7 @@ fn check_len(found: usize, header: usize, data: usize, name: &str, what: &str) -
         bail!("{name} is truncated: {found} bytes, expected {expected} ({header}-byte header + {what})");
     }
     if found > expected {
-        bail!(
-            "{name} has {} bytes of trailing data: {found} bytes, expected {expected} ({header}-byte header + {what})",
-            found - expected
-        );
+        bail!("{name} has {} bytes of trailing data: {found} bytes, expected {expected} ({header}-byte header + {what})", found - expected);
     }
     Ok(())
 }
@@ -179,9 +168,7 @@ fn gunzip_if_needed<'a>(b: &'a [u8], name: &str) -> Result<std::borrow::Cow<'a, 
         return Ok(std::borrow::Cow::Borrowed(b));
     }
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(b)
-        .read_to_end(&mut out)
-        .with_context(|| format!("{name} starts like a gzip file (1f 8b) but cannot be decompressed"))?;
+    flate2::read::MultiGzDecoder::new(b).read_to_end(&mut out).with_context(|| format!("{name} starts like a gzip file (1f 8b) but cannot be decompressed"))?;
     Ok(std::borrow::Cow::Owned(out))
 }
 
@@ -203,9 +190,7 @@ pub(crate) fn peek_magic(path: &Path) -> Result<Option<u32>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut dec = flate2::read::MultiGzDecoder::new(f).take(4);
     let mut head = Vec::with_capacity(4);
-    dec.read_to_end(&mut head).with_context(|| {
-        format!("{} starts like a gzip file (1f 8b) but cannot be decompressed", path.display())
-    })?;
+    dec.read_to_end(&mut head).with_context(|| format!("{} starts like a gzip file (1f 8b) but cannot be decompressed", path.display()))?;
     Ok((head.len() == 4).then(|| be_u32(&head, 0)))
 }
 
@@ -252,10 +237,7 @@ pub(crate) fn find_idx_in_folder(dir: &Path, test: bool) -> Result<Option<(PathB
         // A folder of MNIST training files without the test files: say so, rather than fall back
         // to reading the folder as images.
         if find_idx_in_folder(dir, false)?.is_some() {
-            bail!(
-                "{} holds MNIST training files but no t10k-images-idx3-ubyte[.gz] for the :test split",
-                dir.display()
-            );
+            bail!("{} holds MNIST training files but no t10k-images-idx3-ubyte[.gz] for the :test split", dir.display());
         }
     }
     Ok(None)

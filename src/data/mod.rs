@@ -18,13 +18,13 @@ pub mod mnist;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::tensor::Tensor;
 
 pub use cifar::load_cifar10;
 pub use folder::load_image_folder;
-pub use mnist::{bundled_mnist, load_mnist_idx, Split};
+pub use mnist::{Split, bundled_mnist, load_mnist_idx};
 
 /// A labelled (or unlabelled) image dataset held in memory.
 #[derive(Clone, Debug)]
@@ -82,14 +82,8 @@ impl Dataset {
         let [c, h, w] = self.sample_shape();
         let per = c * h * w;
         let images = Tensor::from_vec(self.images.data()[..n * per].to_vec(), &[n, c, h, w]);
-        let source =
-            if n == self.len() { self.source.clone() } else { format!("{} (first {n} of {})", self.source, self.len()) };
-        Dataset {
-            images,
-            labels: self.labels.as_ref().map(|l| l[..n].to_vec()),
-            num_classes: self.num_classes,
-            source,
-        }
+        let source = if n == self.len() { self.source.clone() } else { format!("{} (first {n} of {})", self.source, self.len()) };
+        Dataset { images, labels: self.labels.as_ref().map(|l| l[..n].to_vec()), num_classes: self.num_classes, source }
     }
 }
 
@@ -198,10 +192,7 @@ fn open_file(path: &Path) -> Result<Dataset> {
         return load_cifar10(path);
     }
     if folder::is_image_name(path) {
-        bail!(
-            "{} is a single image; a dataset of images is a folder of them (give the folder)",
-            path.display()
-        );
+        bail!("{} is a single image; a dataset of images is a folder of them (give the folder)", path.display());
     }
     bail!(
         "cannot tell what dataset {} is: expected an MNIST IDX images file (magic 0x00000803, \

@@ -5,7 +5,7 @@
 //! Couplings that re-pair the batch (exact OT) report which `x1` row each output row came from,
 //! so that per-sample data such as ORW's reward weights stay with their samples.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::ot::{exact_ot_pairing, sample_plan_with_replacement};
 use crate::rng::Rng;

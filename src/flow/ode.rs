@@ -82,14 +82,7 @@ pub struct OdeStats {
 
 /// Integrate dx/dt = f(t, x) from t0 to t1. Fixed-grid solvers take `steps` uniform steps
 /// (t_k = t0 + k (t1-t0)/steps, computed so the last point is exactly t1); Dopri5 ignores `steps`.
-pub fn odeint(
-    f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
-    x0: &Tensor,
-    t0: f32,
-    t1: f32,
-    steps: usize,
-    solver: &OdeSolver,
-) -> Result<(Tensor, OdeStats)> {
+pub fn odeint(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     if !t0.is_finite() || !t1.is_finite() {
         bail!("odeint: non-finite time interval [{t0}, {t1}]");
     }
@@ -199,14 +192,7 @@ fn grid_time(k: usize, steps: usize, t0: f32, t1: f32) -> f32 {
     if k == steps { t1 } else { (t0 as f64 + k as f64 * (t1 as f64 - t0 as f64) / steps as f64) as f32 }
 }
 
-fn fixed_grid(
-    f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
-    x0: &Tensor,
-    t0: f32,
-    t1: f32,
-    steps: usize,
-    solver: &OdeSolver,
-) -> Result<(Tensor, OdeStats)> {
+fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     let mut rhs = Rhs { f, shape: x0.shape().to_vec(), nfe: 0, sign: 1.0 };
     let grid = |k: usize| grid_time(k, steps, t0, t1);
     let mut y: Vec<f32> = x0.data().to_vec();
@@ -248,14 +234,7 @@ fn fixed_grid(
 
 /// [`fixed_grid`] with the state on the GPU: the same grid and stage times; stages combined by
 /// `axpby` kernels in f32 (the CPU combines RK4 stages in f64: the two agree to rounding).
-fn fixed_grid_gpu(
-    f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
-    x0: &Tensor,
-    t0: f32,
-    t1: f32,
-    steps: usize,
-    solver: &OdeSolver,
-) -> Result<(Tensor, OdeStats)> {
+fn fixed_grid_gpu(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     use crate::backend::cuda::ops::{axpby, on, sum_squares};
     let check = |y: &Tensor, t: f64| -> Result<()> {
         let s = sum_squares(&[y]);
@@ -328,15 +307,7 @@ const DP_BETA: [&[f64]; 6] = [
     &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
     &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
 ];
-const DP_C_ERROR: [f64; 7] = [
-    35.0 / 384.0 - 1951.0 / 21600.0,
-    0.0,
-    500.0 / 1113.0 - 22642.0 / 50085.0,
-    125.0 / 192.0 - 451.0 / 720.0,
-    -2187.0 / 6784.0 - -12231.0 / 42400.0,
-    11.0 / 84.0 - 649.0 / 6300.0,
-    -1.0 / 60.0,
-];
+const DP_C_ERROR: [f64; 7] = [35.0 / 384.0 - 1951.0 / 21600.0, 0.0, 500.0 / 1113.0 - 22642.0 / 50085.0, 125.0 / 192.0 - 451.0 / 720.0, -2187.0 / 6784.0 - -12231.0 / 42400.0, 11.0 / 84.0 - 649.0 / 6300.0, -1.0 / 60.0];
 const DP_C_MID: [f64; 7] = [
     6025192743.0 / 30085553152.0 / 2.0,
     0.0,
@@ -385,14 +356,7 @@ impl Dense {
     }
 }
 
-fn dopri5(
-    f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
-    x0: &Tensor,
-    t0: f32,
-    t1: f32,
-    atol: f64,
-    rtol: f64,
-) -> Result<(Tensor, OdeStats)> {
+fn dopri5(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, atol: f64, rtol: f64) -> Result<(Tensor, OdeStats)> {
     if !(atol.is_finite() && rtol.is_finite() && atol >= 0.0 && rtol >= 0.0 && atol + rtol > 0.0) {
         bail!("dopri5 needs finite, non-negative tolerances (not both zero), got atol={atol}, rtol={rtol}");
     }
@@ -465,10 +429,7 @@ fn dopri5(
         // error ratio (RMS norm)
         let err_terms: Vec<(f64, &[f32])> = DP_C_ERROR.iter().zip(&k).map(|(&c, kk)| (c, kk.as_slice())).collect();
         let err = lincomb(&vec![0.0f32; n], dt, &err_terms);
-        let ratio = rms(
-            (0..n).map(|i| err[i] as f64 / (atol + rtol * (y[i] as f64).abs().max((y1[i] as f64).abs()))),
-            n,
-        );
+        let ratio = rms((0..n).map(|i| err[i] as f64 / (atol + rtol * (y[i] as f64).abs().max((y1[i] as f64).abs()))), n);
         if !ratio.is_finite() {
             bail!("ODE state became non-finite at t = {} (dopri5 error estimate is {ratio})", real_t(t_next));
         }

@@ -8,7 +8,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use image::{ExtendedColorType, ImageEncoder};
 
 use crate::tensor::Tensor;
@@ -93,14 +93,10 @@ pub fn save_grid(path: &Path, x: &Tensor, nrow: usize) -> Result<()> {
         c => bail!("cannot save image grid {}: {c} channels, expected 1 (grayscale) or 3 (RGB)", path.display()),
     };
     let (pixels, w, h, _) = grid(x, nrow, 2);
-    let (w32, h32) = (
-        u32::try_from(w).with_context(|| format!("image grid {} is too wide ({w} pixels)", path.display()))?,
-        u32::try_from(h).with_context(|| format!("image grid {} is too tall ({h} pixels)", path.display()))?,
-    );
+    let (w32, h32) =
+        (u32::try_from(w).with_context(|| format!("image grid {} is too wide ({w} pixels)", path.display()))?, u32::try_from(h).with_context(|| format!("image grid {} is too tall ({h} pixels)", path.display()))?);
     let mut bytes = Vec::new();
-    image::codecs::png::PngEncoder::new(Cursor::new(&mut bytes))
-        .write_image(&pixels, w32, h32, colour)
-        .with_context(|| format!("cannot encode image grid {} ({w}×{h})", path.display()))?;
+    image::codecs::png::PngEncoder::new(Cursor::new(&mut bytes)).write_image(&pixels, w32, h32, colour).with_context(|| format!("cannot encode image grid {} ({w}×{h})", path.display()))?;
     crate::io::safetensors::write_atomic(path, &bytes)
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 
 use super::safetensors as st;
 use crate::nn::{Init, UNetConfig, UNetModel};
@@ -117,17 +117,12 @@ pub fn infer_config(tensors: &[(String, Tensor)]) -> Result<(UNetConfig, Vec<Str
     } else {
         bail!("cannot infer the U-Net config: {out_ch} output channels for {in_ch} input channels");
     };
-    let block_index = |prefix: &str| -> BTreeSet<usize> {
-        m.keys().filter_map(|k| k.strip_prefix(prefix)).filter_map(|r| r.split('.').next()?.parse().ok()).collect()
-    };
+    let block_index = |prefix: &str| -> BTreeSet<usize> { m.keys().filter_map(|k| k.strip_prefix(prefix)).filter_map(|r| r.split('.').next()?.parse().ok()).collect() };
     let n_in = block_index("input_blocks.").len();
     let outs = block_index("output_blocks.");
     let n_out = outs.len();
     // an output block that upsamples has an Upsample (.k.conv) or a ResBlock(up) (.k.in_layers) at k ≥ 1
-    let ups = outs
-        .iter()
-        .filter(|&&i| (1..4).any(|k| m.contains_key(format!("output_blocks.{i}.{k}.conv.weight").as_str()) || m.contains_key(format!("output_blocks.{i}.{k}.in_layers.0.weight").as_str())))
-        .count();
+    let ups = outs.iter().filter(|&&i| (1..4).any(|k| m.contains_key(format!("output_blocks.{i}.{k}.conv.weight").as_str()) || m.contains_key(format!("output_blocks.{i}.{k}.in_layers.0.weight").as_str()))).count();
     let levels = ups + 1;
     if n_out == 0 || n_out % levels != 0 || n_in != n_out {
         bail!("cannot infer the U-Net config: {n_in} input blocks and {n_out} output blocks do not form a torchcfm U-Net");
@@ -214,10 +209,6 @@ pub fn model_from_raw(raw: RawWeights, config_path: Option<&Path>) -> Result<Loa
 
 /// Save a model as safetensors (torchcfm names, `unet_config` metadata), atomically.
 pub fn save_model(model: &UNetModel, path: &Path, dtype: DType) -> Result<()> {
-    let meta = HashMap::from([
-        ("unet_config".to_string(), model.config().to_json().to_string()),
-        ("format".to_string(), "pt".to_string()),
-        ("producer".to_string(), format!("orwcfm-fast {}", env!("CARGO_PKG_VERSION"))),
-    ]);
+    let meta = HashMap::from([("unet_config".to_string(), model.config().to_json().to_string()), ("format".to_string(), "pt".to_string()), ("producer".to_string(), format!("orwcfm-fast {}", env!("CARGO_PKG_VERSION")))]);
     model.params().save_safetensors(path, dtype, &meta)
 }

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorView};
+use anyhow::{Context, Result, anyhow, bail};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
 
 use crate::tensor::{DType, Tensor};
 
@@ -115,10 +115,7 @@ pub fn serialize(tensors: &[(String, Out)], dtype: DType, metadata: &HashMap<Str
             Out::I64(shape, v) => bufs.push((name.clone(), Dtype::I64, shape.to_vec(), bytemuck::cast_slice(v).to_vec())),
         }
     }
-    let views: Vec<(String, TensorView)> = bufs
-        .iter()
-        .map(|(n, dt, s, b)| Ok((n.clone(), TensorView::new(*dt, s.clone(), b).map_err(|e| anyhow!("tensor '{n}': {e}"))?)))
-        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> = bufs.iter().map(|(n, dt, s, b)| Ok((n.clone(), TensorView::new(*dt, s.clone(), b).map_err(|e| anyhow!("tensor '{n}': {e}"))?))).collect::<Result<_>>()?;
     let meta = if metadata.is_empty() { None } else { Some(metadata.clone()) };
     safetensors::tensor::serialize(views, meta).map_err(|e| anyhow!("cannot serialise safetensors: {e}"))
 }

@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -110,11 +110,7 @@ impl MetricsLog {
         csv.push_str(&csv_row(cols, &map));
         self.csv.write_all(csv.as_bytes()).with_context(|| format!("cannot write {}", self.dir.join(METRICS_CSV).display()))?;
 
-        let scalars: Vec<(String, f32)> = map
-            .iter()
-            .filter(|(k, _)| k.as_str() != "step")
-            .filter_map(|(k, v)| v.as_f64().map(|x| (format!("train/{k}"), x as f32)))
-            .collect();
+        let scalars: Vec<(String, f32)> = map.iter().filter(|(k, _)| k.as_str() != "step").filter_map(|(k, v)| v.as_f64().map(|x| (format!("train/{k}"), x as f32))).collect();
         self.tb.scalars(step, &scalars)?;
         self.tb.flush()
     }

@@ -18,7 +18,7 @@ pub mod progress;
 pub mod tensorboard;
 
 pub use crc32c::{crc32c, masked_crc32c};
-pub use metrics::{read_jsonl, MetricsLog, EVAL_JSONL, METRICS_CSV, METRICS_JSONL};
+pub use metrics::{EVAL_JSONL, METRICS_CSV, METRICS_JSONL, MetricsLog, read_jsonl};
 pub use plots::plot_metrics;
 pub use progress::{Progress, ProgressMode};
-pub use tensorboard::{read_scalars, TbWriter};
+pub use tensorboard::{TbWriter, read_scalars};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde_json::{Map, Value};
 
-use super::metrics::{read_jsonl, EVAL_JSONL, METRICS_JSONL};
-use crate::plot::{line_chart, Series};
+use super::metrics::{EVAL_JSONL, METRICS_JSONL, read_jsonl};
+use crate::plot::{Series, line_chart};
 
 /// Per-step series longer than this are smoothed with a moving average.
 const SMOOTH_ABOVE: usize = 100;
@@ -76,11 +76,7 @@ fn draw(dir: &Path, file: &str, title: &str, y_label: &str, mut series: Vec<Seri
 
 /// `(step, value)` of every record holding a number under `key` and a step, in step order.
 fn points(records: &[Map<String, Value>], key: &str) -> Vec<(f64, f64)> {
-    let mut pts: Vec<(f64, f64)> = records
-        .iter()
-        .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
-        .filter(|(_, y)| y.is_finite())
-        .collect();
+    let mut pts: Vec<(f64, f64)> = records.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).filter(|(_, y)| y.is_finite()).collect();
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     pts
 }

@@ -60,9 +60,7 @@ impl Progress {
     pub fn with_mode(total_steps: u64, start_step: u64, mode: ProgressMode) -> Self {
         let start_step = start_step.min(total_steps);
         let bar = (mode == ProgressMode::Bar).then(|| {
-            let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+            let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ");
             let bar = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr()).with_style(style).with_position(start_step);
             // record the starting position, then forget it, so that the rate counts only new steps
             bar.set_length(total_steps);
@@ -71,19 +69,7 @@ impl Progress {
         });
         let now = Instant::now();
         let every = (total_steps - start_step).div_ceil(PLAIN_LINES).max(1);
-        Progress {
-            mode,
-            bar,
-            out: Box::new(std::io::stderr()),
-            total: total_steps,
-            start_step,
-            step: start_step,
-            message: String::new(),
-            started: now,
-            every,
-            last_line_step: start_step,
-            last_line_at: now,
-        }
+        Progress { mode, bar, out: Box::new(std::io::stderr()), total: total_steps, start_step, step: start_step, message: String::new(), started: now, every, last_line_step: start_step, last_line_at: now }
     }
 
     /// Send plain lines and [`println`](Self::println) text to `out` instead of stderr (the bar

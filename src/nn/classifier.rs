@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::params::ParamStore;
-use crate::autograd::{no_grad, ops, Var};
+use crate::autograd::{Var, no_grad, ops};
 use crate::io::safetensors as st;
 use crate::optim::Adam;
 use crate::rng::Rng;
@@ -129,7 +129,13 @@ impl Classifier {
         let mut p = l.to_vec();
         for row in p.chunks_mut(k) {
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = row.iter_mut().map(|v| { *v = (*v - m).exp(); *v }).sum();
+            let s: f32 = row
+                .iter_mut()
+                .map(|v| {
+                    *v = (*v - m).exp();
+                    *v
+                })
+                .sum();
             row.iter_mut().for_each(|v| *v /= s);
         }
         Ok(Tensor::from_vec(p, &[l.shape()[0], k]))

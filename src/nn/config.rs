@@ -1,6 +1,6 @@
 //! `UNetModelWrapper` configuration with torchcfm's keyword names and defaults.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Map, Value};
 
 use crate::util::nearest;
@@ -88,14 +88,7 @@ impl UNetConfig {
 
     /// torchcfm's CIFAR-10 recipe (`train_cifar10.py`).
     pub fn cifar10() -> Self {
-        UNetConfig {
-            channel_mult: Some(vec![1.0, 2.0, 2.0, 2.0]),
-            num_heads: 4,
-            num_head_channels: 64,
-            attention_resolutions: "16".into(),
-            dropout: 0.1,
-            ..UNetConfig::new([3, 32, 32], 128, 2)
-        }
+        UNetConfig { channel_mult: Some(vec![1.0, 2.0, 2.0, 2.0]), num_heads: 4, num_head_channels: 64, attention_resolutions: "16".into(), dropout: 0.1, ..UNetConfig::new([3, 32, 32], 128, 2) }
     }
 
     /// Parse a JSON object of `UNetModelWrapper` keyword arguments. Unknown keys are an error
@@ -127,17 +120,11 @@ impl UNetConfig {
                 "channel_mult" => {
                     c.channel_mult = match v {
                         Value::Null => None,
-                        Value::Array(a) => Some(
-                            a.iter()
-                                .map(|x| x.as_f64().filter(|&f| f > 0.0).ok_or_else(|| anyhow!("U-Net config 'channel_mult' must hold positive numbers, got {v}")))
-                                .collect::<Result<_>>()?,
-                        ),
+                        Value::Array(a) => Some(a.iter().map(|x| x.as_f64().filter(|&f| f > 0.0).ok_or_else(|| anyhow!("U-Net config 'channel_mult' must hold positive numbers, got {v}"))).collect::<Result<_>>()?),
                         // torchcfm also accepts a string such as "1,2,2,2" in its scripts
-                        Value::String(s) => Some(
-                            s.split(',')
-                                .map(|p| p.trim().parse::<f64>().ok().filter(|&f| f > 0.0).ok_or_else(|| anyhow!("U-Net config 'channel_mult' has a bad entry in \"{s}\"")))
-                                .collect::<Result<_>>()?,
-                        ),
+                        Value::String(s) => {
+                            Some(s.split(',').map(|p| p.trim().parse::<f64>().ok().filter(|&f| f > 0.0).ok_or_else(|| anyhow!("U-Net config 'channel_mult' has a bad entry in \"{s}\""))).collect::<Result<_>>()?)
+                        }
                         _ => bail!("U-Net config 'channel_mult' must be a list such as [1, 2, 2, 2] or null, got {v}"),
                     };
                     if c.channel_mult.as_ref().is_some_and(|m| m.is_empty()) {

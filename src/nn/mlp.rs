@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::params::ParamStore;
 use super::unet::Forward;
 use super::velocity::VelocityField;
-use crate::autograd::{ops, Var};
+use crate::autograd::{Var, ops};
 use crate::io::safetensors as st;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::autograd::{Grads, Var};
 use crate::tensor::Tensor;
@@ -114,7 +114,7 @@ impl ParamStore {
 
     /// Write every parameter under its name to a safetensors file (atomically), with `metadata`.
     pub fn save_safetensors(&self, path: &std::path::Path, dtype: crate::tensor::DType, metadata: &HashMap<String, String>) -> Result<()> {
-        use crate::io::safetensors::{save, Out};
+        use crate::io::safetensors::{Out, save};
         let tensors = self.tensors();
         let outs: Vec<(String, Out)> = tensors.iter().map(|(n, t)| (n.clone(), Out::F(t))).collect();
         save(path, &outs, dtype, metadata)

@@ -1,11 +1,11 @@
 //! torchcfm's `UNetModelWrapper` (guided-diffusion U-Net, `forward(t, x, y)`), parameter for parameter.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::config::UNetConfig;
 use super::params::ParamStore;
-use crate::autograd::ops::{self, *};
 use crate::autograd::Var;
+use crate::autograd::ops::{self, *};
 use crate::backend::cpu::attention::QkvOrder;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -183,13 +183,7 @@ impl UNetModel {
         };
         let attn = |b: &mut Builder, p: &str, ch: usize, up: bool| -> Result<Attention> {
             let heads = config.heads_for(ch, up)?;
-            Ok(Attention {
-                norm: b.norm(&format!("{p}.norm"), ch),
-                qkv: b.conv1d(&format!("{p}.qkv"), ch, 3 * ch, false),
-                proj: b.conv1d(&format!("{p}.proj_out"), ch, ch, true),
-                heads,
-                order,
-            })
+            Ok(Attention { norm: b.norm(&format!("{p}.norm"), ch), qkv: b.conv1d(&format!("{p}.qkv"), ch, 3 * ch, false), proj: b.conv1d(&format!("{p}.proj_out"), ch, ch, true), heads, order })
         };
         let mut blocks = Vec::new();
         let count = |b: &Builder, start: usize| b.params.vars()[start..].iter().map(|v| v.value().numel()).sum::<usize>();
@@ -229,11 +223,7 @@ impl UNetModel {
             }
         }
         let st = b.params.len();
-        let middle = vec![
-            Layer::Res(res(&mut b, "middle_block.0", ch, ch, Resample::None)),
-            Layer::Attn(attn(&mut b, "middle_block.1", ch, false)?),
-            Layer::Res(res(&mut b, "middle_block.2", ch, ch, Resample::None)),
-        ];
+        let middle = vec![Layer::Res(res(&mut b, "middle_block.0", ch, ch, Resample::None)), Layer::Attn(attn(&mut b, "middle_block.1", ch, false)?), Layer::Res(res(&mut b, "middle_block.2", ch, ch, Resample::None))];
         blocks.push(BlockInfo { name: "middle_block".into(), kind: "res+attn+res".into(), channels: ch, ds, params: count(&b, st) });
         let mut output_blocks = Vec::new();
         for (level, &m) in mult.iter().enumerate().rev() {

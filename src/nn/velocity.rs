@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::params::ParamStore;
 use super::unet::{Forward, UNetModel};
-use crate::autograd::{no_grad, Var};
+use crate::autograd::{Var, no_grad};
 use crate::tensor::{DType, Tensor};
 
 /// A (possibly class-conditional) velocity field with trainable parameters.

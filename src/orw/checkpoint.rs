@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
 
 use super::config::OrwConfig;
 use super::trainer::{Batch, SamplePool, Trainer};
-use crate::io::safetensors::{self as st, write_atomic, Out};
+use crate::io::safetensors::{self as st, Out, write_atomic};
 use crate::nn::VelocityField;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -113,11 +113,7 @@ impl<M: VelocityField> Trainer<M> {
     }
 
     fn prune_checkpoints(&self, ckdir: &Path, keep_name: &str) -> Result<()> {
-        let mut names: Vec<String> = std::fs::read_dir(ckdir)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("step-"))
-            .collect();
+        let mut names: Vec<String> = std::fs::read_dir(ckdir)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-")).collect();
         names.sort();
         let keep = self.cfg.keep_checkpoints.max(1);
         if names.len() > keep {
@@ -285,10 +281,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         return Ok(());
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-        .collect();
+    let kept: Vec<&str> = text.lines().filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)).collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {
         out.push('\n');

@@ -1,7 +1,7 @@
 //! The trainer's configuration: the reference implementation's keys (`finetune_fm.py`) with its
 //! defaults, plus the keys our trainer adds.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

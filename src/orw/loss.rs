@@ -4,9 +4,9 @@
 //! `v_ref` from the frozen reference model on the same `(t, x_t)` and no gradient; the loss is the
 //! batch mean.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
-use crate::autograd::{no_grad, ops, Var};
+use crate::autograd::{Var, no_grad, ops};
 use crate::nn::{Forward, VelocityField};
 use crate::tensor::Tensor;
 

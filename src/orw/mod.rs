@@ -5,4 +5,4 @@ pub mod loss;
 pub mod trainer;
 
 pub use config::OrwConfig;
-pub use trainer::{pair_batch, sample_model, PairedBatch, StepMetrics, Trainer};
+pub use trainer::{PairedBatch, StepMetrics, Trainer, pair_batch, sample_model};

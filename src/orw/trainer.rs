@@ -10,16 +10,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::config::OrwConfig;
-use super::loss::{orw_loss, reward_weights, WeightMode};
+use super::loss::{WeightMode, orw_loss, reward_weights};
 use crate::flow::matchers::{FlowMatcher, FlowSample};
-use crate::flow::ode::{odeint, OdeSolver, OdeStats};
+use crate::flow::ode::{OdeSolver, OdeStats, odeint};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{clip_grad_norm, ema_update_params, grad_norm, warmup_lr, Adam};
-use crate::reward::{score_checked, Reward};
+use crate::optim::{Adam, clip_grad_norm, ema_update_params, grad_norm, warmup_lr};
+use crate::reward::{Reward, score_checked};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 

@@ -2,7 +2,7 @@
 //! engine puts on a set of target classes, e.g. `[0, 2, 4, 6, 8]` for "only even digits"
 //! (the paper's first experiment).
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::Reward;
 use crate::nn::Classifier;

@@ -47,10 +47,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{Result, anyhow, bail};
 
 use super::Reward;
-use crate::io::safetensors::{serialize, Out};
+use crate::io::safetensors::{Out, serialize};
 use crate::tensor::{DType, Tensor};
 
 /// The protocol name written into every request's metadata.
@@ -181,17 +181,7 @@ fn stderr_loop(err: ChildStderr, tail: Arc<Mutex<VecDeque<String>>>, pass: Arc<A
 
 /// `prog arg "arg with spaces"` on one line, for messages.
 fn display_command(command: &[String]) -> String {
-    command
-        .iter()
-        .map(|a| {
-            if !a.is_empty() && !a.chars().any(|c| c.is_whitespace() || c.is_control() || "'\"\\".contains(c)) {
-                a.clone()
-            } else {
-                format!("{a:?}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    command.iter().map(|a| if !a.is_empty() && !a.chars().any(|c| c.is_whitespace() || c.is_control() || "'\"\\".contains(c)) { a.clone() } else { format!("{a:?}") }).collect::<Vec<_>>().join(" ")
 }
 
 /// How a batch failed.
@@ -209,14 +199,7 @@ impl ExternalReward {
         if command.first().is_none_or(|p| p.is_empty()) {
             bail!("the external reward needs a command: a program and its arguments (reward_command)");
         }
-        let mut r = ExternalReward {
-            command,
-            env,
-            timeout: DEFAULT_TIMEOUT,
-            passthrough: Arc::new(AtomicBool::new(false)),
-            proc: None,
-            starts: 0,
-        };
+        let mut r = ExternalReward { command, env, timeout: DEFAULT_TIMEOUT, passthrough: Arc::new(AtomicBool::new(false)), proc: None, starts: 0 };
         r.proc = Some(r.spawn()?);
         Ok(r)
     }
@@ -270,11 +253,7 @@ impl ExternalReward {
     fn spawn(&mut self) -> Result<Proc> {
         let shown = display_command(&self.command);
         let mut cmd = Command::new(&self.command[0]);
-        cmd.args(&self.command[1..])
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(&self.command[1..]).envs(self.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // its own process group: a Ctrl-C in the terminal stops the trainer (which saves a
         // checkpoint and then ends this program), not the reward program in the middle of a batch
         #[cfg(unix)]
@@ -284,8 +263,7 @@ impl ExternalReward {
         }
         let mut child = cmd.spawn().map_err(|e| anyhow!("cannot start external reward program '{shown}': {e}"))?;
         self.starts += 1;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
             let _ = child.kill();
             let _ = child.wait();
             bail!("external reward program '{shown}': its standard streams could not be connected");
@@ -294,13 +272,10 @@ impl ExternalReward {
         let (ans_tx, ans_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let spawned = thread::Builder::new()
-            .name("reward-io".into())
-            .spawn(move || io_loop(stdin, stdout, job_rx, ans_tx))
-            .and_then(|_| {
-                let (t, p, name) = (tail.clone(), self.passthrough.clone(), self.name());
-                thread::Builder::new().name("reward-stderr".into()).spawn(move || stderr_loop(stderr, t, p, name, done_tx))
-            });
+        let spawned = thread::Builder::new().name("reward-io".into()).spawn(move || io_loop(stdin, stdout, job_rx, ans_tx)).and_then(|_| {
+            let (t, p, name) = (tail.clone(), self.passthrough.clone(), self.name());
+            thread::Builder::new().name("reward-stderr".into()).spawn(move || stderr_loop(stderr, t, p, name, done_tx))
+        });
         let proc = Proc { child, jobs: Some(job_tx), answers: ans_rx, stderr_tail: tail, stderr_done: done_rx };
         if let Err(e) = spawned {
             drop(proc);
@@ -314,11 +289,7 @@ impl ExternalReward {
         let b = x.shape()[0];
         let labels: Option<Vec<i64>> = match y {
             None => None,
-            Some(y) if y.len() == b => Some(
-                y.iter()
-                    .map(|&v| i64::try_from(v).map_err(|_| anyhow!("label {v} does not fit in an i64")))
-                    .collect::<Result<_>>()?,
-            ),
+            Some(y) if y.len() == b => Some(y.iter().map(|&v| i64::try_from(v).map_err(|_| anyhow!("label {v} does not fit in an i64"))).collect::<Result<_>>()?),
             Some(y) => bail!("external reward: {} labels for a batch of {b} samples", y.len()),
         };
         let shape_b = [b];
@@ -326,10 +297,7 @@ impl ExternalReward {
         if let Some(l) = &labels {
             tensors.push(("labels".to_string(), Out::I64(&shape_b, l)));
         }
-        let meta: HashMap<String, String> = [("pixel_range", "[-1,1]"), ("protocol", PROTOCOL)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let meta: HashMap<String, String> = [("pixel_range", "[-1,1]"), ("protocol", PROTOCOL)].into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         serialize(&tensors, DType::F32, &meta)
     }
 
@@ -362,11 +330,7 @@ impl ExternalReward {
         // Let the stderr thread read what the program said last.
         let _ = p.stderr_done.recv_timeout(Duration::from_millis(500));
         let tail: Vec<String> = p.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
-        let said = if tail.is_empty() {
-            " It wrote nothing on stderr.".to_string()
-        } else {
-            format!(" The last {} line(s) of its stderr:\n    {}", tail.len(), tail.join("\n    "))
-        };
+        let said = if tail.is_empty() { " It wrote nothing on stderr.".to_string() } else { format!(" The last {} line(s) of its stderr:\n    {}", tail.len(), tail.join("\n    ")) };
         anyhow!("external reward program '{shown}' {what}.{said}")
     }
 }
@@ -396,22 +360,14 @@ impl Reward for ExternalReward {
             return Err(self.fail(Failure::Closed(format!("before a batch of {b} samples could be sent"))));
         }
         match p.answers.recv_timeout(self.timeout) {
-            Ok(Answer::Ok(bytes)) => {
-                Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-            }
-            Ok(Answer::WriteFailed(e)) => {
-                Err(self.fail(Failure::Closed(format!("without reading a batch of {b} samples (writing it failed: {e})"))))
-            }
+            Ok(Answer::Ok(bytes)) => Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            Ok(Answer::WriteFailed(e)) => Err(self.fail(Failure::Closed(format!("without reading a batch of {b} samples (writing it failed: {e})")))),
             Ok(Answer::Short { got, want, err }) => {
                 let why = err.map(|e| format!(": {e}")).unwrap_or_default();
-                Err(self.fail(Failure::Closed(format!(
-                    "after answering {got} of {want} bytes ({b} f32 rewards expected){why}"
-                ))))
+                Err(self.fail(Failure::Closed(format!("after answering {got} of {want} bytes ({b} f32 rewards expected){why}"))))
             }
             Err(RecvTimeoutError::Timeout) => Err(self.fail(Failure::Timeout(b))),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(self.fail(Failure::Closed(format!("while answering a batch of {b} samples"))))
-            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.fail(Failure::Closed(format!("while answering a batch of {b} samples")))),
         }
     }
 }

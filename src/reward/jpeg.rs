@@ -11,9 +11,9 @@
 //! Samples are `[B, C, H, W]` with `C = 1` (encoded as 8-bit grey) or `C = 3` (8-bit RGB);
 //! any other channel count is an error. Images of a batch are encoded in parallel.
 
-use anyhow::{anyhow, bail, Result};
-use image::codecs::jpeg::JpegEncoder;
+use anyhow::{Result, anyhow, bail};
 use image::ExtendedColorType;
+use image::codecs::jpeg::JpegEncoder;
 use rayon::prelude::*;
 
 use super::Reward;
@@ -69,8 +69,7 @@ impl JpegReward {
         let quality = self.quality;
         let encode_one = |i: usize| -> Result<f32> {
             let bytes = to_u8_hwc(&data[i * per..(i + 1) * per], c, h * w);
-            let n = encode_len(&bytes, w as u32, h as u32, color, quality)
-                .map_err(|e| anyhow!("JPEG encoding of sample {i} failed: {e}"))?;
+            let n = encode_len(&bytes, w as u32, h as u32, color, quality).map_err(|e| anyhow!("JPEG encoding of sample {i} failed: {e}"))?;
             Ok(n as f32 / 1000.0)
         };
         if b > 1 { (0..b).into_par_iter().map(encode_one).collect() } else { (0..b).map(encode_one).collect() }

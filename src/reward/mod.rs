@@ -8,7 +8,7 @@ pub mod external;
 pub mod jpeg;
 pub mod target;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::tensor::Tensor;
 

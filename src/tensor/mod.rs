@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 /// Where a tensor lives. The CPU is the reference backend; CUDA devices are named here so that
 /// configuration and command lines can speak of them.
@@ -28,9 +28,10 @@ impl Device {
             return Ok(Device::Cuda(0));
         }
         if let Some(n) = s.strip_prefix("cuda:")
-            && let Ok(i) = n.parse::<usize>() {
-                return Ok(Device::Cuda(i));
-            }
+            && let Ok(i) = n.parse::<usize>()
+        {
+            return Ok(Device::Cuda(i));
+        }
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
     }
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use orwcfm_fast::io::safetensors::{load, StFile};
+use orwcfm_fast::io::safetensors::{StFile, load};
 use orwcfm_fast::nn::{Init, UNetConfig, UNetModel};
 use orwcfm_fast::tensor::Tensor;
 
@@ -23,11 +23,7 @@ impl UnetFixture {
         let file = load(&fixture_path(&format!("unet_{name}.safetensors"))).expect("fixture");
         let config = UNetConfig::from_json_str(&file.metadata["unet_config"]).expect("config");
         let mut model = UNetModel::new(&config, Init::Zeros).expect("model");
-        let params: Vec<(String, Tensor)> = file
-            .tensors
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix("param.").map(|k| (k.to_string(), t.clone())))
-            .collect();
+        let params: Vec<(String, Tensor)> = file.tensors.iter().filter_map(|(n, t)| n.strip_prefix("param.").map(|k| (k.to_string(), t.clone()))).collect();
         model.params_mut().load_strict(params).expect("load params");
         UnetFixture { file, config, model }
     }

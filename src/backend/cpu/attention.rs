@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{Mat, sgemm};
 use super::simd::{softmax_backward_inplace, softmax_inplace};
-use super::gemm::{sgemm, Mat};
 
 pub use crate::backend::geom::{AttnGeom, QkvOrder};
 

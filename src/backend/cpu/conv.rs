@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, threads_for, Mat};
+use super::gemm::{Mat, sgemm, threads_for};
 use super::winograd;
 
 /// Geometry of one conv2d call (also the key of the GPU's per-shape convolution plans).
@@ -250,8 +250,7 @@ mod tests {
                                     let ii = (i * g.stride + ki) as isize - g.pad as isize;
                                     let jj = (j * g.stride + kj) as isize - g.pad as isize;
                                     if ii >= 0 && jj >= 0 && (ii as usize) < g.h && (jj as usize) < g.w {
-                                        s += x[((n * g.cin + c) * g.h + ii as usize) * g.w + jj as usize] as f64
-                                            * w[((co * g.cin + c) * g.kh + ki) * g.kw + kj] as f64;
+                                        s += x[((n * g.cin + c) * g.h + ii as usize) * g.w + jj as usize] as f64 * w[((co * g.cin + c) * g.kh + ki) * g.kw + kj] as f64;
                                     }
                                 }
                             }

@@ -6,31 +6,19 @@ use super::PAR_MIN;
 
 /// Apply `f` to every element (parallel for large inputs).
 pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-    if x.len() >= PAR_MIN {
-        x.par_iter().map(|&v| f(v)).collect()
-    } else {
-        x.iter().map(|&v| f(v)).collect()
-    }
+    if x.len() >= PAR_MIN { x.par_iter().map(|&v| f(v)).collect() } else { x.iter().map(|&v| f(v)).collect() }
 }
 
 /// `f(a_i, b_i)` for equal-length slices.
 pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     assert_eq!(a.len(), b.len());
-    if a.len() >= PAR_MIN {
-        a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect()
-    } else {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
-    }
+    if a.len() >= PAR_MIN { a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect() } else { a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect() }
 }
 
 /// `f(a_i, b_i, c_i)` for equal-length slices.
 pub fn zip3_map(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     assert!(a.len() == b.len() && b.len() == c.len());
-    if a.len() >= PAR_MIN {
-        (a, b, c).into_par_iter().map(|(&x, &y, &z)| f(x, y, z)).collect()
-    } else {
-        a.iter().zip(b).zip(c).map(|((&x, &y), &z)| f(x, y, z)).collect()
-    }
+    if a.len() >= PAR_MIN { (a, b, c).into_par_iter().map(|(&x, &y, &z)| f(x, y, z)).collect() } else { a.iter().zip(b).zip(c).map(|((&x, &y), &z)| f(x, y, z)).collect() }
 }
 
 /// `a += b`, in parallel for large slices.

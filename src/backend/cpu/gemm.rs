@@ -49,10 +49,7 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: u
     let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: extents are checked above; gemm reads lhs/rhs and writes dst inside them.
     unsafe {
-        gemm::gemm(
-            m, n, k, c.as_mut_ptr(), 1, ldc as isize, accumulate, a.data.as_ptr(), a.cs, a.rs, b.data.as_ptr(), b.cs, b.rs,
-            1.0, alpha, false, false, false, par,
-        );
+        gemm::gemm(m, n, k, c.as_mut_ptr(), 1, ldc as isize, accumulate, a.data.as_ptr(), a.cs, a.rs, b.data.as_ptr(), b.cs, b.rs, 1.0, alpha, false, false, false, par);
     }
 }
 

@@ -5,16 +5,16 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::attention::{attention_backward, attention_forward};
 use super::conv::{conv2d_backward, conv2d_forward};
 use super::elementwise as ew;
-use super::gemm::{sgemm, threads_for, Mat};
+use super::gemm::{Mat, sgemm, threads_for};
 use super::norm::{group_norm_backward, group_norm_forward};
-use super::{simd, PAR_MIN};
+use super::{PAR_MIN, simd};
 use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, UnaryOp};
 use crate::tensor::{DType, Device};
 

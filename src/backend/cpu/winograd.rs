@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, Mat};
+use super::gemm::{Mat, sgemm};
 
 /// Whether a conv geometry uses this path: 3×3, stride 1, pad 1, and at least 64 channels in and
 /// out (below that the transforms cost more than the GEMM work they save; measured with
@@ -164,48 +164,48 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let wp = 2 * tw + 2;
     let geo = Geo { cin, h, w, th, tw, wp };
     let process = |du: &mut [f32], blk: usize| {
-                let row0 = blk * rb;
-                let nrows = rb.min(rows - row0);
-                let np = nrows * tw;
-                SCRATCH.with(|sc| {
-                    let mut sc = sc.borrow_mut();
-                    let need = 16 * (cin + cout) * np + 8 * wp;
-                    if sc.len() < need {
-                        sc.resize(need, 0.0);
-                    }
-                    let (v, rest) = sc[..need].split_at_mut(16 * cin * np);
-                    let (dm, rest) = rest.split_at_mut(16 * cout * np);
-                    let (d, t) = rest.split_at_mut(4 * wp);
-                    input_transform(x, &geo, row0, nrows, v, d, t);
-                    // dM = A dY Aᵀ for every 2×2 output-gradient tile (zero outside the image)
-                    for co in 0..cout {
-                        for lr in 0..nrows {
-                            let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
-                            let base = (img * cout + co) * h * w;
-                            for tj in 0..tw {
-                                let at = |a: usize, b: usize| -> f32 {
-                                    let (r, c) = (2 * ti + a, 2 * tj + b);
-                                    if r < h && c < w { dy[base + r * w + c] } else { 0.0 }
-                                };
-                                let (y00, y01, y10, y11) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-                                // rows of A·dY: [y0, y0+y1, y0−y1, −y1]
-                                let rws = [[y00, y01], [y00 + y10, y01 + y11], [y00 - y10, y01 - y11], [-y10, -y11]];
-                                let p = lr * tw + tj;
-                                for (i, r) in rws.iter().enumerate() {
-                                    let cols = [r[0], r[0] + r[1], r[0] - r[1], -r[1]];
-                                    for (j, &val) in cols.iter().enumerate() {
-                                        dm[((i * 4 + j) * cout + co) * np + p] = val;
-                                    }
-                                }
+        let row0 = blk * rb;
+        let nrows = rb.min(rows - row0);
+        let np = nrows * tw;
+        SCRATCH.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let need = 16 * (cin + cout) * np + 8 * wp;
+            if sc.len() < need {
+                sc.resize(need, 0.0);
+            }
+            let (v, rest) = sc[..need].split_at_mut(16 * cin * np);
+            let (dm, rest) = rest.split_at_mut(16 * cout * np);
+            let (d, t) = rest.split_at_mut(4 * wp);
+            input_transform(x, &geo, row0, nrows, v, d, t);
+            // dM = A dY Aᵀ for every 2×2 output-gradient tile (zero outside the image)
+            for co in 0..cout {
+                for lr in 0..nrows {
+                    let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
+                    let base = (img * cout + co) * h * w;
+                    for tj in 0..tw {
+                        let at = |a: usize, b: usize| -> f32 {
+                            let (r, c) = (2 * ti + a, 2 * tj + b);
+                            if r < h && c < w { dy[base + r * w + c] } else { 0.0 }
+                        };
+                        let (y00, y01, y10, y11) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+                        // rows of A·dY: [y0, y0+y1, y0−y1, −y1]
+                        let rws = [[y00, y01], [y00 + y10, y01 + y11], [y00 - y10, y01 - y11], [-y10, -y11]];
+                        let p = lr * tw + tj;
+                        for (i, r) in rws.iter().enumerate() {
+                            let cols = [r[0], r[0] + r[1], r[0] - r[1], -r[1]];
+                            for (j, &val) in cols.iter().enumerate() {
+                                dm[((i * 4 + j) * cout + co) * np + p] = val;
                             }
                         }
                     }
-                    for xi in 0..16 {
-                        let a = &dm[xi * cout * np..(xi + 1) * cout * np];
-                        let bv = &v[xi * cin * np..(xi + 1) * cin * np];
-                        sgemm(cout, cin, np, Mat::rm(a, np), Mat::rm_t(bv, np), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, true, 1.0, 1);
-                    }
-                });
+                }
+            }
+            for xi in 0..16 {
+                let a = &dm[xi * cout * np..(xi + 1) * cout * np];
+                let bv = &v[xi * cin * np..(xi + 1) * cin * np];
+                sgemm(cout, cin, np, Mat::rm(a, np), Mat::rm_t(bv, np), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, true, 1.0, 1);
+            }
+        });
     };
     let du = super::par_accumulate(blocks, 16 * cout * cin, process);
     // dw = Gᵀ dU G
@@ -298,7 +298,7 @@ unsafe impl Send for SyncPtr {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::conv::{conv2d_im2col_forward, ConvGeom};
+    use crate::backend::cpu::conv::{ConvGeom, conv2d_im2col_forward};
     #[test]
     fn matches_im2col_conv() {
         let mut r = crate::rng::Rng::new(11);

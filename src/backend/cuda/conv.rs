@@ -13,12 +13,12 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::f32ops::{add_channel_bias, want_f32, want_len};
-use super::gemm::{gemm, Operand};
-use super::gpu::{cudnn_ok, Arg, Gpu};
-use super::storage::{same_gpu, CudaStorage};
+use super::gemm::{Operand, gemm};
+use super::gpu::{Arg, Gpu, cudnn_ok};
+use super::storage::{CudaStorage, same_gpu};
 use crate::backend::geom::ConvGeom;
 use crate::tensor::DType;
 
@@ -198,7 +198,9 @@ fn forward_into(g: &Arc<Gpu>, x: u64, w: u64, y: u64, c: &ConvGeom) -> Result<()
             let ws = g.alloc(p.fwd.1.div_ceil(4))?;
             use cudarc::cudnn::sys as cd;
             // SAFETY: descriptors match the buffers' shapes; the workspace is as large as asked
-            unsafe { cudnn_ok(cd::cudnnConvolutionForward(h, one(), p.x, x as *const c_void, p.w, w as *const c_void, p.conv, p.fwd.0, ws.ptr() as *mut c_void, p.fwd.1, zero(), p.y, y as *mut c_void), "convolution forward") }
+            unsafe {
+                cudnn_ok(cd::cudnnConvolutionForward(h, one(), p.x, x as *const c_void, p.w, w as *const c_void, p.conv, p.fwd.0, ws.ptr() as *mut c_void, p.fwd.1, zero(), p.y, y as *mut c_void), "convolution forward")
+            }
         })
     } else {
         let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
@@ -234,9 +236,15 @@ fn backward_into(g: &Arc<Gpu>, x: u64, w: u64, dy: u64, dx: Option<u64>, dw: u64
             let ws = g.alloc(p.bwd_filter.1.max(p.bwd_data.1).div_ceil(4))?;
             // SAFETY: as in the forward
             unsafe {
-                cudnn_ok(cd::cudnnConvolutionBackwardFilter(h, one(), p.x, x as *const c_void, p.y, dy as *const c_void, p.conv, p.bwd_filter.0, ws.ptr() as *mut c_void, p.bwd_filter.1, zero(), p.w, dw as *mut c_void), "convolution backward-filter")?;
+                cudnn_ok(
+                    cd::cudnnConvolutionBackwardFilter(h, one(), p.x, x as *const c_void, p.y, dy as *const c_void, p.conv, p.bwd_filter.0, ws.ptr() as *mut c_void, p.bwd_filter.1, zero(), p.w, dw as *mut c_void),
+                    "convolution backward-filter",
+                )?;
                 if let Some(dx) = dx {
-                    cudnn_ok(cd::cudnnConvolutionBackwardData(h, one(), p.w, w as *const c_void, p.y, dy as *const c_void, p.conv, p.bwd_data.0, ws.ptr() as *mut c_void, p.bwd_data.1, zero(), p.x, dx as *mut c_void), "convolution backward-data")?;
+                    cudnn_ok(
+                        cd::cudnnConvolutionBackwardData(h, one(), p.w, w as *const c_void, p.y, dy as *const c_void, p.conv, p.bwd_data.0, ws.ptr() as *mut c_void, p.bwd_data.1, zero(), p.x, dx as *mut c_void),
+                        "convolution backward-data",
+                    )?;
                 }
             }
             Ok(())

@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::gpu::{Arg, Gpu, Launch};
 use super::kargs::{BinGeom, ReduceGeom, Strided};
-use super::storage::{same_gpu, CudaStorage};
+use super::storage::{CudaStorage, same_gpu};
 use crate::backend::geom::broadcast_strides;
 use crate::backend::{AdamStep, BinaryOp, UnaryOp};
 use crate::tensor::DType;
@@ -138,19 +138,8 @@ pub fn adam(p: &mut CudaStorage, gr: &CudaStorage, m: &mut CudaStorage, v: &mut 
     if n == 0 {
         return Ok(());
     }
-    let a = [
-        Arg::Ptr(pp),
-        Arg::Ptr(gr.ptr()),
-        Arg::Ptr(mp),
-        Arg::Ptr(vp),
-        Arg::I64(n as i64),
-        Arg::F32(h.step_size),
-        Arg::F32(h.beta1),
-        Arg::F32(h.beta2),
-        Arg::F32(h.eps),
-        Arg::F32(h.bc2_sqrt),
-        Arg::F32(h.weight_decay),
-    ];
+    let a =
+        [Arg::Ptr(pp), Arg::Ptr(gr.ptr()), Arg::Ptr(mp), Arg::Ptr(vp), Arg::I64(n as i64), Arg::F32(h.step_size), Arg::F32(h.beta1), Arg::F32(h.beta2), Arg::F32(h.eps), Arg::F32(h.bc2_sqrt), Arg::F32(h.weight_decay)];
     g.launch_n("adam_step_f32", n, &a)
 }
 

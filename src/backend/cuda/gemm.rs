@@ -2,7 +2,7 @@
 //! ([`CublasCall`], kept apart so that tests check the mapping on the CPU), run with cuBLAS on the
 //! GPU's stream or, on the simulated GPU, by `sim::gemm`; and the GEMM plans of QKV attention.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::gpu::Gpu;
 use crate::backend::geom::{AttnGeom, QkvOrder};
@@ -107,7 +107,26 @@ pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
         if c.batch == 1 {
             cb::cublasSgemm_v2(g.blas(), t(c.trans_a), t(c.trans_b), c.m as i32, c.n as i32, c.k as i32, &c.alpha, c.a as *const f32, c.lda as i32, c.b as *const f32, c.ldb as i32, &c.beta, c.c as *mut f32, c.ldc as i32)
         } else {
-            cb::cublasSgemmStridedBatched(g.blas(), t(c.trans_a), t(c.trans_b), c.m as i32, c.n as i32, c.k as i32, &c.alpha, c.a as *const f32, c.lda as i32, c.stride_a, c.b as *const f32, c.ldb as i32, c.stride_b, &c.beta, c.c as *mut f32, c.ldc as i32, c.stride_c, c.batch as i32)
+            cb::cublasSgemmStridedBatched(
+                g.blas(),
+                t(c.trans_a),
+                t(c.trans_b),
+                c.m as i32,
+                c.n as i32,
+                c.k as i32,
+                &c.alpha,
+                c.a as *const f32,
+                c.lda as i32,
+                c.stride_a,
+                c.b as *const f32,
+                c.ldb as i32,
+                c.stride_b,
+                &c.beta,
+                c.c as *mut f32,
+                c.ldc as i32,
+                c.stride_c,
+                c.batch as i32,
+            )
         }
     };
     if s != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {

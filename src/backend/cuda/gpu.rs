@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::nvrtc;
@@ -224,7 +224,11 @@ impl Gpu {
         let info = super::probe(ordinal)?;
         let libs = &info.libraries;
         if !libs.nvrtc {
-            bail!("cuda:{ordinal} ({}) needs NVRTC (libnvrtc.so.13) to compile its kernels: install the CUDA 13 toolkit or `pip install nvidia-cuda-nvrtc==13.0.88` and name its folder in {}", info.name, super::LIB_DIRS_VAR);
+            bail!(
+                "cuda:{ordinal} ({}) needs NVRTC (libnvrtc.so.13) to compile its kernels: install the CUDA 13 toolkit or `pip install nvidia-cuda-nvrtc==13.0.88` and name its folder in {}",
+                info.name,
+                super::LIB_DIRS_VAR
+            );
         }
         if !libs.cublas {
             bail!("cuda:{ordinal} ({}) needs cuBLAS (libcublas.so.13): install the CUDA 13 toolkit or `pip install nvidia-cublas` and name its folder in {}", info.name, super::LIB_DIRS_VAR);

@@ -1,7 +1,7 @@
 //! The `#[repr(C)]` geometry structs passed by value to the kernels (`BinGeom`, `ReduceGeom`,
 //! `Strided` of `kernels/*.cu`), built from shapes. At most 8 axes on the GPU: more is an error.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use cudarc::driver::DeviceRepr;
 
 use crate::backend::geom::broadcast_strides;

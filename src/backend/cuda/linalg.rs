@@ -2,12 +2,12 @@
 //! TF32 off unless allowed), GroupNorm (`kernels/norm.cu`) and QKV attention (GEMMs around the
 //! row softmax). CPU twins in `backend/cpu` (`gemm`, `norm`, `attention`).
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use super::f32ops::{f32_out, gather_strided, want_f32, want_len};
-use super::gemm::{attention_backward_gemms, attention_forward_gemms, gemm, run_gemm, Operand};
+use super::gemm::{Operand, attention_backward_gemms, attention_forward_gemms, gemm, run_gemm};
 use super::gpu::Arg;
-use super::storage::{same_gpu, CudaStorage};
+use super::storage::{CudaStorage, same_gpu};
 use crate::backend::geom::{AttnGeom, NormGeom};
 use crate::tensor::DType;
 

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 /// The variable naming extra library folders.
 pub const LIB_DIRS_VAR: &str = "ORWCFM_CUDA_LIB_DIRS";
@@ -91,14 +91,7 @@ pub struct Libraries {
 pub fn libraries() -> Libraries {
     preload_lib_dirs();
     // SAFETY: each probe only tries to dlopen candidate names
-    unsafe {
-        Libraries {
-            driver: cudarc::driver::sys::is_culib_present(),
-            cublas: cudarc::cublas::sys::is_culib_present(),
-            cudnn: cudarc::cudnn::sys::is_culib_present(),
-            nvrtc: cudarc::nvrtc::sys::is_culib_present(),
-        }
-    }
+    unsafe { Libraries { driver: cudarc::driver::sys::is_culib_present(), cublas: cudarc::cublas::sys::is_culib_present(), cudnn: cudarc::cudnn::sys::is_culib_present(), nvrtc: cudarc::nvrtc::sys::is_culib_present() } }
 }
 
 /// A CUDA device as the driver describes it.
@@ -147,4 +140,4 @@ pub mod storage;
 mod tests;
 pub use storage::CudaStorage;
 
-pub use gpu::{allow_tf32, gpu, set_allow_tf32, Gpu, GpuBuf, Launch, FAIL_ALLOC_VAR};
+pub use gpu::{FAIL_ALLOC_VAR, Gpu, GpuBuf, Launch, allow_tf32, gpu, set_allow_tf32};

@@ -2,10 +2,10 @@
 //! the machine's exact architecture on a GPU, or for any `sm_XX` on a machine without one (CI
 //! compiles every kernel for sm_80 and sm_90 with NVRTC from PyPI wheels).
 
-use std::ffi::{c_char, CString};
+use std::ffi::{CString, c_char};
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 
 /// Every kernel source: `(file name, text)`.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-pub use super::gemm::{attention_backward_gemms, attention_forward_gemms, gemm, run_gemm, CublasCall, Gemm, Operand};
+pub use super::gemm::{CublasCall, Gemm, Operand, attention_backward_gemms, attention_forward_gemms, gemm, run_gemm};
 use super::gpu::{Arg, Gpu, GpuBuf, Launch};
 pub use super::kargs::{BinGeom, ReduceGeom, Strided};
-use crate::backend::geom::broadcast_strides;
 use crate::backend::geom::AttnGeom;
+use crate::backend::geom::broadcast_strides;
 use crate::tensor::{Device, Tensor};
 
 /// Unwrap an op's result; a GPU failure inside an op panics with its name.
@@ -489,18 +489,6 @@ pub fn adam_step(p: &mut Tensor, gr: &Tensor, m: &mut Tensor, v: &mut Tensor, st
     let pp = ck(p.gpu_buf_mut(), "adam").ptr();
     let mp = ck(m.gpu_buf_mut(), "adam").ptr();
     let vp = ck(v.gpu_buf_mut(), "adam").ptr();
-    let a = [
-        Arg::Ptr(pp),
-        Arg::Ptr(ptr(&gr)),
-        Arg::Ptr(mp),
-        Arg::Ptr(vp),
-        Arg::I64(n as i64),
-        Arg::F32(step_size),
-        Arg::F32(beta1),
-        Arg::F32(beta2),
-        Arg::F32(eps),
-        Arg::F32(bc2_sqrt),
-        Arg::F32(weight_decay),
-    ];
+    let a = [Arg::Ptr(pp), Arg::Ptr(ptr(&gr)), Arg::Ptr(mp), Arg::Ptr(vp), Arg::I64(n as i64), Arg::F32(step_size), Arg::F32(beta1), Arg::F32(beta2), Arg::F32(eps), Arg::F32(bc2_sqrt), Arg::F32(weight_decay)];
     ck(g.launch_n("adam_step_f32", n, &a), "adam");
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{anyhow, Result};
+use anyhow::{Result, anyhow};
 
 /// Raw device memory: the driver, or a fake in tests.
 pub trait RawAlloc {

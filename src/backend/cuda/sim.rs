@@ -16,15 +16,15 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use libloading::Library;
 
-use super::nvrtc::{fp16_kernels, kernel_names, kernel_params, KERNEL_DECL, KERNEL_SOURCES};
 use super::gemm::CublasCall;
 use super::gpu::Launch;
+use super::nvrtc::{KERNEL_DECL, KERNEL_SOURCES, fp16_kernels, kernel_names, kernel_params};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -270,7 +270,7 @@ impl Sim {
 /// A cuBLAS column-major (strided-batched) SGEMM on host memory, by the CPU backend's GEMM:
 /// `Cᵀ = op(B)ᵀ·op(A)ᵀ` row-major. β must be 0 or 1 (all the engine uses).
 pub fn gemm(c: &CublasCall) -> Result<()> {
-    use crate::backend::cpu::gemm::{sgemm, Mat};
+    use crate::backend::cpu::gemm::{Mat, sgemm};
     if c.beta != 0.0 && c.beta != 1.0 {
         bail!("the simulated cuBLAS supports β = 0 or 1, not {}", c.beta);
     }

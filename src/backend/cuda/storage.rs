@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use half::{bf16, f16};
 
 use super::cast::cast;

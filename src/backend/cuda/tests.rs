@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Result;
 use half::{bf16, f16};
 
-use super::{gpu, sim, CudaStorage, Gpu};
+use super::{CudaStorage, Gpu, gpu, sim};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, QkvOrder, UnaryOp};
 use crate::rng::Rng;
@@ -366,7 +366,11 @@ fn optimiser_ops_match_the_cpu_and_copy_on_write() {
         // x and y the same buffer
         let mut z = xs.clone();
         z.axpby_in_place(1.0, &xs, 1.0).unwrap();
-        let want = { let mut c = x0.clone(); c.axpby_in_place(1.0, &x0, 1.0).unwrap(); c };
+        let want = {
+            let mut c = x0.clone();
+            c.axpby_in_place(1.0, &x0, 1.0).unwrap();
+            c
+        };
         assert!(compare(&z.to_cpu_storage().unwrap(), &want, Tol::Ulp).1, "{d}: axpby of a buffer with itself");
     }
     let h = AdamStep { step_size: 1e-3 / (1.0 - 0.9f32.powi(3)), beta1: 0.9, beta2: 0.999, eps: 1e-8, bc2_sqrt: (1.0 - 0.999f32.powi(3)).sqrt(), weight_decay: 0.01 };
@@ -412,7 +416,10 @@ fn operands_on_two_gpus_are_an_error_naming_both() {
         a.conv2d(&b, None, &ConvGeom { n: 1, cin: 1, h: 2, w: 3, cout: 1, kh: 1, kw: 1, stride: 1, pad: 0 }).unwrap_err(),
         BackendStorage::concat(&[(&a, &[6][..]), (&b, &[6][..])], 0).unwrap_err(),
         CudaStorage::sum_squares(&[&a, &b]).unwrap_err(),
-        { let mut y = a.clone(); y.axpby_in_place(1.0, &b, 1.0).unwrap_err() },
+        {
+            let mut y = a.clone();
+            y.axpby_in_place(1.0, &b, 1.0).unwrap_err()
+        },
     ];
     for e in errs {
         let msg = format!("{e:#}");
@@ -443,6 +450,9 @@ fn an_injected_out_of_memory_failure_is_an_error() {
     x.conv2d(&w, None, &geo).unwrap();
     g.fail_alloc_after(Some(1));
     assert!(CudaStorage::full(&g, 10, 0.0, DType::F32).is_err());
-    eprintln!("injected: {:#}", { g.fail_alloc_after(Some(1)); x.unary(UnaryOp::Exp, 0.0).unwrap_err() });
+    eprintln!("injected: {:#}", {
+        g.fail_alloc_after(Some(1));
+        x.unary(UnaryOp::Exp, 0.0).unwrap_err()
+    });
     g.fail_alloc_after(None);
 }

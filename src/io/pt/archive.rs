@@ -45,39 +45,21 @@ impl Archive {
             bail!("{NOT_ZIP}");
         }
         file.seek(SeekFrom::Start(0)).context("cannot seek file")?;
-        let zip = ZipArchive::new(BufReader::new(file))
-            .map_err(|e| anyhow!("corrupt or truncated zip archive: {e}"))?;
+        let zip = ZipArchive::new(BufReader::new(file)).map_err(|e| anyhow!("corrupt or truncated zip archive: {e}"))?;
 
         // Locate `<archive>/data.pkl`.
-        let names: Vec<String> = zip
-            .file_names_raw()
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .collect();
-        let pkl: Vec<&String> = names
-            .iter()
-            .filter(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl"))
-            .filter(|n| n.matches('/').count() <= 1)
-            .collect();
+        let names: Vec<String> = zip.file_names_raw().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        let pkl: Vec<&String> = names.iter().filter(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl")).filter(|n| n.matches('/').count() <= 1).collect();
         let pkl_name = match pkl.as_slice() {
             [one] => (*one).clone(),
             [] => {
                 let shown: Vec<&str> = names.iter().take(10).map(|s| s.as_str()).collect();
-                bail!(
-                    "zip archive has no '<archive>/data.pkl' entry, so it is not a torch.save checkpoint (entries: {shown:?}{})",
-                    if names.len() > 10 { ", ..." } else { "" }
-                );
+                bail!("zip archive has no '<archive>/data.pkl' entry, so it is not a torch.save checkpoint (entries: {shown:?}{})", if names.len() > 10 { ", ..." } else { "" });
             }
             many => bail!("zip archive has several data.pkl entries: {many:?}"),
         };
         let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
-        Ok(Archive {
-            zip,
-            file_len,
-            names,
-            pkl_name,
-            prefix,
-            storages: HashMap::new(),
-        })
+        Ok(Archive { zip, file_len, names, pkl_name, prefix, storages: HashMap::new() })
     }
 
     /// Read a whole entry (see [`read_entry`]). `Ok(None)` if the entry is absent.
@@ -133,11 +115,7 @@ fn crc32_table() -> &'static [[u32; 256]; 8] {
         for i in 0..256u32 {
             let mut c = i;
             for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
             }
             t[0][i as usize] = c;
         }
@@ -174,55 +152,35 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 /// Read a whole STORED entry, checking its size and CRC. `Ok(None)` if the entry is absent.
-fn read_entry<R: Read + Seek>(
-    zip: &mut ZipArchive<R>,
-    name: &str,
-    file_len: u64,
-) -> Result<Option<Vec<u8>>> {
+fn read_entry<R: Read + Seek>(zip: &mut ZipArchive<R>, name: &str, file_len: u64) -> Result<Option<Vec<u8>>> {
     let Some(idx) = zip.index_for_name(name) else {
         return Ok(None);
     };
-    let mut f = zip
-        .by_index_raw(idx)
-        .map_err(|e| anyhow!("corrupt zip entry '{name}': {e}"))?;
+    let mut f = zip.by_index_raw(idx).map_err(|e| anyhow!("corrupt zip entry '{name}': {e}"))?;
     if f.compression() != CompressionMethod::Stored {
-        bail!(
-            "zip entry '{name}' is compressed (zip compression method {:?}); only uncompressed (STORED) entries, as written by torch.save, are supported",
-            f.compression()
-        );
+        bail!("zip entry '{name}' is compressed (zip compression method {:?}); only uncompressed (STORED) entries, as written by torch.save, are supported", f.compression());
     }
     if f.encrypted() {
         bail!("zip entry '{name}' is encrypted");
     }
     let size = f.size();
     if f.compressed_size() != size {
-        bail!(
-            "corrupt zip entry '{name}': stored entry has compressed size {} != size {size}",
-            f.compressed_size()
-        );
+        bail!("corrupt zip entry '{name}': stored entry has compressed size {} != size {size}", f.compressed_size());
     }
     if size > file_len {
-        bail!(
-            "zip entry '{name}' claims {size} bytes but the file has only {file_len} (truncated or corrupt file)"
-        );
+        bail!("zip entry '{name}' claims {size} bytes but the file has only {file_len} (truncated or corrupt file)");
     }
     let expected_crc = f.crc32();
     let mut buf = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut buf)
-        .map_err(|e| anyhow!("cannot read zip entry '{name}' (truncated or corrupt file): {e}"))?;
+    f.read_to_end(&mut buf).map_err(|e| anyhow!("cannot read zip entry '{name}' (truncated or corrupt file): {e}"))?;
     if buf.len() as u64 != size {
-        bail!(
-            "zip entry '{name}' is truncated: got {} of {size} bytes",
-            buf.len()
-        );
+        bail!("zip entry '{name}' is truncated: got {} of {size} bytes", buf.len());
     }
     // torch can be told not to compute CRCs (they are then written as 0).
     if expected_crc != 0 {
         let got = crc32(&buf);
         if got != expected_crc {
-            bail!(
-                "CRC mismatch in zip entry '{name}' (expected {expected_crc:08x}, got {got:08x}); the file is corrupt"
-            );
+            bail!("CRC mismatch in zip entry '{name}' (expected {expected_crc:08x}, got {got:08x}); the file is corrupt");
         }
     }
     Ok(Some(buf))
@@ -242,11 +200,7 @@ mod tests {
         for &b in &long {
             c ^= b as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
             }
         }
         assert_eq!(crc32(&long), !c);

@@ -59,8 +59,7 @@ pub struct PtStateDict {
 /// key = None: if the top level is a dict of name->tensor, it is the state_dict; else if it contains "ema_model" use it;
 /// else if exactly one value is a dict of tensors, use it; else error listing the candidates.
 pub fn read_pt_state_dict(path: &Path, key: Option<&str>) -> Result<PtStateDict> {
-    read_impl(path, key)
-        .with_context(|| format!("cannot read PyTorch checkpoint {}", path.display()))
+    read_impl(path, key).with_context(|| format!("cannot read PyTorch checkpoint {}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -73,9 +72,7 @@ fn read_impl(path: &Path, key: Option<&str>) -> Result<PtStateDict> {
 
     let pickle = archive.pickle()?;
     let pkl_name = &archive.pkl_name;
-    let (root, objs) = Unpickler::new(&pickle)
-        .load()
-        .with_context(|| format!("cannot unpickle {pkl_name}"))?;
+    let (root, objs) = Unpickler::new(&pickle).load().with_context(|| format!("cannot unpickle {pkl_name}"))?;
     let torchscript = archive.is_torchscript();
 
     let view = View { objs: &objs };
@@ -90,24 +87,13 @@ fn read_impl(path: &Path, key: Option<&str>) -> Result<PtStateDict> {
         let Obj::Storage(st) = &objs[t.storage] else {
             bail!("internal error: tensor without storage");
         };
-        let bytes = archive.storage(&st.key)?.ok_or_else(|| {
-            anyhow!(
-                "missing storage entry '{}data/{}' (needed by tensor '{name}')",
-                archive.prefix,
-                st.key
-            )
-        })?;
+        let bytes = archive.storage(&st.key)?.ok_or_else(|| anyhow!("missing storage entry '{}data/{}' (needed by tensor '{name}')", archive.prefix, st.key))?;
         let prefix = &archive.prefix;
-        let pt = materialize(t, st, &bytes, big_endian)
-            .with_context(|| format!("tensor '{name}' (storage '{prefix}data/{}')", st.key))?;
+        let pt = materialize(t, st, &bytes, big_endian).with_context(|| format!("tensor '{name}' (storage '{prefix}data/{}')", st.key))?;
         tensors.push((name.to_string(), pt));
     }
 
-    Ok(PtStateDict {
-        key: chosen_key,
-        top_level_keys,
-        tensors,
-    })
+    Ok(PtStateDict { key: chosen_key, top_level_keys, tensors })
 }
 
 struct View<'a> {
@@ -180,17 +166,9 @@ impl<'a> View<'a> {
         }
     }
 
-    fn select(
-        &self,
-        root: &Value,
-        key: Option<&str>,
-        torchscript: bool,
-    ) -> Result<(Option<String>, Vec<String>, &'a Dict)> {
+    fn select(&self, root: &Value, key: Option<&str>, torchscript: bool) -> Result<(Option<String>, Vec<String>, &'a Dict)> {
         let Some(top) = self.dict(root) else {
-            let mut msg = format!(
-                "the checkpoint's top-level object is {}, not a dict (a state_dict or a dict of state_dicts)",
-                self.describe(root)
-            );
+            let mut msg = format!("the checkpoint's top-level object is {}, not a dict (a state_dict or a dict of state_dicts)", self.describe(root));
             if torchscript {
                 msg.push_str("; this looks like a TorchScript archive (torch.jit.save), which is not supported");
             } else if matches!(self.obj(root), Some(Obj::Opaque { .. })) {
@@ -200,59 +178,30 @@ impl<'a> View<'a> {
         };
         if self.state_dict(root).is_some() {
             if let Some(k) = key {
-                let names: Vec<String> = top
-                    .entries
-                    .iter()
-                    .take(5)
-                    .map(|(k, _)| self.key_string(k))
-                    .collect();
-                bail!(
-                    "key '{k}' requested, but the file is a bare state_dict (no top-level keys; first parameters: {names:?})"
-                );
+                let names: Vec<String> = top.entries.iter().take(5).map(|(k, _)| self.key_string(k)).collect();
+                bail!("key '{k}' requested, but the file is a bare state_dict (no top-level keys; first parameters: {names:?})");
             }
             return Ok((None, Vec::new(), top));
         }
-        let keys: Vec<String> = top
-            .entries
-            .iter()
-            .map(|(k, _)| self.key_string(k))
-            .collect();
-        let candidates: Vec<String> = top
-            .entries
-            .iter()
-            .filter(|(_, v)| self.state_dict(v).is_some())
-            .map(|(k, _)| self.key_string(k))
-            .collect();
+        let keys: Vec<String> = top.entries.iter().map(|(k, _)| self.key_string(k)).collect();
+        let candidates: Vec<String> = top.entries.iter().filter(|(_, v)| self.state_dict(v).is_some()).map(|(k, _)| self.key_string(k)).collect();
         if let Some(k) = key {
             let Some(v) = top.get_str(k) else {
-                bail!(
-                    "key '{k}' not found in checkpoint; available top-level keys: {keys:?} (state_dict candidates: {candidates:?})"
-                );
+                bail!("key '{k}' not found in checkpoint; available top-level keys: {keys:?} (state_dict candidates: {candidates:?})");
             };
             let Some(sd) = self.state_dict(v) else {
-                bail!(
-                    "checkpoint entry '{k}' is not a state_dict (it is {}); available top-level keys: {keys:?} (state_dict candidates: {candidates:?})",
-                    self.describe(v)
-                );
+                bail!("checkpoint entry '{k}' is not a state_dict (it is {}); available top-level keys: {keys:?} (state_dict candidates: {candidates:?})", self.describe(v));
             };
             return Ok((Some(k.to_string()), keys, sd));
         }
         if let Some(sd) = top.get_str("ema_model").and_then(|v| self.state_dict(v)) {
             return Ok((Some("ema_model".into()), keys, sd));
         }
-        let found: Vec<(&Value, &Dict)> = top
-            .entries
-            .iter()
-            .filter_map(|(k, v)| self.state_dict(v).map(|sd| (k, sd)))
-            .collect();
+        let found: Vec<(&Value, &Dict)> = top.entries.iter().filter_map(|(k, v)| self.state_dict(v).map(|sd| (k, sd))).collect();
         match found.as_slice() {
             [(k, sd)] => Ok((Some(self.key_string(k)), keys, sd)),
-            [] => bail!(
-                "no state_dict found in checkpoint (no entry is a dict of tensors); top-level keys: {keys:?}"
-            ),
-            _ => bail!(
-                "checkpoint holds several state_dicts and none is 'ema_model'; pick one of {candidates:?} (top-level keys: {keys:?})"
-            ),
+            [] => bail!("no state_dict found in checkpoint (no entry is a dict of tensors); top-level keys: {keys:?}"),
+            _ => bail!("checkpoint holds several state_dicts and none is 'ema_model'; pick one of {candidates:?} (top-level keys: {keys:?})"),
         }
     }
 }

@@ -122,9 +122,7 @@ impl Iterator for Strided {
             if self.idx[d] < self.size[d] {
                 break;
             }
-            self.cur = self
-                .cur
-                .wrapping_sub(self.stride[d].wrapping_mul(self.size[d]));
+            self.cur = self.cur.wrapping_sub(self.stride[d].wrapping_mul(self.size[d]));
             self.idx[d] = 0;
         }
         Some(r)
@@ -136,64 +134,29 @@ fn to_usize(x: u64) -> Result<usize> {
 }
 
 /// Read tensor `t` out of the raw bytes of its storage `st` as f32.
-pub(super) fn materialize(
-    t: &TensorRef,
-    st: &Storage,
-    bytes: &[u8],
-    big_endian: bool,
-) -> Result<PtTensor> {
-    let sdt = st
-        .dtype
-        .clone()
-        .map_err(|c| anyhow!("unsupported storage type {c}"))?;
-    let dt = t
-        .dtype
-        .clone()
-        .map_err(|c| anyhow!("unsupported dtype {c}"))?;
-    let declared = st
-        .numel
-        .checked_mul(sdt.size())
-        .ok_or_else(|| anyhow!("storage size overflows"))?;
+pub(super) fn materialize(t: &TensorRef, st: &Storage, bytes: &[u8], big_endian: bool) -> Result<PtTensor> {
+    let sdt = st.dtype.clone().map_err(|c| anyhow!("unsupported storage type {c}"))?;
+    let dt = t.dtype.clone().map_err(|c| anyhow!("unsupported dtype {c}"))?;
+    let declared = st.numel.checked_mul(sdt.size()).ok_or_else(|| anyhow!("storage size overflows"))?;
     if (bytes.len() as u64) < declared {
-        bail!(
-            "storage entry has {} bytes but the pickle declares {} elements of {} ({declared} bytes)",
-            bytes.len(),
-            st.numel,
-            sdt.name()
-        );
+        bail!("storage entry has {} bytes but the pickle declares {} elements of {} ({declared} bytes)", bytes.len(), st.numel, sdt.name());
     }
     let avail = declared / dt.size();
 
     let mut numel: u64 = 1;
     for &s in &t.size {
-        numel = numel
-            .checked_mul(s)
-            .ok_or_else(|| anyhow!("tensor size {:?} overflows", t.size))?;
+        numel = numel.checked_mul(s).ok_or_else(|| anyhow!("tensor size {:?} overflows", t.size))?;
     }
     let shape: Vec<usize> = t.size.iter().map(|&s| to_usize(s)).collect::<Result<_>>()?;
     if numel == 0 {
-        return Ok(PtTensor {
-            shape,
-            data: Vec::new(),
-            dtype: dt.name().into(),
-        });
+        return Ok(PtTensor { shape, data: Vec::new(), dtype: dt.name().into() });
     }
     let mut max_index = t.offset;
     for (&s, &st_) in t.size.iter().zip(&t.stride) {
-        max_index = (s - 1)
-            .checked_mul(st_)
-            .and_then(|x| x.checked_add(max_index))
-            .ok_or_else(|| anyhow!("tensor geometry overflows"))?;
+        max_index = (s - 1).checked_mul(st_).and_then(|x| x.checked_add(max_index)).ok_or_else(|| anyhow!("tensor geometry overflows"))?;
     }
     if max_index >= avail {
-        bail!(
-            "storage too small: tensor with size {:?}, stride {:?}, storage_offset {} needs {} elements of {}, storage has {avail}",
-            t.size,
-            t.stride,
-            t.offset,
-            max_index + 1,
-            dt.name()
-        );
+        bail!("storage too small: tensor with size {:?}, stride {:?}, storage_offset {} needs {} elements of {}, storage has {avail}", t.size, t.stride, t.offset, max_index + 1, dt.name());
     }
     // Overlapping / expanded (stride 0) views can have more elements than the storage; cap
     // them so corrupt sizes cannot request absurd allocations.
@@ -202,13 +165,7 @@ pub(super) fn materialize(
     }
 
     // Drop size-1 dims, then check for the contiguous fast path.
-    let dims: Vec<(usize, usize)> = t
-        .size
-        .iter()
-        .zip(&t.stride)
-        .filter(|(s, _)| **s != 1)
-        .map(|(&s, &st_)| Ok((to_usize(s)?, to_usize(st_)?)))
-        .collect::<Result<_>>()?;
+    let dims: Vec<(usize, usize)> = t.size.iter().zip(&t.stride).filter(|(s, _)| **s != 1).map(|(&s, &st_)| Ok((to_usize(s)?, to_usize(st_)?))).collect::<Result<_>>()?;
     let mut contiguous = true;
     let mut expect = 1usize;
     for &(s, st_) in dims.iter().rev() {
@@ -225,20 +182,10 @@ pub(super) fn materialize(
         let end = start + n * dt.size() as usize;
         convert_contiguous(dt, &bytes[start..end], big_endian)
     } else {
-        let idx = Strided {
-            size: dims.iter().map(|d| d.0).collect(),
-            stride: dims.iter().map(|d| d.1).collect(),
-            idx: vec![0; dims.len()],
-            cur: offset,
-            remaining: n,
-        };
+        let idx = Strided { size: dims.iter().map(|d| d.0).collect(), stride: dims.iter().map(|d| d.1).collect(), idx: vec![0; dims.len()], cur: offset, remaining: n };
         convert_indexed(dt, bytes, big_endian, idx, n)
     };
-    Ok(PtTensor {
-        shape,
-        data,
-        dtype: dt.name().into(),
-    })
+    Ok(PtTensor { shape, data, dtype: dt.name().into() })
 }
 
 #[inline(always)]
@@ -251,25 +198,13 @@ fn elem<const N: usize>(bytes: &[u8], i: usize, big_endian: bool) -> [u8; N] {
     a
 }
 
-fn decode_fn<const N: usize>(
-    bytes: &[u8],
-    big_endian: bool,
-    idx: impl Iterator<Item = usize>,
-    n: usize,
-    f: impl Fn([u8; N]) -> f32,
-) -> Vec<f32> {
+fn decode_fn<const N: usize>(bytes: &[u8], big_endian: bool, idx: impl Iterator<Item = usize>, n: usize, f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     out.extend(idx.map(|i| f(elem::<N>(bytes, i, big_endian))));
     out
 }
 
-fn convert_indexed(
-    dt: DType,
-    bytes: &[u8],
-    be: bool,
-    idx: impl Iterator<Item = usize>,
-    n: usize,
-) -> Vec<f32> {
+fn convert_indexed(dt: DType, bytes: &[u8], be: bool, idx: impl Iterator<Item = usize>, n: usize) -> Vec<f32> {
     match dt {
         DType::F64 => decode_fn(bytes, be, idx, n, |a| f64::from_le_bytes(a) as f32),
         DType::F32 => decode_fn(bytes, be, idx, n, f32::from_le_bytes),
@@ -290,10 +225,7 @@ fn convert_indexed(
 fn convert_contiguous(dt: DType, bytes: &[u8], be: bool) -> Vec<f32> {
     let n = bytes.len() / dt.size() as usize;
     if dt == DType::F32 && !be {
-        return bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        return bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     }
     convert_indexed(dt, bytes, be, 0..n, n)
 }
@@ -305,13 +237,7 @@ mod tests {
     #[test]
     fn strided_iteration() {
         // 2x3 view of a 3x2 row-major storage, transposed: stride (1, 2)
-        let it = Strided {
-            size: vec![2, 3],
-            stride: vec![1, 2],
-            idx: vec![0, 0],
-            cur: 0,
-            remaining: 6,
-        };
+        let it = Strided { size: vec![2, 3], stride: vec![1, 2], idx: vec![0, 0], cur: 0, remaining: 6 };
         assert_eq!(it.collect::<Vec<_>>(), vec![0, 2, 4, 1, 3, 5]);
     }
 }

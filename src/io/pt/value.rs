@@ -58,9 +58,7 @@ impl Dict {
     }
 
     pub(super) fn get_str(&self, key: &str) -> Option<&Value> {
-        self.index
-            .get(&HKey::Str(Rc::from(key)))
-            .map(|&i| &self.entries[i].1)
+        self.index.get(&HKey::Str(Rc::from(key))).map(|&i| &self.entries[i].1)
     }
 }
 

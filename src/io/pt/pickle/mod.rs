@@ -27,15 +27,7 @@ pub(super) struct Unpickler<'a> {
 
 impl<'a> Unpickler<'a> {
     pub(super) fn new(data: &'a [u8]) -> Self {
-        Unpickler {
-            data,
-            pos: 0,
-            stack: Vec::new(),
-            marks: Vec::new(),
-            memo: HashMap::new(),
-            objs: Vec::new(),
-            unknown_opcode: false,
-        }
+        Unpickler { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), objs: Vec::new(), unknown_opcode: false }
     }
 
     // ---- raw input ----
@@ -43,10 +35,7 @@ impl<'a> Unpickler<'a> {
     fn take(&mut self, n: u64) -> Result<&'a [u8]> {
         let avail = (self.data.len() - self.pos) as u64;
         if n > avail {
-            bail!(
-                "pickle data truncated: need {n} bytes at offset {}, only {avail} left",
-                self.pos
-            );
+            bail!("pickle data truncated: need {n} bytes at offset {}, only {avail} left", self.pos);
         }
         let n = n as usize;
         let s = &self.data[self.pos..self.pos + n];
@@ -67,10 +56,7 @@ impl<'a> Unpickler<'a> {
     fn readline(&mut self) -> Result<&'a [u8]> {
         let rest = &self.data[self.pos..];
         let Some(n) = rest.iter().position(|&b| b == b'\n') else {
-            bail!(
-                "pickle data truncated: unterminated text argument at offset {}",
-                self.pos
-            );
+            bail!("pickle data truncated: unterminated text argument at offset {}", self.pos);
         };
         self.pos += n + 1;
         Ok(&rest[..n])
@@ -199,10 +185,7 @@ impl<'a> Unpickler<'a> {
                 if self.unknown_opcode {
                     return Err(e);
                 }
-                return Err(e.context(format!(
-                    "in pickle opcode {} at offset {at}",
-                    describe_opcode(code)
-                )));
+                return Err(e.context(format!("in pickle opcode {} at offset {at}", describe_opcode(code))));
             }
         }
     }
@@ -287,9 +270,7 @@ impl<'a> Unpickler<'a> {
             }
             op::FLOAT => {
                 let line = self.readline_str()?;
-                line.trim()
-                    .parse::<f64>()
-                    .map_err(|_| anyhow!("bad FLOAT literal {line:?}"))?;
+                line.trim().parse::<f64>().map_err(|_| anyhow!("bad FLOAT literal {line:?}"))?;
                 self.push(Value::Float);
             }
 
@@ -329,10 +310,7 @@ impl<'a> Unpickler<'a> {
             op::STRING => {
                 let s = self.readline_str()?;
                 let t = s.trim();
-                let t = t
-                    .strip_prefix(['\'', '"'])
-                    .and_then(|t| t.strip_suffix(['\'', '"']))
-                    .unwrap_or(t);
+                let t = t.strip_prefix(['\'', '"']).and_then(|t| t.strip_suffix(['\'', '"'])).unwrap_or(t);
                 self.push(Value::Str(Rc::from(t)));
             }
             op::SHORT_BINBYTES => {
@@ -445,10 +423,7 @@ impl<'a> Unpickler<'a> {
             }
             op::PUT => {
                 let line = self.readline_str()?;
-                let i = line
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| anyhow!("bad PUT index"))?;
+                let i = line.trim().parse::<u64>().map_err(|_| anyhow!("bad PUT index"))?;
                 self.memo_put(i)?;
             }
             op::BINGET => {
@@ -461,10 +436,7 @@ impl<'a> Unpickler<'a> {
             }
             op::GET => {
                 let line = self.readline_str()?;
-                let i = line
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| anyhow!("bad GET index"))?;
+                let i = line.trim().parse::<u64>().map_err(|_| anyhow!("bad GET index"))?;
                 self.memo_get(i)?;
             }
 
@@ -478,9 +450,7 @@ impl<'a> Unpickler<'a> {
                 let name = self.pop()?;
                 let module = self.pop()?;
                 match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => {
-                        self.push(Value::Global(Rc::new((m.to_string(), n.to_string()))))
-                    }
+                    (Value::Str(m), Value::Str(n)) => self.push(Value::Global(Rc::new((m.to_string(), n.to_string())))),
                     _ => bail!("STACK_GLOBAL arguments are not strings"),
                 }
             }
@@ -521,10 +491,7 @@ impl<'a> Unpickler<'a> {
             }
             _ => {
                 self.unknown_opcode = true;
-                bail!(
-                    "unsupported pickle opcode {} at offset {at} of data.pkl",
-                    describe_opcode(code)
-                )
+                bail!("unsupported pickle opcode {} at offset {at} of data.pkl", describe_opcode(code))
             }
         }
         Ok(())
@@ -568,14 +535,10 @@ mod tests {
     #[test]
     fn memo_shares_containers() {
         // {} BINPUT 0; MARK 'a' 1 SETITEMS; BINGET 0; TUPLE2 STOP  -> ({'a': 1}, {'a': 1})
-        let p = [
-            0x80, 0x02, b'}', b'q', 0, b'(', 0x8c, 1, b'a', b'K', 1, b'u', b'h', 0, 0x86, b'.',
-        ];
+        let p = [0x80, 0x02, b'}', b'q', 0, b'(', 0x8c, 1, b'a', b'K', 1, b'u', b'h', 0, 0x86, b'.'];
         let (v, objs) = Unpickler::new(&p).load().unwrap();
         let Value::Obj(t) = v else { panic!() };
-        let Obj::Tuple(items) = &objs[t] else {
-            panic!()
-        };
+        let Obj::Tuple(items) = &objs[t] else { panic!() };
         for it in items {
             let Value::Obj(d) = it else { panic!() };
             let Obj::Dict(d) = &objs[*d] else { panic!() };
@@ -586,15 +549,7 @@ mod tests {
     #[test]
     fn pop_cannot_cross_mark() {
         // MARK POP with an empty frame pops the mark; NONE MARK POP POP underflows the frame.
-        assert!(
-            Unpickler::new(&[0x80, 2, b'N', b'(', b'0', b'.'])
-                .load()
-                .is_ok()
-        );
-        assert!(
-            Unpickler::new(&[0x80, 2, b'N', b'(', b'N', b'0', b'0', b't', b'.'])
-                .load()
-                .is_err()
-        );
+        assert!(Unpickler::new(&[0x80, 2, b'N', b'(', b'0', b'.']).load().is_ok());
+        assert!(Unpickler::new(&[0x80, 2, b'N', b'(', b'N', b'0', b'0', b't', b'.']).load().is_err());
     }
 }

@@ -68,9 +68,5 @@ pub const BYTEARRAY8: u8 = 0x96;
 
 /// `0x52 ('R')` / `0xff`.
 pub(super) fn describe_opcode(code: u8) -> String {
-    if code.is_ascii_graphic() {
-        format!("0x{code:02x} ('{}')", code as char)
-    } else {
-        format!("0x{code:02x}")
-    }
+    if code.is_ascii_graphic() { format!("0x{code:02x} ('{}')", code as char) } else { format!("0x{code:02x}") }
 }

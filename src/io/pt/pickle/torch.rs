@@ -31,27 +31,18 @@ impl Unpickler<'_> {
         };
         let (module, name) = (g.0.as_str(), g.1.as_str());
         match (module, name) {
-            ("torch._utils", "_rebuild_tensor" | "_rebuild_tensor_v2") => {
-                self.rebuild_tensor(args, false)
-            }
+            ("torch._utils", "_rebuild_tensor" | "_rebuild_tensor_v2") => self.rebuild_tensor(args, false),
             ("torch._utils", "_rebuild_tensor_v3") => self.rebuild_tensor(args, true),
             ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-                let items = self
-                    .items_of(args)
-                    .ok_or_else(|| anyhow!("{module}.{name}: arguments are not a tuple"))?;
-                items
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| anyhow!("{module}.{name}: missing data argument"))
+                let items = self.items_of(args).ok_or_else(|| anyhow!("{module}.{name}: arguments are not a tuple"))?;
+                items.into_iter().next().ok_or_else(|| anyhow!("{module}.{name}: missing data argument"))
             }
             ("torch._tensor", "_rebuild_from_type" | "_rebuild_from_type_v2") => {
                 // (func, new_type, args, state): a tensor subclass; rebuild the plain tensor.
                 if depth >= MAX_CALL_DEPTH {
                     bail!("{module}.{name} nested too deeply");
                 }
-                let items = self
-                    .items_of(args)
-                    .ok_or_else(|| anyhow!("{module}.{name}: arguments are not a tuple"))?;
+                let items = self.items_of(args).ok_or_else(|| anyhow!("{module}.{name}: arguments are not a tuple"))?;
                 if items.len() < 3 {
                     bail!("{module}.{name}: expected at least 3 arguments");
                 }
@@ -78,9 +69,7 @@ impl Unpickler<'_> {
                 }
                 Ok(self.new_obj(Obj::Dict(d)))
             }
-            _ => Ok(self.new_obj(Obj::Opaque {
-                class: Some(g.clone()),
-            })),
+            _ => Ok(self.new_obj(Obj::Opaque { class: Some(g.clone()) })),
         }
     }
 
@@ -88,9 +77,7 @@ impl Unpickler<'_> {
     /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])`,
     /// `_rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])`.
     fn rebuild_tensor(&mut self, args: &Value, v3: bool) -> Result<Value> {
-        let items = self
-            .items_of(args)
-            .ok_or_else(|| anyhow!("_rebuild_tensor: arguments are not a tuple"))?;
+        let items = self.items_of(args).ok_or_else(|| anyhow!("_rebuild_tensor: arguments are not a tuple"))?;
         if items.len() < if v3 { 7 } else { 4 } {
             bail!("_rebuild_tensor: too few arguments ({})", items.len());
         }
@@ -102,20 +89,14 @@ impl Unpickler<'_> {
             Value::Int(o) if o >= 0 => o as u64,
             _ => bail!("_rebuild_tensor: bad storage_offset"),
         };
-        let size = self
-            .int_tuple(&items[2])
-            .context("_rebuild_tensor: bad size")?;
-        let stride = self
-            .int_tuple(&items[3])
-            .context("_rebuild_tensor: bad stride")?;
+        let size = self.int_tuple(&items[2]).context("_rebuild_tensor: bad size")?;
+        let stride = self.int_tuple(&items[3]).context("_rebuild_tensor: bad stride")?;
         if size.len() != stride.len() {
             bail!("_rebuild_tensor: size {size:?} and stride {stride:?} have different lengths");
         }
         let dtype = if v3 {
             match &items[6] {
-                Value::Global(g) if g.0 == "torch" => {
-                    DType::from_torch_dtype(&g.1).ok_or_else(|| format!("torch.{}", g.1))
-                }
+                Value::Global(g) if g.0 == "torch" => DType::from_torch_dtype(&g.1).ok_or_else(|| format!("torch.{}", g.1)),
                 _ => bail!("_rebuild_tensor_v3: dtype argument is not a torch dtype"),
             }
         } else {
@@ -124,13 +105,7 @@ impl Unpickler<'_> {
                 _ => unreachable!("checked above"),
             }
         };
-        Ok(self.new_obj(Obj::Tensor(TensorRef {
-            storage,
-            dtype,
-            offset,
-            size,
-            stride,
-        })))
+        Ok(self.new_obj(Obj::Tensor(TensorRef { storage, dtype, offset, size, stride })))
     }
 
     fn int_tuple(&self, v: &Value) -> Result<Vec<u64>> {
@@ -146,23 +121,16 @@ impl Unpickler<'_> {
 
     /// BINPERSID with `('storage', storage_type, key, location, numel)`.
     pub(super) fn persistent_load(&mut self, pid: &Value) -> Result<Value> {
-        let items = self
-            .items_of(pid)
-            .ok_or_else(|| anyhow!("unsupported persistent id (not a tuple)"))?;
+        let items = self.items_of(pid).ok_or_else(|| anyhow!("unsupported persistent id (not a tuple)"))?;
         match items.first() {
             Some(Value::Str(s)) if &**s == "storage" => {}
             _ => bail!("unsupported persistent id (expected ('storage', ...))"),
         }
         if items.len() < 5 {
-            bail!(
-                "persistent storage id has {} fields, expected 5",
-                items.len()
-            );
+            bail!("persistent storage id has {} fields, expected 5", items.len());
         }
         let dtype = match &items[1] {
-            Value::Global(g) => DType::from_storage_class(&g.1)
-                .filter(|_| g.0 == "torch" || g.0 == "torch.storage")
-                .ok_or_else(|| format!("{}.{}", g.0, g.1)),
+            Value::Global(g) => DType::from_storage_class(&g.1).filter(|_| g.0 == "torch" || g.0 == "torch.storage").ok_or_else(|| format!("{}.{}", g.0, g.1)),
             _ => bail!("persistent storage id: storage type is not a class"),
         };
         let key = match &items[2] {
@@ -179,10 +147,7 @@ impl Unpickler<'_> {
 }
 
 fn is_dict_class(g: &(String, String)) -> bool {
-    matches!(
-        (g.0.as_str(), g.1.as_str()),
-        ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict")
-    )
+    matches!((g.0.as_str(), g.1.as_str()), ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict"))
 }
 
 #[cfg(test)]

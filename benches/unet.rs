@@ -21,8 +21,8 @@ fn bench_config(c: &mut Criterion, name: &str, cfg: UNetConfig, batch: usize) {
     g.bench_function("forward_backward", |b| {
         b.iter(|| {
             let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), None, &mut Forward { dropout_rng: Some(&mut rng) }).unwrap();
-            let grads = ops::mse_loss(&v, &Var::constant(target.clone())).backward();
-            model.params().grads(&grads)
+            let grads = ops::mse_loss(&v, &Var::constant(target.clone())).unwrap().backward().unwrap();
+            model.params().grads(&grads).unwrap()
         })
     });
     g.finish();

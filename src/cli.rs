@@ -40,6 +40,10 @@ pub enum Cmd {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Precision of weights and activations: f32, f16 or bf16 (GEMMs and convolutions
+        /// accumulate in f32; GroupNorm statistics and softmax are f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Print a model's config (given or inferred), parameter count and shapes per level.
     Info {
@@ -144,8 +148,13 @@ pub enum BenchCmd {
         unet_config: String,
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Precision of weights and activations: f32, f16 or bf16 (GEMMs and convolutions
+        /// accumulate in f32; GroupNorm statistics and softmax are f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
         /// Timed iterations (the median is reported).
         #[arg(long, default_value_t = 5)]
         iters: usize,
@@ -167,7 +176,7 @@ pub fn run(cli: Cli) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| anyhow!("cannot start {n} threads: {e}"))?;
     }
     match cli.cmd {
-        Cmd::Forward { m, input, out, device } => cmd_forward(&m, &input, &out, &device),
+        Cmd::Forward { m, input, out, device, precision } => cmd_forward(&m, &input, &out, &device, &precision),
         Cmd::Info { m, json } => cmd_info(&m, json),
         Cmd::Convert { ckpt, out, key, unet_config, dtype } => cmd_convert(&ckpt, &out, key.as_deref(), unet_config.as_deref(), &dtype),
         Cmd::Toy2d(a) => crate::toy2d::run_cli(&a),
@@ -177,7 +186,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { s, reward, target_classes, reference, json } => crate::commands::sample::run_eval(&s, &reward, &target_classes, reference.as_ref(), json),
         Cmd::Pretrain(a) => crate::commands::pretrain::run(&a),
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
-        Cmd::Bench { what: BenchCmd::Unet { unet_config, batch, device, iters, warmup, json } } => cmd_bench_unet(&unet_config, batch, &device, iters, warmup, json),
+        Cmd::Bench { what: BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json } } => cmd_bench_unet(&unet_config, batch, &device, &precision, iters, warmup, json),
     }
 }
 
@@ -204,12 +213,16 @@ pub fn check_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str) -> Result<()> {
+fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str, precision: &str) -> Result<()> {
     let dev = Device::parse(device)?;
+    let precision = DType::parse_precision(precision)?;
     dev.ensure_available()?;
     check_writable(out)?;
     let inp = st::load(input).with_context(|| "reading the forward inputs".to_string())?;
     let x = inp.get("x").ok_or_else(|| anyhow!("{} has no tensor 'x' (found: {})", input.display(), inp.names().join(", ")))?.clone();
+    if x.shape().first() == Some(&0) {
+        bail!("'x' in {} has shape {:?}: the batch is empty (B = 0); give at least one input", input.display(), x.shape());
+    }
     let t = match inp.get("t") {
         Some(t) => t.clone(),
         None => bail!("{} has no tensor 't' (found: {})", input.display(), inp.names().join(", ")),
@@ -221,6 +234,7 @@ fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str) -> Result<
     };
     let mut lm = load(m)?;
     lm.model.to_device(dev)?;
+    lm.model.to_precision(precision)?;
     let v = lm.model.predict(&t, &x, y.as_deref()).context("forward")?.to_device(Device::Cpu)?;
     st::save(out, &[("v".to_string(), Out::F(&v))], DType::F32, &HashMap::new())?;
     eprintln!("wrote v {:?} to {}", v.shape(), out.display());
@@ -340,9 +354,10 @@ pub struct UnetTimings {
 }
 
 /// Time forward (inference) and forward+backward (MSE to a random target, training mode).
-pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, device: Device) -> Result<UnetTimings> {
+pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, device: Device, precision: DType) -> Result<UnetTimings> {
     let mut model = UNetModel::new(cfg, Init::Torch(0))?;
     model.to_device(device)?;
+    model.to_precision(precision)?;
     let mut rng = Rng::new(1);
     let [c, h, w] = cfg.dim;
     let x = Tensor::randn(&[batch, c, h, w], &mut rng).to_device(device)?;
@@ -371,9 +386,9 @@ pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, d
     for i in 0..warmup + iters {
         let s = Instant::now();
         let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), y.as_deref(), &mut Forward { dropout_rng: Some(&mut rng) })?;
-        let loss = ops::mse_loss(&v, &Var::constant(target.clone()));
-        let g = loss.backward();
-        std::hint::black_box(model.params().grads(&g));
+        let loss = ops::mse_loss(&v, &Var::constant(target.clone()))?;
+        let g = loss.backward()?;
+        std::hint::black_box(model.params().grads(&g)?);
         sync()?;
         if i >= warmup {
             fb.push(s.elapsed().as_secs_f64() * 1e3);
@@ -382,14 +397,15 @@ pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, d
     Ok(UnetTimings { forward_ms: median(fwd), forward_backward_ms: median(fb) })
 }
 
-fn cmd_bench_unet(cfg: &str, batch: usize, device: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+fn cmd_bench_unet(cfg: &str, batch: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
     let dev = Device::parse(device)?;
+    let precision = DType::parse_precision(precision)?;
     dev.ensure_available()?;
     if batch == 0 || iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
     let cfg = resolve_config(cfg)?;
-    let r = bench_unet(&cfg, batch, iters, warmup, dev)?;
+    let r = bench_unet(&cfg, batch, iters, warmup, dev, precision)?;
     let threads = rayon::current_num_threads();
     let on = match dev {
         Device::Cpu => format!("cpu ({threads} threads)"),
@@ -398,11 +414,14 @@ fn cmd_bench_unet(cfg: &str, batch: usize, device: &str, iters: usize, warmup: u
             format!("cuda:{i} {} (conv: {}, tf32 {})", g.name, crate::backend::cuda::conv::method(&g), if g.tf32 { "on" } else { "off" })
         }
     };
-    println!("U-Net {:?} num_channels {} batch {batch} on {on}, median of {iters}:", cfg.dim, cfg.num_channels);
+    println!("U-Net {:?} num_channels {} batch {batch} {precision} on {on}, median of {iters}:", cfg.dim, cfg.num_channels);
     println!("  forward           {:>10.1} ms", r.forward_ms);
     println!("  forward+backward  {:>10.1} ms", r.forward_backward_ms);
     if json {
-        println!("{}", serde_json::json!({"forward_ms": r.forward_ms, "forward_backward_ms": r.forward_backward_ms, "batch": batch, "device": dev.to_string(), "on": on, "threads": threads}));
+        println!(
+            "{}",
+            serde_json::json!({"forward_ms": r.forward_ms, "forward_backward_ms": r.forward_backward_ms, "batch": batch, "precision": precision.name(), "device": dev.to_string(), "on": on, "threads": threads})
+        );
     }
     Ok(())
 }

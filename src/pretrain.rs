@@ -107,17 +107,17 @@ pub fn pretrain<M: VelocityField>(net: &M, ema: &M, data: &Dataset, cfg: &Pretra
         let fs = matcher.sample(&x0, &x1, None, &mut rng)?;
         let y: Option<Vec<usize>> = if labels { y.map(|y| fs.x1_idx.iter().map(|&j| y[j]).collect()) } else { None };
         let v = net.forward(&Var::constant(fs.t), &Var::constant(fs.xt), y.as_deref(), &mut Forward { dropout_rng: Some(&mut drop_rng) })?;
-        let loss = ops::mse_loss(&v, &Var::constant(fs.ut));
+        let loss = ops::mse_loss(&v, &Var::constant(fs.ut))?;
         let lv = loss.value().item();
         if !lv.is_finite() {
             bail!("the loss is not finite at step {step}");
         }
-        let mut grads = net.params().grads(&loss.backward());
+        let mut grads = net.params().grads(&loss.backward()?)?;
         drop(loss);
-        let gn = clip_grad_norm(&mut grads, if cfg.grad_clip > 0.0 { cfg.grad_clip } else { f32::INFINITY });
+        let gn = clip_grad_norm(&mut grads, if cfg.grad_clip > 0.0 { cfg.grad_clip } else { f32::INFINITY })?;
         let lr = warmup_lr(cfg.lr, step, cfg.warmup_steps);
-        adam.step_params(net.params(), &grads, lr);
-        ema_update_params(ema.params(), net.params(), cfg.ema_decay);
+        adam.step_params(net.params(), &grads, lr)?;
+        ema_update_params(ema.params(), net.params(), cfg.ema_decay)?;
         on_step(&PretrainStep { step: step + 1, loss: lv, grad_norm: gn, lr, seconds: t0.elapsed().as_secs_f64() });
         if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 {
             save(net, ema)?;

@@ -100,12 +100,12 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Mlp> {
         let x0 = Tensor::randn(&[o.batch, 2], &mut rng);
         let fs = matcher.sample(&x0, &x1, None, &mut rng)?;
         let v = model.forward(&Var::constant(fs.t), &Var::constant(fs.xt), None, &mut Forward { dropout_rng: None })?;
-        let loss = ops::mse_loss(&v, &Var::constant(fs.ut));
-        let mut grads = model.params().grads(&loss.backward());
-        clip_grad_norm(&mut grads, 1.0);
+        let loss = ops::mse_loss(&v, &Var::constant(fs.ut))?;
+        let mut grads = model.params().grads(&loss.backward()?)?;
+        clip_grad_norm(&mut grads, 1.0)?;
         // cosine decay to a tenth: sharper modes for the same number of steps
         let lr = o.lr * (0.55 + 0.45 * (std::f32::consts::PI * step as f32 / o.steps as f32).cos());
-        adam.step_params(model.params(), &grads, lr);
+        adam.step_params(model.params(), &grads, lr)?;
     }
     Ok(model)
 }

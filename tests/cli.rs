@@ -278,3 +278,43 @@ fn bad_input_is_one_clear_line() {
     let e = fails(&["bench", "unet", "--unet-config", "imagenet"]);
     assert!(e.contains("does not exist"), "{e}");
 }
+
+/// No samples and an empty batch are rejected up front with one line naming the flag or the
+/// shape (they used to reach a kernel and panic).
+#[test]
+fn empty_requests_are_one_clear_line() {
+    let d = tmpdir("empty");
+    let g = d.join("g.png");
+    let e = fails(&["sample", "-n", "0", "--steps", "2", "--grid", g.to_str().unwrap()]);
+    assert!(e.contains("-n/--num must be at least 1"), "{e}");
+    assert!(!g.exists());
+    let e = fails(&["eval", "-n", "0", "--steps", "2"]);
+    assert!(e.contains("-n/--num must be at least 1"), "{e}");
+    let x = Tensor::zeros(&[0, 1, 28, 28]);
+    let t = Tensor::zeros(&[0]);
+    let i = d.join("empty.safetensors");
+    st::save(&i, &[("x".into(), Out::F(&x)), ("t".into(), Out::F(&t))], DType::F32, &HashMap::new()).unwrap();
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/models/mnist_unet.safetensors");
+    let out = d.join("v.safetensors");
+    let e = fails(&["forward", "--model", model, "--input", i.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(e.contains("[0, 1, 28, 28]") && e.contains("batch is empty"), "{e}");
+    assert!(!out.exists());
+}
+
+/// Every subcommand with `--device` says in its help which devices there are.
+#[test]
+fn device_help_names_cpu_and_cuda() {
+    for cmd in [&["train"][..], &["forward"], &["sample"], &["eval"], &["bench", "unet"]] {
+        let r = run(&[cmd, &["--help"]].concat());
+        assert!(r.ok, "{cmd:?}: {}", r.stderr);
+        // the description: the rest of the flag's line and the lines up to the next flag
+        let mut lines = r.stdout.lines().skip_while(|l| !l.contains("--device <DEVICE>"));
+        let first = lines.next().unwrap_or_else(|| panic!("{cmd:?} --help has no --device: {}", r.stdout));
+        let mut desc = first[first.find("--device <DEVICE>").unwrap() + "--device <DEVICE>".len()..].to_string();
+        for l in lines.take_while(|l| !l.trim().is_empty() && !l.trim_start().starts_with('-')) {
+            desc = desc + " " + l;
+        }
+        let desc = desc.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(desc.starts_with("cpu, cuda or cuda:N"), "{cmd:?}: --device is described as {desc:?}");
+    }
+}

@@ -16,7 +16,10 @@
 //! 256). Each result is compared with the Rust CPU twin named in the kernel's comments:
 //! relative error (`util::rel_err`) ≤ 1e-6 where the kernel is meant to round like the CPU,
 //! ≤ 1e-5 where it is not (libm `expf` vs the CPU's polynomial `exp_f32`, double vs f32 sums);
-//! outputs start as NaN, so an element left unwritten fails.
+//! outputs start as NaN, so an element left unwritten fails. The random-number kernels of
+//! `rng.cu` are compared with `rng::philox` bit for bit (uniforms, dropout), the normals within
+//! 2 ulp (both sides use the host's `logf`/`sinf`/`cosf` here; on a GPU CUDA's `logf` and
+//! `sincosf`, ≤ 1 and ≤ 2 ulp, may put a normal a few ulp from the CPU's).
 //!
 //! Every `__global__` kernel of every `.cu` file must be launched by the test of its file
 //! ([`TESTED`], checked against the sources): a new kernel without a CPU check fails here.
@@ -40,7 +43,7 @@ use libloading::Library;
 use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward};
 use orwcfm_fast::backend::cpu::{elementwise as ew, norm, simd};
-use orwcfm_fast::backend::cuda::ops::{BinGeom, ReduceGeom, Strided};
+use orwcfm_fast::backend::cuda::kargs::{BinGeom, ReduceGeom, Strided};
 use orwcfm_fast::optim::{Adam, ema_update, grad_norm};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::{Tensor, contiguous_strides};
@@ -72,6 +75,7 @@ const TESTED: &[(&str, &[&str])] = &[
     ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
+    ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_mask_f32", "dropout_f32"]),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -416,7 +420,7 @@ fn elementwise_kernels_match_the_cpu_backend() {
             adam.weight_decay = wd;
             let mut params = vec![t(&p0, &[n])];
             for (g, &lr) in grads.iter().zip(&lrs) {
-                adam.step(&mut params, &[t(g, &[n])], lr);
+                adam.step(&mut params, &[t(g, &[n])], lr).unwrap();
             }
             let (wp, wm, wv) = (params[0].to_vec(), adam.exp_avg[0].to_vec(), adam.exp_avg_sq[0].to_vec());
             for sh in shapes_n(n) {
@@ -445,8 +449,8 @@ fn elementwise_kernels_match_the_cpu_backend() {
         let (v, u, vref) = (r.normal_vec(rows * per), r.normal_vec(rows * per), r.normal_vec(rows * per));
         let w = r.uniform_vec(rows, 0.1, 3.0);
         let (vv, uu, rr, ww) = (cst(&v, &[rows, per]), cst(&u, &[rows, per]), cst(&vref, &[rows, per]), cst(&w, &[rows]));
-        let want_fm = ops::mul(&ops::mean_axes(&ops::square(&ops::sub(&vv, &uu)), &[1], false), &ww).value().to_vec();
-        let want_w2 = ops::mean_axes(&ops::square(&ops::sub(&vv, &rr)), &[1], false).value().to_vec();
+        let want_fm = ops::mul(&ops::mean_axes(&ops::square(&ops::sub(&vv, &uu).unwrap()).unwrap(), &[1], false).unwrap(), &ww).unwrap().value().to_vec();
+        let want_w2 = ops::mean_axes(&ops::square(&ops::sub(&vv, &rr).unwrap()).unwrap(), &[1], false).unwrap().value().to_vec();
         for (grid, block) in [(rows as u32, 32u32), (4, 64), (1, 256)] {
             let (mut fm, mut w2) = (nan(rows), nan(rows));
             let (vp, up, rp, wp, fp, qp) = (addr(&v), addr(&u), addr(&vref), addr(&w), addr_mut(&mut fm), addr_mut(&mut w2));
@@ -475,7 +479,7 @@ fn elementwise_kernels_match_the_cpu_backend() {
         let (src, y0) = (r.normal_vec(n), r.normal_vec(n));
         let decay = 0.9999f32;
         let mut target = vec![t(&y0, &[n])];
-        ema_update(&mut target, &[t(&src, &[n])], decay);
+        ema_update(&mut target, &[t(&src, &[n])], decay).unwrap();
         let want_ema = target[0].to_vec();
         let mut want_acc = y0.clone();
         ew::add_assign(&mut want_acc, &src);
@@ -499,17 +503,17 @@ fn elementwise_kernels_match_the_cpu_backend() {
         for op in 0..8i64 {
             let xv = Var::param(t(&x, &[n]));
             let y = match op {
-                0 => ops::add_scalar(&xv, s),
-                1 => ops::mul_scalar(&xv, s),
-                2 => ops::exp(&xv),
-                3 => ops::relu(&xv),
-                4 => ops::square(&xv),
-                5 => ops::silu(&xv),
-                6 => ops::sigmoid(&xv),
+                0 => ops::add_scalar(&xv, s).unwrap(),
+                1 => ops::mul_scalar(&xv, s).unwrap(),
+                2 => ops::exp(&xv).unwrap(),
+                3 => ops::relu(&xv).unwrap(),
+                4 => ops::square(&xv).unwrap(),
+                5 => ops::silu(&xv).unwrap(),
+                6 => ops::sigmoid(&xv).unwrap(),
                 // Neg is launched for sub's gradient of b: −g
-                _ => ops::sub(&cst(&vec![0.0; n], &[n]), &xv),
+                _ => ops::sub(&cst(&vec![0.0; n], &[n]), &xv).unwrap(),
             };
-            let want = if op == 7 { y.backward_with(t(&x, &[n])).get(&xv).unwrap().to_vec() } else { y.value().to_vec() };
+            let want = if op == 7 { y.backward_with(t(&x, &[n])).unwrap().get(&xv).unwrap().to_vec() } else { y.value().to_vec() };
             let sc = if op <= 1 { s } else { 0.0 };
             let tol = if op == 5 || op == 6 { APPROX } else { EXACT };
             for sh in shapes_n(n) {
@@ -521,7 +525,7 @@ fn elementwise_kernels_match_the_cpu_backend() {
             // the host launches unary_backward for AddScalar's grad (identity), Exp, Relu,
             // Square (through ops::unary), Silu and Sigmoid; Neg (7) is checked too
             if [0, 2, 3, 4, 5, 6, 7].contains(&op) {
-                let want_g = y.backward_with(t(&g, &[n])).get(&xv).unwrap().to_vec();
+                let want_g = y.backward_with(t(&g, &[n])).unwrap().get(&xv).unwrap().to_vec();
                 let yv = y.value().to_vec();
                 let tol = if op == 5 { APPROX } else { EXACT };
                 for sh in shapes_n(n) {
@@ -548,10 +552,10 @@ fn elementwise_kernels_match_the_cpu_backend() {
             for op in 0..4i64 {
                 let (av, bv) = (cst(&a, sa), cst(&b, sb));
                 let want = match op {
-                    0 => ops::add(&av, &bv),
-                    1 => ops::sub(&av, &bv),
-                    2 => ops::mul(&av, &bv),
-                    _ => ops::div(&av, &bv),
+                    0 => ops::add(&av, &bv).unwrap(),
+                    1 => ops::sub(&av, &bv).unwrap(),
+                    2 => ops::mul(&av, &bv).unwrap(),
+                    _ => ops::div(&av, &bv).unwrap(),
                 }
                 .value()
                 .to_vec();
@@ -614,7 +618,7 @@ fn reduce_kernels_match_the_cpu_backend() {
     {
         let k: unsafe extern "C" fn(P, I, *mut f64) = lib.k("sum_squares_partial_f32");
         let ts: Vec<Vec<f32>> = [1000usize, 37, 5000].iter().map(|&n| r.normal_vec(n)).collect();
-        let want = grad_norm(&ts.iter().map(|v| t(v, &[v.len()])).collect::<Vec<_>>());
+        let want = grad_norm(&ts.iter().map(|v| t(v, &[v.len()])).collect::<Vec<_>>()).unwrap();
         for sh in [(3, 32), (1, 64), (64, 256)] {
             let mut total = 0.0f64;
             let mut unwritten = 0;
@@ -673,9 +677,9 @@ fn reduce_kernels_match_the_cpu_backend() {
             let x = scaled(r.normal_vec(rows * n), 3.0);
             let g = r.normal_vec(rows * n);
             let xv = Var::param(t(&x, &[rows, n]));
-            let y = ops::log_softmax(&xv);
+            let y = ops::log_softmax(&xv).unwrap();
             let want = y.value().to_vec();
-            let want_b = y.backward_with(t(&g, &[rows, n])).get(&xv).unwrap().to_vec();
+            let want_b = y.backward_with(t(&g, &[rows, n])).unwrap().get(&xv).unwrap().to_vec();
             for sh in shapes_rows(rows) {
                 let mut out = nan(rows * n);
                 let (xp, op) = (addr(&x), addr_mut(&mut out));
@@ -832,7 +836,7 @@ fn shape_kernels_match_the_cpu_backend() {
         let wv = Var::param(t(&w, &[num, dim]));
         let y = ops::embedding(&wv, &ids).unwrap();
         let want = y.value().to_vec();
-        let want_b = y.backward_with(t(&g, &[ids.len(), dim])).get(&wv).unwrap().to_vec();
+        let want_b = y.backward_with(t(&g, &[ids.len(), dim])).unwrap().get(&wv).unwrap().to_vec();
         let nids = ids.len();
         for sh in shapes_n(nids * dim) {
             let mut out = nan(nids * dim);
@@ -861,9 +865,9 @@ fn shape_kernels_match_the_cpu_backend() {
         for dim in [32usize, 33, 7] {
             let want = ew::timestep_embedding(&tt, dim, max_period);
             let tv = Var::param(t(&tt, &[b]));
-            let e = ops::timestep_embedding(&tv, dim);
+            let e = ops::timestep_embedding(&tv, dim).unwrap();
             let g = r.normal_vec(b * dim);
-            let want_b = e.backward_with(t(&g, &[b, dim])).get(&tv).unwrap().to_vec();
+            let want_b = e.backward_with(t(&g, &[b, dim])).unwrap().get(&tv).unwrap().to_vec();
             let emb = e.value().to_vec();
             for sh in shapes_n(b * dim) {
                 let mut out = nan(b * dim);
@@ -1154,5 +1158,97 @@ fn cast_kernels_match_the_half_crate_bit_for_bit() {
             c.record("fill_u32", &format!("{v:#010x}, {sh:?}"), e, 0.0, p);
         }
     }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- rng.cu
+
+/// Distance in ulps between two f32 (equal bits: 0; a NaN or a sign change of non-zeros: huge).
+fn ulps(a: f32, b: f32) -> u64 {
+    if a.to_bits() == b.to_bits() {
+        return 0;
+    }
+    if a.is_nan() || b.is_nan() {
+        return u64::MAX;
+    }
+    let key = |v: f32| {
+        let b = v.to_bits() as i64;
+        if b & 0x8000_0000 != 0 { -(b & 0x7fff_ffff) } else { b }
+    };
+    (key(a) - key(b)).unsigned_abs()
+}
+
+#[test]
+fn rng_kernels_match_the_cpu_twin() {
+    use orwcfm_fast::rng::philox;
+    let Some(lib) = Lib::load("rng.cu") else { return };
+    let mut c = Checks::new("rng.cu");
+    type Fill = unsafe extern "C" fn(M, I, u64, u64);
+    type Mask = unsafe extern "C" fn(M, I, f32, u64, u64);
+    type Apply = unsafe extern "C" fn(P, M, M, I, f32, u64, u64);
+    let k_uniform: Fill = lib.k("philox_uniform_f32");
+    let k_normal: Fill = lib.k("philox_normal_f32");
+    let k_mask: Mask = lib.k("dropout_mask_f32");
+    let k_apply: Apply = lib.k("dropout_f32");
+    let mut r = Rng::new(0x5eed_0006);
+    // bit-identical, or the problem: how many elements differ, the first of them
+    let exact = |c: &mut Checks, kernel: &str, case: &str, got: &[f32], want: &[f32]| {
+        let diff: Vec<usize> = (0..want.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+        let problem = (!diff.is_empty()).then(|| format!("{} of {} elements differ, first at {}: got {} want {}", diff.len(), want.len(), diff[0], got[diff[0]], want[diff[0]]));
+        c.record(kernel, case, rel_err(got, want), EXACT, problem);
+    };
+    let mut worst_normal_ulps = 0u64;
+    let mut normal_differing = 0usize;
+    // sizes around the 4-element block, one past the CPU's parallel threshold; seeds with high
+    // words, offsets across the 2^32 and 2^64 boundaries
+    let draws: [(usize, u64, u64); 7] = [(1, 0, 0), (3, 1, 5), (4, 0xdead_beef_0000_0001, 0xffff_ffff), (1001, 42, u64::MAX - 100), (4099, u64::MAX, 1 << 40), (70_001, 0x0123_4567_89ab_cdef, 3), (262, 7, u64::MAX)];
+    for (n, seed, offset) in draws {
+        let mut want_u = vec![0.0; n];
+        philox::fill_uniform(seed, offset, &mut want_u);
+        let mut want_z = vec![0.0; n];
+        philox::fill_normal(seed, offset, &mut want_z);
+        for sh in shapes_n(n) {
+            let case = format!("n {n} seed {seed:#x} offset {offset:#x}, {sh:?}");
+            let mut y = nan(n);
+            let yp = addr_mut(&mut y);
+            lib.launch(sh, &|| unsafe { k_uniform(yp as M, n as I, seed, offset) });
+            exact(&mut c, "philox_uniform_f32", &case, &y, &want_u);
+            let mut z = nan(n);
+            let zp = addr_mut(&mut z);
+            lib.launch(sh, &|| unsafe { k_normal(zp as M, n as I, seed, offset) });
+            let worst = z.iter().zip(&want_z).map(|(&a, &b)| ulps(a, b)).max().unwrap();
+            worst_normal_ulps = worst_normal_ulps.max(worst);
+            normal_differing += z.iter().zip(&want_z).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let problem = (worst > 2).then(|| format!("a normal {worst} ulp from the CPU's (rel err {:.3e})", rel_err(&z, &want_z)));
+            // (the table's tolerance: 2 ulp relative, 2·2⁻²³; the check itself counts ulps)
+            c.record("philox_normal_f32", &case, rel_err(&z, &want_z), 2.0 * f32::EPSILON as f64, problem);
+        }
+        for p in [0.0f32, 0.1, 0.5, 0.9, 1.0] {
+            let mut want_m = vec![0.0; n];
+            philox::dropout_mask(seed, offset, p, &mut want_m);
+            let x = scaled(r.normal_vec(n), 3.0);
+            let mut want_y = vec![0.0; n];
+            philox::dropout(seed, offset, p, &x, &mut want_y, None);
+            for sh in shapes_n(n) {
+                let case = format!("n {n} p {p} seed {seed:#x} offset {offset:#x}, {sh:?}");
+                let mut m = nan(n);
+                let mp = addr_mut(&mut m);
+                lib.launch(sh, &|| unsafe { k_mask(mp as M, n as I, p, seed, offset) });
+                exact(&mut c, "dropout_mask_f32", &case, &m, &want_m);
+                // with the mask written
+                let (mut y, mut m) = (nan(n), nan(n));
+                let (xp, yp, mp) = (addr(&x), addr_mut(&mut y), addr_mut(&mut m));
+                lib.launch(sh, &|| unsafe { k_apply(xp as P, yp as M, mp as M, n as I, p, seed, offset) });
+                exact(&mut c, "dropout_f32", &format!("y, {case}"), &y, &want_y);
+                exact(&mut c, "dropout_f32", &format!("mask, {case}"), &m, &want_m);
+                // in place, no mask
+                let mut y = x.clone();
+                let yp = addr_mut(&mut y);
+                lib.launch(sh, &|| unsafe { k_apply(yp as P, yp as M, std::ptr::null_mut(), n as I, p, seed, offset) });
+                exact(&mut c, "dropout_f32", &format!("in place, no mask, {case}"), &y, &want_y);
+            }
+        }
+    }
+    println!("philox_normal_f32: worst {worst_normal_ulps} ulp from rng::philox::fill_normal, {normal_differing} elements not bit-identical");
     c.finish(&lib);
 }

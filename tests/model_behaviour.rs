@@ -75,7 +75,7 @@ fn inference_records_no_tape_and_training_does() {
     assert!(!v.requires_grad() && v.is_leaf());
     let v = f.model.forward(&Var::constant(t), &Var::constant(x), None, &mut Forward { dropout_rng: None }).unwrap();
     assert!(v.requires_grad());
-    let g = ops::mean_all(&ops::square(&v)).backward();
+    let g = ops::mean_all(&ops::square(&v).unwrap()).unwrap().backward().unwrap();
     let n_nonzero = f.model.params().vars().iter().filter(|p| g.get(p).is_some()).count();
     assert_eq!(n_nonzero, f.model.params().len());
 }
@@ -114,4 +114,19 @@ fn strict_loading_names_every_problem_in_one_error() {
     assert!(e.contains(&format!("missing keys (1): {removed}")), "{e}");
     assert!(e.contains("unexpected keys (1): extra.weight"), "{e}");
     assert!(e.contains(&format!("shape mismatches (1): {bad}: file has [1, 2, 3]")), "{e}");
+}
+
+/// An empty batch (64-channel 3×3 convolutions take the Winograd path) is an empty output, and
+/// its backward pass runs, rather than a panic.
+#[test]
+fn an_empty_batch_does_not_panic() {
+    let mut cfg = UNetConfig::new([1, 8, 8], 64, 1);
+    cfg.channel_mult = Some(vec![1.0]);
+    let m = UNetModel::new(&cfg, Init::Torch(1)).unwrap();
+    let (x, t) = (Tensor::zeros(&[0, 1, 8, 8]), Tensor::zeros(&[0]));
+    let v = m.predict(&t, &x, None).unwrap();
+    assert_eq!(v.shape(), &[0, 1, 8, 8]);
+    let v = m.forward(&Var::constant(t), &Var::constant(x), None, &mut Forward { dropout_rng: None }).unwrap();
+    let g = ops::sum_all(&v).unwrap().backward().unwrap();
+    assert!(m.params().vars().iter().all(|p| g.get(p).is_none_or(|d| d.data().iter().all(|&e| e == 0.0))));
 }

@@ -145,12 +145,12 @@ fn linear_assignment_matches_scipy_and_pot() {
         // The pairing of the tensors directly gives the same optimum.
         let p2 = exact_ot_pairing(x0, x1).unwrap();
         assert_eq!(p2, perm);
-        if name == "n64" {
-            if let Some((_, pot)) = f.get_int("pot_total") {
-                let pot = bits_f64(pot);
-                println!("n64: POT ot.emd total*n {pot:.17}");
-                assert!(close(ours, pot, 1e-9), "n64: {ours} vs POT {pot}");
-            }
+        if name == "n64"
+            && let Some((_, pot)) = f.get_int("pot_total")
+        {
+            let pot = bits_f64(pot);
+            println!("n64: POT ot.emd total*n {pot:.17}");
+            assert!(close(ours, pot, 1e-9), "n64: {ours} vs POT {pot}");
         }
     }
     // Integer costs with many ties: exact.

@@ -56,7 +56,10 @@ fn a_run_writes_every_output() {
     assert_eq!(csv.lines().count(), 5, "header + 4 rows");
     assert!(csv.lines().next().unwrap().contains("reward_mean"));
     // flags win over the file, the file over the preset
-    let resolved: toml::Table = toml::from_str(&std::fs::read_to_string(r.join("config.toml")).unwrap()).unwrap();
+    let text = std::fs::read_to_string(r.join("config.toml")).unwrap();
+    let resolved: toml::Table = toml::from_str(&text).unwrap();
+    // f32 keys are written with their shortest decimal
+    assert!(text.lines().any(|l| l == "learning_rate = 0.001") && text.lines().any(|l| l == "w2_coefficient = 0.2"), "{text}");
     assert_eq!(resolved["learning_rate"].as_float().unwrap() as f32, 0.001);
     assert_eq!(resolved["temperature"].as_float().unwrap(), 1.5);
     assert_eq!(resolved["batch_size"].as_integer(), Some(4));
@@ -182,4 +185,29 @@ fn every_config_key_has_a_flag_of_the_same_name() {
     flags.sort();
     keys.sort();
     assert_eq!(flags, keys);
+}
+
+/// A run's `config.toml` writes f32 values by their shortest decimal (`0.0004`, not the f64
+/// `0.00039999998989515007`) and reads back to the same settings, bit for bit.
+#[test]
+fn config_toml_writes_short_floats_that_read_back_exactly() {
+    use orwcfm_fast::commands::runconfig::{ProductConfig, preset, read_toml, resolve, to_toml};
+    let d = tmpdir("toml");
+    let mut orw = preset("mnist-even").unwrap();
+    orw.sigma = 0.1;
+    orw.ema_decay = 0.9999;
+    orw.grad_clip = 1.0 / 3.0;
+    orw.ode_atol = 1e-7;
+    let prod = ProductConfig { reward_timeout: 0.1 + 0.2, ..ProductConfig::default() };
+    let text = to_toml(&orw, &prod).unwrap();
+    for want in ["learning_rate = 0.0004", "w2_coefficient = 0.2", "temperature = 3.0", "sigma = 0.1", "ema_decay = 0.9999", "grad_clip = 0.33333334", "ode_atol = 0.0000001", "reward_timeout = 0.30000000000000004"] {
+        assert!(text.lines().any(|l| l == want), "config.toml lacks '{want}':\n{text}");
+    }
+    let p = d.join("config.toml");
+    std::fs::write(&p, &text).unwrap();
+    let (o, q) = resolve(Some(read_toml(&p).unwrap()), serde_json::Map::new()).unwrap();
+    assert_eq!((&o, &q), (&orw, &prod));
+    for (a, b) in [(o.learning_rate, orw.learning_rate), (o.w2_coefficient, orw.w2_coefficient), (o.temperature, orw.temperature), (o.grad_clip, orw.grad_clip), (o.sigma, orw.sigma), (o.ema_decay, orw.ema_decay)] {
+        assert_eq!(a.to_bits(), b.to_bits());
+    }
 }

@@ -12,9 +12,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use anyhow::{Result, bail};
+
 use crate::tensor::Tensor;
 
-type BackFn = Box<dyn Fn(&Tensor) -> Vec<Option<Tensor>>>;
+type BackFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
     id: usize,
@@ -75,7 +77,7 @@ impl Var {
     }
 
     /// The result of an op. Records the node only if gradients are enabled and an input needs them.
-    pub(crate) fn from_op(value: Tensor, parents: Vec<Var>, name: &'static str, backward: impl Fn(&Tensor) -> Vec<Option<Tensor>> + 'static) -> Var {
+    pub fn from_op(value: Tensor, parents: Vec<Var>, name: &'static str, backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static) -> Var {
         if grad_enabled() && parents.iter().any(|p| p.requires_grad()) { Var::new_node(value, true, parents, Some(Box::new(backward)), name) } else { Var::new_node(value, false, Vec::new(), None, name) }
     }
 
@@ -101,28 +103,37 @@ impl Var {
         assert_eq!(self.0.value.borrow().shape(), t.shape(), "set_value changes the shape");
         *self.0.value.borrow_mut() = t;
     }
+    /// Take a leaf's value out, leaving an empty placeholder (see `ParamStore::take_values`).
+    pub(crate) fn take_value(&self) -> Tensor {
+        assert!(self.is_leaf(), "take_value on a non-leaf Var");
+        std::mem::replace(&mut *self.0.value.borrow_mut(), Tensor::zeros(&[0]))
+    }
+    /// Put back a value taken by `take_value`.
+    pub(crate) fn put_value(&self, t: Tensor) {
+        *self.0.value.borrow_mut() = t;
+    }
     /// A new leaf with the same value, cut from this graph.
     pub fn detach(&self) -> Var {
         Var::constant(self.value())
     }
 
     /// Gradients of this scalar with respect to every leaf that requires them.
-    pub fn backward(&self) -> Grads {
+    pub fn backward(&self) -> Result<Grads> {
         let v = self.value();
-        assert_eq!(v.numel(), 1, "backward() needs a scalar; use backward_with for a {:?} tensor", v.shape());
-        let seed = match v.gpu_buf() {
-            Some(b) => crate::backend::cuda::ops::full(b.gpu(), v.shape(), 1.0),
-            None => Tensor::full(v.shape(), 1.0),
-        };
-        self.backward_with(seed)
+        if v.numel() != 1 {
+            bail!("backward() needs a scalar; use backward_with for a {:?} tensor", v.shape());
+        }
+        self.backward_with(v.full_like(1.0)?)
     }
 
     /// Vector-Jacobian product: gradients given the gradient `seed` of this Var.
-    pub fn backward_with(&self, seed: Tensor) -> Grads {
-        assert_eq!(seed.shape(), self.shape().as_slice(), "backward seed shape");
+    pub fn backward_with(&self, seed: Tensor) -> Result<Grads> {
+        if seed.shape() != self.shape().as_slice() {
+            bail!("backward seed of shape {:?} for a value of shape {:?}", seed.shape(), self.shape());
+        }
         let mut grads: HashMap<usize, Tensor> = HashMap::new();
         if !self.requires_grad() {
-            return Grads { map: grads };
+            return Ok(Grads { map: grads });
         }
         // Iterative post-order DFS for a topological order.
         let mut order: Vec<Var> = Vec::new();
@@ -144,7 +155,7 @@ impl Var {
         for node in order.iter().rev() {
             let Some(bw) = &node.0.backward else { continue };
             let Some(g) = grads.remove(&node.id()) else { continue };
-            let pgs = bw(&g);
+            let pgs = bw(&g).map_err(|e| e.context(format!("backward of {}", node.0.name)))?;
             debug_assert_eq!(pgs.len(), node.0.parents.len(), "backward of {} returned the wrong count", node.0.name);
             for (p, pg) in node.0.parents.iter().zip(pgs) {
                 if !p.requires_grad() {
@@ -153,15 +164,14 @@ impl Var {
                 let Some(pg) = pg else { continue };
                 debug_assert_eq!(pg.shape(), p.shape().as_slice(), "gradient shape from {}", node.0.name);
                 match grads.get_mut(&p.id()) {
-                    Some(acc) if acc.is_cuda() || pg.is_cuda() => crate::backend::cuda::ops::axpby(1.0, &pg, 1.0, acc),
-                    Some(acc) => crate::backend::cpu::elementwise::add_assign(acc.data_mut(), pg.data()),
+                    Some(acc) => acc.axpby_in_place(1.0, &pg, 1.0)?,
                     None => {
                         grads.insert(p.id(), pg);
                     }
                 }
             }
         }
-        Grads { map: grads }
+        Ok(Grads { map: grads })
     }
 }
 
@@ -177,14 +187,12 @@ impl Grads {
     pub fn take(&mut self, v: &Var) -> Option<Tensor> {
         self.map.remove(&v.id())
     }
-    /// The gradient, or zeros of the right shape when the leaf did not influence the output.
-    pub fn get_or_zeros(&self, v: &Var) -> Tensor {
-        self.get(v).cloned().unwrap_or_else(|| {
-            let value = v.value();
-            match value.gpu_buf() {
-                Some(b) => crate::backend::cuda::ops::full(b.gpu(), value.shape(), 0.0),
-                None => Tensor::zeros(value.shape()),
-            }
-        })
+    /// The gradient, or zeros of the right shape (dtype and device) when the leaf did not
+    /// influence the output.
+    pub fn get_or_zeros(&self, v: &Var) -> Result<Tensor> {
+        match self.get(v) {
+            Some(g) => Ok(g.clone()),
+            None => v.value().zeros_like(),
+        }
     }
 }

@@ -42,8 +42,10 @@ pub struct ProductConfig {
     /// Save a PNG grid of samples every this many epochs (and at the start and the end).
     pub grid_every: u64,
     pub grid_samples: usize,
-    /// cpu (cuda comes with the CUDA backend).
+    /// cpu, cuda or cuda:N.
     pub device: String,
+    /// f32, f16 or bf16 (see `Trainer::set_precision`).
+    pub precision: String,
     /// No progress bar or lines, only errors and the final summary.
     pub quiet: bool,
 }
@@ -66,6 +68,7 @@ impl Default for ProductConfig {
             grid_every: 5,
             grid_samples: 64,
             device: "cpu".into(),
+            precision: "f32".into(),
             quiet: false,
         }
     }
@@ -181,8 +184,27 @@ pub fn resolve(file: Option<Map<String, Value>>, flags: Map<String, Value>) -> R
     Ok((orw, prod))
 }
 
-/// The resolved config as TOML (what a run writes to `config.toml`).
+/// The resolved config as TOML (what a run writes to `config.toml`). Floats are written with
+/// their shortest decimal (an f32 `learning_rate` of 4e-4 as `0.0004`, not as the f64
+/// `0.00039999998989515007`), which reads back to the same f32 bit for bit.
 pub fn to_toml(orw: &OrwConfig, prod: &ProductConfig) -> Result<String> {
+    // the typed TOML serializer writes each f32 by its own shortest decimal (and leaves out None)
+    let mut t: toml::Table = toml::from_str(&toml::to_string(orw)?)?;
+    t.extend(toml::from_str::<toml::Table>(&toml::to_string(prod)?)?);
+    let text = toml::to_string(&t)?;
+    // it must read back to exactly these settings (resuming compares them with the checkpoint's)
+    let back: Map<String, Value> = match serde_json::to_value(toml::from_str::<toml::Table>(&text)?)? {
+        Value::Object(m) => m,
+        _ => unreachable!("a TOML table is an object"),
+    };
+    if resolve(Some(back), Map::new()).is_ok_and(|(o, p)| &o == orw && &p == prod) {
+        return Ok(text);
+    }
+    to_toml_exact(orw, prod)
+}
+
+/// The config as TOML with every f32 widened to f64 exactly (long decimals, exact round trip).
+fn to_toml_exact(orw: &OrwConfig, prod: &ProductConfig) -> Result<String> {
     let mut m = match serde_json::to_value(orw)? {
         Value::Object(m) => m,
         _ => unreachable!(),

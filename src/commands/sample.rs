@@ -48,6 +48,19 @@ pub struct SamplerArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Precision of the model's weights and activations: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+}
+
+impl SamplerArgs {
+    /// Reject values that cannot be sampled, before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        if self.num == 0 {
+            anyhow::bail!("-n/--num must be at least 1 (the number of samples), got 0");
+        }
+        Ok(())
+    }
 }
 
 fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
@@ -66,12 +79,14 @@ fn model_of(a: &SamplerArgs) -> Result<UNetModel> {
     let (orw, prod) = resolve(None, flags)?;
     let mut m = load_base(&orw, &prod)?;
     m.to_device(dev)?;
+    m.to_precision(crate::tensor::DType::parse_precision(&a.precision)?)?;
     Ok(m)
 }
 
 /// Draw samples to a PNG grid and/or a safetensors file (`x` [N,C,H,W] in [-1,1], `y` for
 /// class-conditional models).
 pub fn run_sample(a: &SamplerArgs, grid: Option<&PathBuf>, out: Option<&PathBuf>) -> Result<()> {
+    a.validate()?;
     if grid.is_none() && out.is_none() {
         anyhow::bail!("give --grid FILE.png and/or --out FILE.safetensors");
     }
@@ -106,6 +121,7 @@ pub fn run_sample(a: &SamplerArgs, grid: Option<&PathBuf>, out: Option<&PathBuf>
 
 /// Reward and diversity of a model's samples (and their distance to a reference model's).
 pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], reference: Option<&String>, json: bool) -> Result<()> {
+    a.validate()?;
     let model = model_of(a)?;
     let mut flags = Map::new();
     flags.insert("reward".into(), reward.into());
@@ -126,6 +142,7 @@ pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], referen
                 rtol: a.rtol,
                 seed: a.seed,
                 device: a.device.clone(),
+                precision: a.precision.clone(),
             })?;
             Some(evaluate(&m, a.num, &solver, a.steps, a.seed ^ 0x2EF, r.as_mut(), None, None)?.0)
         }

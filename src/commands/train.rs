@@ -125,8 +125,11 @@ flags! {
         /// Sample grid every N epochs.
         grid_every: u64,
         grid_samples: usize,
-        /// cpu.
+        /// cpu, cuda or cuda:N.
         device: String,
+        /// f32, f16 or bf16: weights and activations of the forward/backward pass in that dtype,
+        /// f32 master weights and Adam moments (f16 with dynamic loss scaling).
+        precision: String,
     }
     switches {
         /// Accepted for compatibility; metrics always go to metrics.jsonl/csv and TensorBoard files (upload with `wandb sync`).
@@ -349,6 +352,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         t
     };
     tr.to_device(device)?;
+    tr.set_precision(crate::tensor::DType::parse_precision(&prod.precision)?)?;
     let run_dir = tr.run_dir().expect("the trainer has a run folder").to_path_buf();
     let shape = tr.net().sample_shape();
     let (mut reward, classifier, targets) = build_reward(&prod, &shape)?;
@@ -482,6 +486,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         "last_step": last.as_ref().map(|m| json!({"fm_loss": m.fm_loss, "w2_loss": m.w2_loss, "total_loss": m.total_loss})),
         "wall_time_s": t0.elapsed().as_secs_f64(),
         "device": format!("{device:?}").to_lowercase(),
+        "precision": prod.precision,
         "threads": rayon::current_num_threads(),
         "checkpoint": ck.display().to_string(),
         "plots": plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),

@@ -89,21 +89,17 @@ pub fn odeint(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0
     if steps == 0 && !matches!(solver, OdeSolver::Dopri5 { .. }) {
         bail!("odeint: {} needs at least one step (steps = 0)", solver.name());
     }
-    if x0.is_cuda() {
-        // the state stays on the GPU for the fixed grids; dopri5's controller runs on the host
-        return match solver {
-            OdeSolver::Euler | OdeSolver::Midpoint | OdeSolver::Rk4 => fixed_grid_gpu(f, x0, t0, t1, steps, solver),
-            OdeSolver::Dopri5 { atol, rtol } => {
-                let x = x0.to_cpu();
-                check_finite(x.data(), t0 as f64)?;
-                dopri5(f, &x, t0, t1, *atol, *rtol)
-            }
-        };
-    }
-    check_finite(x0.data(), t0 as f64)?;
     match solver {
+        // the state stays on the tensors' device (and in their dtype)
         OdeSolver::Euler | OdeSolver::Midpoint | OdeSolver::Rk4 => fixed_grid(f, x0, t0, t1, steps, solver),
-        OdeSolver::Dopri5 { atol, rtol } => dopri5(f, x0, t0, t1, *atol, *rtol),
+        // dopri5's step-size controller runs on host values; the right-hand side gets its
+        // states on x0's device
+        OdeSolver::Dopri5 { atol, rtol } => {
+            let host = x0.to_cpu()?.to_dtype(crate::tensor::DType::F32)?;
+            check_finite(host.data(), t0 as f64)?;
+            let (y, stats) = dopri5(f, &host, x0.device(), t0, t1, *atol, *rtol)?;
+            Ok((y.to_dtype(x0.dtype())?.to_device(x0.device())?, stats))
+        }
     }
 }
 
@@ -114,6 +110,8 @@ pub fn odeint(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0
 struct Rhs<'a> {
     f: &'a mut dyn FnMut(f32, &Tensor) -> Result<Tensor>,
     shape: Vec<usize>,
+    /// where the right-hand side is evaluated
+    device: crate::tensor::Device,
     nfe: usize,
     /// +1 forwards, -1 for time-reversed dopri5 (τ = -t).
     sign: f32,
@@ -123,13 +121,13 @@ impl Rhs<'_> {
     /// Evaluate at (solver) time `t` on a state given as data; returns the derivative's data.
     fn eval(&mut self, t: f32, y: Vec<f32>) -> Result<Vec<f32>> {
         let real_t = self.sign * t;
-        let x = Tensor::from_vec(y, &self.shape);
+        let x = Tensor::from_vec(y, &self.shape).to_device(self.device)?;
         self.nfe += 1;
         let out = (self.f)(real_t, &x).with_context(|| format!("ODE right-hand side failed at t = {real_t}"))?;
         if out.shape() != self.shape.as_slice() {
             bail!("ODE right-hand side returned shape {:?} at t = {real_t}, expected {:?}", out.shape(), self.shape);
         }
-        let mut v = out.into_vec();
+        let mut v = out.values()?;
         if self.sign < 0.0 {
             for e in v.iter_mut() {
                 *e = -*e;
@@ -162,11 +160,6 @@ fn lincomb(base: &[f32], scale: f64, terms: &[(f64, &[f32])]) -> Vec<f32> {
     base.iter().zip(&acc).map(|(&b, &a)| (b as f64 + scale * a) as f32).collect()
 }
 
-/// `y + dt * k` in f32 (torchdiffeq's fixed-grid arithmetic).
-fn axpy(y: &[f32], dt: f32, k: &[f32]) -> Vec<f32> {
-    y.iter().zip(k).map(|(&a, &b)| a + dt * b).collect()
-}
-
 fn rms(v: impl Iterator<Item = f64>, n: usize) -> f64 {
     if n == 0 {
         return 0.0;
@@ -192,52 +185,11 @@ fn grid_time(k: usize, steps: usize, t0: f32, t1: f32) -> f32 {
     if k == steps { t1 } else { (t0 as f64 + k as f64 * (t1 as f64 - t0 as f64) / steps as f64) as f32 }
 }
 
+/// The fixed-grid solvers (torchdiffeq's grid and stage times) with the state on its device:
+/// stages are combined as `y + Σ c_j k_j` by the tensors' backend, in f32.
 fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
-    let mut rhs = Rhs { f, shape: x0.shape().to_vec(), nfe: 0, sign: 1.0 };
-    let grid = |k: usize| grid_time(k, steps, t0, t1);
-    let mut y: Vec<f32> = x0.data().to_vec();
-    for k in 0..steps {
-        let ta = grid(k);
-        let tb = grid(k + 1);
-        let dt = tb - ta;
-        y = match solver {
-            OdeSolver::Euler => {
-                let f0 = rhs.eval(ta, y.clone())?;
-                axpy(&y, dt, &f0)
-            }
-            OdeSolver::Midpoint => {
-                let half = 0.5 * dt;
-                let f0 = rhs.eval(ta, y.clone())?;
-                let ymid = axpy(&y, half, &f0);
-                let fm = rhs.eval(ta + half, ymid)?;
-                axpy(&y, dt, &fm)
-            }
-            OdeSolver::Rk4 => {
-                // torchdiffeq's rk4_alt_step_func (3/8 rule)
-                let third = 1.0f64 / 3.0;
-                let k1 = rhs.eval(ta, y.clone())?;
-                let y2 = lincomb(&y, dt as f64, &[(third, &k1)]);
-                let k2 = rhs.eval(ta + dt * (1.0 / 3.0), y2)?;
-                let y3 = lincomb(&y, dt as f64, &[(-third, &k1), (1.0, &k2)]);
-                let k3 = rhs.eval(ta + dt * (2.0 / 3.0), y3)?;
-                let y4 = lincomb(&y, dt as f64, &[(1.0, &k1), (-1.0, &k2), (1.0, &k3)]);
-                let k4 = rhs.eval(tb, y4)?;
-                lincomb(&y, dt as f64 * 0.125, &[(1.0, &k1), (3.0, &k2), (3.0, &k3), (1.0, &k4)])
-            }
-            OdeSolver::Dopri5 { .. } => unreachable!(),
-        };
-        check_finite(&y, tb as f64)?;
-    }
-    let stats = OdeStats { nfe: rhs.nfe, steps, rejected: 0 };
-    Ok((Tensor::from_vec(y, x0.shape()), stats))
-}
-
-/// [`fixed_grid`] with the state on the GPU: the same grid and stage times; stages combined by
-/// `axpby` kernels in f32 (the CPU combines RK4 stages in f64: the two agree to rounding).
-fn fixed_grid_gpu(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
-    use crate::backend::cuda::ops::{axpby, on, sum_squares};
     let check = |y: &Tensor, t: f64| -> Result<()> {
-        let s = sum_squares(&[y]);
+        let s = Tensor::sum_squares(&[y])?;
         if !s.is_finite() {
             bail!("ODE state became non-finite at t = {t}");
         }
@@ -252,15 +204,15 @@ fn fixed_grid_gpu(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor
         if v.shape() != shape.as_slice() {
             bail!("ODE right-hand side returned shape {:?} at t = {t}, expected {:?}", v.shape(), shape);
         }
-        Ok(if v.is_cuda() { v } else { on(&crate::backend::cuda::ops::gpu_of(&[x]), &v) })
+        Ok(v)
     };
     // y + Σ c_j k_j as a fresh tensor
-    let comb = |y: &Tensor, terms: &[(f32, &Tensor)]| -> Tensor {
+    let comb = |y: &Tensor, terms: &[(f32, &Tensor)]| -> Result<Tensor> {
         let mut out = y.clone();
         for (c, k) in terms {
-            axpby(*c, k, 1.0, &mut out);
+            out.axpby_in_place(*c, k, 1.0)?;
         }
-        out
+        Ok(out)
     };
     let grid = |k: usize| grid_time(k, steps, t0, t1);
     let mut y = x0.clone();
@@ -270,23 +222,23 @@ fn fixed_grid_gpu(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor
         y = match solver {
             OdeSolver::Euler => {
                 let f0 = eval(ta, &y)?;
-                comb(&y, &[(dt, &f0)])
+                comb(&y, &[(dt, &f0)])?
             }
             OdeSolver::Midpoint => {
                 let half = 0.5 * dt;
                 let f0 = eval(ta, &y)?;
-                let ymid = comb(&y, &[(half, &f0)]);
+                let ymid = comb(&y, &[(half, &f0)])?;
                 let fm = eval(ta + half, &ymid)?;
-                comb(&y, &[(dt, &fm)])
+                comb(&y, &[(dt, &fm)])?
             }
             OdeSolver::Rk4 => {
                 let third = (1.0f64 / 3.0) as f32;
                 let k1 = eval(ta, &y)?;
-                let k2 = eval(ta + dt * (1.0 / 3.0), &comb(&y, &[(dt * third, &k1)]))?;
-                let k3 = eval(ta + dt * (2.0 / 3.0), &comb(&y, &[(-dt * third, &k1), (dt, &k2)]))?;
-                let k4 = eval(tb, &comb(&y, &[(dt, &k1), (-dt, &k2), (dt, &k3)]))?;
+                let k2 = eval(ta + dt * (1.0 / 3.0), &comb(&y, &[(dt * third, &k1)])?)?;
+                let k3 = eval(ta + dt * (2.0 / 3.0), &comb(&y, &[(-dt * third, &k1), (dt, &k2)])?)?;
+                let k4 = eval(tb, &comb(&y, &[(dt, &k1), (-dt, &k2), (dt, &k3)])?)?;
                 let e = dt * 0.125;
-                comb(&y, &[(e, &k1), (3.0 * e, &k2), (3.0 * e, &k3), (e, &k4)])
+                comb(&y, &[(e, &k1), (3.0 * e, &k2), (3.0 * e, &k3), (e, &k4)])?
             }
             OdeSolver::Dopri5 { .. } => unreachable!(),
         };
@@ -356,7 +308,7 @@ impl Dense {
     }
 }
 
-fn dopri5(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, atol: f64, rtol: f64) -> Result<(Tensor, OdeStats)> {
+fn dopri5(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, device: crate::tensor::Device, t0: f32, t1: f32, atol: f64, rtol: f64) -> Result<(Tensor, OdeStats)> {
     if !(atol.is_finite() && rtol.is_finite() && atol >= 0.0 && rtol >= 0.0 && atol + rtol > 0.0) {
         bail!("dopri5 needs finite, non-negative tolerances (not both zero), got atol={atol}, rtol={rtol}");
     }
@@ -368,7 +320,7 @@ fn dopri5(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f3
     let tau0 = (sign * t0) as f64;
     let tau_end = (sign * t1) as f64;
     let n = x0.numel();
-    let mut rhs = Rhs { f, shape: x0.shape().to_vec(), nfe: 0, sign };
+    let mut rhs = Rhs { f, shape: x0.shape().to_vec(), device, nfe: 0, sign };
     let real_t = |tau: f64| tau * sign as f64;
 
     let mut y: Vec<f32> = x0.data().to_vec();

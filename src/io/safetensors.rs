@@ -1,4 +1,5 @@
-//! safetensors files: f32/f16/bf16/f64 floats (converted to f32) and integer tensors.
+//! safetensors files: f32, f16 and bf16 tensors (kept in the file's dtype), f64 (read as f32)
+//! and integer tensors.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +12,7 @@ use crate::tensor::{DType, Tensor};
 
 /// The contents of a safetensors file, converted for the engine.
 pub struct StFile {
-    /// Float tensors (any float dtype, converted to f32), in file order.
+    /// Float tensors in file order: f32, f16 and bf16 in their own dtype, f64 as f32.
     pub tensors: Vec<(String, Tensor)>,
     /// Integer tensors (labels), as i64.
     pub ints: Vec<(String, Vec<usize>, Vec<i64>)>,
@@ -38,8 +39,9 @@ fn float_view(name: &str, v: &TensorView) -> Result<Option<Tensor>> {
     let d = v.data();
     let t = match v.dtype() {
         Dtype::F32 => Tensor::from_vec(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(), &shape),
-        Dtype::F16 => Tensor::from_vec(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(), &shape),
-        Dtype::BF16 => Tensor::from_vec(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(), &shape),
+        // half precision is kept as it is in the file until a cast is asked for
+        Dtype::F16 => Tensor::from_f16(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect(), &shape)?,
+        Dtype::BF16 => Tensor::from_bf16(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect(), &shape)?,
         Dtype::F64 => Tensor::from_vec(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(), &shape),
         Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64 | Dtype::BOOL => return Ok(None),
         other => bail!("tensor '{name}' has dtype {other:?}, which is not supported"),
@@ -103,13 +105,14 @@ pub fn serialize(tensors: &[(String, Out)], dtype: DType, metadata: &HashMap<Str
     for (name, t) in tensors {
         match t {
             Out::F(t) => {
-                let (dt, bytes): (Dtype, Vec<u8>) = match dtype {
-                    DType::F32 if t.is_cuda() => (Dtype::F32, bytemuck::cast_slice(&t.to_vec()).to_vec()),
-                    DType::F32 => (Dtype::F32, bytemuck::cast_slice(t.data()).to_vec()),
-                    DType::F16 => (Dtype::F16, bytemuck::cast_slice(&t.to_f16()).to_vec()),
-                    DType::BF16 => (Dtype::BF16, bytemuck::cast_slice(&t.to_bf16()).to_vec()),
+                let dt = match dtype {
+                    DType::F32 => Dtype::F32,
+                    DType::F16 => Dtype::F16,
+                    DType::BF16 => Dtype::BF16,
                     DType::I32 => bail!("tensor '{name}': i32 is not a float dtype to save floats as"),
                 };
+                let host = t.to_dtype(dtype)?.to_cpu()?;
+                let bytes = host.storage().to_cpu_storage()?.bytes().to_vec();
                 bufs.push((name.clone(), dt, t.shape().to_vec(), bytes));
             }
             Out::I64(shape, v) => bufs.push((name.clone(), Dtype::I64, shape.to_vec(), bytemuck::cast_slice(v).to_vec())),

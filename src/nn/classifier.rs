@@ -39,7 +39,7 @@ impl ClassifierConfig {
         if self.in_channels == 0 || self.num_classes < 2 || self.hidden == 0 || self.channels.is_empty() || self.channels.contains(&0) {
             bail!("invalid classifier config {self:?}");
         }
-        if self.image_size == 0 || self.image_size % f != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(f) {
             bail!("classifier image_size {} must be divisible by 2^{} (one halving per conv stage)", self.image_size, self.channels.len());
         }
         Ok(())
@@ -95,13 +95,13 @@ impl Classifier {
         let p = |n: &str| self.params.get(n).expect("classifier parameter").clone();
         let mut h = x.clone();
         for i in 0..c.channels.len() {
-            h = ops::conv2d(&h, &p(&format!("convs.{i}.weight")), Some(&p(&format!("convs.{i}.bias"))), 1, 1);
-            h = ops::avg_pool2x(&ops::silu(&h));
+            h = ops::conv2d(&h, &p(&format!("convs.{i}.weight")), Some(&p(&format!("convs.{i}.bias"))), 1, 1)?;
+            h = ops::avg_pool2x(&ops::silu(&h)?)?;
         }
         let b = s[0];
         let flat = h.value().numel() / b.max(1);
-        let feat = ops::silu(&ops::linear(&ops::reshape(&h, &[b, flat]), &p("fc.weight"), Some(&p("fc.bias"))));
-        let logits = ops::linear(&feat, &p("out.weight"), Some(&p("out.bias")));
+        let feat = ops::silu(&ops::linear(&ops::reshape(&h, &[b, flat])?, &p("fc.weight"), Some(&p("fc.bias")))?)?;
+        let logits = ops::linear(&feat, &p("out.weight"), Some(&p("out.bias")))?;
         Ok((logits, feat))
     }
 
@@ -262,8 +262,8 @@ pub fn train_classifier(model: &Classifier, images: &Tensor, labels: &[usize], o
             let loss = ops::cross_entropy(&logits, &y)?;
             total += loss.value().item() as f64;
             batches += 1;
-            let grads = model.params.grads(&loss.backward());
-            adam.step_params(&model.params, &grads, o.lr);
+            let grads = model.params.grads(&loss.backward()?)?;
+            adam.step_params(&model.params, &grads, o.lr)?;
         }
         on_epoch(epoch, (total / batches as f64) as f32);
     }

@@ -77,17 +77,17 @@ impl VelocityField for Mlp {
         let tv = t.value();
         let tcol = match tv.numel() {
             1 => Var::constant(Tensor::full(&[b, 1], tv.item())),
-            n if n == b => ops::reshape(t, &[b, 1]),
+            n if n == b => ops::reshape(t, &[b, 1])?,
             n => bail!("t has {n} values for a batch of {b}"),
         };
-        let mut h = ops::concat(&[x.clone(), tcol], 1);
+        let mut h = ops::concat(&[x.clone(), tcol], 1)?;
         let n = self.config.hidden_layers;
         for l in 0..=n {
             let w = self.params.var(2 * l);
             let bias = self.params.var(2 * l + 1);
-            h = ops::linear(&h, w, Some(bias));
+            h = ops::linear(&h, w, Some(bias))?;
             if l < n {
-                h = ops::silu(&h);
+                h = ops::silu(&h)?;
             }
         }
         Ok(h)

@@ -67,12 +67,13 @@ impl ParamStore {
         self.iter().map(|(n, v)| (n.to_string(), v.value())).collect()
     }
     /// Gradients in parameter order (zeros where a parameter did not affect the loss).
-    pub fn grads(&self, g: &Grads) -> Vec<Tensor> {
+    pub fn grads(&self, g: &Grads) -> Result<Vec<Tensor>> {
         self.vars.iter().map(|v| g.get_or_zeros(v)).collect()
     }
 
     /// Replace every value from `tensors`, strictly: every missing, unexpected or mis-shaped key
-    /// is reported, all in one error.
+    /// is reported, all in one error. Values are cast to the dtype and moved to the device of
+    /// the parameter they replace (a half-precision file loads into an f32 model and back).
     pub fn load_strict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
         // a key is "seen" when the file has it, with the right shape or not
         let mut seen = vec![false; self.vars.len()];
@@ -107,6 +108,8 @@ impl ParamStore {
             bail!("weights do not match the model: {}", parts.join(" | "));
         }
         for (i, t) in staged {
+            let cur = self.vars[i].value();
+            let t = t.to_dtype(cur.dtype())?.to_device(cur.device()).with_context(|| format!("loading {}", self.names[i]))?;
             self.vars[i].set_value(t);
         }
         Ok(())
@@ -129,9 +132,36 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Cast every parameter to `dtype` (no copy for those already in it).
+    pub fn to_dtype(&self, dtype: crate::tensor::DType) -> Result<()> {
+        for (n, v) in self.iter() {
+            let t = v.value().to_dtype(dtype).with_context(|| format!("casting parameter {n} to {dtype}"))?;
+            v.set_value(t);
+        }
+        Ok(())
+    }
+
+    /// The dtype of the parameters (the first one's; f32 for an empty store).
+    pub fn dtype(&self) -> crate::tensor::DType {
+        self.vars.first().map(|v| v.value().dtype()).unwrap_or(crate::tensor::DType::F32)
+    }
+
     /// The device of the parameters (the first one's; the CPU for an empty store).
     pub fn device(&self) -> crate::tensor::Device {
         self.vars.first().map(|v| v.value().device()).unwrap_or(crate::tensor::Device::Cpu)
+    }
+
+    /// Take the values out of the leaves (they hold empty placeholders until
+    /// [`put_values`](Self::put_values)), so that an in-place update of an unshared value needs no copy.
+    pub fn take_values(&self) -> Vec<Tensor> {
+        self.vars.iter().map(|v| v.take_value()).collect()
+    }
+    /// Put back values taken by [`take_values`](Self::take_values), in order.
+    pub fn put_values(&self, values: Vec<Tensor>) {
+        assert_eq!(values.len(), self.vars.len());
+        for (v, t) in self.vars.iter().zip(values) {
+            v.put_value(t);
+        }
     }
 
     /// Set values in order (e.g. after an optimiser step).

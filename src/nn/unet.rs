@@ -8,7 +8,7 @@ use crate::autograd::Var;
 use crate::autograd::ops::{self, *};
 use crate::backend::cpu::attention::QkvOrder;
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 const GN_GROUPS: usize = 32;
 const GN_EPS: f32 = 1e-5;
@@ -278,77 +278,77 @@ impl UNetModel {
         self.params.var(i)
     }
 
-    fn lin(&self, l: &Linear, x: &Var) -> Var {
+    fn lin(&self, l: &Linear, x: &Var) -> Result<Var> {
         linear(x, self.p(l.w), Some(self.p(l.b)))
     }
-    fn conv(&self, c: &Conv, x: &Var) -> Var {
+    fn conv(&self, c: &Conv, x: &Var) -> Result<Var> {
         if c.conv1d {
             // [B, C, T] → 1×1 conv on [B, C, T, 1]
             let s = x.shape();
             let w = self.p(c.w);
             let ws = w.shape();
-            let y = conv2d(&reshape(x, &[s[0], s[1], s[2], 1]), &reshape(w, &[ws[0], ws[1], 1, 1]), Some(self.p(c.b)), 1, 0);
+            let y = conv2d(&reshape(x, &[s[0], s[1], s[2], 1])?, &reshape(w, &[ws[0], ws[1], 1, 1])?, Some(self.p(c.b)), 1, 0)?;
             reshape(&y, &[s[0], ws[0], s[2]])
         } else {
             conv2d(x, self.p(c.w), Some(self.p(c.b)), c.stride, c.pad)
         }
     }
-    fn norm(&self, n: &Norm, x: &Var) -> Var {
+    fn norm(&self, n: &Norm, x: &Var) -> Result<Var> {
         group_norm(x, self.p(n.w), self.p(n.b), GN_GROUPS, GN_EPS)
     }
 
-    fn resblock(&self, r: &ResBlock, x: &Var, emb_silu: &Var, fw: &mut Forward) -> Var {
-        let mut h = silu(&self.norm(&r.in_norm, x));
+    fn resblock(&self, r: &ResBlock, x: &Var, emb_silu: &Var, fw: &mut Forward) -> Result<Var> {
+        let mut h = silu(&self.norm(&r.in_norm, x)?)?;
         let mut xs = x.clone();
         match r.resample {
             Resample::None => {}
             Resample::Up => {
-                h = upsample_nearest2x(&h);
-                xs = upsample_nearest2x(&xs);
+                h = upsample_nearest2x(&h)?;
+                xs = upsample_nearest2x(&xs)?;
             }
             Resample::Down => {
-                h = avg_pool2x(&h);
-                xs = avg_pool2x(&xs);
+                h = avg_pool2x(&h)?;
+                xs = avg_pool2x(&xs)?;
             }
         }
-        h = self.conv(&r.in_conv, &h);
-        let e = self.lin(&r.emb, emb_silu);
+        h = self.conv(&r.in_conv, &h)?;
+        let e = self.lin(&r.emb, emb_silu)?;
         let b = e.shape()[0];
         if r.scale_shift {
-            let scale = reshape(&narrow(&e, 1, 0, r.out_ch), &[b, r.out_ch, 1, 1]);
-            let shift = reshape(&narrow(&e, 1, r.out_ch, r.out_ch), &[b, r.out_ch, 1, 1]);
-            h = ops::add(&mul(&self.norm(&r.out_norm, &h), &add_scalar(&scale, 1.0)), &shift);
+            let scale = reshape(&narrow(&e, 1, 0, r.out_ch)?, &[b, r.out_ch, 1, 1])?;
+            let shift = reshape(&narrow(&e, 1, r.out_ch, r.out_ch)?, &[b, r.out_ch, 1, 1])?;
+            h = ops::add(&mul(&self.norm(&r.out_norm, &h)?, &add_scalar(&scale, 1.0)?)?, &shift)?;
         } else {
-            h = ops::add(&h, &reshape(&e, &[b, r.out_ch, 1, 1]));
-            h = self.norm(&r.out_norm, &h);
+            h = ops::add(&h, &reshape(&e, &[b, r.out_ch, 1, 1])?)?;
+            h = self.norm(&r.out_norm, &h)?;
         }
-        h = silu(&h);
+        h = silu(&h)?;
         if let Some(rng) = fw.dropout_rng.as_deref_mut() {
-            h = dropout(&h, self.config.dropout as f32, rng);
+            h = dropout(&h, self.config.dropout as f32, rng)?;
         }
-        h = self.conv(&r.out_conv, &h);
+        h = self.conv(&r.out_conv, &h)?;
         let skip = match &r.skip {
-            Some(c) => self.conv(c, &xs),
+            Some(c) => self.conv(c, &xs)?,
             None => xs,
         };
         ops::add(&skip, &h)
     }
 
-    fn attention(&self, a: &Attention, x: &Var) -> Var {
+    fn attention(&self, a: &Attention, x: &Var) -> Result<Var> {
         let s = x.shape();
         let (b, c) = (s[0], s[1]);
         let t: usize = s[2..].iter().product();
-        let xf = reshape(x, &[b, c, t]);
-        let qkv = self.conv(&a.qkv, &self.norm(&a.norm, &xf));
-        let h = qkv_attention(&qkv, a.heads, a.order);
-        let h = self.conv(&a.proj, &h);
-        reshape(&ops::add(&xf, &h), &s)
+        let xf = reshape(x, &[b, c, t])?;
+        let qkv = self.conv(&a.qkv, &self.norm(&a.norm, &xf)?)?;
+        let h = qkv_attention(&qkv, a.heads, a.order)?;
+        let h = self.conv(&a.proj, &h)?;
+        reshape(&ops::add(&xf, &h)?, &s)
     }
 
-    fn layer(&self, l: &Layer, h: &Var, emb_silu: &Var, fw: &mut Forward) -> Var {
+    fn layer(&self, l: &Layer, h: &Var, emb_silu: &Var, fw: &mut Forward) -> Result<Var> {
         match l {
             Layer::Conv(c) | Layer::Down(c) => self.conv(c, h),
-            Layer::Up(c) => self.conv(c, &upsample_nearest2x(h)),
+            Layer::Up(c) => self.conv(c, &upsample_nearest2x(h)?),
             Layer::Res(r) => self.resblock(r, h, emb_silu, fw),
             Layer::Attn(a) => self.attention(a, h),
         }
@@ -372,18 +372,21 @@ impl UNetModel {
         // like torchcfm: while t has more than one dimension, keep t[:, 0]
         let mut t = t.clone();
         while t.shape().len() > 1 {
-            t = narrow(&t, 1, 0, 1);
+            t = narrow(&t, 1, 0, 1)?;
             let s = t.shape();
-            t = reshape(&t, &[&s[..1], &s[2..]].concat());
+            t = reshape(&t, &[&s[..1], &s[2..]].concat())?;
         }
         let t = &t;
         let ts = t.shape();
         let tn: usize = ts.iter().product();
         let t = if tn == 1 && b != 1 {
             // a scalar t (as ODE solvers pass) is repeated over the batch
-            ops::add(&reshape(t, &[1]), &Var::constant(Tensor::zeros(&[b])))
+            {
+                let tv = t.value();
+                ops::add(&reshape(t, &[1])?, &Var::constant(Tensor::full_on(&[b], 0.0, tv.dtype(), tv.device())?))?
+            }
         } else if tn == b && ts.len() <= 1 {
-            reshape(t, &[b])
+            reshape(t, &[b])?
         } else {
             bail!("t must be a scalar or have shape [{b}] for a batch of {b}, got {ts:?}");
         };
@@ -406,22 +409,27 @@ impl UNetModel {
     /// `v = model(t, x, y)`. `t`: scalar or `[B]`; `x`: `[B, C, H, W]`; `y`: labels when class-conditional.
     pub fn forward(&self, t: &Var, x: &Var, y: Option<&[usize]>, fw: &mut Forward) -> Result<Var> {
         let t = self.check_inputs(t, x, y)?;
+        // mixed precision: activations in the parameters' dtype (the sinusoidal embedding is
+        // computed in f32 and then cast, as autocast does); the velocity comes back in f32
+        let dt = self.params.dtype();
+        let x = &ops::to_dtype(x, dt)?;
         let mc = self.config.num_channels;
-        let mut emb = self.lin(&self.time_embed.1, &silu(&self.lin(&self.time_embed.0, &timestep_embedding(&t, mc))));
+        let temb = ops::to_dtype(&timestep_embedding(&ops::to_dtype(&t, DType::F32)?, mc)?, dt)?;
+        let mut emb = self.lin(&self.time_embed.1, &silu(&self.lin(&self.time_embed.0, &temb)?)?)?;
         if let (Some(le), Some(y)) = (self.label_emb, y) {
-            emb = ops::add(&emb, &embedding(self.p(le), y)?);
+            emb = ops::add(&emb, &embedding(self.p(le), y)?)?;
         }
-        let emb_silu = silu(&emb);
+        let emb_silu = silu(&emb)?;
         let mut hs = Vec::with_capacity(self.input_blocks.len());
         let mut h = x.clone();
         for blk in &self.input_blocks {
             for l in blk {
-                h = self.layer(l, &h, &emb_silu, fw);
+                h = self.layer(l, &h, &emb_silu, fw)?;
             }
             hs.push(h.clone());
         }
         for l in &self.middle {
-            h = self.layer(l, &h, &emb_silu, fw);
+            h = self.layer(l, &h, &emb_silu, fw)?;
         }
         for blk in &self.output_blocks {
             let skip = hs.pop().expect("skip");
@@ -429,12 +437,12 @@ impl UNetModel {
             if hsh[2..] != ssh[2..] {
                 bail!("feature map {hsh:?} does not match its skip connection {ssh:?}: the input size does not suit this U-Net");
             }
-            h = concat(&[h, skip], 1);
+            h = concat(&[h, skip], 1)?;
             for l in blk {
-                h = self.layer(l, &h, &emb_silu, fw);
+                h = self.layer(l, &h, &emb_silu, fw)?;
             }
         }
-        Ok(self.conv(&self.out_conv, &silu(&self.norm(&self.out_norm, &h))))
+        ops::to_dtype(&self.conv(&self.out_conv, &silu(&self.norm(&self.out_norm, &h)?)?)?, DType::F32)
     }
 
     /// Inference: no tape, no dropout.

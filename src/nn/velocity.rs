@@ -44,6 +44,15 @@ pub trait VelocityField: Clone {
     fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
         self.params_mut().to_device(device)
     }
+    /// Store the parameters in `dtype` (f32, f16 or bf16): the forward pass then runs in that
+    /// precision (inputs cast at entry, the velocity returned in f32).
+    fn to_precision(&mut self, dtype: DType) -> Result<()> {
+        self.params_mut().to_dtype(dtype)
+    }
+    /// The dtype the parameters are stored in.
+    fn precision(&self) -> DType {
+        self.params().dtype()
+    }
     /// Copy every parameter value of `other` (same architecture) into `self`.
     fn copy_from(&mut self, other: &Self) {
         self.params().set_all(other.params().vars().iter().map(|v| v.value()).collect());

@@ -131,10 +131,10 @@ impl<M: VelocityField> Trainer<M> {
         self.net.save_file(&dir.join("net.safetensors"))?;
         // fault injection for tests: `ORWCFM_FAIL_CHECKPOINT=<run folder>` fails saves into that run
         // folder after their first file, as a full disk would
-        if let (Some(v), Some(run)) = (std::env::var_os("ORWCFM_FAIL_CHECKPOINT"), &self.run_dir) {
-            if Path::new(&v) == run.as_path() {
-                bail!("injected failure (ORWCFM_FAIL_CHECKPOINT) after writing net.safetensors");
-            }
+        if let (Some(v), Some(run)) = (std::env::var_os("ORWCFM_FAIL_CHECKPOINT"), &self.run_dir)
+            && Path::new(&v) == run.as_path()
+        {
+            bail!("injected failure (ORWCFM_FAIL_CHECKPOINT) after writing net.safetensors");
         }
         self.last_policy.save_file(&dir.join("last_policy.safetensors"))?;
         if let Some(e) = &self.ema {
@@ -194,6 +194,7 @@ impl<M: VelocityField> Trainer<M> {
             "adam": { "step": a.step, "lr": a.lr, "beta1": a.beta1, "beta2": a.beta2, "eps": a.eps, "weight_decay": a.weight_decay },
             "rng": { "sample": rng_json(&self.rng_sample), "train": rng_json(&self.rng_train), "dropout": rng_json(&self.rng_dropout) },
             "batch_uses_left": self.current.as_ref().map(|b| b.uses_left),
+            "loss_scale": { "scale": self.loss_scale, "good_steps": self.scale_good_steps, "skipped_steps": self.skipped_steps },
         });
         write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())
     }
@@ -228,6 +229,13 @@ impl<M: VelocityField> Trainer<M> {
         tr.step = u("step")?;
         tr.epoch = u("epoch")?;
         tr.step_in_epoch = u("step_in_epoch")?;
+        // f16's dynamic loss scale (absent in checkpoints written before mixed precision)
+        let ls = &state["loss_scale"];
+        if let Some(scale) = ls["scale"].as_f64() {
+            tr.loss_scale = scale as f32;
+            tr.scale_good_steps = ls["good_steps"].as_u64().unwrap_or(0);
+            tr.skipped_steps = ls["skipped_steps"].as_u64().unwrap_or(0);
+        }
         let a = &state["adam"];
         let f = |k: &str| -> Result<f32> { a[k].as_f64().map(|v| v as f32).ok_or_else(|| anyhow!("state.json: adam.{k} is missing")) };
         tr.adam.step = a["step"].as_u64().ok_or_else(|| anyhow!("state.json: adam.step is missing"))?;

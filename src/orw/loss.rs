@@ -76,18 +76,21 @@ pub fn orw_loss<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tenso
     if w.len() != b || t.numel() != b {
         bail!("ORW loss: {} weights and {} times for a batch of {b}", w.len(), t.numel());
     }
+    // the batch (drawn on the host) goes where the model is: an explicit copy at the edge
+    let dev = net.device();
+    let (t, xt, ut) = (&t.to_device(dev)?, &xt.to_device(dev)?, &ut.to_device(dev)?);
     let v = net.forward(&Var::constant(t.clone()), &Var::constant(xt.clone()), y, fw)?;
     if v.shape() != ut.shape() {
         bail!("model output {:?} does not match the target velocity {:?}", v.shape(), ut.shape());
     }
     let pix: Vec<usize> = (1..xt.ndim()).collect();
-    let per_fm = ops::mean_axes(&ops::square(&ops::sub(&v, &Var::constant(ut.clone()))), &pix, false);
-    let fm = ops::mean_all(&ops::mul(&per_fm, &Var::constant(Tensor::from_vec(w.to_vec(), &[b]))));
+    let per_fm = ops::mean_axes(&ops::square(&ops::sub(&v, &Var::constant(ut.clone()))?)?, &pix, false)?;
+    let fm = ops::mean_all(&ops::mul(&per_fm, &Var::constant(Tensor::from_vec(w.to_vec(), &[b]).to_device(dev)?))?)?;
     let (total, w2v) = if alpha != 0.0 {
         let v_ref = no_grad(|| reference.predict(t, xt, y))?;
-        let w2 = ops::mean_all(&ops::square(&ops::sub(&v, &Var::constant(v_ref))));
+        let w2 = ops::mean_all(&ops::square(&ops::sub(&v, &Var::constant(v_ref))?)?)?;
         let w2v = w2.value().item();
-        (ops::add(&fm, &ops::mul_scalar(&w2, alpha)), w2v)
+        (ops::add(&fm, &ops::mul_scalar(&w2, alpha)?)?, w2v)
     } else {
         (fm.clone(), 0.0)
     };

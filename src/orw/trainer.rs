@@ -15,13 +15,14 @@ use serde::Serialize;
 
 use super::config::OrwConfig;
 use super::loss::{WeightMode, orw_loss, reward_weights};
+use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
 use crate::nn::{Forward, VelocityField};
 use crate::optim::{Adam, clip_grad_norm, ema_update_params, grad_norm, warmup_lr};
 use crate::reward::{Reward, score_checked};
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// What one gradient step did. `step` counts completed steps (1 after the first).
 #[derive(Clone, Debug, Serialize)]
@@ -50,6 +51,10 @@ pub struct StepMetrics {
     pub nfe: usize,
     /// Whether the sampling policy was refreshed after this step (end of an epoch).
     pub policy_refreshed: bool,
+    /// f16: the update was skipped for non-finite gradients (the loss scale was halved).
+    pub skipped: bool,
+    /// The loss scale this step ran at (1 unless f16).
+    pub loss_scale: f32,
     pub seconds: f64,
 }
 
@@ -90,7 +95,22 @@ pub struct Trainer<M: VelocityField> {
     pub(crate) pool: SamplePool,
     pub(crate) current: Option<Batch>,
     pub(crate) run_dir: Option<PathBuf>,
+    /// Mixed precision: the dtype of the forward/backward pass (`net` and `ema` stay f32, the
+    /// master weights; `work` is `net` cast each step; `last_policy` and `reference` are stored
+    /// in it).
+    pub(crate) precision: DType,
+    pub(crate) work: Option<M>,
+    /// f16's dynamic loss scale (1 otherwise), the good steps since it last changed, and the
+    /// steps skipped for non-finite gradients.
+    pub(crate) loss_scale: f32,
+    pub(crate) scale_good_steps: u64,
+    pub(crate) skipped_steps: u64,
 }
+
+/// f16 loss scaling (as `torch.cuda.amp.GradScaler`): start at 2^16, halve on a non-finite
+/// gradient (the step is skipped), double after this many good steps.
+pub const LOSS_SCALE_INIT: f32 = 65536.0;
+pub const LOSS_SCALE_GROWTH_INTERVAL: u64 = 2000;
 
 /// Draw `n` samples from `model` by integrating its ODE from `N(0, I)` at t = 0 to t = 1 (no tape).
 /// Class-conditional models get uniformly drawn labels, returned with the samples.
@@ -101,7 +121,7 @@ pub fn sample_model<M: VelocityField>(model: &M, n: usize, solver: &OdeSolver, s
     // model is; the samples come back to the host for the reward
     let z = Tensor::randn(&shape, rng).to_device(model.device())?;
     let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| rng.below(k as u64) as usize).collect());
-    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full(&[n], t), x, y.as_deref());
+    let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full_on(&[n], t, crate::tensor::DType::F32, x.device())?, x, y.as_deref());
     let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
     Ok((x1.to_device(crate::tensor::Device::Cpu)?, y, stats))
 }
@@ -180,6 +200,11 @@ impl<M: VelocityField> Trainer<M> {
             pool: SamplePool::default(),
             current: None,
             run_dir: None,
+            precision: DType::F32,
+            work: None,
+            loss_scale: 1.0,
+            scale_good_steps: 0,
+            skipped_steps: 0,
         })
     }
 
@@ -203,6 +228,40 @@ impl<M: VelocityField> Trainer<M> {
             e.to_device(device)?;
         }
         Ok(())
+    }
+
+    /// Train in `dtype`: the forward and backward pass run on a copy of `net` cast to it, the
+    /// gradients are cast back and Adam updates `net`'s f32 master weights; the sampling policy
+    /// and the reference are stored in `dtype`. f16 scales the loss dynamically
+    /// ([`LOSS_SCALE_INIT`]); a step with non-finite gradients is skipped and counted.
+    pub fn set_precision(&mut self, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            bail!("precision must be f32, f16 or bf16, not {dtype}");
+        }
+        if self.precision == dtype {
+            return Ok(());
+        }
+        self.precision = dtype;
+        self.last_policy.to_precision(dtype)?;
+        self.reference.to_precision(dtype)?;
+        if dtype == DType::F32 {
+            self.work = None;
+        } else {
+            let mut w = self.net.clone();
+            w.to_precision(dtype)?;
+            self.work = Some(w);
+        }
+        if dtype == DType::F16 && self.loss_scale == 1.0 && self.skipped_steps == 0 {
+            self.loss_scale = LOSS_SCALE_INIT;
+        }
+        Ok(())
+    }
+    pub fn precision(&self) -> DType {
+        self.precision
+    }
+    /// f16's current loss scale (1 for f32 and bf16).
+    pub fn loss_scale(&self) -> f32 {
+        self.loss_scale
     }
 
     pub fn set_run_dir(&mut self, dir: &Path) -> Result<()> {
@@ -284,10 +343,12 @@ impl<M: VelocityField> Trainer<M> {
     }
 
     /// Copy `net` into the sampling policy and drop samples drawn from the old one.
-    pub fn refresh_policy(&mut self) {
+    pub fn refresh_policy(&mut self) -> Result<()> {
         self.last_policy.copy_from(&self.net);
+        self.last_policy.to_precision(self.precision)?;
         self.pool = SamplePool::default();
         self.current = None;
+        Ok(())
     }
 
     /// One gradient step (sampling first when the current batch is used up). Ends the epoch —
@@ -303,33 +364,63 @@ impl<M: VelocityField> Trainer<M> {
         let x0 = Tensor::randn(x1.shape(), &mut self.rng_train);
         let PairedBatch { flow: fs, w: w_pair, y: y_pair } = pair_batch(&self.matcher, &x0, &x1, &w, y.as_deref(), &mut self.rng_train)?;
 
+        // mixed precision: the pass runs on `work`, `net` cast to the training dtype
+        if let Some(work) = &mut self.work {
+            work.copy_from(&self.net);
+            work.to_precision(self.precision)?;
+        }
+        let model = self.work.as_ref().unwrap_or(&self.net);
         let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.rng_dropout) } else { None } };
-        let loss = orw_loss(&self.net, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
-        let (total, fm_loss, w2_loss) = (loss.total.value().item(), loss.fm, loss.w2);
+        let loss = orw_loss(model, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
+        let (total, fm_loss, w2_loss) = (loss.total.value().scalar_value()?, loss.fm, loss.w2);
         if !total.is_finite() {
             bail!("the loss is not finite at step {} (fm {}, w2 {}); lower the learning rate or the temperature", self.step, loss.fm, loss.w2);
         }
+        let scale = self.loss_scale;
         let mut grads = {
-            let g = loss.total.backward();
-            self.net.params().grads(&g)
+            let seed = if scale == 1.0 { &loss.total } else { &ops::mul_scalar(&loss.total, scale)? };
+            let g = seed.backward()?;
+            let gs = model.params().grads(&g)?;
+            // back to f32 (and unscaled) for the master weights
+            gs.iter().map(|t| if scale == 1.0 { t.to_dtype(DType::F32) } else { t.to_dtype(DType::F32)?.mul_scalar(1.0 / scale) }).collect::<Result<Vec<_>>>()?
         };
         drop(loss);
-        let gnorm = if self.cfg.grad_clip > 0.0 { clip_grad_norm(&mut grads, self.cfg.grad_clip) } else { grad_norm(&grads) };
+        let gnorm = grad_norm(&grads)?;
+        let mut skipped = false;
         if !gnorm.is_finite() {
-            bail!("the gradient norm is not finite at step {}", self.step);
+            if self.precision != DType::F16 {
+                bail!("the gradient norm is not finite at step {}", self.step);
+            }
+            // f16 overflowed at this loss scale: skip the update and halve the scale
+            skipped = true;
+            self.skipped_steps += 1;
+            self.loss_scale = (self.loss_scale * 0.5).max(1.0);
+            self.scale_good_steps = 0;
+        } else {
+            if self.cfg.grad_clip > 0.0 {
+                clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+            }
+            let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
+            self.adam.step_params(self.net.params(), &grads, lr)?;
+            if let Some(ema) = &self.ema {
+                ema_update_params(ema.params(), self.net.params(), self.cfg.ema_decay)?;
+            }
+            if self.precision == DType::F16 {
+                self.scale_good_steps += 1;
+                if self.scale_good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
+                    self.loss_scale *= 2.0;
+                    self.scale_good_steps = 0;
+                }
+            }
         }
         let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
-        self.adam.step_params(self.net.params(), &grads, lr);
-        if let Some(ema) = &self.ema {
-            ema_update_params(ema.params(), self.net.params(), self.cfg.ema_decay);
-        }
 
         let epoch = self.epoch;
         self.step += 1;
         self.step_in_epoch += 1;
         let refreshed = self.step_in_epoch >= self.cfg.steps_per_epoch;
         if refreshed {
-            self.refresh_policy();
+            self.refresh_policy()?;
             self.epoch += 1;
             self.step_in_epoch = 0;
         }
@@ -338,9 +429,7 @@ impl<M: VelocityField> Trainer<M> {
         let (s1, s2) = w.iter().fold((0.0f64, 0.0f64), |(a, b), &v| (a + v as f64, b + (v as f64).powi(2)));
         // the step's GPU work is queued: wait for it, so that `seconds` is the step's own time
         // and an asynchronous GPU error surfaces at the step that caused it
-        if let crate::tensor::Device::Cuda(i) = self.net.device() {
-            crate::backend::cuda::gpu(i)?.sync()?;
-        }
+        self.net.device().synchronize()?;
         Ok(StepMetrics {
             step: self.step,
             epoch,
@@ -358,6 +447,8 @@ impl<M: VelocityField> Trainer<M> {
             sampled,
             nfe,
             policy_refreshed: refreshed,
+            skipped,
+            loss_scale: scale,
             seconds: start.elapsed().as_secs_f64(),
         })
     }

@@ -2,6 +2,11 @@
 //!
 //! We own the generator so that runs are reproducible bit for bit across machines and
 //! versions, and so its state can be saved in checkpoints.
+//!
+//! [`philox`] is the counter-based generator (Philox4x32-10) whose draws the CUDA kernels of
+//! `kernels/rng.cu` reproduce, for noise and dropout masks drawn on either device.
+
+pub mod philox;
 
 /// xoshiro256++ generator with a cached second Box–Muller normal.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,13 +1,16 @@
-//! Dense tensors: shape, strides, device, f32 storage.
+//! Dense tensors: shape, strides, and a typed storage on one device.
 //!
-//! Storage is f32 on the host, shared by `Arc` so that copies of a model's parameters are
-//! cheap (copy on write). Half precision (`f16`, `bf16`) exists for loading and casting.
-//! Every tensor produced by an op is contiguous (row-major); `strides()` reports its layout.
+//! A tensor's storage ([`Storage`]) carries its dtype (f32, f16, bf16, i32) and lives on the CPU
+//! or a GPU, shared by `Arc` so that copies of a model's parameters are cheap (copy on write).
+//! Every op is a method here that forwards to the backend of its operands ([`storage`] is the
+//! one dispatch point) and returns a `Result`; mixing devices is an error naming both. Every
+//! tensor produced by an op is contiguous (row-major); `strides()` reports its layout.
 
-use std::fmt;
-use std::sync::Arc;
+mod ops;
+pub mod storage;
 
 use anyhow::{Result, bail};
+use std::fmt;
 
 /// Where a tensor lives. The CPU is the reference backend; CUDA devices are named here so that
 /// configuration and command lines can speak of them.
@@ -33,6 +36,19 @@ impl Device {
             return Ok(Device::Cuda(i));
         }
         bail!("unknown device '{s}': expected cpu, cuda or cuda:N")
+    }
+
+    /// Wait for the work queued on this device (a no-op on the CPU); surfaces asynchronous GPU errors.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => crate::backend::cuda::gpu(*i)?.sync(),
+        }
+    }
+
+    /// Whether this is a GPU.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
     }
 
     /// Check that tensors can be placed on this device (opens a GPU on first use).
@@ -74,6 +90,13 @@ impl DType {
             _ => bail!("unknown dtype '{s}': expected f32, f16, bf16 or i32"),
         }
     }
+    /// A `--precision` value: a float dtype.
+    pub fn parse_precision(s: &str) -> Result<DType> {
+        match DType::parse(s) {
+            Ok(d) if d.is_float() => Ok(d),
+            _ => bail!("unknown precision '{s}': expected f32, f16 or bf16"),
+        }
+    }
     /// Bytes per element.
     pub fn size(&self) -> usize {
         match self {
@@ -109,135 +132,105 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// Where a tensor's values are: host memory or a GPU buffer, shared by `Arc` (copy on write).
-#[derive(Clone)]
-enum Storage {
-    Host(Arc<Vec<f32>>),
-    Cuda(Arc<crate::backend::cuda::GpuBuf>),
-}
+pub use storage::Storage;
 
-/// A dense f32 tensor.
+use crate::backend::cpu::CpuStorage;
+
+/// A dense tensor.
 #[derive(Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
     strides: Vec<usize>,
-    data: Storage,
+    storage: Storage,
 }
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.data {
-            Storage::Host(d) => {
+        match &self.storage {
+            Storage::Cpu(c) => {
+                let d = c.f32s();
                 let n = d.len().min(6);
-                write!(f, "Tensor{:?} on cpu {:?}{}", self.shape, &d[..n], if d.len() > 6 { " …" } else { "" })
+                write!(f, "Tensor{:?} {} on cpu {:?}{}", self.shape, self.dtype(), &d[..n], if d.len() > 6 { " …" } else { "" })
             }
-            Storage::Cuda(b) => write!(f, "Tensor{:?} on cuda:{}", self.shape, b.gpu().ordinal),
+            Storage::Cuda(_) => write!(f, "Tensor{:?} {} on {}", self.shape, self.dtype(), self.device()),
         }
     }
 }
 
 impl Tensor {
-    /// A tensor from data and shape; the lengths must agree.
+    /// A tensor over a storage holding `shape`'s number of values.
+    pub fn from_storage(storage: Storage, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if storage.len() != n {
+            bail!("{} values cannot fill a tensor of shape {shape:?} ({n} values)", storage.len());
+        }
+        Ok(Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), storage })
+    }
+    /// An op's result: the backend gave `shape`'s number of values (checked in debug builds).
+    pub(crate) fn from_op(storage: Storage, shape: &[usize]) -> Tensor {
+        debug_assert_eq!(storage.len(), shape.iter().product::<usize>(), "op output for shape {shape:?}");
+        Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), storage }
+    }
+    /// An f32 CPU tensor from data and shape; the lengths must agree.
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Tensor {
         let n: usize = shape.iter().product();
         assert_eq!(data.len(), n, "Tensor::from_vec: {} values for shape {:?}", data.len(), shape);
-        Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), data: Storage::Host(Arc::new(data)) }
+        Tensor::from_op(Storage::Cpu(CpuStorage::from_f32(data)), shape)
     }
-
-    /// A tensor over a GPU buffer holding `shape`'s number of values.
-    pub fn from_gpu(buf: crate::backend::cuda::GpuBuf, shape: &[usize]) -> Tensor {
-        let n: usize = shape.iter().product();
-        assert_eq!(buf.len(), n, "Tensor::from_gpu: {} values for shape {:?}", buf.len(), shape);
-        Tensor { strides: contiguous_strides(shape), shape: shape.to_vec(), data: Storage::Cuda(Arc::new(buf)) }
-    }
-
-    /// The GPU buffer of a CUDA tensor (None on the CPU).
-    pub fn gpu_buf(&self) -> Option<&crate::backend::cuda::GpuBuf> {
-        match &self.data {
-            Storage::Cuda(b) => Some(b),
-            Storage::Host(_) => None,
-        }
-    }
-
-    /// The GPU buffer for writing in place: copied first on the device if it is shared.
-    pub fn gpu_buf_mut(&mut self) -> Result<&crate::backend::cuda::GpuBuf> {
-        let Storage::Cuda(b) = &mut self.data else { bail!("gpu_buf_mut of a CPU tensor") };
-        if Arc::get_mut(b).is_none() {
-            let copy = b.gpu().duplicate(b)?;
-            *b = Arc::new(copy);
-        }
-        Ok(b)
-    }
-
-    /// This tensor on `device` (shared, not copied, when it is already there).
-    pub fn to_device(&self, device: Device) -> Result<Tensor> {
-        match (&self.data, device) {
-            (Storage::Host(_), Device::Cpu) => Ok(self.clone()),
-            (Storage::Cuda(b), Device::Cuda(i)) if b.gpu().ordinal == i => Ok(self.clone()),
-            (Storage::Host(d), Device::Cuda(i)) => {
-                let g = crate::backend::cuda::gpu(i)?;
-                Ok(Tensor::from_gpu(g.upload(d)?, &self.shape))
-            }
-            (Storage::Cuda(b), Device::Cpu) => Ok(Tensor::from_vec(b.gpu().download(b)?, &self.shape)),
-            (Storage::Cuda(_), Device::Cuda(_)) => self.to_device(Device::Cpu)?.to_device(device),
-        }
-    }
-
-    /// This tensor in host memory (downloaded from a GPU; shared when already there).
-    pub fn to_cpu(&self) -> Tensor {
-        self.to_device(Device::Cpu).unwrap_or_else(|e| panic!("copying a {:?} tensor from the GPU: {e:#}", self.shape))
-    }
-
-    pub fn is_cuda(&self) -> bool {
-        matches!(self.data, Storage::Cuda(_))
-    }
-
     /// Checked variant of [`Tensor::from_vec`] for user data.
     pub fn try_from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        if data.len() != n {
-            bail!("{} values cannot fill a tensor of shape {:?} ({} values)", data.len(), shape, n);
-        }
-        Ok(Tensor::from_vec(data, shape))
+        Tensor::from_storage(Storage::Cpu(CpuStorage::from_f32(data)), shape)
     }
-
+    /// An f16 CPU tensor (kept in f16).
+    pub fn from_f16(data: Vec<half::f16>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_storage(Storage::Cpu(CpuStorage::F16(std::sync::Arc::new(data))), shape)
+    }
+    /// A bf16 CPU tensor (kept in bf16).
+    pub fn from_bf16(data: Vec<half::bf16>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_storage(Storage::Cpu(CpuStorage::BF16(std::sync::Arc::new(data))), shape)
+    }
+    /// An i32 CPU tensor (labels, indices).
+    pub fn from_i32(data: Vec<i32>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_storage(Storage::Cpu(CpuStorage::I32(std::sync::Arc::new(data))), shape)
+    }
+    /// Class labels or indices as an i32 tensor of shape `[len]`.
+    pub fn from_indices(ids: &[usize]) -> Result<Tensor> {
+        let v = ids.iter().map(|&i| i32::try_from(i).map_err(|_| anyhow::anyhow!("index {i} does not fit in i32"))).collect::<Result<Vec<i32>>>()?;
+        Tensor::from_i32(v, &[ids.len()])
+    }
     pub fn zeros(shape: &[usize]) -> Tensor {
         Tensor::from_vec(vec![0.0; shape.iter().product()], shape)
     }
-
     pub fn full(shape: &[usize], v: f32) -> Tensor {
         Tensor::from_vec(vec![v; shape.iter().product()], shape)
     }
-
+    /// `v` everywhere, in `dtype` on `device`.
+    pub fn full_on(shape: &[usize], v: f32, dtype: DType, device: Device) -> Result<Tensor> {
+        Ok(Tensor::from_op(Storage::full(device, shape.iter().product(), v, dtype)?, shape))
+    }
+    /// `v` everywhere with this tensor's dtype and device.
+    pub fn full_like(&self, v: f32) -> Result<Tensor> {
+        Tensor::full_on(&self.shape, v, self.dtype(), self.device())
+    }
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        self.full_like(0.0)
+    }
     pub fn scalar(v: f32) -> Tensor {
         Tensor::from_vec(vec![v], &[])
     }
-
     pub fn randn(shape: &[usize], rng: &mut crate::rng::Rng) -> Tensor {
         Tensor::from_vec(rng.normal_vec(shape.iter().product()), shape)
     }
-
     pub fn rand_uniform(shape: &[usize], lo: f32, hi: f32, rng: &mut crate::rng::Rng) -> Tensor {
         Tensor::from_vec(rng.uniform_vec(shape.iter().product(), lo, hi), shape)
     }
 
-    /// From half-precision values.
-    pub fn from_f16(data: &[half::f16], shape: &[usize]) -> Tensor {
-        Tensor::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape)
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
-
-    pub fn from_bf16(data: &[half::bf16], shape: &[usize]) -> Tensor {
-        Tensor::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape)
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
     }
-
-    pub fn to_f16(&self) -> Vec<half::f16> {
-        self.host().iter().map(|&v| half::f16::from_f32(v)).collect()
-    }
-
-    pub fn to_bf16(&self) -> Vec<half::bf16> {
-        self.host().iter().map(|&v| half::bf16::from_f32(v)).collect()
-    }
-
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -245,10 +238,10 @@ impl Tensor {
         &self.strides
     }
     pub fn device(&self) -> Device {
-        match &self.data {
-            Storage::Host(_) => Device::Cpu,
-            Storage::Cuda(b) => Device::Cuda(b.gpu().ordinal),
-        }
+        self.storage.device()
+    }
+    pub fn dtype(&self) -> DType {
+        self.storage.dtype()
     }
     pub fn ndim(&self) -> usize {
         self.shape.len()
@@ -259,95 +252,104 @@ impl Tensor {
     pub fn dim(&self, i: usize) -> usize {
         self.shape[i]
     }
-    /// The values of a CPU tensor. A CUDA tensor's values must be brought over with
-    /// [`Tensor::to_cpu`] first (an explicit copy at the edge); asking here is a bug and panics.
+
+    /// This tensor on `device` (shared, not copied, when it is already there).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        Ok(Tensor::from_op(self.storage.to_device(device)?, &self.shape))
+    }
+    /// This tensor in host memory (downloaded from a GPU; shared when already there).
+    pub fn to_cpu(&self) -> Result<Tensor> {
+        self.to_device(Device::Cpu)
+    }
+    /// This tensor in `dtype` (shared when it already is).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        Ok(Tensor::from_op(self.storage.to_dtype(dtype)?, &self.shape))
+    }
+
+    /// The values of an f32 CPU tensor. Other tensors must be brought over with
+    /// [`Tensor::to_cpu`] / [`Tensor::to_dtype`] first (explicit copies at the edge); asking
+    /// here is a bug and panics.
     pub fn data(&self) -> &[f32] {
-        match &self.data {
-            Storage::Host(d) => d,
-            Storage::Cuda(b) => panic!("data() of a {:?} tensor on cuda:{}: copy it to the host with to_cpu() first", self.shape, b.gpu().ordinal),
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(d)) => d,
+            _ => panic!("data() of a {:?} {} tensor on {}: use to_cpu()/to_dtype(F32) or values() first", self.shape, self.dtype(), self.device()),
         }
     }
-    /// Mutable access to a CPU tensor; copies the storage first if it is shared.
+    /// Mutable access to an f32 CPU tensor; copies the storage first if it is shared.
     pub fn data_mut(&mut self) -> &mut [f32] {
-        let shape = self.shape.clone();
-        match &mut self.data {
-            Storage::Host(d) => Arc::make_mut(d).as_mut_slice(),
-            Storage::Cuda(_) => panic!("data_mut() of a {shape:?} tensor on a GPU"),
+        let (shape, dt, dev) = (self.shape.clone(), self.dtype(), self.device());
+        match &mut self.storage {
+            Storage::Cpu(c @ CpuStorage::F32(_)) => c.as_f32_mut().expect("f32"),
+            _ => panic!("data_mut() of a {shape:?} {dt} tensor on {dev}"),
         }
     }
-    /// The values on the host (downloaded from a GPU).
-    pub fn into_vec(self) -> Vec<f32> {
-        match self.data {
-            Storage::Host(d) => Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()),
-            Storage::Cuda(_) => self.to_cpu().into_vec(),
-        }
+    /// The values as f32 on the host (downloaded from a GPU, widened from f16/bf16/i32).
+    pub fn values(&self) -> Result<Vec<f32>> {
+        Ok(match &self.storage {
+            Storage::Cpu(c) => c.f32s().into_owned(),
+            Storage::Cuda(_) => self.storage.to_cpu_storage()?.f32s().into_owned(),
+        })
     }
-    /// The values on the host (downloaded from a GPU).
+    /// [`Tensor::values`] where a failure is a bug (tests, host-side code on CPU tensors).
     pub fn to_vec(&self) -> Vec<f32> {
-        match &self.data {
-            Storage::Host(d) => d.to_vec(),
-            Storage::Cuda(_) => self.to_cpu().into_vec(),
+        self.values().unwrap_or_else(|e| panic!("reading a {:?} tensor from {}: {e:#}", self.shape, self.device()))
+    }
+    pub fn into_vec(self) -> Vec<f32> {
+        match self.storage {
+            Storage::Cpu(CpuStorage::F32(d)) => std::sync::Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()),
+            _ => self.to_vec(),
+        }
+    }
+    /// The i32 values of an index tensor, on the host.
+    pub fn indices(&self) -> Result<Vec<i32>> {
+        Ok(self.storage.to_cpu_storage()?.as_i32()?.to_vec())
+    }
+    /// The values in f16 / bf16 on the host (rounded once if not already stored so).
+    pub fn to_f16(&self) -> Result<Vec<half::f16>> {
+        match self.to_dtype(DType::F16)?.storage.to_cpu_storage()? {
+            CpuStorage::F16(d) => Ok(d.to_vec()),
+            _ => unreachable!("cast to f16"),
+        }
+    }
+    pub fn to_bf16(&self) -> Result<Vec<half::bf16>> {
+        match self.to_dtype(DType::BF16)?.storage.to_cpu_storage()? {
+            CpuStorage::BF16(d) => Ok(d.to_vec()),
+            _ => unreachable!("cast to bf16"),
         }
     }
     /// Whether two tensors share storage (a cheap copy).
     pub fn shares_storage(&self, other: &Tensor) -> bool {
-        match (&self.data, &other.data) {
-            (Storage::Host(a), Storage::Host(b)) => Arc::ptr_eq(a, b),
-            (Storage::Cuda(a), Storage::Cuda(b)) => Arc::ptr_eq(a, b),
-            _ => false,
+        self.storage.ptr_eq(&other.storage)
+    }
+
+    /// The value of a one-element tensor.
+    pub fn scalar_value(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            bail!("a scalar was expected, got a tensor of shape {:?}", self.shape);
         }
+        Ok(self.values()?[0])
     }
-
-    /// Same data, new shape (same number of elements).
-    pub fn reshape(&self, shape: &[usize]) -> Tensor {
-        let n: usize = shape.iter().product();
-        assert_eq!(n, self.numel(), "reshape {:?} -> {:?}", self.shape, shape);
-        Tensor { shape: shape.to_vec(), strides: contiguous_strides(shape), data: self.data.clone() }
-    }
-
-    /// Materialised permutation of the axes (`out.shape[i] = self.shape[perm[i]]`).
-    pub fn permute(&self, perm: &[usize]) -> Tensor {
-        assert_eq!(perm.len(), self.ndim());
-        let shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
-        let src_strides: Vec<usize> = perm.iter().map(|&p| self.strides[p]).collect();
-        match &self.data {
-            Storage::Host(d) => Tensor::from_vec(crate::backend::cpu::elementwise::gather_strided(d, &shape, &src_strides), &shape),
-            Storage::Cuda(_) => crate::backend::cuda::ops::gather_strided(self, &shape, &src_strides),
-        }
-    }
-
-    /// Host values, borrowed for a CPU tensor and downloaded for a CUDA one.
-    fn host(&self) -> std::borrow::Cow<'_, [f32]> {
-        match &self.data {
-            Storage::Host(d) => std::borrow::Cow::Borrowed(d.as_slice()),
-            Storage::Cuda(_) => std::borrow::Cow::Owned(self.to_vec()),
-        }
-    }
-
     pub fn item(&self) -> f32 {
-        assert_eq!(self.numel(), 1, "item() of a tensor with {} elements", self.numel());
-        self.host()[0]
+        self.scalar_value().unwrap_or_else(|e| panic!("item(): {e:#}"))
     }
-
     pub fn sum(&self) -> f64 {
-        self.host().iter().map(|&v| v as f64).sum()
+        self.to_vec().iter().map(|&v| v as f64).sum()
     }
-
     pub fn norm(&self) -> f64 {
-        self.host().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+        self.to_vec().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
     }
-
     pub fn max_abs(&self) -> f32 {
-        self.host().iter().fold(0.0f32, |m, &v| m.max(v.abs()))
+        self.to_vec().iter().fold(0.0f32, |m, &v| m.max(v.abs()))
     }
-
     pub fn all_finite(&self) -> bool {
-        self.host().iter().all(|v| v.is_finite())
+        self.to_vec().iter().all(|v| v.is_finite())
     }
-
-    /// Relative error ‖self − reference‖ / ‖reference‖ (either may be on a GPU).
+    /// Relative error ‖self − reference‖ / ‖reference‖ (either may be on a GPU or in half precision).
     pub fn rel_err(&self, reference: &Tensor) -> f64 {
         assert_eq!(self.shape, reference.shape, "rel_err: shapes differ");
-        crate::util::rel_err(&self.host(), &reference.host())
+        crate::util::rel_err(&self.to_vec(), &reference.to_vec())
     }
 }

@@ -192,7 +192,7 @@ pub fn log_softmax_rows_backward(y: &[f32], g: &[f32], n: usize) -> Vec<f32> {
 /// `dt` of the timestep embedding from the embedding `e` and its gradient `gd`.
 pub fn timestep_embedding_backward(e: &[f32], gd: &[f32], dim: usize, max_period: f32) -> Vec<f32> {
     let half = dim / 2;
-    let b = if dim == 0 { 0 } else { e.len() / dim };
+    let b = e.len().checked_div(dim).unwrap_or(0);
     let freqs = ew::timestep_freqs(half, max_period);
     // d cos(t f)/dt = −f sin(t f);  d sin(t f)/dt = f cos(t f)
     (0..b)

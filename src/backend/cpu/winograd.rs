@@ -66,6 +66,9 @@ pub fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
 /// tile rows so that they vectorise.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    if n * h * w == 0 {
+        return Vec::new(); // an empty batch or image: nothing to compute
+    }
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th; // tile rows over the batch
     let pb = (BLOCK_BYTES / (64 * (cin + cout))).clamp(16, 512);
@@ -155,6 +158,9 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
 /// (16 GEMMs with the tiles as the reduction), and `dw = Gᵀ dU G`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    if n * h * w == 0 {
+        return vec![0.0; cout * cin * 9]; // no tiles: a zero gradient
+    }
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th;
     // the tiles are the GEMM reduction here: larger blocks keep k large and the accumulators few

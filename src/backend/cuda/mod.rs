@@ -132,7 +132,6 @@ pub mod gpu;
 pub mod kargs;
 pub mod linalg;
 pub mod nvrtc;
-pub mod ops;
 pub mod pool;
 pub mod sim;
 pub mod storage;

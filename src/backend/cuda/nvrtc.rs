@@ -15,6 +15,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("conv.cu", include_str!("../../../kernels/conv.cu")),
     ("cast.cu", include_str!("../../../kernels/cast.cu")),
+    ("rng.cu", include_str!("../../../kernels/rng.cu")),
 ];
 
 /// Register use of one compiled kernel, from ptxas' report.

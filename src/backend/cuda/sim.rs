@@ -33,8 +33,13 @@ pub fn enable() {
     ENABLED.store(true, Ordering::SeqCst);
 }
 
+/// The variable that makes a process (the CLI, in tests) open simulated GPUs: `1`.
+pub const SIMULATE_VAR: &str = "ORWCFM_SIMULATED_GPU";
+
+/// Whether `cuda::gpu(N)` opens simulated devices: after [`enable`], or with
+/// `ORWCFM_SIMULATED_GPU=1` in the environment (CLI tests of `--device cuda` without a GPU).
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::SeqCst)
+    ENABLED.load(Ordering::SeqCst) || std::env::var(SIMULATE_VAR).is_ok_and(|v| v.trim() == "1")
 }
 
 /// The C++ compiler (`$CXX`, else `c++`), if one runs.

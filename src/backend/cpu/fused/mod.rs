@@ -1,0 +1,54 @@
+//! Fused CPU reference kernels, each forward and backward, meant to become single autograd nodes:
+//!
+//! * [`norm_act`]: `act(GroupNorm(x) · (1 + scale) + shift)` (torchcfm's ResBlock norms);
+//! * [`attention`]: flash-style QKV attention (online softmax over key tiles, only the per-row
+//!   log-sum-exp saved; the backward recomputes the probabilities tile by tile);
+//! * [`loss`]: the ORW-CFM-W2 loss values and `dL/dv` in one pass;
+//! * [`ode`]: `x + Σ c_i k_i` (the Euler / midpoint / RK4 step combinations).
+//!
+//! What each backward needs (besides its forward's inputs and the upstream gradient):
+//! `group_norm_act_backward`: the forward's `mean`, `rstd [N·groups]` (f32); flash attention:
+//! the forward's `out [B, C, T]` and `lse [B·heads, T]`; the loss and the ODE combination: nothing.
+//!
+//! Every reduction runs in a fixed order (per-block partial sums added sequentially), so results
+//! do not depend on the number of rayon threads.
+
+/// A function whose body is compiled twice, for the baseline target and with AVX2+FMA, and
+/// picked at run time (as in `simd.rs`; Rust does not contract `a·b + c` into an FMA, so both
+/// versions round identically).
+macro_rules! dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features the function was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+pub mod attention;
+pub mod loss;
+pub mod norm_act;
+pub mod ode;
+
+pub use attention::{FLASH_TILE, flash_attention_backward, flash_attention_backward_tiled, flash_attention_forward, flash_attention_forward_tiled};
+pub use loss::{OrwLossValue, orw_loss_backward, orw_loss_forward, orw_loss_forward_backward};
+pub use norm_act::{Act, GnActGrads, GnGeom, group_norm_act_backward, group_norm_act_forward};
+pub use ode::{ode_combine, ode_combine_backward};
+
+/// Fixed chunk length for element-parallel loops (fixed, so partial sums do not depend on the
+/// thread count).
+pub(crate) const CHUNK: usize = 1 << 14;

@@ -1,0 +1,218 @@
+//! `y = act(GN(x) · (1 + scale) + shift)`: GroupNorm with affine `gamma`/`beta` over `x [N, C, S]`,
+//! an optional per-(sample, channel) `scale`/`shift [N, C]` (torchcfm's ResBlock with
+//! `use_scale_shift_norm`: `silu(out_norm(h) · (1 + scale) + shift)`; without them it is the
+//! in-layers' `silu(GN(x))`), then `act` (none or SiLU).
+//!
+//! Conventions of `norm.rs`: statistics per `(n, group)` block with f64 accumulators and the biased
+//! variance, `mean`/`rstd` saved in f32 (bitwise those of `group_norm_forward`), the normalised
+//! value computed as `x · (γ·rstd) + (β − mean·γ·rstd)`.
+//!
+//! Backward saves nothing but `mean`, `rstd [N·groups]`; it recomputes the pre-activation from `x`.
+
+use rayon::prelude::*;
+
+use crate::backend::cpu::simd::exp_f32;
+
+/// The activation after the (modulated) normalisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Silu,
+}
+
+/// GroupNorm geometry: `x [n, c, s]` in `groups` groups of `c / groups` channels.
+#[derive(Clone, Copy, Debug)]
+pub struct GnGeom {
+    pub n: usize,
+    pub c: usize,
+    /// spatial size per channel (H·W)
+    pub s: usize,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GnGeom {
+    fn check(&self, x: usize, gamma: usize, beta: usize, scale: Option<usize>, shift: Option<usize>) {
+        assert!(self.groups > 0 && self.c.is_multiple_of(self.groups), "group_norm_act: {} channels in {} groups", self.c, self.groups);
+        assert_eq!(x, self.n * self.c * self.s, "group_norm_act: x length");
+        assert!(gamma == self.c && beta == self.c, "group_norm_act: gamma/beta length");
+        for l in [scale, shift].into_iter().flatten() {
+            assert_eq!(l, self.n * self.c, "group_norm_act: scale/shift must be [N, C]");
+        }
+    }
+}
+
+/// Gradients of [`group_norm_act_backward`]; `dscale`/`dshift` are present when the inputs were.
+pub struct GnActGrads {
+    pub dx: Vec<f32>,
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
+    pub dscale: Option<Vec<f32>>,
+    pub dshift: Option<Vec<f32>>,
+}
+
+dispatch! {
+    /// One channel row forward: `y = act((x·ga + sh)·sc1 + shv)`.
+    fn row_forward(x: &[f32], y: &mut [f32], ga: f32, sh: f32, sc1: f32, shv: f32, silu: bool) {
+        if silu {
+            for (o, &v) in y.iter_mut().zip(x) {
+                let a = (v * ga + sh) * sc1 + shv;
+                *o = a * (1.0 / (1.0 + exp_f32(-a)));
+            }
+        } else {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = (v * ga + sh) * sc1 + shv;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// One channel row of the backward's first pass: `da = dy · act'(a)` into `da`.
+    fn row_dact(x: &[f32], dy: &[f32], da: &mut [f32], ga: f32, sh: f32, sc1: f32, shv: f32, silu: bool) {
+        if silu {
+            for ((o, &v), &g) in da.iter_mut().zip(x).zip(dy) {
+                let a = (v * ga + sh) * sc1 + shv;
+                let s = 1.0 / (1.0 + exp_f32(-a));
+                *o = g * s * (1.0 + a * (1.0 - s));
+            }
+        } else {
+            da.copy_from_slice(dy);
+        }
+    }
+}
+
+/// `(mean, rstd)` of one block, exactly as `norm::group_norm_forward`.
+fn block_stats(xb: &[f32], eps: f32) -> (f32, f32) {
+    let mut sum = 0.0f64;
+    for &v in xb {
+        sum += v as f64;
+    }
+    let mean = sum / xb.len() as f64;
+    let mut sq = 0.0f64;
+    for &v in xb {
+        let d = v as f64 - mean;
+        sq += d * d;
+    }
+    let var = sq / xb.len() as f64;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// `(1 + scale, shift)` for sample `ni`, channel `ch`.
+#[inline]
+fn modulation(scale: Option<&[f32]>, shift: Option<&[f32]>, c: usize, ni: usize, ch: usize) -> (f32, f32) {
+    (scale.map_or(1.0, |s| 1.0 + s[ni * c + ch]), shift.map_or(0.0, |s| s[ni * c + ch]))
+}
+
+/// Forward: returns `(y [N, C, S], mean [N·groups], rstd [N·groups])`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_act_forward(x: &[f32], g: &GnGeom, gamma: &[f32], beta: &[f32], scale: Option<&[f32]>, shift: Option<&[f32]>, act: Act) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    g.check(x.len(), gamma.len(), beta.len(), scale.map(<[f32]>::len), shift.map(<[f32]>::len));
+    let (c, s, groups) = (g.c, g.s, g.groups);
+    let cpg = c / groups;
+    let blk = cpg * s;
+    let mut y = vec![0.0f32; x.len()];
+    if blk == 0 {
+        return (y, vec![0.0; g.n * groups], vec![0.0; g.n * groups]);
+    }
+    let stats: Vec<(f32, f32)> = y
+        .par_chunks_mut(blk)
+        .enumerate()
+        .map(|(ng, yb)| {
+            let xb = &x[ng * blk..(ng + 1) * blk];
+            let (mean, rstd) = block_stats(xb, g.eps);
+            let (ni, g0) = (ng / groups, (ng % groups) * cpg);
+            for ci in 0..cpg {
+                let ch = g0 + ci;
+                let ga = gamma[ch] * rstd;
+                let sh = beta[ch] - mean * ga;
+                let (sc1, shv) = modulation(scale, shift, c, ni, ch);
+                row_forward(&xb[ci * s..(ci + 1) * s], &mut yb[ci * s..(ci + 1) * s], ga, sh, sc1, shv, act == Act::Silu);
+            }
+            (mean, rstd)
+        })
+        .collect();
+    let (mean, rstd) = stats.into_iter().unzip();
+    (y, mean, rstd)
+}
+
+/// Backward from `dy`, the forward's inputs and its saved `mean`, `rstd`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_act_backward(x: &[f32], dy: &[f32], g: &GnGeom, gamma: &[f32], beta: &[f32], scale: Option<&[f32]>, shift: Option<&[f32]>, act: Act, mean: &[f32], rstd: &[f32]) -> GnActGrads {
+    g.check(x.len(), gamma.len(), beta.len(), scale.map(<[f32]>::len), shift.map(<[f32]>::len));
+    assert_eq!(dy.len(), x.len(), "group_norm_act_backward: dy length");
+    assert!(mean.len() == g.n * g.groups && rstd.len() == g.n * g.groups, "group_norm_act_backward: mean/rstd length");
+    let (n, c, s, groups) = (g.n, g.c, g.s, g.groups);
+    let cpg = c / groups;
+    let blk = cpg * s;
+    let mut dx = vec![0.0f32; x.len()];
+    // per (n, channel): (Σ dz·x̂, Σ dz, Σ da·z, Σ da) with dz = da·(1 + scale), z = GN(x)
+    let mut partials: Vec<Vec<[f64; 4]>> = vec![Vec::new(); n * groups];
+    if blk > 0 {
+        partials = dx
+            .par_chunks_mut(blk)
+            .enumerate()
+            .map(|(ng, dxb)| {
+                let xb = &x[ng * blk..(ng + 1) * blk];
+                let gb = &dy[ng * blk..(ng + 1) * blk];
+                let (m, r) = (mean[ng], rstd[ng]);
+                let (ni, g0) = (ng / groups, (ng % groups) * cpg);
+                let mut part = Vec::with_capacity(cpg);
+                let (mut sum_dxh, mut sum_dxh_xh) = (0.0f64, 0.0f64);
+                // pass 1: da (kept in dx) and the per-channel sums
+                for ci in 0..cpg {
+                    let ch = g0 + ci;
+                    let ga = gamma[ch] * r;
+                    let sh = beta[ch] - m * ga;
+                    let (sc1, shv) = modulation(scale, shift, c, ni, ch);
+                    let (xr, dar) = (&xb[ci * s..(ci + 1) * s], &mut dxb[ci * s..(ci + 1) * s]);
+                    row_dact(xr, &gb[ci * s..(ci + 1) * s], dar, ga, sh, sc1, shv, act == Act::Silu);
+                    let (mut a, mut b, mut cz) = (0.0f64, 0.0f64, 0.0f64);
+                    for (&xv, &dav) in xr.iter().zip(dar.iter()) {
+                        let xh = ((xv - m) * r) as f64;
+                        let z = (xv * ga + sh) as f64;
+                        a += dav as f64 * xh;
+                        b += dav as f64;
+                        cz += dav as f64 * z;
+                    }
+                    let (sc1, gam) = (sc1 as f64, gamma[ch] as f64);
+                    sum_dxh += sc1 * b * gam;
+                    sum_dxh_xh += sc1 * a * gam;
+                    part.push([sc1 * a, sc1 * b, cz, b]);
+                }
+                // pass 2: dx = rstd (dz γ − mean(dz γ) − x̂ mean(dz γ x̂))
+                let inv = 1.0 / blk as f64;
+                let (mdxh, mdxhxh) = ((sum_dxh * inv) as f32, (sum_dxh_xh * inv) as f32);
+                for ci in 0..cpg {
+                    let ch = g0 + ci;
+                    let (sc1, _) = modulation(scale, shift, c, ni, ch);
+                    let gam = gamma[ch];
+                    for (o, &xv) in dxb[ci * s..(ci + 1) * s].iter_mut().zip(&xb[ci * s..(ci + 1) * s]) {
+                        let xh = (xv - m) * r;
+                        *o = r * ((*o * sc1) * gam - mdxh - xh * mdxhxh);
+                    }
+                }
+                part
+            })
+            .collect();
+    }
+    let mut dgamma = vec![0.0f64; c];
+    let mut dbeta = vec![0.0f64; c];
+    let mut dscale = scale.map(|_| vec![0.0f32; n * c]);
+    let mut dshift = shift.map(|_| vec![0.0f32; n * c]);
+    for (ng, part) in partials.iter().enumerate() {
+        let (ni, g0) = (ng / groups, (ng % groups) * cpg);
+        for (ci, p) in part.iter().enumerate() {
+            let ch = g0 + ci;
+            dgamma[ch] += p[0];
+            dbeta[ch] += p[1];
+            if let Some(d) = dscale.as_mut() {
+                d[ni * c + ch] = p[2] as f32;
+            }
+            if let Some(d) = dshift.as_mut() {
+                d[ni * c + ch] = p[3] as f32;
+            }
+        }
+    }
+    GnActGrads { dx, dgamma: dgamma.into_iter().map(|v| v as f32).collect(), dbeta: dbeta.into_iter().map(|v| v as f32).collect(), dscale, dshift }
+}

@@ -1,0 +1,309 @@
+//! The one place that picks a backend: [`Storage`] holds a CPU or a CUDA storage and forwards
+//! each op to that backend's [`BackendStorage`] implementation. Operands on different devices
+//! are an error naming both; nothing is copied behind the caller's back.
+
+use anyhow::{Result, bail};
+
+use super::{DType, Device};
+use crate::backend::cpu::CpuStorage;
+use crate::backend::cuda::CudaStorage;
+use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, UnaryOp};
+
+/// A tensor's values: host memory or a GPU buffer, in one dtype.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+/// Check that every operand of `op` is on one device.
+pub fn same_device(op: &str, ts: &[&Storage]) -> Result<Device> {
+    let d = ts[0].device();
+    if let Some(o) = ts.iter().map(|t| t.device()).find(|&o| o != d) {
+        bail!("{op}: operands on {d} and {o}; move one with to_device first");
+    }
+    Ok(d)
+}
+
+/// `match` the operands' backends (all on one device, checked first) and run `$body` with the
+/// backend storages bound to the same names; the result is wrapped back with `$wrap`.
+macro_rules! on_backend {
+    ($op:expr, [$($x:ident),+], $body:expr) => {{
+        same_device($op, &[$(&$x),+])?;
+        match ($($x),+,) {
+            ($(Storage::Cpu($x)),+,) => { let r = $body; r.map(|v| v.into_storage()) }
+            ($(Storage::Cuda($x)),+,) => { let r = $body; r.map(|v| v.into_storage()) }
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("same_device checked the devices"),
+        }
+    }};
+}
+
+/// Turn a backend result (one storage, or a tuple of them) into [`Storage`]s.
+pub trait IntoStorage {
+    type Out;
+    fn into_storage(self) -> Self::Out;
+}
+impl IntoStorage for CpuStorage {
+    type Out = Storage;
+    fn into_storage(self) -> Storage {
+        Storage::Cpu(self)
+    }
+}
+impl IntoStorage for CudaStorage {
+    type Out = Storage;
+    fn into_storage(self) -> Storage {
+        Storage::Cuda(self)
+    }
+}
+impl<A: IntoStorage, B: IntoStorage> IntoStorage for (A, B) {
+    type Out = (A::Out, B::Out);
+    fn into_storage(self) -> Self::Out {
+        (self.0.into_storage(), self.1.into_storage())
+    }
+}
+impl<A: IntoStorage, B: IntoStorage, C: IntoStorage> IntoStorage for (A, B, C) {
+    type Out = (A::Out, B::Out, C::Out);
+    fn into_storage(self) -> Self::Out {
+        (self.0.into_storage(), self.1.into_storage(), self.2.into_storage())
+    }
+}
+impl<A: IntoStorage> IntoStorage for Option<A> {
+    type Out = Option<A::Out>;
+    fn into_storage(self) -> Self::Out {
+        self.map(|a| a.into_storage())
+    }
+}
+impl IntoStorage for () {
+    type Out = ();
+    fn into_storage(self) {}
+}
+impl IntoStorage for f64 {
+    type Out = f64;
+    fn into_storage(self) -> f64 {
+        self
+    }
+}
+
+impl Storage {
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => s.device(),
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn ptr_eq(&self, o: &Storage) -> bool {
+        match (self, o) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a.ptr_eq(b),
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.ptr_eq(b),
+            _ => false,
+        }
+    }
+    /// The values in host memory.
+    pub fn to_cpu_storage(&self) -> Result<CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s.clone()),
+            Storage::Cuda(s) => s.to_cpu_storage(),
+        }
+    }
+    /// These values on `device` (shared when already there).
+    pub fn to_device(&self, device: Device) -> Result<Storage> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let host = self.to_cpu_storage()?;
+        Ok(match device {
+            Device::Cpu => Storage::Cpu(host),
+            Device::Cuda(i) => Storage::Cuda(CudaStorage::from_cpu(&crate::backend::cuda::gpu(i)?, &host)?),
+        })
+    }
+    /// `n` copies of `v` in `dtype` on `device`.
+    pub fn full(device: Device, n: usize, v: f32, dtype: DType) -> Result<Storage> {
+        Ok(match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::from_f32_as(vec![v; n], dtype)),
+            Device::Cuda(i) => Storage::Cuda(CudaStorage::full(&crate::backend::cuda::gpu(i)?, n, v, dtype)?),
+        })
+    }
+    pub fn to_dtype(&self, dtype: DType) -> Result<Storage> {
+        let a = self;
+        on_backend!("to_dtype", [a], a.to_dtype(dtype))
+    }
+
+    pub fn binary(&self, sa: &[usize], rhs: &Storage, sb: &[usize], out: &[usize], op: BinaryOp) -> Result<Storage> {
+        let (a, b) = (self, rhs);
+        on_backend!("binary", [a, b], a.binary(sa, b, sb, out, op))
+    }
+    pub fn unary(&self, op: UnaryOp, s: f32) -> Result<Storage> {
+        let a = self;
+        on_backend!("unary", [a], a.unary(op, s))
+    }
+    pub fn unary_backward(&self, op: UnaryOp, x: &Storage, y: &Storage) -> Result<Storage> {
+        let g = self;
+        on_backend!("unary_backward", [g, x, y], g.unary_backward(op, x, y))
+    }
+    pub fn sum_to_shape(&self, from: &[usize], to: &[usize]) -> Result<Storage> {
+        let a = self;
+        on_backend!("sum_to_shape", [a], a.sum_to_shape(from, to))
+    }
+    pub fn broadcast_to(&self, from: &[usize], to: &[usize]) -> Result<Storage> {
+        let a = self;
+        on_backend!("broadcast_to", [a], a.broadcast_to(from, to))
+    }
+    pub fn gather_strided(&self, shape: &[usize], strides: &[usize]) -> Result<Storage> {
+        let a = self;
+        on_backend!("permute", [a], a.gather_strided(shape, strides))
+    }
+    pub fn softmax_rows(&self, n: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("softmax", [a], a.softmax_rows(n))
+    }
+    pub fn softmax_rows_backward(&self, dy: &Storage, n: usize) -> Result<Storage> {
+        let y = self;
+        on_backend!("softmax_backward", [y, dy], y.softmax_rows_backward(dy, n))
+    }
+    pub fn log_softmax_rows(&self, n: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("log_softmax", [a], a.log_softmax_rows(n))
+    }
+    pub fn log_softmax_rows_backward(&self, dy: &Storage, n: usize) -> Result<Storage> {
+        let y = self;
+        on_backend!("log_softmax_backward", [y, dy], y.log_softmax_rows_backward(dy, n))
+    }
+    pub fn concat(parts: &[(&Storage, &[usize])], axis: usize) -> Result<Storage> {
+        let all: Vec<&Storage> = parts.iter().map(|p| p.0).collect();
+        if all.is_empty() {
+            bail!("concat of no tensors");
+        }
+        same_device("concat", &all)?;
+        match all[0] {
+            Storage::Cpu(_) => {
+                let ps: Vec<(&CpuStorage, &[usize])> = parts.iter().map(|(s, sh)| (if let Storage::Cpu(c) = s { c } else { unreachable!() }, *sh)).collect();
+                Ok(Storage::Cpu(CpuStorage::concat(&ps, axis)?))
+            }
+            Storage::Cuda(_) => {
+                let ps: Vec<(&CudaStorage, &[usize])> = parts.iter().map(|(s, sh)| (if let Storage::Cuda(c) = s { c } else { unreachable!() }, *sh)).collect();
+                Ok(Storage::Cuda(CudaStorage::concat(&ps, axis)?))
+            }
+        }
+    }
+    pub fn narrow(&self, shape: &[usize], axis: usize, start: usize, len: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("narrow", [a], a.narrow(shape, axis, start, len))
+    }
+    pub fn narrow_backward(&self, shape: &[usize], axis: usize, start: usize, len: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("narrow_backward", [a], a.narrow_backward(shape, axis, start, len))
+    }
+    pub fn upsample_nearest2x(&self, nc: usize, h: usize, w: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("upsample_nearest2x", [a], a.upsample_nearest2x(nc, h, w))
+    }
+    pub fn upsample_nearest2x_backward(&self, nc: usize, h: usize, w: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("upsample_nearest2x_backward", [a], a.upsample_nearest2x_backward(nc, h, w))
+    }
+    pub fn avg_pool2x(&self, nc: usize, h: usize, w: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("avg_pool2x", [a], a.avg_pool2x(nc, h, w))
+    }
+    pub fn avg_pool2x_backward(&self, nc: usize, h: usize, w: usize) -> Result<Storage> {
+        let a = self;
+        on_backend!("avg_pool2x_backward", [a], a.avg_pool2x_backward(nc, h, w))
+    }
+    pub fn embedding(&self, ids: &Storage, num: usize, dim: usize) -> Result<Storage> {
+        let w = self;
+        on_backend!("embedding", [w, ids], w.embedding(ids, num, dim))
+    }
+    pub fn embedding_backward(&self, ids: &Storage, num: usize, dim: usize) -> Result<Storage> {
+        let g = self;
+        on_backend!("embedding_backward", [g, ids], g.embedding_backward(ids, num, dim))
+    }
+    pub fn timestep_embedding(&self, dim: usize, max_period: f32) -> Result<Storage> {
+        let a = self;
+        on_backend!("timestep_embedding", [a], a.timestep_embedding(dim, max_period))
+    }
+    pub fn timestep_embedding_backward(&self, gy: &Storage, dim: usize, max_period: f32) -> Result<Storage> {
+        let e = self;
+        on_backend!("timestep_embedding_backward", [e, gy], e.timestep_embedding_backward(gy, dim, max_period))
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&self, ta: bool, b: &Storage, tb: bool, m: usize, n: usize, k: usize, alpha: f32) -> Result<Storage> {
+        let a = self;
+        on_backend!("matmul", [a, b], a.matmul(ta, b, tb, m, n, k, alpha))
+    }
+    pub fn linear(&self, w: &Storage, bias: Option<&Storage>, n: usize, i: usize, o: usize) -> Result<Storage> {
+        let x = self;
+        match bias {
+            Some(bias) => on_backend!("linear", [x, w, bias], x.linear(w, Some(bias), n, i, o)),
+            None => on_backend!("linear", [x, w], x.linear(w, None, n, i, o)),
+        }
+    }
+    pub fn conv2d(&self, w: &Storage, bias: Option<&Storage>, g: &ConvGeom) -> Result<Storage> {
+        let x = self;
+        match bias {
+            Some(bias) => on_backend!("conv2d", [x, w, bias], x.conv2d(w, Some(bias), g)),
+            None => on_backend!("conv2d", [x, w], x.conv2d(w, None, g)),
+        }
+    }
+    pub fn conv2d_backward(&self, w: &Storage, dy: &Storage, g: &ConvGeom, need_dx: bool) -> Result<(Option<Storage>, Storage, Storage)> {
+        let x = self;
+        on_backend!("conv2d_backward", [x, w, dy], x.conv2d_backward(w, dy, g, need_dx))
+    }
+    pub fn group_norm(&self, gamma: &Storage, beta: &Storage, g: &NormGeom) -> Result<(Storage, Storage, Storage)> {
+        let x = self;
+        on_backend!("group_norm", [x, gamma, beta], x.group_norm(gamma, beta, g))
+    }
+    pub fn group_norm_backward(&self, dy: &Storage, gamma: &Storage, mean: &Storage, rstd: &Storage, g: &NormGeom) -> Result<(Storage, Storage, Storage)> {
+        let x = self;
+        on_backend!("group_norm_backward", [x, dy, gamma, mean, rstd], x.group_norm_backward(dy, gamma, mean, rstd, g))
+    }
+    pub fn attention(&self, g: &AttnGeom) -> Result<(Storage, Storage)> {
+        let a = self;
+        on_backend!("attention", [a], a.attention(g))
+    }
+    pub fn attention_backward(&self, probs: &Storage, dout: &Storage, g: &AttnGeom) -> Result<Storage> {
+        let q = self;
+        on_backend!("attention_backward", [q, probs, dout], q.attention_backward(probs, dout, g))
+    }
+    pub fn axpby_in_place(&mut self, a: f32, x: &Storage, b: f32) -> Result<()> {
+        same_device("axpby", &[self, x])?;
+        match (self, x) {
+            (Storage::Cpu(y), Storage::Cpu(x)) => y.axpby_in_place(a, x, b),
+            (Storage::Cuda(y), Storage::Cuda(x)) => y.axpby_in_place(a, x, b),
+            _ => unreachable!("same_device checked the devices"),
+        }
+    }
+    pub fn adam_in_place(&mut self, grad: &Storage, m: &mut Storage, v: &mut Storage, h: &AdamStep) -> Result<()> {
+        same_device("adam", &[self, grad, m, v])?;
+        match (self, grad, m, v) {
+            (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => p.adam_in_place(g, m, v, h),
+            (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) => p.adam_in_place(g, m, v, h),
+            _ => unreachable!("same_device checked the devices"),
+        }
+    }
+    pub fn sum_squares(ts: &[&Storage]) -> Result<f64> {
+        if ts.is_empty() {
+            return Ok(0.0);
+        }
+        same_device("sum_squares", ts)?;
+        match ts[0] {
+            Storage::Cpu(_) => CpuStorage::sum_squares(&ts.iter().map(|s| if let Storage::Cpu(c) = s { c } else { unreachable!() }).collect::<Vec<_>>()),
+            Storage::Cuda(_) => CudaStorage::sum_squares(&ts.iter().map(|s| if let Storage::Cuda(c) = s { c } else { unreachable!() }).collect::<Vec<_>>()),
+        }
+    }
+}

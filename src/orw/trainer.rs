@@ -217,10 +217,12 @@ impl<M: VelocityField> Trainer<M> {
     }
 
     /// Write checkpoints and `metrics.jsonl` under `dir` (created if needed).
-    /// Move the trained, policy, reference and EMA models to `device` (Adam's moments follow on
-    /// the first step). Sampling noise, couplings and rewards stay on the host, so a run draws
-    /// the same numbers on every device.
+    /// Move the trained, policy, reference and EMA models and Adam's moments (those of a resumed
+    /// run; a new run creates them on the first step, beside the parameters) to `device`.
+    /// Sampling noise, couplings and rewards stay on the host, so a run draws the same numbers
+    /// on every device.
     pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        self.adam.to_device(device)?;
         self.net.to_device(device)?;
         self.last_policy.to_device(device)?;
         self.reference.to_device(device)?;

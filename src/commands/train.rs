@@ -195,9 +195,9 @@ pub fn load_base(orw: &OrwConfig, prod: &ProductConfig) -> Result<UNetModel> {
             let mut raw = crate::io::model::read_weights(Path::new(p), orw.ref_key.as_deref())?;
             // a given U-Net config (file or built-in name) wins over the one stored in the weights
             if let Some(c) = &prod.unet_config {
-                raw.metadata.insert("unet_config".into(), crate::cli::resolve_config(c)?.to_json().to_string());
+                raw.metadata.insert("unet_config".into(), crate::nn::config::resolve_config(c)?.to_json().to_string());
             }
-            let lm = crate::io::model::model_from_raw(raw, None).with_context(|| format!("loading {p}"))?;
+            let lm = crate::nn::model_from_raw(raw, None).with_context(|| format!("loading {p}"))?;
             for w in &lm.warnings {
                 eprintln!("warning: {w}");
             }

@@ -156,3 +156,19 @@ extern "C" __global__ void log_softmax_rows_backward_f32(const float* y, const f
         for (long long j = threadIdx.x; j < n; j += blockDim.x) dr[j] = __fsub_rn(gr[j], __fmul_rn(expf(yr[j]), s));
     }
 }
+
+// One block: s = the sum of partial[0..n) (double, in a fixed order), written as the f32 pair
+// out = [hi, lo] with hi = (float)s and lo = (float)(s - hi) (lo = 0 when hi is not finite):
+// the device-side gradient norm of BackendStorage::sum_squares_on_device.
+extern "C" __global__ void sum_partials_split_f64(const double* partial, long long n, float* out) {
+    __shared__ double buf[1024];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    double s = block_sum(acc, buf);
+    if (threadIdx.x == 0) {
+        float hi = (float)s;
+        float lo = isfinite(hi) ? (float)(s - (double)hi) : 0.0f;
+        out[0] = hi;
+        out[1] = lo;
+    }
+}

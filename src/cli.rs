@@ -8,11 +8,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
 use crate::autograd::{Var, ops};
-use crate::io::model::{LoadedModel, load_model, save_model};
 use crate::io::safetensors::{self as st, Out};
-use crate::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
+use crate::nn::{Forward, Init, LoadedModel, UNetConfig, UNetModel, VelocityField, load_model, save_model};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device, Tensor};
+// they live with the U-Net config and the utilities; the names stay here for library callers
+pub use crate::nn::config::resolve_config;
+pub use crate::util::check_writable;
 
 #[derive(Parser, Debug)]
 #[command(name = "orwcfm-fast", version, about = "ORW-CFM-W2 reward fine-tuning of Torch-CFM flow-matching U-Nets, in Rust")]
@@ -198,21 +200,6 @@ fn load(m: &ModelArgs) -> Result<LoadedModel> {
     Ok(lm)
 }
 
-/// Check early that an output file can be created, so long work is not wasted.
-pub fn check_writable(out: &Path) -> Result<()> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        bail!("cannot write {}: folder {} does not exist", out.display(), dir.display());
-    }
-    if out.is_dir() {
-        bail!("cannot write {}: it is a folder", out.display());
-    }
-    let probe = dir.join(format!(".orwcfm-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| anyhow!("cannot write {}: {e}", out.display()))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
-}
-
 fn cmd_forward(m: &ModelArgs, input: &Path, out: &Path, device: &str, precision: &str) -> Result<()> {
     let dev = Device::parse(device)?;
     let precision = DType::parse_precision(precision)?;
@@ -325,20 +312,6 @@ fn cmd_devices(json: bool) -> Result<()> {
         println!("{}", serde_json::json!({"driver": libs.driver, "cublas": libs.cublas, "cudnn": libs.cudnn, "nvrtc": libs.nvrtc, "devices": devs}));
     }
     Ok(())
-}
-
-/// A config file, or a built-in name.
-pub fn resolve_config(s: &str) -> Result<UNetConfig> {
-    let p = Path::new(s);
-    if p.exists() {
-        return UNetConfig::from_file(p);
-    }
-    match s {
-        "mnist" => Ok(UNetConfig::mnist()),
-        "mnist-small" => Ok(UNetConfig::mnist_small()),
-        "cifar10" | "cifar" => Ok(UNetConfig::cifar10()),
-        _ => bail!("U-Net config {s} does not exist (built-in configs: mnist, mnist-small, cifar10)"),
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -17,8 +17,8 @@ use crate::flow::matchers::{FlowMatcher, MatcherKind};
 use crate::flow::ode::OdeSolver;
 use crate::nn::{Forward, Mlp, MlpConfig, VelocityField};
 use crate::optim::{Adam, clip_grad_norm};
-use crate::orw::{OrwConfig, Trainer, sample_model};
-use crate::reward::FnReward;
+use crate::orw::{OrwConfig, StepMetrics, TrainHooks, Trainer, sample_model};
+use crate::reward::{FnReward, Reward};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -184,6 +184,23 @@ fn evaluate(m: &Mlp, o: &Toy2dOptions) -> Result<(Tensor, f32, f32)> {
     Ok((x, mean, d))
 }
 
+/// The evaluation after every epoch of [`finetune`].
+struct EpochEval<'a> {
+    o: &'a Toy2dOptions,
+    on_epoch: &'a mut dyn FnMut(&EpochPoint),
+    history: Vec<EpochPoint>,
+}
+
+impl TrainHooks<Mlp> for EpochEval<'_> {
+    fn on_epoch(&mut self, tr: &Trainer<Mlp>, _reward: &mut dyn Reward, _m: &StepMetrics) -> Result<()> {
+        let (_, r, d) = evaluate(tr.net(), self.o)?;
+        let p = EpochPoint { epoch: tr.epoch(), reward_mean: r, diversity: d };
+        (self.on_epoch)(&p);
+        self.history.push(p);
+        Ok(())
+    }
+}
+
 /// Fine-tune `base` with ORW-CFM-W2 toward [`reward`]; reward and diversity are measured on
 /// `eval_samples` samples after every epoch.
 pub fn finetune(base: &Mlp, o: &Toy2dOptions, on_epoch: &mut dyn FnMut(&EpochPoint)) -> Result<Toy2dResult> {
@@ -209,15 +226,9 @@ pub fn finetune(base: &Mlp, o: &Toy2dOptions, on_epoch: &mut dyn FnMut(&EpochPoi
     let (x0, r0, d0) = evaluate(base, o)?;
     let first = EpochPoint { epoch: 0, reward_mean: r0, diversity: d0 };
     on_epoch(&first);
-    let mut history = vec![first];
-    let mut rw = FnReward::new("toy2d", reward);
-    for _ in 0..o.epochs {
-        tr.run(&mut rw, Some(o.steps_per_epoch), &mut |_| {})?;
-        let (_, r, d) = evaluate(tr.net(), o)?;
-        let p = EpochPoint { epoch: tr.epoch(), reward_mean: r, diversity: d };
-        on_epoch(&p);
-        history.push(p);
-    }
+    let mut hooks = EpochEval { o, on_epoch, history: vec![first] };
+    tr.run(&mut FnReward::new("toy2d", reward), None, &mut hooks)?;
+    let history = hooks.history;
     let (x, r, d) = evaluate(tr.net(), o)?;
     Ok(Toy2dResult { alpha: o.alpha, tau: o.tau, reward_mean_initial: r0, reward_mean: r, diversity_initial: d0, diversity: d, history, samples_initial: x0, samples: x })
 }

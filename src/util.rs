@@ -1,5 +1,9 @@
 //! Small shared helpers.
 
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+
 /// ‖a − b‖ / ‖b‖ (with ‖b‖ floored at 1e-30), computed in f64. The tolerance rule of the project.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "rel_err: length mismatch");
@@ -22,4 +26,19 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         }
     }
     best.filter(|(c, d)| *d <= (c.len().max(word.len()) / 2).max(2)).map(|(c, _)| c)
+}
+
+/// Check early that an output file can be created, so long work is not wasted.
+pub fn check_writable(out: &Path) -> Result<()> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("cannot write {}: folder {} does not exist", out.display(), dir.display());
+    }
+    if out.is_dir() {
+        bail!("cannot write {}: it is a folder", out.display());
+    }
+    let probe = dir.join(format!(".orwcfm-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| anyhow!("cannot write {}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
 }

@@ -112,7 +112,7 @@ fn forward_with_config_file_and_inferred_config() {
 fn inferred_configs_match() {
     for name in ["mnist", "scaleshift", "neworder", "tiny"] {
         let f = UnetFixture::load(name);
-        let (c, _) = orwcfm_fast::io::model::infer_config(&f.model.params().tensors()).unwrap();
+        let (c, _) = orwcfm_fast::nn::infer_config(&f.model.params().tensors()).unwrap();
         let real = &f.config;
         assert_eq!(c.num_channels, real.num_channels, "{name}");
         assert_eq!(c.num_res_blocks, real.num_res_blocks, "{name}");

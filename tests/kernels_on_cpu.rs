@@ -38,12 +38,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
-use half::f16;
+use half::{bf16, f16};
 use libloading::Library;
 use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward};
 use orwcfm_fast::backend::cpu::{elementwise as ew, norm, simd};
-use orwcfm_fast::backend::cuda::ops::{BinGeom, ReduceGeom, Strided};
+use orwcfm_fast::backend::cuda::kargs::{BinGeom, ReduceGeom, Strided};
 use orwcfm_fast::optim::{Adam, ema_update, grad_norm};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::{Tensor, contiguous_strides};
@@ -55,7 +55,7 @@ const TESTED: &[(&str, &[&str])] = &[
         "elementwise.cu",
         &["silu_forward_f32", "silu_backward_f32", "silu_forward_f16", "axpy_f32", "adam_step_f32", "orw_loss_rows_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"],
     ),
-    ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
+    ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "sum_partials_split_f64", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
     (
         "shape.cu",
         &[
@@ -74,6 +74,7 @@ const TESTED: &[(&str, &[&str])] = &[
     ),
     ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
+    ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
     ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_mask_f32", "dropout_f32"]),
 ];
 
@@ -130,10 +131,14 @@ impl Lib {
             println!("SKIPPED: no C++ compiler");
             return None;
         };
-        let src = kernel_dir().join(file);
+        let src_path = kernel_dir().join(file);
         let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel_shim");
         std::fs::create_dir_all(&out_dir).expect("create the shim's output folder");
         let so = out_dir.join(format!("{}-{}.so", file.trim_end_matches(".cu"), std::process::id()));
+        // dynamic shared memory declarations rewritten for the shim, as the simulated GPU does
+        let text = std::fs::read_to_string(&src_path).unwrap_or_else(|e| panic!("{}: {e}", src_path.display()));
+        let src = out_dir.join(format!("{}-{}.cu", file.trim_end_matches(".cu"), std::process::id()));
+        std::fs::write(&src, orwcfm_fast::backend::cuda::sim::shim_source(&text)).expect("write the shim's source");
         let shim = shim_dir();
         let t0 = std::time::Instant::now();
         let out = Command::new(&cc)
@@ -152,9 +157,10 @@ impl Lib {
         // beyond the C++ runtime's)
         let lib = unsafe { Library::new(&so) }.unwrap_or_else(|e| panic!("loading {}: {e}", so.display()));
         let _ = std::fs::remove_file(&so); // stays mapped
+        let _ = std::fs::remove_file(&src);
         // SAFETY: runner.cpp defines shim_launch with exactly this signature
         let launch_fn: LaunchFn = unsafe { *lib.get::<LaunchFn>("shim_launch").expect("shim_launch in the library") };
-        println!("compiled {} with {cc} in {:.1} s", src.display(), t0.elapsed().as_secs_f64());
+        println!("compiled {} with {cc} in {:.1} s", src_path.display(), t0.elapsed().as_secs_f64());
         Some(Lib { file, lib, launch_fn, launched: Mutex::new(BTreeSet::new()) })
     }
 
@@ -630,6 +636,26 @@ fn reduce_kernels_match_the_cpu_backend() {
             c.f64s("sum_squares_partial_f32", &case, total.sqrt(), want, EXACT);
         }
     }
+    // sum_partials_split_f64: one block adds the partials and splits the f64 sum into the f32 pair
+    // [hi, lo] of CpuStorage::sum_squares_on_device (split_f64); also a sum past f32's range
+    {
+        let k: unsafe extern "C" fn(*const f64, I, M) = lib.k("sum_partials_split_f64");
+        let cases: Vec<Vec<f64>> = vec![r.normal_vec(192).iter().map(|&v| (v as f64).abs() * 1e3 + 1.0 / 3.0).collect(), vec![1.0 / 3.0], vec![3e38, 3e38]];
+        for sh in [(1, 32), (1, 64), (1, 256)] {
+            for p in &cases {
+                let want = orwcfm_fast::backend::cpu::storage::split_f64(p.iter().sum::<f64>());
+                let mut out = [f32::NAN; 2];
+                let (pp, op) = (p.as_ptr() as usize, addr_mut(&mut out));
+                lib.launch(sh, &|| unsafe { k(pp as *const f64, p.len() as I, op as M) });
+                let case = format!("{} partials, {sh:?}", p.len());
+                // hi exactly; the pair's sum to 1e-12 (the block adds in another order than the host)
+                let (g, w) = (out[0] as f64 + out[1] as f64, want[0] as f64 + want[1] as f64);
+                let ok = out[0].to_bits() == want[0].to_bits() && (out[0].is_infinite() && out[1] == 0.0 || (g - w).abs() <= 1e-12 * w.abs());
+                let why = (!ok).then(|| format!("got [{}, {}], want [{}, {}]", out[0], out[1], want[0], want[1]));
+                c.record("sum_partials_split_f64", &case, if ok { 0.0 } else { f64::INFINITY }, 0.0, why);
+            }
+        }
+    }
     // softmax_rows_f32 / softmax_rows_backward_f32 (elementwise::softmax_rows[_backward]), also in
     // place as attention launches them (y = x; dx = dy)
     {
@@ -1024,6 +1050,132 @@ fn conv_kernels_match_the_cpu_backend() {
             c.f32s("col2im_f32", &format!("col2im, {}", case(sh)), &folded, &want_fold, EXACT);
             let dx = run(k_col2im, sh, &wdcol, xn, &g);
             c.f32s("col2im_f32", &format!("col2im(Wᵀ·dy) vs conv2d_backward dx, {}", case(sh)), &dx, &want_dx, APPROX);
+        }
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- cast.cu
+
+/// f32 bit patterns for the narrowing conversions: specials (±0, ±inf, quiet and signalling NaNs
+/// with payloads, f32 subnormals, the extremes), for every 16-bit value of the format (`to_f32`)
+/// the value, its rounding ties with both neighbours and one f32 ulp either side of each tie,
+/// and every 4099th 32-bit pattern.
+fn narrowing_cases(to_f32: impl Fn(u16) -> f32) -> Vec<u32> {
+    let mut v: Vec<u32> = vec![0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0xffc0_0000, 0x7f80_0001, 0xff80_0001, 0x7fa0_0000, 0x7fbf_ffff, 0x7fff_ffff, 0xffff_ffff, 0x7fc0_1234, 0x7f80_2000];
+    v.extend([1u32, 2, 0x0000_1000, 0x007f_ffff, 0x8000_0001, 0x807f_ffff, 0x0080_0000, 0x7f7f_ffff, 0xff7f_ffff, 0x3380_0000, 0x3300_0000, 0x3300_0001, 0x337f_ffff]);
+    for h in 0..=u16::MAX {
+        let x = to_f32(h);
+        if !x.is_finite() {
+            continue;
+        }
+        let b = x.to_bits();
+        v.push(b);
+        // the next 16-bit value up in magnitude (for the largest finite one: its overflow tie)
+        let next = to_f32(h.wrapping_add(1));
+        let up = if next.is_finite() && next.abs() > x.abs() {
+            next
+        } else if next.is_infinite() {
+            x + (x - to_f32(h.wrapping_sub(1)))
+        } else {
+            continue;
+        };
+        let tie = ((x as f64 + up as f64) / 2.0) as f32;
+        let t = tie.to_bits();
+        v.extend([t, t.wrapping_add(1), t.wrapping_sub(1), b.wrapping_add(1), b.wrapping_sub(1)]);
+    }
+    v.extend((0..=u32::MAX).step_by(4099));
+    v
+}
+
+#[test]
+fn cast_kernels_match_the_half_crate_bit_for_bit() {
+    let Some(lib) = Lib::load("cast.cu") else { return };
+    let mut c = Checks::new("cast.cu");
+    // every mismatch is reported as an error count against a tolerance of 0
+    fn mismatches<T: PartialEq + Copy + std::fmt::Debug>(got: &[T], want: &[T], input: impl Fn(usize) -> String) -> (f64, Option<String>) {
+        let bad: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+        let problem = bad.first().map(|&i| format!("{} of {} differ; first: {} gives {:?}, want {:?}", bad.len(), want.len(), input(i), got[i], want[i]));
+        (bad.len() as f64, problem)
+    }
+    type KF = unsafe extern "C" fn(*const f32, *mut u16, I);
+    type KH = unsafe extern "C" fn(*const u16, *mut f32, I);
+    // f32 -> f16 / bf16: against f16::from_f32 / bf16::from_f32
+    for (name, to_f32, from_f32) in [
+        ("cast_f32_to_f16", (|h| f16::from_bits(h).to_f32()) as fn(u16) -> f32, (|x| f16::from_f32(x).to_bits()) as fn(f32) -> u16),
+        ("cast_f32_to_bf16", |h| bf16::from_bits(h).to_f32(), |x| bf16::from_f32(x).to_bits()),
+    ] {
+        let k: KF = lib.k(name);
+        let bits = narrowing_cases(to_f32);
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let want: Vec<u16> = x.iter().map(|&v| from_f32(v)).collect();
+        let n = x.len();
+        for sh in shapes_n(n) {
+            let mut y = vec![0xdeadu16; n];
+            let (xp, yp) = (addr(&x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as *const f32, yp as *mut u16, n as I) });
+            let (e, p) = mismatches(&y, &want, |i| format!("{:#010x}", bits[i]));
+            c.record(name, &format!("{n} values, {sh:?}"), e, 0.0, p);
+        }
+    }
+    // f16 / bf16 -> f32: every 16-bit pattern, against to_f32 (bits compared: NaN payloads too)
+    for (name, to_f32) in [("cast_f16_to_f32", (|h| f16::from_bits(h).to_f32()) as fn(u16) -> f32), ("cast_bf16_to_f32", |h| bf16::from_bits(h).to_f32())] {
+        let k: KH = lib.k(name);
+        // an odd count: the last value is the low half of a word
+        let x: Vec<u16> = (0..=u16::MAX).chain([0x3c00]).collect();
+        let want: Vec<u32> = x.iter().map(|&h| to_f32(h).to_bits()).collect();
+        let n = x.len();
+        for sh in shapes_n(n) {
+            let mut y = nan(n);
+            let (xp, yp) = (addr(&x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as *const u16, yp as *mut f32, n as I) });
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            let (e, p) = mismatches(&got, &want, |i| format!("{:#06x}", x[i]));
+            c.record(name, &format!("all {n} patterns, {sh:?}"), e, 0.0, p);
+        }
+    }
+    // f32 -> i32: Rust's `as` (toward zero, saturating, NaN to 0)
+    {
+        let k: unsafe extern "C" fn(P, *mut i32, I) = lib.k("cast_f32_to_i32");
+        let mut x: Vec<f32> = vec![0.0, -0.0, 0.5, -0.5, 0.99999994, -0.99999994, 1.5, -1.5, 2.5, -2.5, f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 1e-40];
+        x.extend([2147483648.0f32, -2147483648.0, 2147483520.0, -2147483520.0, -2147483904.0, 16777217.0, 1e10, -1e10]);
+        x.extend(narrowing_cases(|h| f16::from_bits(h).to_f32()).into_iter().step_by(7).map(f32::from_bits));
+        let want: Vec<i32> = x.iter().map(|&v| v as i32).collect();
+        let n = x.len();
+        for sh in shapes_n(n) {
+            let mut y = vec![0x5555_5555i32; n];
+            let (xp, yp) = (addr(&x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as P, yp as *mut i32, n as I) });
+            let (e, p) = mismatches(&y, &want, |i| format!("{:e}", x[i]));
+            c.record("cast_f32_to_i32", &format!("{n} values, {sh:?}"), e, 0.0, p);
+        }
+    }
+    // i32 -> f32: Rust's `as` (round to nearest even)
+    {
+        let k: unsafe extern "C" fn(*const i32, M, I) = lib.k("cast_i32_to_f32");
+        let mut x: Vec<i32> = vec![0, 1, -1, i32::MAX, i32::MIN, i32::MIN + 1, 16_777_216, 16_777_217, 16_777_219, -16_777_217, -16_777_219, 33_554_435, 2_147_483_520, 2_147_483_584];
+        x.extend((0..=u32::MAX).step_by(65_537).map(|b| b as i32));
+        let want: Vec<u32> = x.iter().map(|&v| (v as f32).to_bits()).collect();
+        let n = x.len();
+        for sh in shapes_n(n) {
+            let mut y = nan(n);
+            let (xp, yp) = (addr(&x), addr_mut(&mut y));
+            lib.launch(sh, &|| unsafe { k(xp as *const i32, yp as M, n as I) });
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            let (e, p) = mismatches(&got, &want, |i| format!("{}", x[i]));
+            c.record("cast_i32_to_f32", &format!("{n} values, {sh:?}"), e, 0.0, p);
+        }
+    }
+    // fill_u32: any bit pattern, NaN-like ones included
+    {
+        let k: unsafe extern "C" fn(*mut u32, u32, I) = lib.k("fill_u32");
+        let n = 1001;
+        for (v, sh) in [0x7fc0_0001u32, 0xffff_ffff, 0x3c00_3c00].into_iter().zip(shapes_n(n)) {
+            let mut y = vec![0u32; n];
+            let yp = addr_mut(&mut y);
+            lib.launch(sh, &|| unsafe { k(yp as *mut u32, v, n as I) });
+            let (e, p) = mismatches(&y, &vec![v; n], |i| format!("element {i}"));
+            c.record("fill_u32", &format!("{v:#010x}, {sh:?}"), e, 0.0, p);
         }
     }
     c.finish(&lib);

@@ -5,8 +5,7 @@ mod common;
 
 use common::UnetFixture;
 use orwcfm_fast::autograd::{Var, ops};
-use orwcfm_fast::io::model::{load_model, save_model};
-use orwcfm_fast::nn::{Forward, Init, UNetConfig, UNetModel};
+use orwcfm_fast::nn::{Forward, Init, UNetConfig, UNetModel, load_model, save_model};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::{DType, Tensor};
 

@@ -4,9 +4,8 @@
 mod common;
 
 use orwcfm_fast::flow::matchers::{FlowMatcher, MatcherKind};
-use orwcfm_fast::io::model::load_model;
 use orwcfm_fast::io::safetensors::load;
-use orwcfm_fast::nn::Forward;
+use orwcfm_fast::nn::{Forward, load_model};
 use orwcfm_fast::optim::{Adam, clip_grad_norm};
 use orwcfm_fast::orw::loss::{WeightMode, orw_loss, reward_weights};
 use orwcfm_fast::tensor::Tensor;

@@ -7,8 +7,9 @@ mod common;
 use std::path::PathBuf;
 
 use orwcfm_fast::flow::matchers::{FlowMatcher, MatcherKind};
+use orwcfm_fast::logging::MetricsLog;
 use orwcfm_fast::nn::{Init, Mlp, MlpConfig, UNetConfig, UNetModel, VelocityField};
-use orwcfm_fast::orw::{OrwConfig, StepMetrics, Trainer, pair_batch};
+use orwcfm_fast::orw::{OnStep, OrwConfig, RunEnd, StepMetrics, TrainHooks, Trainer, pair_batch};
 use orwcfm_fast::reward::FnReward;
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::rng::philox::Philox;
@@ -118,9 +119,10 @@ fn policy_refresh_warmup_and_metrics() {
         assert!((m.total_loss - (m.fm_loss + 0.5 * m.w2_loss)).abs() < 1e-5 * m.total_loss.abs().max(1.0));
         assert!(m.grad_norm > 0.0);
     }
-    // run() finishes the second epoch, logs every step and checkpoints at the end
-    tr.run(&mut reward, None, &mut |_| {}).unwrap();
+    // run() finishes the second epoch, its metrics log hook logs every step, and it checkpoints at the end
+    let end = tr.run(&mut reward, None, &mut MetricsLog::create(&d, None).unwrap()).unwrap();
     assert_eq!(tr.step(), 8);
+    assert_eq!(end, RunEnd { stopped: false, checkpoint: Some(d.join("checkpoints/step-00000008")) });
     let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 4, "run() logs the 4 steps it ran");
@@ -138,18 +140,18 @@ fn resume_matches<M: VelocityField>(name: &str, model: M, cfg: OrwConfig, n: u64
     a.set_run_dir(&d1).unwrap();
     let mut ra = FnReward::new("r", reward);
     let mut la = Vec::new();
-    a.run(&mut ra, Some(n), &mut |m| la.push(m.clone())).unwrap();
+    a.run(&mut ra, Some(n), &mut (MetricsLog::create(&d1, None).unwrap(), OnStep(|m: &StepMetrics| la.push(m.clone())))).unwrap();
 
     let d2 = tmpdir(&format!("{name}-split"));
     let mut b = Trainer::new(cfg, model).unwrap();
     b.set_run_dir(&d2).unwrap();
     let mut rb = FnReward::new("r", reward);
     let mut lb = Vec::new();
-    b.run(&mut rb, Some(k), &mut |m| lb.push(m.clone())).unwrap();
+    b.run(&mut rb, Some(k), &mut (MetricsLog::create(&d2, None).unwrap(), OnStep(|m: &StepMetrics| lb.push(m.clone())))).unwrap();
     drop(b);
     let mut c: Trainer<M> = Trainer::resume(&d2).unwrap();
     assert_eq!(c.step(), k);
-    c.run(&mut rb, Some(n - k), &mut |m| lb.push(m.clone())).unwrap();
+    c.run(&mut rb, Some(n - k), &mut (MetricsLog::create(&d2, Some(k)).unwrap(), OnStep(|m: &StepMetrics| lb.push(m.clone())))).unwrap();
 
     assert_eq!(la.len(), lb.len());
     for (x, y) in la.iter().zip(&lb) {
@@ -178,6 +180,103 @@ fn resume_matches<M: VelocityField>(name: &str, model: M, cfg: OrwConfig, n: u64
             .collect()
     };
     assert_eq!(strip(d1.join("metrics.jsonl")), strip(d2.join("metrics.jsonl")));
+}
+
+/// A hook that records what the loop calls it with, and asks to stop at `stop_at`.
+#[derive(Default)]
+struct Recorder {
+    steps: Vec<u64>,
+    epochs: Vec<(u64, u64)>,
+    checkpoints: Vec<(u64, PathBuf)>,
+    asked: Vec<u64>,
+    stop_at: Option<u64>,
+}
+
+impl<M: VelocityField> TrainHooks<M> for Recorder {
+    fn on_step(&mut self, tr: &Trainer<M>, m: &StepMetrics) -> anyhow::Result<()> {
+        assert_eq!(tr.step(), m.step, "on_step sees the trainer after the step");
+        self.steps.push(m.step);
+        Ok(())
+    }
+    fn on_epoch(&mut self, tr: &Trainer<M>, reward: &mut dyn orwcfm_fast::reward::Reward, m: &StepMetrics) -> anyhow::Result<()> {
+        assert!(m.policy_refreshed);
+        assert_eq!(reward.name(), "x", "the run's reward is lent to on_epoch");
+        self.epochs.push((tr.epoch(), m.step));
+        Ok(())
+    }
+    fn on_checkpoint(&mut self, tr: &Trainer<M>, path: &std::path::Path) -> anyhow::Result<()> {
+        assert!(path.join("state.json").is_file(), "on_checkpoint comes after the save: {}", path.display());
+        self.checkpoints.push((tr.step(), path.to_path_buf()));
+        Ok(())
+    }
+    fn should_stop(&mut self, tr: &Trainer<M>) -> bool {
+        self.asked.push(tr.step());
+        self.stop_at == Some(tr.step())
+    }
+}
+
+fn logged_steps(d: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+}
+
+/// The one loop: every step reaches the hooks once, checkpoints follow `save_every_epochs` and the
+/// end of each call (never twice for one step), a hook can stop the run (which saves), and the
+/// metrics log holds one line per step across a stop, a resume and a step limit.
+#[test]
+fn the_loop_calls_its_hooks_once_per_step_and_checkpoints_on_schedule() {
+    let d = tmpdir("hooks");
+    let mut cfg = base_cfg();
+    cfg.num_epochs = 6; // epochs of 4 steps: 24 steps
+    cfg.save_every_epochs = 2;
+    cfg.keep_checkpoints = 100;
+    let mut reward = FnReward::new("x", first_coord);
+    let ck = |s: u64| d.join(format!("checkpoints/step-{s:08}"));
+
+    // a step limit mid-epoch: checkpoints after epoch 2 (step 8) and at the limit (step 10)
+    let mut tr = Trainer::new(cfg.clone(), mlp()).unwrap();
+    tr.set_run_dir(&d).unwrap();
+    let mut rec = Recorder::default();
+    let end = tr.run(&mut reward, Some(10), &mut (MetricsLog::create(&d, None).unwrap(), &mut rec)).unwrap();
+    assert_eq!(end, RunEnd { stopped: false, checkpoint: Some(ck(10)) });
+    assert_eq!(rec.steps, (1..=10).collect::<Vec<_>>());
+    assert_eq!(rec.asked, rec.steps, "should_stop is asked after every step");
+    assert_eq!(rec.epochs, vec![(1, 4), (2, 8)]);
+    assert_eq!(rec.checkpoints, vec![(8, ck(8)), (10, ck(10))]);
+    drop(tr);
+
+    // resumed, and stopped by a hook right after the scheduled save of epoch 4: saved once
+    let mut tr: Trainer<Mlp> = Trainer::resume(&d).unwrap();
+    let mut rec = Recorder { stop_at: Some(16), ..Recorder::default() };
+    let end = tr.run(&mut reward, None, &mut (MetricsLog::create(&d, Some(10)).unwrap(), &mut rec)).unwrap();
+    assert_eq!(end, RunEnd { stopped: true, checkpoint: Some(ck(16)) });
+    assert_eq!(rec.steps, (11..=16).collect::<Vec<_>>());
+    assert_eq!(rec.epochs, vec![(3, 12), (4, 16)]);
+    assert_eq!(rec.checkpoints, vec![(16, ck(16))]);
+    drop(tr);
+
+    // resumed from the stop to the end: epoch 6 is on the schedule and the end, one save
+    let mut tr: Trainer<Mlp> = Trainer::resume(&d).unwrap();
+    let mut rec = Recorder::default();
+    let end = tr.run(&mut reward, None, &mut (MetricsLog::create(&d, Some(16)).unwrap(), &mut rec)).unwrap();
+    assert_eq!(end, RunEnd { stopped: false, checkpoint: Some(ck(24)) });
+    assert_eq!(rec.steps, (17..=24).collect::<Vec<_>>());
+    assert_eq!(rec.epochs, vec![(5, 20), (6, 24)]);
+    assert_eq!(rec.checkpoints, vec![(24, ck(24))]);
+    assert!(tr.finished());
+    let mut names: Vec<String> = std::fs::read_dir(d.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-")).collect();
+    names.sort();
+    assert_eq!(names, ["step-00000008", "step-00000010", "step-00000016", "step-00000024"]);
+    assert_eq!(logged_steps(&d), (1..=24).collect::<Vec<_>>(), "metrics.jsonl: one line per step");
+
+    // a second resume from an older checkpoint drops the later lines and logs them once again
+    let mut tr: Trainer<Mlp> = Trainer::resume(&ck(10)).unwrap();
+    tr.run(&mut reward, Some(3), &mut MetricsLog::create(&d, Some(10)).unwrap()).unwrap();
+    assert_eq!(logged_steps(&d), (1..=13).collect::<Vec<_>>());
+    // without a run folder nothing is saved
+    let mut tr = Trainer::new(cfg, mlp()).unwrap();
+    let mut rec = Recorder::default();
+    assert_eq!(tr.run(&mut reward, Some(8), &mut rec).unwrap(), RunEnd { stopped: false, checkpoint: None });
+    assert!(rec.checkpoints.is_empty() && rec.steps.len() == 8);
 }
 
 #[test]
@@ -232,12 +331,12 @@ fn torchcfm_checkpoint_as_reference() {
     tr.set_run_dir(&d).unwrap();
     let mut reward = FnReward::new("mean", |x: &Tensor| x.data().chunks(1024).map(|r| r.iter().sum::<f32>()).collect());
     let mut log = Vec::new();
-    tr.run(&mut reward, Some(1), &mut |m| log.push(m.clone())).unwrap();
+    tr.run(&mut reward, Some(1), &mut OnStep(|m: &StepMetrics| log.push(m.clone()))).unwrap();
     assert_eq!(log[0].w2_loss, 0.0, "before its first update net equals the reference (dropout off)");
     // resume with the reference taken from ref_path when the run folder lacks its copy
     std::fs::remove_file(d.join("reference.safetensors")).unwrap();
     let mut tr2: Trainer<UNetModel> = Trainer::resume(&d).unwrap();
-    tr2.run(&mut reward, None, &mut |m| log.push(m.clone())).unwrap();
+    tr2.run(&mut reward, None, &mut OnStep(|m: &StepMetrics| log.push(m.clone()))).unwrap();
     assert!(log[1].w2_loss > 0.0, "after one update net has moved away from the reference");
 }
 
@@ -279,7 +378,7 @@ fn a_failed_checkpoint_save_keeps_the_previous_one() {
     let mut tr = Trainer::new(base_cfg(), mlp()).unwrap();
     tr.set_run_dir(&d).unwrap();
     let mut reward = FnReward::new("x", first_coord);
-    tr.run(&mut reward, Some(2), &mut |_| {}).unwrap(); // saves step 2
+    tr.run(&mut reward, Some(2), &mut ()).unwrap(); // saves step 2
     tr.train_step(&mut reward).unwrap();
     // the save at step 3 fails half-way (injected, for this run folder only)
     unsafe { std::env::set_var("ORWCFM_FAIL_CHECKPOINT", &d) };
@@ -313,7 +412,7 @@ fn noise_streams_are_seeded_checkpointed_and_old_checkpoints_refused() {
     let d = tmpdir("philox-state");
     let mut tr = Trainer::new(base_cfg(), mlp()).unwrap();
     tr.set_run_dir(&d).unwrap();
-    tr.run(&mut reward, Some(2), &mut |_| {}).unwrap();
+    tr.run(&mut reward, Some(2), &mut ()).unwrap();
     let sp = d.join("checkpoints/step-00000002/state.json");
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
     assert_eq!(state["format"], "orwcfm-fast/orw-checkpoint/2");

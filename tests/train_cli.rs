@@ -211,3 +211,37 @@ fn config_toml_writes_short_floats_that_read_back_exactly() {
         assert_eq!(a.to_bits(), b.to_bits());
     }
 }
+
+/// A GPU failure mid-run (an out-of-memory injected on the simulated GPU, the CI's stand-in for a
+/// real one) ends `train` with one `error:` line that names the failure and the last good
+/// checkpoint; `--resume` from it (without the failure) finishes the run.
+#[test]
+fn a_gpu_out_of_memory_mid_run_keeps_the_last_good_checkpoint() {
+    if orwcfm_fast::backend::cuda::sim::compiler().is_none() {
+        eprintln!("skipped: no C++ compiler for the simulated GPU");
+        return;
+    }
+    let d = tmpdir("oom");
+    let args = with(tiny(&d, "r"), &["--device", "cuda", "--num-epochs", "4", "--save-every-epochs", "1", "--eval-every", "0", "--grid-every", "0"]);
+    // A 4-step tiny run makes about 4300 pool requests by the end of step 2 and 5800 by the end
+    // of step 3: request 5000 falls after the first checkpoint (step 2) and well before the end.
+    let o = Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(&args).env("ORWCFM_SIMULATED_GPU", "1").env("ORWCFM_CUDA_FAIL_ALLOC_AFTER", "5000").output().unwrap();
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{e}");
+    let line = lines[0];
+    assert!(line.contains("out of memory on cuda:0") && line.contains("failure injected"), "{line}");
+    let r = d.join("r");
+    let latest = std::fs::read_to_string(r.join("checkpoints/latest")).unwrap().trim().to_string();
+    assert!(latest.starts_with("step-") && latest != "step-00000008", "{latest}");
+    assert!(line.contains(&format!("the last good checkpoint is {latest} (continue with --resume {})", r.display())), "{line}");
+    assert!(r.join("checkpoints").join(&latest).join("net.safetensors").is_file());
+    let done = steps(&r);
+    assert!(!done.is_empty() && *done.last().unwrap() < 8, "{done:?}");
+    // resume as the message says: the run finishes, each step logged once
+    let o = Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(["train", "--resume", r.to_str().unwrap(), "--quiet"]).env("ORWCFM_SIMULATED_GPU", "1").env_remove("ORWCFM_CUDA_FAIL_ALLOC_AFTER").output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(std::fs::read_to_string(r.join("checkpoints/latest")).unwrap().trim(), "step-00000008");
+    assert_eq!(steps(&r), (1..=8).collect::<Vec<u64>>(), "every step logged once across the failure");
+}

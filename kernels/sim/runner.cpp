@@ -1,50 +1,98 @@
-// The launcher of the CPU shim (shim.h), compiled into each kernel library: a launch of `grid`
-// blocks of `block` threads runs `block` OS threads; each sets its threadIdx and walks the blocks
-// in order, calling `body(ctx)` (which calls the kernel) once per block, with a barrier after each
-// block so that no thread starts block b+1 while another still works on block b (whose __shared__
-// memory is the same static storage).
+// The launcher of the CPU shim (shim.h), compiled into each kernel library: a launch of a grid of
+// blocks (both 3-D, x fastest) runs one OS thread per thread of a block; each sets its threadIdx
+// and walks the blocks in order, calling `body(ctx)` (which calls the kernel) once per block, with
+// a barrier after each block so that no thread starts block b+1 while another still works on
+// block b (whose __shared__ memory, static and dynamic, is the same storage).
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
-extern "C" void shim_launch(int grid, int block, void (*body)(void*), void* ctx) {
-    gridDim.x = (unsigned)grid;
-    blockDim.x = (unsigned)block;
-    shim_barrier bar((unsigned)block);
+namespace {
+// The launch's dynamic shared memory: zeroed, 64-byte aligned, at least 64 bytes.
+struct shim_smem {
+    unsigned char* p;
+    explicit shim_smem(unsigned bytes) {
+        const size_t n = ((size_t)bytes + 63) / 64 * 64 + 64;
+        p = (unsigned char*)std::aligned_alloc(64, n);
+        std::memset(p, 0, n);
+        shim_dynamic_shared = p;
+    }
+    ~shim_smem() {
+        shim_dynamic_shared = nullptr;
+        std::free(p);
+    }
+};
+
+void shim_set_dims(const unsigned* d) {
+    gridDim = shim_dim3{d[0], d[1], d[2]};
+    blockDim = shim_dim3{d[3], d[4], d[5]};
+}
+
+shim_dim3 shim_unflatten(unsigned long long i, const shim_dim3& e) {
+    shim_dim3 r;
+    r.x = (unsigned)(i % e.x);
+    r.y = (unsigned)((i / e.x) % e.y);
+    r.z = (unsigned)(i / ((unsigned long long)e.x * e.y));
+    return r;
+}
+} // namespace
+
+// d = {grid.x, grid.y, grid.z, block.x, block.y, block.z}; `shared_bytes` of dynamic shared memory.
+extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*body)(void*), void* ctx) {
+    shim_set_dims(d);
+    const unsigned long long blocks = (unsigned long long)d[0] * d[1] * d[2];
+    const unsigned threads = d[3] * d[4] * d[5];
+    shim_smem smem(shared_bytes);
+    shim_barrier bar(threads);
     shim_block_barrier = &bar;
-    std::vector<std::thread> threads;
-    threads.reserve((size_t)block);
-    for (int t = 0; t < block; ++t) {
-        threads.emplace_back([=, &bar] {
-            threadIdx.x = (unsigned)t;
-            for (int b = 0; b < grid; ++b) {
-                blockIdx.x = (unsigned)b;
+    std::vector<std::thread> pool;
+    pool.reserve((size_t)threads);
+    for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([=, &bar] {
+            threadIdx = shim_unflatten(t, blockDim);
+            for (unsigned long long b = 0; b < blocks; ++b) {
+                blockIdx = shim_unflatten(b, gridDim);
                 body(ctx);
                 bar.wait();
             }
         });
     }
-    for (auto& th : threads) th.join();
+    for (auto& th : pool) th.join();
     shim_block_barrier = nullptr;
 }
 
+extern "C" void shim_launch(int grid, int block, void (*body)(void*), void* ctx) {
+    const unsigned d[6] = {(unsigned)grid, 1, 1, (unsigned)block, 1, 1};
+    shim_launch3(d, 0, body, ctx);
+}
+
 // For kernels without __syncthreads or __shared__ memory: no barrier is needed, so a few worker
-// threads share out the blocks and each runs a block's threads one after another.
-extern "C" void shim_launch_serial(int grid, int block, void (*body)(void*), void* ctx) {
-    gridDim.x = (unsigned)grid;
-    blockDim.x = (unsigned)block;
-    const int workers = grid < 4 ? (grid < 1 ? 1 : grid) : 4;
-    std::vector<std::thread> threads;
-    threads.reserve((size_t)workers);
+// threads share out the blocks and each runs a block's threads one after another (one worker
+// when the launch asks for dynamic shared memory, which the blocks would otherwise share).
+extern "C" void shim_launch3_serial(const unsigned* d, unsigned shared_bytes, void (*body)(void*), void* ctx) {
+    shim_set_dims(d);
+    const unsigned long long blocks = (unsigned long long)d[0] * d[1] * d[2];
+    const unsigned threads = d[3] * d[4] * d[5];
+    shim_smem smem(shared_bytes);
+    const int workers = shared_bytes > 0 ? 1 : (blocks < 4 ? (blocks < 1 ? 1 : (int)blocks) : 4);
+    std::vector<std::thread> pool;
+    pool.reserve((size_t)workers);
     for (int w = 0; w < workers; ++w) {
-        threads.emplace_back([=] {
-            for (int b = w; b < grid; b += workers) {
-                blockIdx.x = (unsigned)b;
-                for (int t = 0; t < block; ++t) {
-                    threadIdx.x = (unsigned)t;
+        pool.emplace_back([=] {
+            for (unsigned long long b = (unsigned long long)w; b < blocks; b += (unsigned long long)workers) {
+                blockIdx = shim_unflatten(b, gridDim);
+                for (unsigned t = 0; t < threads; ++t) {
+                    threadIdx = shim_unflatten(t, blockDim);
                     body(ctx);
                 }
             }
         });
     }
-    for (auto& th : threads) th.join();
+    for (auto& th : pool) th.join();
+}
+
+extern "C" void shim_launch_serial(int grid, int block, void (*body)(void*), void* ctx) {
+    const unsigned d[6] = {(unsigned)grid, 1, 1, (unsigned)block, 1, 1};
+    shim_launch3_serial(d, 0, body, ctx);
 }

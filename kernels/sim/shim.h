@@ -8,6 +8,11 @@
 // - `__shared__` is `static`: one copy per kernel, shared by the block's threads. Blocks run one
 //   after another (a barrier separates them), so that copy is never used by two blocks at once.
 //   Launches of one library must not overlap (the Rust side holds a lock per library).
+// - Dynamic shared memory (`extern __shared__ T name[];`) is one buffer per launch, of the size
+//   the launch asks for (zeroed, 64-byte aligned), at `shim_dynamic_shared`. The declarations are
+//   rewritten into references to it before compiling (`sim::shim_source` on the Rust side): a
+//   pointer at function scope, a macro at file scope.
+// - Grids and blocks are 3-D (runner.cpp's shim_launch3; shim_launch is its 1-D form).
 // - `__syncthreads()` is a barrier over the block's threads (mutex + condition variable, which
 //   also orders the memory accesses around it).
 // - `__fmul_rn` and friends are the plain IEEE operations: the library is compiled with
@@ -59,8 +64,11 @@ public:
     }
 };
 
-// The barrier of the running launch (set by shim_launch).
+// The barrier of the running launch (set by shim_launch3).
 SHIM_LOCAL inline shim_barrier* shim_block_barrier = nullptr;
+
+// The running launch's dynamic shared memory (set by shim_launch3).
+SHIM_LOCAL inline unsigned char* shim_dynamic_shared = nullptr;
 
 #define __global__
 #define __device__

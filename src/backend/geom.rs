@@ -93,3 +93,20 @@ pub struct NormGeom {
     pub groups: usize,
     pub eps: f32,
 }
+
+/// Row-major strides of a contiguous `shape`.
+fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Strides for reading a contiguous tensor of `shape` as if broadcast to `out` (NumPy rules:
+/// 0 on broadcast axes and on the leading axes `shape` lacks).
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let st = row_major_strides(shape);
+    let off = out.len() - shape.len();
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { st[i - off] }).collect()
+}

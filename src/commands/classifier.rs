@@ -78,7 +78,7 @@ pub fn run(c: &ClassifierCmd) -> Result<()> {
             if ho.sample_shape() != [c, h, w] {
                 bail!("held-out images {:?} differ from training images {:?}", ho.sample_shape(), [c, h, w]);
             }
-            crate::cli::check_writable(out)?;
+            crate::util::check_writable(out)?;
             let cfg = ClassifierConfig { in_channels: c, image_size: h, num_classes: k, channels: channels.clone(), hidden: *hidden };
             let model = Classifier::new(cfg, *seed)?;
             println!("classifier: {} training images from {}, {} parameters", tr.len(), tr.source, model.params().count());

@@ -61,12 +61,12 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
     let data = crate::data::open(&a.data)?;
     let model = match &a.init {
         Some(p) => UNetModel::load_file(p, None)?,
-        None => UNetModel::new(&crate::cli::resolve_config(&a.unet_config)?, Init::Torch(a.seed))?,
+        None => UNetModel::new(&crate::nn::config::resolve_config(&a.unet_config)?, Init::Torch(a.seed))?,
     };
     if let Some(g) = &a.grid {
         crate::plot::check_out(g)?;
     }
-    crate::cli::check_writable(&a.out)?;
+    crate::util::check_writable(&a.out)?;
     let cfg = PretrainConfig {
         coupling: a.coupling.clone(),
         sigma: a.sigma,

@@ -94,7 +94,7 @@ pub fn run_sample(a: &SamplerArgs, grid: Option<&PathBuf>, out: Option<&PathBuf>
         crate::plot::check_out(g)?;
     }
     if let Some(o) = out {
-        crate::cli::check_writable(o)?;
+        crate::util::check_writable(o)?;
     }
     let model = model_of(a)?;
     let solver = OdeSolver::parse(&a.solver, a.atol, a.rtol)?;

@@ -18,7 +18,7 @@ use crate::io::image::save_grid;
 use crate::io::safetensors::write_atomic;
 use crate::logging::{MetricsLog, Progress, plot_metrics};
 use crate::nn::{Classifier, UNetModel, VelocityField};
-use crate::orw::{OrwConfig, Trainer, sample_model};
+use crate::orw::{OrwConfig, StepMetrics, TrainHooks, Trainer, sample_model};
 use crate::reward::classifier::ClassifierReward;
 use crate::reward::external::ExternalReward;
 use crate::reward::jpeg::JpegReward;
@@ -195,9 +195,9 @@ pub fn load_base(orw: &OrwConfig, prod: &ProductConfig) -> Result<UNetModel> {
             let mut raw = crate::io::model::read_weights(Path::new(p), orw.ref_key.as_deref())?;
             // a given U-Net config (file or built-in name) wins over the one stored in the weights
             if let Some(c) = &prod.unet_config {
-                raw.metadata.insert("unet_config".into(), crate::cli::resolve_config(c)?.to_json().to_string());
+                raw.metadata.insert("unet_config".into(), crate::nn::config::resolve_config(c)?.to_json().to_string());
             }
-            let lm = crate::io::model::model_from_raw(raw, None).with_context(|| format!("loading {p}"))?;
+            let lm = crate::nn::model_from_raw(raw, None).with_context(|| format!("loading {p}"))?;
             for w in &lm.warnings {
                 eprintln!("warning: {w}");
             }
@@ -287,6 +287,54 @@ fn fmt_stats(s: &SampleStats) -> String {
         t += &format!("  W2 to ref {w:.3}");
     }
     t
+}
+
+/// What `train` does around the library's loop ([`Trainer::run`], which keeps the checkpoint
+/// schedule): the metrics log, the progress bar, evaluations and sample grids after epochs, and
+/// stopping on Ctrl-C.
+struct TrainUi<'a> {
+    log: MetricsLog,
+    bar: Progress,
+    prod: &'a ProductConfig,
+    solver: &'a OdeSolver,
+    cls: Option<(&'a Classifier, &'a [usize])>,
+    /// The reference model's samples, for the W2 distance.
+    ref_x: &'a Tensor,
+    run_dir: &'a Path,
+    stop: Arc<AtomicBool>,
+    last: Option<StepMetrics>,
+    final_stats: Option<SampleStats>,
+}
+
+impl TrainHooks<UNetModel> for TrainUi<'_> {
+    fn on_step(&mut self, _tr: &Trainer<UNetModel>, m: &StepMetrics) -> Result<()> {
+        self.log.log(m)?;
+        self.bar.update(m.step, &format!("reward {:.3} loss {:.4}", m.reward_mean, m.total_loss));
+        self.last = Some(m.clone());
+        Ok(())
+    }
+
+    fn on_epoch(&mut self, tr: &Trainer<UNetModel>, reward: &mut dyn Reward, m: &StepMetrics) -> Result<()> {
+        let (prod, orw) = (self.prod, tr.config());
+        let ep = tr.epoch();
+        let done = tr.finished();
+        if prod.eval_every > 0 && (ep.is_multiple_of(prod.eval_every) || done) {
+            let (_, s) = evaluate(tr.net(), prod.eval_samples, self.solver, orw.ode_steps, orw.seed, reward, self.cls, Some(self.ref_x))?;
+            let sc = s.scalars();
+            self.log.log_eval(m.step, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
+            self.bar.println(&format!("epoch {ep}: {}", fmt_stats(&s)));
+            self.final_stats = Some(s);
+        }
+        if prod.grid_every > 0 && (ep.is_multiple_of(prod.grid_every) || done) {
+            let (gx, _) = evaluate(tr.net(), prod.grid_samples, self.solver, orw.ode_steps, orw.seed ^ 1, reward, None, None)?;
+            save_grid(&self.run_dir.join(format!("samples_step{:08}.png", m.step)), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
+        }
+        Ok(())
+    }
+
+    fn should_stop(&mut self, _tr: &Trainer<UNetModel>) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
 }
 
 /// Run `train`.
@@ -406,38 +454,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         // a second handler cannot be installed in the same process (tests): ignore that error
         let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
     }
-    let mut bar = Progress::new(total, start_step, quiet);
-    let mut last = None;
-    let mut final_stats = None;
-    while !tr.finished() {
-        let res: Result<()> = (|| {
-            let m = tr.train_step(reward.as_mut())?;
-            log.log(&m)?;
-            bar.update(m.step, &format!("reward {:.3} loss {:.4}", m.reward_mean, m.total_loss));
-            if m.policy_refreshed {
-                let ep = tr.epoch();
-                let done = tr.finished();
-                if prod.eval_every > 0 && (ep.is_multiple_of(prod.eval_every) || done) {
-                    let (_, s) = evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?;
-                    let sc = s.scalars();
-                    log.log_eval(m.step, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
-                    bar.println(&format!("epoch {ep}: {}", fmt_stats(&s)));
-                    final_stats = Some(s);
-                }
-                if prod.grid_every > 0 && (ep.is_multiple_of(prod.grid_every) || done) {
-                    let (gx, _) = evaluate(tr.net(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None)?;
-                    save_grid(&run_dir.join(format!("samples_step{:08}.png", m.step)), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
-                }
-                if orw.save_every_epochs > 0 && ep.is_multiple_of(orw.save_every_epochs) && !done {
-                    tr.save_checkpoint()?;
-                }
-            }
-            last = Some(m);
-            Ok(())
-        })();
-        if let Err(e) = res {
-            bar.finish();
-            let _ = log.flush();
+    let mut hooks = TrainUi { log, bar: Progress::new(total, start_step, quiet), prod: &prod, solver: &solver, cls, ref_x: &ref_x, run_dir: &run_dir, stop, last: None, final_stats: None };
+    let end = tr.run(reward.as_mut(), None, &mut hooks);
+    hooks.bar.finish();
+    let end = match end {
+        Ok(end) => end,
+        Err(e) => {
+            let _ = hooks.log.flush();
             let ck = run_dir.join("checkpoints").join("latest");
             let kept = match std::fs::read_to_string(&ck) {
                 Ok(n) => format!("; the last good checkpoint is {} (continue with --resume {})", n.trim(), run_dir.display()),
@@ -445,16 +468,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             };
             return Err(e.context(format!("training stopped at step {}{kept}", tr.step())));
         }
-        if stop.load(Ordering::SeqCst) {
-            bar.finish();
-            let ck = tr.save_checkpoint()?;
-            log.flush()?;
-            eprintln!("interrupted at step {}: saved {}; continue with: orwcfm-fast train --resume {}", tr.step(), ck.display(), run_dir.display());
-            std::process::exit(130);
-        }
+    };
+    let ck = end.checkpoint.expect("the trainer has a run folder");
+    if end.stopped {
+        hooks.log.flush()?;
+        eprintln!("interrupted at step {}: saved {}; continue with: orwcfm-fast train --resume {}", tr.step(), ck.display(), run_dir.display());
+        std::process::exit(130);
     }
-    bar.finish();
-    let ck = tr.save_checkpoint()?;
+    let TrainUi { mut log, last, final_stats, .. } = hooks;
     let fin = match final_stats {
         Some(s) => s,
         None => evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?.1,

@@ -281,6 +281,20 @@ impl UNetConfig {
     }
 }
 
+/// A U-Net config from a JSON file, or a built-in name: `mnist`, `mnist-small`, `cifar10`.
+pub fn resolve_config(s: &str) -> Result<UNetConfig> {
+    let p = std::path::Path::new(s);
+    if p.exists() {
+        return UNetConfig::from_file(p);
+    }
+    match s {
+        "mnist" => Ok(UNetConfig::mnist()),
+        "mnist-small" => Ok(UNetConfig::mnist_small()),
+        "cifar10" | "cifar" => Ok(UNetConfig::cifar10()),
+        _ => bail!("U-Net config {s} does not exist (built-in configs: mnist, mnist-small, cifar10)"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Neural-network modules with torchcfm's parameter names.
 pub mod classifier;
 pub mod config;
+pub mod load;
 pub mod mlp;
 pub mod params;
 pub mod unet;
@@ -8,6 +9,7 @@ pub mod velocity;
 
 pub use classifier::{Classifier, ClassifierConfig};
 pub use config::UNetConfig;
+pub use load::{ConfigSource, LoadedModel, infer_config, load_model, model_from_raw, save_model};
 pub use mlp::{Mlp, MlpConfig};
 pub use params::ParamStore;
 pub use unet::{Forward, Init, UNetModel};

@@ -78,9 +78,9 @@ impl VelocityField for UNetModel {
         UNetModel::params_mut(self)
     }
     fn save_file(&self, path: &Path) -> Result<()> {
-        crate::io::model::save_model(self, path, DType::F32)
+        super::load::save_model(self, path, DType::F32)
     }
     fn load_file(path: &Path, key: Option<&str>) -> Result<Self> {
-        Ok(crate::io::model::load_model(path, None, key)?.model)
+        Ok(super::load::load_model(path, None, key)?.model)
     }
 }

@@ -53,6 +53,15 @@ impl Adam {
 }
 
 impl Adam {
+    /// Move the moments (loaded from a checkpoint, or from an earlier step) to `device`, where
+    /// the parameters they update live.
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        for m in self.exp_avg.iter_mut().chain(self.exp_avg_sq.iter_mut()) {
+            *m = m.to_device(device)?;
+        }
+        Ok(())
+    }
+
     /// One update of a model's parameters in place (their current values, stepped, set back).
     pub fn step_params(&mut self, params: &ParamStore, grads: &[Tensor], lr: f32) -> Result<()> {
         // taken out of the leaves, so that an unshared parameter is updated without a copy

@@ -206,7 +206,7 @@ impl<M: VelocityField> Trainer<M> {
 
     /// Continue a run: `path` is a run folder (its latest checkpoint) or a checkpoint folder.
     /// The reference comes from the run folder's `reference.safetensors`, else from `ref_path`.
-    /// `metrics.jsonl` is cut back to the checkpoint's step.
+    /// The metrics files are not touched: `MetricsLog::create(run, Some(step))` cuts them back.
     pub fn resume(path: &Path) -> Result<Self> {
         let (run, ck) = locate(path)?;
         let sp = ck.join("state.json");
@@ -289,21 +289,6 @@ impl<M: VelocityField> Trainer<M> {
         if let Some(name) = ck.file_name() {
             write_atomic(&run.join("checkpoints").join("latest"), format!("{}\n", name.to_string_lossy()).as_bytes())?;
         }
-        truncate_metrics(&run.join("metrics.jsonl"), tr.step)?;
         Ok(tr)
     }
-}
-
-/// Drop logged steps after `step` (they will be run again).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    if !path.is_file() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let kept: Vec<&str> = text.lines().filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)).collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    write_atomic(path, out.as_bytes())
 }

@@ -39,8 +39,9 @@ pub struct OrwConfig {
     pub ref_key: Option<String>,
     /// Run folder name under `savedir`.
     pub run_name: String,
-    /// The reference code logs to wandb; here it turns on our own per-step logging
-    /// (`metrics.jsonl` in the run folder), which is written whenever a run folder is set.
+    /// The reference code logs to wandb; our own per-step log (`metrics.jsonl`, `metrics.csv` and
+    /// TensorBoard files in the run folder, a [`crate::logging::MetricsLog`] hooked into
+    /// [`super::Trainer::run`]) is written by every `train` run, whatever this says.
     pub use_wandb: bool,
     pub num_epochs: u64,
     /// Gradient steps per epoch; the sampling policy is refreshed from `net` after each epoch.

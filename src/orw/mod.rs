@@ -2,7 +2,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod loss;
+pub mod run;
 pub mod trainer;
 
 pub use config::OrwConfig;
+pub use run::{OnStep, RunEnd, TrainHooks};
 pub use trainer::{NoiseStreams, PairedBatch, StepMetrics, Trainer, pair_batch, sample_model, sample_model_with_noise};

@@ -1,4 +1,5 @@
-//! The ORW-CFM-W2 training loop.
+//! The ORW-CFM-W2 trainer: its state and one gradient step ([`Trainer::train_step`]); the loop
+//! over steps, with its hooks and checkpoint schedule, is [`super::run`].
 //!
 //! Three copies of one velocity field: `net` (trained), `last_policy` (the frozen sampler, refreshed
 //! from `net` after every epoch) and `reference` (frozen forever). Each gradient step takes a batch
@@ -286,11 +287,12 @@ impl<M: VelocityField> Trainer<M> {
         Self::new(cfg, model)
     }
 
-    /// Write checkpoints and `metrics.jsonl` under `dir` (created if needed).
-    /// Move the trained, policy, reference and EMA models to `device` (Adam's moments follow on
-    /// the first step). Noise is drawn there by the Philox streams (the same numbers on every
-    /// device); labels, `t`, couplings and rewards stay on the host.
+    /// Move the trained, policy, reference and EMA models and Adam's moments (those of a resumed
+    /// run; a new run creates them on the first step, beside the parameters) to `device`. Noise
+    /// is drawn there by the Philox streams (the same numbers on every device); labels, `t`,
+    /// couplings and rewards stay on the host.
     pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        self.adam.to_device(device)?;
         self.net.to_device(device)?;
         self.last_policy.to_device(device)?;
         self.reference.to_device(device)?;
@@ -334,6 +336,8 @@ impl<M: VelocityField> Trainer<M> {
         self.loss_scale
     }
 
+    /// Write checkpoints under `dir` (created if needed); metrics are the caller's (a
+    /// [`crate::logging::MetricsLog`] passed to [`Trainer::run`] as a hook).
     pub fn set_run_dir(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
         self.run_dir = Some(dir.to_path_buf());
@@ -530,37 +534,4 @@ impl<M: VelocityField> Trainer<M> {
             seconds: start.elapsed().as_secs_f64(),
         })
     }
-}
-
-impl<M: VelocityField> Trainer<M> {
-    /// Train until the configured epochs are done, or for at most `max_steps` more steps. Each
-    /// step is appended to `metrics.jsonl` in the run folder (when one is set) and passed to
-    /// `on_step`; checkpoints are saved every `save_every_epochs` epochs and when the run ends.
-    pub fn run(&mut self, reward: &mut dyn Reward, max_steps: Option<u64>, on_step: &mut dyn FnMut(&StepMetrics)) -> Result<()> {
-        let stop_at = max_steps.map_or(self.cfg.total_steps(), |m| (self.step + m).min(self.cfg.total_steps()));
-        while self.step < stop_at {
-            let m = self.train_step(reward)?;
-            if let Some(dir) = &self.run_dir {
-                append_metrics(dir, &m)?;
-            }
-            on_step(&m);
-            let every = self.cfg.save_every_epochs;
-            if self.run_dir.is_some() && m.policy_refreshed && every > 0 && self.epoch.is_multiple_of(every) && self.step < stop_at {
-                self.save_checkpoint()?;
-            }
-        }
-        if self.run_dir.is_some() {
-            self.save_checkpoint()?;
-        }
-        Ok(())
-    }
-}
-
-/// Append one line of JSON to `dir/metrics.jsonl`.
-fn append_metrics(dir: &Path, m: &StepMetrics) -> Result<()> {
-    use std::io::Write;
-    let path = dir.join("metrics.jsonl");
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }

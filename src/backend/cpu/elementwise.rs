@@ -3,7 +3,6 @@
 use rayon::prelude::*;
 
 use super::PAR_MIN;
-use crate::tensor::contiguous_strides;
 
 /// Apply `f` to every element (parallel for large inputs).
 pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
@@ -50,12 +49,7 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     Some(out)
 }
 
-/// Strides for reading a tensor of `shape` as if broadcast to `out` (0 on broadcast axes).
-pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
-    let st = contiguous_strides(shape);
-    let off = out.len() - shape.len();
-    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { st[i - off] }).collect()
-}
+pub use crate::backend::geom::broadcast_strides;
 
 /// Offset of the first element of output row `row` (all axes but the last) under `strides`.
 #[inline]

@@ -9,17 +9,18 @@
 //!   The batch is processed in chunks so that `col` stays under 256 MiB.
 //!
 //! The bias is added by `add_channel_bias_f32`; its gradient is a reduction of `dy`.
-// The device implementations of the Tensor-level ops were removed with the engine-core rewrite;
-// these launch helpers and cuDNN plans wait for the storage-level CUDA port (see pending.rs).
-#![allow(dead_code)]
 
 use std::ffi::c_void;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
 
+use super::f32ops::{add_channel_bias, want_f32, want_len};
+use super::gemm::{Operand, gemm};
 use super::gpu::{Arg, Gpu, cudnn_ok};
-use crate::backend::cpu::conv::ConvGeom;
+use super::storage::{CudaStorage, same_gpu};
+use crate::backend::geom::ConvGeom;
+use crate::tensor::DType;
 
 /// cuDNN descriptors and chosen algorithms for one shape.
 pub struct ConvPlan {
@@ -61,7 +62,7 @@ macro_rules! pick {
 
 fn plan(g: &Gpu, k: &ConvGeom) -> Result<ConvPlan> {
     use cudarc::cudnn::sys as cd;
-    let h = g.cudnn().expect("cuDNN handle");
+    let Some(h) = g.cudnn() else { bail!("no cuDNN handle") };
     let (ho, wo) = ((k.h + 2 * k.pad - k.kh) / k.stride + 1, (k.w + 2 * k.pad - k.kw) / k.stride + 1);
     let f = cd::cudnnDataType_t::CUDNN_DATA_FLOAT;
     let nchw = cd::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
@@ -183,4 +184,132 @@ fn one() -> *const c_void {
 }
 fn zero() -> *const c_void {
     &ZERO as *const f32 as *const c_void
+}
+
+/// `y = conv2d(x, w)` (no bias) into `y`, for buffers at these device addresses.
+fn forward_into(g: &Arc<Gpu>, x: u64, w: u64, y: u64, c: &ConvGeom) -> Result<()> {
+    if c.n == 0 {
+        return Ok(());
+    }
+    if let Some(h) = g.cudnn().filter(|_| cudnn_serves(g, c)) {
+        let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
+        g.bind()?;
+        with_plan(g, c, |p| {
+            let ws = g.alloc(p.fwd.1.div_ceil(4))?;
+            use cudarc::cudnn::sys as cd;
+            // SAFETY: descriptors match the buffers' shapes; the workspace is as large as asked
+            unsafe {
+                cudnn_ok(cd::cudnnConvolutionForward(h, one(), p.x, x as *const c_void, p.w, w as *const c_void, p.conv, p.fwd.0, ws.ptr() as *mut c_void, p.fwd.1, zero(), p.y, y as *mut c_void), "convolution forward")
+            }
+        })
+    } else {
+        let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
+        let step = chunk(c);
+        let col = g.alloc(step * kk * pp)?;
+        for n0 in (0..c.n).step_by(step) {
+            let nb = step.min(c.n - n0);
+            im2col(g, x + 4 * (n0 * c.cin * c.h * c.w) as u64, col.ptr(), c, nb)?;
+            // y_n [Cout, P] = W [Cout, K] · col_n [K, P]
+            let wop = Operand { ptr: w, trans: false, batch_stride: 0 };
+            let cop = Operand { ptr: col.ptr(), trans: false, batch_stride: (kk * pp) as i64 };
+            gemm(g, c.cout, pp, kk, wop, cop, y + 4 * (n0 * c.cout * pp) as u64, (c.cout * pp) as i64, 1.0, 0.0, nb)?;
+        }
+        Ok(())
+    }
+}
+
+/// `dw` (and `dx` when given) of a convolution from `dy`, for buffers at these addresses.
+fn backward_into(g: &Arc<Gpu>, x: u64, w: u64, dy: u64, dx: Option<u64>, dw: u64, c: &ConvGeom) -> Result<()> {
+    if c.n == 0 {
+        // no images: a zero weight gradient
+        let n = c.cout * c.k();
+        if n > 0 {
+            g.launch_n("fill_u32", n, &[Arg::Ptr(dw), Arg::U32(0), Arg::I64(n as i64)])?;
+        }
+        return Ok(());
+    }
+    if let Some(h) = g.cudnn().filter(|_| cudnn_serves(g, c)) {
+        use cudarc::cudnn::sys as cd;
+        let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
+        g.bind()?;
+        with_plan(g, c, |p| {
+            let ws = g.alloc(p.bwd_filter.1.max(p.bwd_data.1).div_ceil(4))?;
+            // SAFETY: as in the forward
+            unsafe {
+                cudnn_ok(
+                    cd::cudnnConvolutionBackwardFilter(h, one(), p.x, x as *const c_void, p.y, dy as *const c_void, p.conv, p.bwd_filter.0, ws.ptr() as *mut c_void, p.bwd_filter.1, zero(), p.w, dw as *mut c_void),
+                    "convolution backward-filter",
+                )?;
+                if let Some(dx) = dx {
+                    cudnn_ok(
+                        cd::cudnnConvolutionBackwardData(h, one(), p.w, w as *const c_void, p.y, dy as *const c_void, p.conv, p.bwd_data.0, ws.ptr() as *mut c_void, p.bwd_data.1, zero(), p.x, dx as *mut c_void),
+                        "convolution backward-data",
+                    )?;
+                }
+            }
+            Ok(())
+        })
+    } else {
+        let (kk, pp) = (c.cin * c.kh * c.kw, c.ho() * c.wo());
+        let step = chunk(c);
+        let col = g.alloc(step * kk * pp)?;
+        for n0 in (0..c.n).step_by(step) {
+            let nb = step.min(c.n - n0);
+            im2col(g, x + 4 * (n0 * c.cin * c.h * c.w) as u64, col.ptr(), c, nb)?;
+            // dW [Cout, K] += dy_n [Cout, P] · col_nᵀ, image by image (one accumulator)
+            for i in 0..nb {
+                let dyo = Operand { ptr: dy + 4 * ((n0 + i) * c.cout * pp) as u64, trans: false, batch_stride: 0 };
+                let co = Operand { ptr: col.ptr() + 4 * (i * kk * pp) as u64, trans: true, batch_stride: 0 };
+                let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
+                gemm(g, c.cout, kk, pp, dyo, co, dw, 0, 1.0, beta, 1)?;
+            }
+            if let Some(dx) = dx {
+                // dcol_n [K, P] = Wᵀ · dy_n, then scattered back by col2im (a gather)
+                let wop = Operand { ptr: w, trans: true, batch_stride: 0 };
+                let dyo = Operand { ptr: dy + 4 * (n0 * c.cout * pp) as u64, trans: false, batch_stride: (c.cout * pp) as i64 };
+                gemm(g, kk, pp, c.cout, wop, dyo, col.ptr(), (kk * pp) as i64, 1.0, 0.0, nb)?;
+                col2im(g, col.ptr(), dx + 4 * (n0 * c.cin * c.h * c.w) as u64, c, nb)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_geom(c: &ConvGeom, op: &str) -> Result<()> {
+    if c.stride == 0 || c.kh == 0 || c.kw == 0 || c.h + 2 * c.pad < c.kh || c.w + 2 * c.pad < c.kw {
+        bail!("{op}: no output for {c:?}");
+    }
+    Ok(())
+}
+
+/// `conv2d(x, w) + bias` → `[n, cout, ho, wo]`, f32 (CPU: `conv::conv2d_forward`).
+pub fn conv2d_f32(x: &CudaStorage, w: &CudaStorage, bias: Option<&CudaStorage>, c: &ConvGeom) -> Result<CudaStorage> {
+    let g = same_gpu("conv2d", &[x, w])?;
+    check_geom(c, "conv2d")?;
+    want_f32(x, "conv2d")?;
+    want_f32(w, "conv2d")?;
+    want_len(x, c.in_shape().iter().product(), "conv2d", "the input")?;
+    want_len(w, c.weight_shape().iter().product(), "conv2d", "the weight")?;
+    let mut y = CudaStorage::alloc(&g, c.out_shape().iter().product(), DType::F32)?;
+    forward_into(&g, x.ptr(), w.ptr(), y.ptr(), c)?;
+    if let Some(b) = bias {
+        add_channel_bias(&mut y, b, c.n, c.cout, c.ho() * c.wo())?;
+    }
+    Ok(y)
+}
+
+/// `(dx if need_dx, dw, db)` of [`conv2d_f32`] from the input, the weight and `dy`, f32 (CPU:
+/// `conv::conv2d_backward`).
+pub fn conv2d_backward_f32(x: &CudaStorage, w: &CudaStorage, dy: &CudaStorage, c: &ConvGeom, need_dx: bool) -> Result<(Option<CudaStorage>, CudaStorage, CudaStorage)> {
+    let g = same_gpu("conv2d_backward", &[x, w, dy])?;
+    check_geom(c, "conv2d_backward")?;
+    for (t, shape, what) in [(x, c.in_shape(), "the input"), (w, c.weight_shape(), "the weight"), (dy, c.out_shape(), "the output gradient")] {
+        want_f32(t, "conv2d_backward")?;
+        want_len(t, shape.iter().product(), "conv2d_backward", what)?;
+    }
+    let dw = CudaStorage::alloc(&g, w.elements(), DType::F32)?;
+    let dx = if need_dx { Some(CudaStorage::alloc(&g, x.elements(), DType::F32)?) } else { None };
+    backward_into(&g, x.ptr(), w.ptr(), dy.ptr(), dx.as_ref().map(|d| d.ptr()), dw.ptr(), c)?;
+    let db = super::f32ops::sum_to_shape(dy, &c.out_shape(), &[c.cout, 1, 1])?;
+    Ok((dx, dw, db))
 }

@@ -3,6 +3,9 @@
 //! TF32 off unless asked for, and a cuDNN handle when libcudnn is present.
 //!
 //! GPUs are opened once per process ([`gpu`]) and live until it exits.
+//!
+//! Testing hook: [`Gpu::fail_alloc_after`] (or `ORWCFM_CUDA_FAIL_ALLOC_AFTER=N` in the
+//! environment when a GPU opens) makes the N-th following allocation fail as out of memory.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +79,56 @@ pub enum Arg<'a> {
     Ptr(u64),
     I64(i64),
     F32(f32),
+    U32(u32),
     Struct(&'a dyn PushStruct),
+}
+
+/// The variable that arms [`Gpu::fail_alloc_after`] when a GPU opens.
+pub const FAIL_ALLOC_VAR: &str = "ORWCFM_CUDA_FAIL_ALLOC_AFTER";
+
+/// A launch's shape: a 3-D grid of 3-D blocks and the dynamic shared memory of each block (the
+/// size of the kernel's `extern __shared__` array, in bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+    /// The kernel is correct for any power-of-two block size (the grid-stride and block-per-row
+    /// kernels): the simulated GPU then runs blocks of at most 8 threads, which keeps its OS
+    /// threads few. Otherwise it runs the block as asked.
+    pub any_block: bool,
+}
+
+impl Launch {
+    /// A 1-D grid of 1-D blocks, no dynamic shared memory.
+    pub fn linear(grid: u32, block: u32) -> Launch {
+        Launch { grid: (grid, 1, 1), block: (block, 1, 1), shared_bytes: 0, any_block: false }
+    }
+    /// A 3-D grid of 3-D blocks, no dynamic shared memory.
+    pub fn dims(grid: (u32, u32, u32), block: (u32, u32, u32)) -> Launch {
+        Launch { grid, block, shared_bytes: 0, any_block: false }
+    }
+    /// The same with `bytes` of dynamic shared memory per block.
+    pub fn with_shared(self, bytes: u32) -> Launch {
+        Launch { shared_bytes: bytes, ..self }
+    }
+    /// Marks the kernel as correct for any power-of-two block size (see [`Launch::any_block`]).
+    pub fn any_block(self) -> Launch {
+        Launch { any_block: true, ..self }
+    }
+    pub fn threads_per_block(&self) -> u64 {
+        self.block.0 as u64 * self.block.1 as u64 * self.block.2 as u64
+    }
+    fn check(&self, name: &str) -> Result<()> {
+        let (g, b) = (self.grid, self.block);
+        if [g.0, g.1, g.2, b.0, b.1, b.2].contains(&0) {
+            bail!("launching {name}: an empty grid or block ({self:?})");
+        }
+        if self.threads_per_block() > 1024 || g.1 > 65_535 || g.2 > 65_535 || b.2 > 64 {
+            bail!("launching {name}: {self:?} exceeds CUDA's limits (1024 threads a block, grid y/z ≤ 65535, block z ≤ 64)");
+        }
+        Ok(())
+    }
 }
 
 /// A `#[repr(C)]` struct passed to a kernel by value.
@@ -130,7 +182,7 @@ pub struct Gpu {
     pool: Mutex<Pool<DriverAlloc>>,
     /// serialises the library calls that share handles and workspaces
     pub(crate) exec: Mutex<()>,
-    pub(crate) conv_cache: Mutex<HashMap<crate::backend::cpu::conv::ConvGeom, Option<super::conv::ConvPlan>>>,
+    pub(crate) conv_cache: Mutex<HashMap<crate::backend::geom::ConvGeom, Option<super::conv::ConvPlan>>>,
     /// fill every new buffer with NaN (tests: an output element a kernel forgets stays NaN)
     poison: AtomicBool,
 }
@@ -147,6 +199,10 @@ pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     let g = Arc::new(if super::sim::enabled() { Gpu::open_sim(ordinal)? } else { Gpu::open(ordinal)? });
     m.insert(ordinal, g.clone());
     Ok(g)
+}
+
+fn env_fail_alloc() -> Option<usize> {
+    std::env::var(FAIL_ALLOC_VAR).ok().and_then(|v| v.trim().parse().ok())
 }
 
 fn cublas_ok(s: cudarc::cublas::sys::cublasStatus_t, what: &str) -> Result<()> {
@@ -181,10 +237,11 @@ impl Gpu {
         // FMA math unless it is allowed
         let tf32 = allow_tf32();
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open cuda:{ordinal}: {e}"))?;
-        // one stream: no cross-stream events are needed
+        // one stream, this GPU's own (not the legacy default stream, which synchronises with
+        // every other blocking stream of the context): no cross-stream events are needed
         // SAFETY: every buffer is used on `stream` only
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(|e| anyhow!("cannot create a stream on cuda:{ordinal}: {e}"))?;
         let (maj, min) = info.compute_capability;
         let arch = format!("sm_{maj}{min}");
         let mut funcs = HashMap::new();
@@ -226,7 +283,9 @@ impl Gpu {
             }
             None
         };
-        let pool = Mutex::new(Pool::new(DriverAlloc::Driver(ctx.clone())));
+        let mut pool = Pool::new(DriverAlloc::Driver(ctx.clone()));
+        pool.fail_alloc_after(env_fail_alloc());
+        let pool = Mutex::new(pool);
         Ok(Gpu {
             ordinal,
             name: info.name,
@@ -245,6 +304,8 @@ impl Gpu {
     /// The simulated GPU of `sim.rs`: host memory, kernels through the C++ shim.
     fn open_sim(ordinal: usize) -> Result<Gpu> {
         let sim = super::sim::Sim::build()?;
+        let mut pool = Pool::new(DriverAlloc::Host);
+        pool.fail_alloc_after(env_fail_alloc());
         Ok(Gpu {
             ordinal,
             name: "simulated GPU (the kernels on the CPU)".into(),
@@ -253,7 +314,7 @@ impl Gpu {
             tf32: false,
             kernels_cached: false,
             engine: Engine::Sim(sim),
-            pool: Mutex::new(Pool::new(DriverAlloc::Host)),
+            pool: Mutex::new(pool),
             exec: Mutex::new(()),
             conv_cache: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(std::env::var_os("ORWCFM_CUDA_POISON").is_some()),
@@ -309,14 +370,23 @@ impl Gpu {
         }
     }
 
-    /// Uninitialised room for `n` f32 values (at least one word).
+    /// Uninitialised room for `n` 32-bit words (f32 values; at least one word is reserved). Out
+    /// of device memory (after the pool released its cache) is an error.
     pub fn alloc(self: &Arc<Self>, n: usize) -> Result<GpuBuf> {
-        let (ptr, class) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).alloc(n.max(1) * 4)?;
+        let (ptr, class) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).alloc(n.max(1) * 4).with_context(|| format!("out of memory on cuda:{} ({} bytes requested)", self.ordinal, n.max(1) * 4))?;
         let b = GpuBuf { gpu: self.clone(), ptr, len: n, class };
         if self.poison.load(Ordering::Relaxed) && n > 0 {
             self.launch_n("fill_f32", n, &[Arg::Ptr(ptr), Arg::F32(f32::NAN), Arg::I64(n as i64)])?;
         }
         Ok(b)
+    }
+
+    /// Testing hook: make the `n`-th following allocation on this GPU (`Some(1)`: the next one)
+    /// fail with an out-of-memory error, once, as if the driver refused it (the pool releases
+    /// its cache and retries, and the retry is refused too). `None` cancels it. Also armed by
+    /// `ORWCFM_CUDA_FAIL_ALLOC_AFTER=N` when the GPU opens (for CLI tests).
+    pub fn fail_alloc_after(&self, n: Option<usize>) {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).fail_alloc_after(n);
     }
 
     /// Fill every buffer allocated from now on with NaN (also `ORWCFM_CUDA_POISON=1`): a test
@@ -327,15 +397,22 @@ impl Gpu {
 
     /// Host values to a new device buffer.
     pub fn upload(self: &Arc<Self>, data: &[f32]) -> Result<GpuBuf> {
-        let b = self.alloc(data.len())?;
+        self.upload_slice(data)
+    }
+
+    /// Plain host values (f32, u16 words of f16/bf16, i32, …) to a new device buffer of
+    /// `ceil(bytes / 4)` words.
+    pub fn upload_slice<T: DeviceRepr + bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<GpuBuf> {
+        let bytes = std::mem::size_of_val(data);
+        let b = self.alloc(bytes.div_ceil(4))?;
         if self.is_sim() {
-            // SAFETY: `b` holds at least data.len() words of host memory
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr as *mut f32, data.len()) };
+            // SAFETY: `b` holds at least `bytes` bytes of host memory
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, b.ptr as *mut u8, bytes) };
             return Ok(b);
         }
         if !data.is_empty() {
             self.bind()?;
-            // SAFETY: `b` holds at least data.len() words; pageable memory is staged before return
+            // SAFETY: `b` holds at least `bytes` bytes; pageable memory is staged before return
             unsafe { cudarc::driver::result::memcpy_htod_async(b.ptr, data, self.cu_stream()) }.map_err(|e| anyhow!("copy to cuda:{}: {e}", self.ordinal))?;
         }
         Ok(b)
@@ -343,24 +420,34 @@ impl Gpu {
 
     /// 32-bit integers (indices) to a device buffer.
     pub fn upload_i32(self: &Arc<Self>, data: &[i32]) -> Result<GpuBuf> {
-        self.upload(bytemuck::cast_slice(data))
+        self.upload_slice(data)
     }
 
     /// A device buffer's values to the host (waits for queued work).
     pub fn download(&self, b: &GpuBuf) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; b.len];
-        if self.is_sim() {
-            // SAFETY: `b` holds `len` words of host memory
-            unsafe { std::ptr::copy_nonoverlapping(b.ptr as *const f32, out.as_mut_ptr(), b.len) };
-            return Ok(out);
-        }
-        if b.len > 0 {
-            self.bind()?;
-            // SAFETY: `b` holds `len` words written by earlier work on this stream
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, b.ptr, self.cu_stream()) }.map_err(|e| anyhow!("copy from cuda:{}: {e}", self.ordinal))?;
-        }
-        self.sync()?;
+        self.download_into(b, &mut out)?;
         Ok(out)
+    }
+
+    /// The first `out.len()` values of a device buffer (read as `T`) into `out` (waits for
+    /// queued work).
+    pub fn download_into<T: DeviceRepr + bytemuck::Pod>(&self, b: &GpuBuf, out: &mut [T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes > b.len * 4 {
+            bail!("copy from cuda:{}: {bytes} bytes asked of a buffer of {} words", self.ordinal, b.len);
+        }
+        if self.is_sim() {
+            // SAFETY: `b` holds at least `bytes` bytes of host memory
+            unsafe { std::ptr::copy_nonoverlapping(b.ptr as *const u8, out.as_mut_ptr() as *mut u8, bytes) };
+            return Ok(());
+        }
+        if bytes > 0 {
+            self.bind()?;
+            // SAFETY: `b` holds at least `bytes` bytes written by earlier work on this stream
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, b.ptr, self.cu_stream()) }.map_err(|e| anyhow!("copy from cuda:{}: {e}", self.ordinal))?;
+        }
+        self.sync()
     }
 
     /// A device copy of a buffer.
@@ -379,8 +466,9 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Launch kernel `name` on the stream.
-    pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+    /// Launch kernel `name` on the stream with the shape `cfg`.
+    pub fn launch(&self, name: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
+        cfg.check(name)?;
         let cuda = match &self.engine {
             Engine::Cuda(c) => c,
             Engine::Sim(sim) => {
@@ -391,12 +479,11 @@ impl Gpu {
                         Arg::Ptr(p) => p as *const u64 as *mut std::ffi::c_void,
                         Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
                         Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+                        Arg::U32(v) => v as *const u32 as *mut std::ffi::c_void,
                         Arg::Struct(s) => s.raw() as *mut std::ffi::c_void,
                     })
                     .collect();
-                // every kernel is correct for any block size (a power of two for the row
-                // kernels): 8 keeps the OS threads few on a 2-core machine; the grid stays (partial sums use it)
-                return sim.launch(name, grid.max(1), block.min(8), &params);
+                return sim.launch(name, cfg, &params).with_context(|| format!("launching {name} on cuda:{} (simulated)", self.ordinal));
             }
         };
         let f = cuda.funcs.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
@@ -406,13 +493,14 @@ impl Gpu {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I64(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
                 Arg::Struct(s) => {
                     s.push(&mut b);
                     &mut b
                 }
             };
         }
-        let cfg = LaunchConfig { grid_dim: (grid.max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: cfg.grid, block_dim: cfg.block, shared_mem_bytes: cfg.shared_bytes };
         // SAFETY: the argument list follows the kernel's signature (each wrapper in ops.rs mirrors
         // its kernel's declaration) and every pointer is a live buffer of the sizes passed
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name} on cuda:{}: {e}", self.ordinal))?;
@@ -426,12 +514,12 @@ impl Gpu {
     pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         let block = 256u32;
         let grid = n.div_ceil(block as usize).clamp(1, 65_535) as u32;
-        self.launch(name, grid, block, args)
+        self.launch(name, Launch::linear(grid, block).any_block(), args)
     }
 
     /// Launch a block-per-row kernel over `rows` rows.
     pub fn launch_rows(&self, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
-        self.launch(name, rows.clamp(1, 65_535) as u32, 256, args)
+        self.launch(name, Launch::linear(rows.clamp(1, 65_535) as u32, 256).any_block(), args)
     }
 }
 

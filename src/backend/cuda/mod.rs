@@ -124,14 +124,19 @@ pub fn probe(index: usize) -> Result<DeviceInfo> {
     let total_mem_bytes = ctx.total_mem().unwrap_or(0);
     Ok(DeviceInfo { index, name, compute_capability, total_mem_bytes, device_count: n, libraries: libs })
 }
+pub mod cast;
 pub mod conv;
+pub mod f32ops;
+pub mod gemm;
 pub mod gpu;
+pub mod kargs;
+pub mod linalg;
 pub mod nvrtc;
-pub mod ops;
-pub mod pending;
 pub mod pool;
 pub mod sim;
 pub mod storage;
+#[cfg(test)]
+mod tests;
 pub use storage::CudaStorage;
 
-pub use gpu::{Gpu, GpuBuf, allow_tf32, gpu, set_allow_tf32};
+pub use gpu::{FAIL_ALLOC_VAR, Gpu, GpuBuf, Launch, allow_tf32, gpu, set_allow_tf32};

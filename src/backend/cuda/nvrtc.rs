@@ -14,6 +14,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("shape.cu", include_str!("../../../kernels/shape.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("conv.cu", include_str!("../../../kernels/conv.cu")),
+    ("cast.cu", include_str!("../../../kernels/cast.cu")),
     ("rng.cu", include_str!("../../../kernels/rng.cu")),
 ];
 
@@ -139,6 +140,19 @@ pub const KERNEL_DECL: &str = "extern \"C\" __global__ void ";
 /// Names of the `extern "C" __global__` kernels a source declares.
 pub fn kernel_names(src: &str) -> Vec<String> {
     kernel_params(src).into_iter().map(|(name, _)| name).collect()
+}
+
+/// The kernels of a source that need `cuda_fp16.h`: those declared inside an
+/// `#ifdef ORWCFM_HAVE_FP16` … `#endif` block (left out where the header is missing).
+pub fn fp16_kernels(src: &str) -> Vec<String> {
+    const OPEN: &str = "#ifdef ORWCFM_HAVE_FP16";
+    let mut out = Vec::new();
+    for (i, _) in src.match_indices(OPEN) {
+        let block = &src[i + OPEN.len()..];
+        let end = block.find("#endif").unwrap_or(block.len());
+        out.extend(kernel_names(&block[..end]));
+    }
+    out
 }
 
 /// The parameter types of every `extern "C" __global__` kernel of a source, in order.

@@ -5,10 +5,14 @@
 //! `{1, 1.25, 1.5, 1.75}·2^k` (at most 25% waste), so similar shapes share blocks. A request the
 //! driver refuses (out of memory) releases every cached block back to it and is tried once more.
 //! The pool is generic over its source of raw memory so that its bookkeeping is tested on the CPU.
+//!
+//! Testing hook: [`Pool::fail_alloc_after`] makes a chosen later request fail as if the driver
+//! were out of memory (the cache is bypassed, released and the request retried, as for a real
+//! refusal), so that callers' error paths can be exercised without filling a GPU.
 
 use std::collections::HashMap;
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 
 /// Raw device memory: the driver, or a fake in tests.
 pub trait RawAlloc {
@@ -47,11 +51,34 @@ pub struct Pool<A: RawAlloc> {
     raw: A,
     free: HashMap<usize, Vec<u64>>,
     stats: PoolStats,
+    /// requests until an injected out-of-memory failure (1: the next one)
+    fail_in: Option<usize>,
 }
 
 impl<A: RawAlloc> Pool<A> {
     pub fn new(raw: A) -> Self {
-        Pool { raw, free: HashMap::new(), stats: PoolStats::default() }
+        Pool { raw, free: HashMap::new(), stats: PoolStats::default(), fail_in: None }
+    }
+
+    /// Testing hook: make the `n`-th following request (`Some(1)`: the next one; `Some(0)` counts
+    /// as 1) fail with an out-of-memory error, once, whether or not the cache could serve it; the
+    /// failure goes through the out-of-memory path (cache released, request retried and refused
+    /// again). `None` cancels a pending failure.
+    pub fn fail_alloc_after(&mut self, n: Option<usize>) {
+        self.fail_in = n.map(|n| n.max(1));
+    }
+
+    /// Whether a failure is still pending (and after how many requests).
+    pub fn pending_failure(&self) -> Option<usize> {
+        self.fail_in
+    }
+
+    /// The driver's allocation, or the injected refusal.
+    fn raw_alloc(&mut self, bytes: usize, injected: bool) -> Result<u64> {
+        if injected {
+            return Err(anyhow!("out of memory: {bytes} bytes refused (failure injected by fail_alloc_after)"));
+        }
+        self.raw.alloc(bytes)
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -61,20 +88,31 @@ impl<A: RawAlloc> Pool<A> {
     /// A block of at least `bytes`; returns `(pointer, class)`. Give it back with [`Pool::release`].
     pub fn alloc(&mut self, bytes: usize) -> Result<(u64, usize)> {
         let class = size_class(bytes);
-        if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
+        let injected = match self.fail_in {
+            Some(1) => {
+                self.fail_in = None;
+                true
+            }
+            Some(k) => {
+                self.fail_in = Some(k - 1);
+                false
+            }
+            None => false,
+        };
+        if !injected && let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
             self.stats.reuses += 1;
             self.stats.bytes_cached -= class;
             self.stats.bytes_in_use += class;
             return Ok((p, class));
         }
-        let p = match self.raw.alloc(class) {
+        let p = match self.raw_alloc(class, injected) {
             Ok(p) => p,
             Err(first) => {
                 if self.stats.bytes_cached == 0 {
-                    return Err(first);
+                    return Err(first.context(format!("allocating {class} bytes ({} bytes in use, nothing cached)", self.stats.bytes_in_use)));
                 }
                 self.trim();
-                self.raw.alloc(class).map_err(|e| e.context(format!("allocating {class} bytes on the GPU (after releasing the cache; {} bytes in use)", self.stats.bytes_in_use)))?
+                self.raw_alloc(class, injected).map_err(|e| e.context(format!("allocating {class} bytes (after releasing the cache; {} bytes in use)", self.stats.bytes_in_use)))?
             }
         };
         self.stats.raw_allocs += 1;
@@ -194,5 +232,37 @@ mod tests {
         assert!(p.alloc(3 << 20).is_err());
         p.release(b, cb);
         drop(p); // returns everything; Fake::free checks every block
+    }
+
+    #[test]
+    fn an_injected_failure_takes_the_out_of_memory_path_once() {
+        let mut p = pool(1 << 30);
+        let (a, ca) = p.alloc(4000).unwrap();
+        p.release(a, ca);
+        p.fail_alloc_after(Some(2));
+        // the first request is served (from the cache), the second fails although the cache
+        // could serve it: the cache is released and the retry refused too
+        let (b, cb) = p.alloc(4000).unwrap();
+        assert_eq!(p.stats().reuses, 1);
+        assert_eq!(p.pending_failure(), Some(1));
+        p.release(b, cb);
+        let e = p.alloc(4000).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("out of memory") && msg.contains("after releasing the cache"), "{msg}");
+        assert_eq!(p.stats().bytes_cached, 0, "the cache was not released");
+        assert_eq!(p.pending_failure(), None);
+        // with nothing cached, the refusal comes back directly
+        p.fail_alloc_after(Some(1));
+        let msg = format!("{:#}", p.alloc(4000).unwrap_err());
+        assert!(msg.contains("out of memory") && msg.contains("nothing cached"), "{msg}");
+        // one-shot: the next request succeeds
+        let (d, cd) = p.alloc(4000).unwrap();
+        p.release(d, cd);
+        p.fail_alloc_after(Some(3));
+        p.fail_alloc_after(None);
+        for _ in 0..5 {
+            let (x, cx) = p.alloc(64).unwrap();
+            p.release(x, cx);
+        }
     }
 }

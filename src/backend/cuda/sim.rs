@@ -5,7 +5,7 @@
 //! `kernels/*.cu` compiled by the system C++ compiler with the shim of `kernels/sim/` (one OS
 //! thread per GPU thread, `__syncthreads` a barrier), launched with the very argument lists the
 //! CUDA path hands to the driver, and whose GEMMs are the cuBLAS column-major calls that
-//! `ops::Gemm::cublas` produces, executed by the CPU backend's GEMM. There is no cuDNN:
+//! `gemm::Gemm::cublas` produces, executed by the CPU backend's GEMM. There is no cuDNN:
 //! convolutions take the im2col + GEMM path.
 //!
 //! What it checks: every wrapper's argument list against its kernel, the geometry, the
@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow, bail};
 use libloading::Library;
 
-use super::nvrtc::{KERNEL_DECL, KERNEL_SOURCES, kernel_names, kernel_params};
-use super::ops::CublasCall;
+use super::gemm::CublasCall;
+use super::gpu::Launch;
+use super::nvrtc::{KERNEL_DECL, KERNEL_SOURCES, fp16_kernels, kernel_names, kernel_params};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -32,8 +33,13 @@ pub fn enable() {
     ENABLED.store(true, Ordering::SeqCst);
 }
 
+/// The variable that makes a process (the CLI, in tests) open simulated GPUs: `1`.
+pub const SIMULATE_VAR: &str = "ORWCFM_SIMULATED_GPU";
+
+/// Whether `cuda::gpu(N)` opens simulated devices: after [`enable`], or with
+/// `ORWCFM_SIMULATED_GPU=1` in the environment (CLI tests of `--device cuda` without a GPU).
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::SeqCst)
+    ENABLED.load(Ordering::SeqCst) || std::env::var(SIMULATE_VAR).is_ok_and(|v| v.trim() == "1")
 }
 
 /// The C++ compiler (`$CXX`, else `c++`), if one runs.
@@ -47,13 +53,77 @@ const SHIM_H: &str = include_str!("../../../kernels/sim/shim.h");
 const FP16_H: &str = include_str!("../../../kernels/sim/cuda_fp16.h");
 const RUNNER: &str = include_str!("../../../kernels/sim/runner.cpp");
 
-type LaunchFn = unsafe extern "C" fn(i32, i32, extern "C" fn(*mut c_void), *mut c_void);
+/// runner.cpp's `shim_launch3(dims, shared_bytes, body, ctx)`, dims = grid x, y, z, block x, y, z.
+type LaunchFn = unsafe extern "C" fn(*const u32, u32, extern "C" fn(*mut c_void), *mut c_void);
 type WrapFn = unsafe extern "C" fn(*mut *mut c_void);
 
+/// One `extern __shared__ T name[];` declaration: its byte range, type and name, and whether it
+/// is at file scope.
+struct DynShared {
+    start: usize,
+    end: usize,
+    ty: String,
+    name: String,
+    file_scope: bool,
+}
+
+fn dynamic_shared(src: &str) -> Vec<DynShared> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(k) = src[from..].find("extern") {
+        let start = from + k;
+        from = start + 6;
+        let Some(semi) = src[start..].find(';') else { break };
+        let decl = &src[start..start + semi];
+        let mut words = decl.split_whitespace();
+        if words.next() != Some("extern") || words.next() != Some("__shared__") {
+            continue;
+        }
+        // the rest: [__align__(N) | alignas(N)] type name[]
+        let rest: Vec<&str> = words.filter(|w| !w.starts_with("__align__(") && !w.starts_with("alignas(")).collect();
+        let rest = rest.join(" ");
+        let Some(open) = rest.rfind('[') else { continue };
+        let head = rest[..open].trim_end();
+        let split = head.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
+        let (ty, name) = (head[..split].trim().to_string(), head[split..].to_string());
+        if ty.is_empty() || name.is_empty() {
+            continue;
+        }
+        let depth = src[..start].matches('{').count() as i64 - src[..start].matches('}').count() as i64;
+        out.push(DynShared { start, end: start + semi + 1, ty, name, file_scope: depth <= 0 });
+        from = start + semi + 1;
+    }
+    out
+}
+
+/// A kernel source made ready for the shim: each dynamic shared memory declaration
+/// (`extern __shared__ T name[];`, which the shim's `__shared__`-is-`static` cannot express)
+/// becomes a reference to the launch's buffer, `shim_dynamic_shared`: a pointer at function
+/// scope, a macro at file scope (a global initialised when the library loads would miss the
+/// launch's buffer). Sources without one are returned unchanged.
+pub fn shim_source(src: &str) -> String {
+    let decls = dynamic_shared(src);
+    let mut out = String::with_capacity(src.len());
+    let mut at = 0;
+    for d in decls {
+        out.push_str(&src[at..d.start]);
+        if d.file_scope {
+            out.push_str(&format!("\n#undef {n}\n#define {n} (reinterpret_cast<{t}*>(shim_dynamic_shared))\n", n = d.name, t = d.ty));
+        } else {
+            out.push_str(&format!("{t}* const {n} = reinterpret_cast<{t}*>(shim_dynamic_shared);", n = d.name, t = d.ty));
+        }
+        at = d.end;
+    }
+    out.push_str(&src[at..]);
+    out
+}
+
 /// Kernels of `src` that need their threads to run at once: they (or a `__device__` function they
-/// call) use `__syncthreads` or `__shared__` memory. The others run serially per block.
+/// call) use `__syncthreads` or `__shared__` memory (static, or dynamic declared at file scope).
+/// The others run serially per block.
 pub fn barrier_kernels(src: &str) -> Vec<String> {
-    let uses = |body: &str| body.contains("__syncthreads") || body.contains("__shared__");
+    let file_shared: Vec<String> = dynamic_shared(src).into_iter().filter(|d| d.file_scope).map(|d| d.name).collect();
+    let uses = |body: &str| body.contains("__syncthreads") || body.contains("__shared__") || file_shared.iter().any(|n| body.contains(n.as_str()));
     let mut helpers: Vec<String> = Vec::new();
     for (i, _) in src.match_indices("__device__") {
         let rest = &src[i..];
@@ -79,10 +149,11 @@ pub fn barrier_kernels(src: &str) -> Vec<String> {
 /// wrapper per kernel taking CUDA's `void** kernelParams`.
 fn library_source(file: &str, src: &str) -> String {
     let mut s = format!("#include \"{file}\"\n{RUNNER}\n");
+    let fp16 = fp16_kernels(src);
     for (name, params) in kernel_params(src) {
         let args: Vec<String> = params.iter().enumerate().map(|(i, t)| format!("*({t}*)a[{i}]")).collect();
-        // a kernel left out by the source's #if (the f16 ones) has no wrapper either
-        let guard = if name.ends_with("_f16") { "#ifdef ORWCFM_HAVE_FP16\n" } else { "#if 1\n" };
+        // a kernel left out by the source's #if (the cuda_fp16.h ones) has no wrapper either
+        let guard = if fp16.contains(&name) { "#ifdef ORWCFM_HAVE_FP16\n" } else { "#if 1\n" };
         s.push_str(&format!("{guard}extern \"C\" void orwcfm_sim_{name}(void** a) {{ {name}({}); }}\n#endif\n", args.join(", ")));
     }
     s
@@ -122,15 +193,24 @@ extern "C" fn body(ctx: *mut c_void) {
 impl Sim {
     /// Compile every kernel file with the shim (a few seconds each) and load them.
     pub fn build() -> Result<Sim> {
+        Sim::build_from(KERNEL_SOURCES)
+    }
+
+    /// [`Sim::build`] for these `(file name, source)` kernel files.
+    pub fn build_from(sources: &[(&str, &str)]) -> Result<Sim> {
         let cc = compiler().ok_or_else(|| anyhow!("the simulated GPU needs a C++ compiler ($CXX or c++)"))?;
-        let dir = std::env::temp_dir().join(format!("orwcfm-sim-{}-{}", std::process::id(), std::thread::current().name().unwrap_or("main").replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
+        // a fresh folder per build: the dynamic linker would hand a second simulated GPU the
+        // first one's libraries (and their launch state) if the paths were the same
+        static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let build = BUILDS.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("orwcfm-sim-{}-{build}-{}", std::process::id(), std::thread::current().name().unwrap_or("main").replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("shim.h"), SHIM_H)?;
         std::fs::write(dir.join("cuda_fp16.h"), FP16_H)?;
         let mut libs = Vec::new();
         let mut kernels = HashMap::new();
-        for (file, src) in KERNEL_SOURCES {
-            std::fs::write(dir.join(file), src)?;
+        for &(file, src) in sources {
+            std::fs::write(dir.join(file), shim_source(src))?;
             let stem = file.trim_end_matches(".cu");
             let unit = dir.join(format!("{stem}_sim.cpp"));
             std::fs::write(&unit, library_source(file, src))?;
@@ -150,10 +230,10 @@ impl Sim {
             }
             // SAFETY: a library just built from the kernel sources and the shim
             let lib = unsafe { Library::new(&so) }.map_err(|e| anyhow!("loading {}: {e}", so.display()))?;
-            // SAFETY: runner.cpp defines shim_launch with this signature
-            let launch: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"shim_launch").map_err(|e| anyhow!("{e}"))? };
+            // SAFETY: runner.cpp defines shim_launch3 with this signature
+            let launch: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"shim_launch3").map_err(|e| anyhow!("{e}"))? };
             // SAFETY: as above
-            let launch_serial: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"shim_launch_serial").map_err(|e| anyhow!("{e}"))? };
+            let launch_serial: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"shim_launch3_serial").map_err(|e| anyhow!("{e}"))? };
             let barriers = barrier_kernels(src);
             for name in kernel_names(src) {
                 // SAFETY: library_source defines each wrapper as `void(void**)`
@@ -168,17 +248,26 @@ impl Sim {
         Ok(Sim { libs, kernels })
     }
 
-    /// Run kernel `name` over `grid × block` threads with CUDA-style parameters (pointers to each
-    /// argument's value).
-    pub fn launch(&self, name: &str, grid: u32, block: u32, params: &[*mut c_void]) -> Result<()> {
+    /// Run kernel `name` over the grid and blocks of `cfg` (3-D, with `cfg.shared_bytes` of
+    /// dynamic shared memory) with CUDA-style parameters (pointers to each argument's value).
+    pub fn launch(&self, name: &str, cfg: Launch, params: &[*mut c_void]) -> Result<()> {
+        let mut block = cfg.block;
+        if cfg.any_block && block.1 == 1 && block.2 == 1 {
+            // every `any_block` kernel is correct for any block size (a power of two for the row
+            // kernels): 8 keeps the OS threads few on a 2-core machine; the grid stays (partial
+            // sums use it)
+            block.0 = block.0.min(8);
+        }
+        let dims = [cfg.grid.0, cfg.grid.1, cfg.grid.2, block.0, block.1, block.2];
         let &(li, f, barriers) = self.kernels.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
         let lib = &self.libs[li];
         let _one = lib.lock.lock().unwrap_or_else(|e| e.into_inner());
         let call = Call { f, params };
-        // SAFETY: shim_launch calls `body(&call)` grid × block times and returns after joining;
-        // the parameters point at live values and the buffers they name at live host memory
+        // SAFETY: shim_launch3 calls `body(&call)` once per thread of every block and returns
+        // after joining; the parameters point at live values and the buffers they name at live
+        // host memory
         let run = if barriers { lib.launch } else { lib.launch_serial };
-        unsafe { run(grid as i32, block as i32, body, &call as *const Call as *mut c_void) };
+        unsafe { run(dims.as_ptr(), cfg.shared_bytes, body, &call as *const Call as *mut c_void) };
         Ok(())
     }
 }
@@ -225,6 +314,86 @@ mod tests {
         assert_eq!(p[0].0, "k");
         assert_eq!(p[0].1, ["const float*", "float*", "long long", "BinGeom"]);
         assert_eq!(p[1], ("e".to_string(), vec![]));
+    }
+
+    const PROBE: &str = r#"
+extern __shared__ __align__(16) float file_scope_smem[];
+
+// every thread of a 3-D block writes its value into dynamic shared memory; after the barrier
+// each reads its mirror's
+extern "C" __global__ void grid3_probe(int* out) {
+    extern __shared__ int tile[];
+    const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const unsigned nt = blockDim.x * blockDim.y * blockDim.z;
+    const unsigned long long b = blockIdx.x + gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
+    tile[t] = (int)(b * 1000 + t);
+    __syncthreads();
+    out[b * nt + t] = tile[nt - 1 - t];
+}
+
+// each thread round-trips through its own slot of the file-scope array: no barrier needed, but
+// the blocks must not run at once (found by the array's name: no __shared__ in the body)
+extern "C" __global__ void smem_own_slot(float* y) {
+    const unsigned t = threadIdx.x;
+    file_scope_smem[t] = (float)(blockIdx.x * 100 + t);
+    y[blockIdx.x * blockDim.x + t] = file_scope_smem[t];
+}
+
+// block sums through the file-scope array
+extern "C" __global__ void smem_block_sum(const float* x, float* y) {
+    const unsigned t = threadIdx.x;
+    file_scope_smem[t] = x[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    if (t == 0) {
+        float s = 0.0f;
+        for (unsigned i = 0; i < blockDim.x; ++i) s += file_scope_smem[i];
+        y[blockIdx.x] = s;
+    }
+}
+"#;
+
+    #[test]
+    fn dynamic_shared_declarations_are_rewritten() {
+        let out = shim_source(PROBE);
+        assert!(out.contains("int* const tile = reinterpret_cast<int*>(shim_dynamic_shared);"), "{out}");
+        assert!(out.contains("#define file_scope_smem (reinterpret_cast<float*>(shim_dynamic_shared))"), "{out}");
+        assert!(!out.contains("extern __shared__"));
+        let b = barrier_kernels(PROBE);
+        assert_eq!(b, ["grid3_probe", "smem_own_slot", "smem_block_sum"]);
+        // sources without them are unchanged
+        for (_, src) in KERNEL_SOURCES {
+            assert_eq!(shim_source(src), *src);
+        }
+    }
+
+    #[test]
+    fn three_dimensional_launches_with_dynamic_shared_memory_run() {
+        if compiler().is_none() {
+            eprintln!("SKIPPED: no C++ compiler");
+            return;
+        }
+        let sim = Sim::build_from(&[("probe.cu", PROBE)]).unwrap();
+        let (grid, block) = ((2u32, 3u32, 2u32), (4u32, 2u32, 3u32));
+        let nt = 24usize;
+        let nb = 12usize;
+        let mut out = vec![-1i32; nb * nt];
+        let p = out.as_mut_ptr() as u64;
+        let params = [&p as *const u64 as *mut c_void];
+        sim.launch("grid3_probe", Launch::dims(grid, block).with_shared((nt * 4) as u32), &params).unwrap();
+        let want: Vec<i32> = (0..nb).flat_map(|b| (0..nt).map(move |t| (b * 1000 + nt - 1 - t) as i32)).collect();
+        assert_eq!(out, want);
+        let x: Vec<f32> = (0..5 * 16).map(|i| i as f32).collect();
+        let mut y = vec![f32::NAN; 5];
+        let (xp, yp) = (x.as_ptr() as u64, y.as_mut_ptr() as u64);
+        let params = [&xp as *const u64 as *mut c_void, &yp as *const u64 as *mut c_void];
+        sim.launch("smem_block_sum", Launch::linear(5, 16).with_shared(64), &params).unwrap();
+        let want: Vec<f32> = (0..5).map(|b| (0..16).map(|t| (b * 16 + t) as f32).sum()).collect();
+        assert_eq!(y, want);
+        let mut z = vec![f32::NAN; 7 * 8];
+        let zp = z.as_mut_ptr() as u64;
+        sim.launch("smem_own_slot", Launch::linear(7, 8).with_shared(32), &[&zp as *const u64 as *mut c_void]).unwrap();
+        let want: Vec<f32> = (0..7).flat_map(|b| (0..8).map(move |t| (b * 100 + t) as f32)).collect();
+        assert_eq!(z, want);
     }
 
     #[test]

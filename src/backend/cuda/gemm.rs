@@ -1,133 +1,11 @@
-//! The engine's ops on a GPU, f32: each function mirrors a CPU twin in `backend/cpu` (named in
-//! its comment) and launches the kernels of `kernels/*.cu`, cuBLAS (GEMMs, TF32 off unless
-//! allowed) or cuDNN (see `conv.rs`). Inputs on the CPU are uploaded to the other input's GPU
-//! (constants such as loss weights); outputs are new pool buffers.
-//!
-//! Failures inside an op (out of memory, a driver error) panic with the op's name: ops return
-//! values, not `Result`s, as on the CPU.
-// The device implementations of the Tensor-level ops were removed with the engine-core rewrite;
-// these launch helpers and cuDNN plans wait for the storage-level CUDA port (see pending.rs).
-#![allow(dead_code)]
-
-use std::sync::Arc;
+//! GEMMs on the GPU: one row-major GEMM ([`Gemm`]) turned into its column-major cuBLAS call
+//! ([`CublasCall`], kept apart so that tests check the mapping on the CPU), run with cuBLAS on the
+//! GPU's stream or, on the simulated GPU, by `sim::gemm`; and the GEMM plans of QKV attention.
 
 use anyhow::{Result, bail};
-use cudarc::driver::DeviceRepr;
 
-use super::gpu::{Arg, Gpu, GpuBuf};
-use crate::backend::cpu::elementwise::broadcast_strides;
-use crate::tensor::contiguous_strides;
-
-/// Unwrap an op's result; a GPU failure inside an op panics with its name.
-pub(crate) fn ck<T>(r: Result<T>, op: &str) -> T {
-    r.unwrap_or_else(|e| panic!("CUDA op {op} failed: {e:#}"))
-}
-
-fn out(g: &Arc<Gpu>, shape: &[usize], op: &str) -> GpuBuf {
-    ck(g.alloc(shape.iter().product()), op)
-}
-
-fn i64s<const N: usize>(v: &[usize], what: &str) -> [i64; N] {
-    assert!(v.len() <= N, "{what}: {} axes (at most {N} on the GPU)", v.len());
-    let mut a = [0i64; N];
-    for (x, &y) in a.iter_mut().zip(v) {
-        *x = y as i64;
-    }
-    a
-}
-
-// ---------------------------------------------------------------- element-wise
-
-/// `binary_f32`'s geometry (the kernel's `BinGeom`): the output shape and each operand's strides
-/// in the output's index space.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct BinGeom {
-    pub ndim: i64,
-    pub shape: [i64; 8],
-    pub sa: [i64; 8],
-    pub sb: [i64; 8],
-}
-
-impl BinGeom {
-    pub fn new(a: &[usize], b: &[usize], out: &[usize]) -> BinGeom {
-        BinGeom { ndim: out.len() as i64, shape: i64s(out, "binary"), sa: i64s(&broadcast_strides(a, out), "binary"), sb: i64s(&broadcast_strides(b, out), "binary") }
-    }
-}
-unsafe impl DeviceRepr for BinGeom {}
-
-/// `reduce_sum_f32`'s geometry: kept axes (they index the output) and reduced axes, with their
-/// strides in the input.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct ReduceGeom {
-    pub nk: i64,
-    pub nr: i64,
-    pub kshape: [i64; 8],
-    pub kstride: [i64; 8],
-    pub rshape: [i64; 8],
-    pub rstride: [i64; 8],
-}
-
-impl ReduceGeom {
-    /// The geometry of summing a contiguous `from` down to `to` (NumPy broadcasting rules), with
-    /// the output and reduction sizes.
-    pub fn new(from: &[usize], to: &[usize]) -> (ReduceGeom, usize, usize) {
-        assert!(to.len() <= from.len(), "sum_to_shape {from:?} -> {to:?}");
-        let pad = from.len() - to.len();
-        let to_p: Vec<usize> = std::iter::repeat_n(1, pad).chain(to.iter().copied()).collect();
-        let st = contiguous_strides(from);
-        let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
-        for i in 0..from.len() {
-            if to_p[i] == from[i] {
-                if from[i] != 1 {
-                    ks.push(from[i]);
-                    kst.push(st[i]);
-                }
-            } else {
-                assert_eq!(to_p[i], 1, "sum_to_shape {from:?} -> {to:?}");
-                rs.push(from[i]);
-                rst.push(st[i]);
-            }
-        }
-        let geom = ReduceGeom { nk: ks.len() as i64, nr: rs.len() as i64, kshape: i64s(&ks, "sum"), kstride: i64s(&kst, "sum"), rshape: i64s(&rs, "sum"), rstride: i64s(&rst, "sum") };
-        (geom, to.iter().product(), rs.iter().product())
-    }
-}
-unsafe impl DeviceRepr for ReduceGeom {}
-
-/// `gather_strided_f32`'s view: a shape and the source strides of its axes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct Strided {
-    pub ndim: i64,
-    pub shape: [i64; 8],
-    pub strides: [i64; 8],
-}
-
-impl Strided {
-    pub fn new(shape: &[usize], strides: &[usize]) -> Strided {
-        Strided { ndim: shape.len() as i64, shape: i64s(shape, "gather"), strides: i64s(strides, "gather") }
-    }
-}
-unsafe impl DeviceRepr for Strided {}
-
-/// The op codes of `binary_f32` and `unary_f32` / `unary_backward_f32` are the backend's.
-pub use crate::backend::{BinaryOp as Bin, UnaryOp as Un};
-
-// ---------------------------------------------------------------- reductions and layout
-
-fn outer_inner(shape: &[usize], axis: usize) -> (usize, usize) {
-    (shape[..axis].iter().product(), shape[axis + 1..].iter().product())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn copy_slab(g: &Gpu, src: u64, dst: u64, outer: usize, len: usize, src_stride: usize, src_off: usize, dst_stride: usize, dst_off: usize) {
-    let a = [Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(outer as i64), Arg::I64(len as i64), Arg::I64(src_stride as i64), Arg::I64(src_off as i64), Arg::I64(dst_stride as i64), Arg::I64(dst_off as i64)];
-    ck(g.launch_n("copy_slab_f32", outer * len, &a), "copy");
-}
-
-// ---------------------------------------------------------------- GEMM (cuBLAS)
+use super::gpu::Gpu;
+use crate::backend::geom::{AttnGeom, QkvOrder};
 
 /// A row-major operand of a GEMM: device pointer, whether it is used transposed, and the
 /// element stride between batch items.
@@ -138,7 +16,12 @@ pub struct Operand {
     pub batch_stride: i64,
 }
 
-impl Operand {}
+impl Operand {
+    /// A single (unbatched) operand at `ptr`.
+    pub fn at(ptr: u64, trans: bool) -> Operand {
+        Operand { ptr, trans, batch_stride: 0 }
+    }
+}
 
 /// One row-major GEMM `C[m, n] = α·op(A)·op(B) + β·C` over `batch` items (C's items `c_stride`
 /// apart).
@@ -258,12 +141,6 @@ pub fn gemm(g: &Gpu, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: u6
     run_gemm(g, &Gemm { m, n, k, a, b, c, c_stride, alpha, beta, batch })
 }
 
-// ---------------------------------------------------------------- group norm
-
-// ---------------------------------------------------------------- attention
-
-use crate::backend::cpu::attention::{AttnGeom, QkvOrder};
-
 /// The q, k, v operands (offset, batch stride) and the number of GEMM calls: the legacy order
 /// has one uniform stride over all batch·head items; the new order is batched over heads within
 /// each batch item.
@@ -314,8 +191,6 @@ pub fn attention_backward_gemms(a: &AttnGeom, qkv: u64, probs: u64, dout: u64, d
     }
     [first, second]
 }
-
-// ---------------------------------------------------------------- optimiser
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,47 @@
+//! Module hygiene: which modules may depend on which.
+
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// (path relative to the crate, text) of every `.rs` file under `src/<sub>`.
+fn sources(sub: &str) -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src").join(sub), &mut files);
+    files.sort();
+    files.into_iter().map(|p| (p.strip_prefix(root).unwrap().display().to_string(), std::fs::read_to_string(&p).unwrap())).collect()
+}
+
+/// The command line is the top: nothing below it imports it.
+#[test]
+fn only_the_front_end_uses_cli() {
+    for (path, text) in sources("") {
+        if path == "src/cli.rs" || path == "src/main.rs" {
+            continue;
+        }
+        for (i, l) in text.lines().enumerate() {
+            assert!(!l.contains("crate::cli"), "{path}:{}: {l}", i + 1);
+        }
+    }
+}
+
+/// `io` reads and writes formats only: building, saving or inferring the config of a model is
+/// `nn::load`'s (which `nn` may import `io` for, not the other way round).
+#[test]
+fn io_knows_no_models() {
+    for (path, text) in sources("io") {
+        for (i, l) in text.lines().enumerate() {
+            assert!(!l.contains("crate::nn") && !l.contains("UNetModel") && !l.contains("UNetConfig"), "{path}:{}: {l}", i + 1);
+        }
+    }
+}

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::config::OrwConfig;
-use super::loss::{WeightMode, orw_loss, reward_weights};
+use super::loss::{OrwLossValues, WeightMode, orw_loss, reward_weights};
 use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
@@ -372,9 +372,10 @@ impl<M: VelocityField> Trainer<M> {
         let model = self.work.as_ref().unwrap_or(&self.net);
         let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.rng_dropout) } else { None } };
         let loss = orw_loss(model, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
-        let (total, fm_loss, w2_loss) = (loss.total.value().scalar_value()?, loss.fm, loss.w2);
+        // the loss terms, read back once for the metrics
+        let OrwLossValues { fm: fm_loss, w2: w2_loss, total } = loss.values()?;
         if !total.is_finite() {
-            bail!("the loss is not finite at step {} (fm {}, w2 {}); lower the learning rate or the temperature", self.step, loss.fm, loss.w2);
+            bail!("the loss is not finite at step {} (fm {fm_loss}, w2 {w2_loss}); lower the learning rate or the temperature", self.step);
         }
         let scale = self.loss_scale;
         let mut grads = {

@@ -6,6 +6,7 @@
 //! one dispatch point) and returns a `Result`; mixing devices is an error naming both. Every
 //! tensor produced by an op is contiguous (row-major); `strides()` reports its layout.
 
+pub mod custom;
 mod ops;
 mod random;
 pub mod storage;

@@ -3,8 +3,8 @@
 
 use anyhow::{Result, bail};
 
+use super::custom::{CustomFwd, CustomOp};
 use super::{DType, Storage, Tensor, contiguous_strides};
-use crate::autograd::custom::{CustomFwd, CustomOp};
 use crate::backend::cpu::elementwise::broadcast_shape;
 use crate::backend::{AdamStep, AttnGeom, BinaryOp, ConvGeom, NormGeom, QkvOrder, UnaryOp};
 
@@ -345,7 +345,7 @@ impl Tensor {
         Ok(Tensor::from_op(Storage::sum_squares_on_device(&s)?, &[2]))
     }
 
-    /// Apply the custom op `op` (no tape; see `autograd::custom`): its output, aux outputs and saved
+    /// Apply the custom op `op` (no tape; `autograd::custom` records it): its output, aux outputs and saved
     /// state as tensors. `need[i]`: whether input `i` will need a gradient.
     pub fn apply_custom<O: CustomOp + ?Sized>(op: &O, xs: &[&Tensor], need: &[bool]) -> Result<CustomFwd<Tensor>> {
         if need.len() != xs.len() {

@@ -4,8 +4,8 @@
 
 use anyhow::{Result, bail};
 
+use super::custom::{Args, CustomFwd, CustomOp, Shaped};
 use super::{DType, Device, Tensor};
-use crate::autograd::custom::{Args, CustomFwd, CustomOp, Shaped};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cuda::CudaStorage;
 use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
@@ -414,7 +414,7 @@ pub fn cuda_fwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CudaStorage>, n
 pub fn cuda_bwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CudaStorage>, saved: &Args<CudaStorage>, g: (&CudaStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CudaStorage>>> {
     composed_bwd(op, xs, saved, g, need, Storage::Cuda, some_cuda)
 }
-/// The composition on the CPU (for [`crate::autograd::custom::Composed`]).
+/// The composition on the CPU (for [`crate::tensor::custom::Composed`]).
 pub fn cpu_fwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CpuStorage>, need: &[bool]) -> Result<CustomFwd<Shaped<CpuStorage>>> {
     composed_fwd(op, xs, need, Storage::Cpu, some_cpu)
 }

@@ -27,41 +27,6 @@ extern "C" __global__ void adam_step_f32(float* __restrict__ p, const float* __r
     }
 }
 
-// One block per sample row of `per` values (grid-stride over rows, so any grid is correct):
-// fm_rows[r] = w[r] · mean (v − u)², w2_rows[r] = mean (v − v_ref)² (the per-sample terms of the
-// ORW-CFM-W2 loss; the batch means are taken on the host or by a second reduction).
-// blockDim.x must be a power of two ≤ 1024.
-extern "C" __global__ void orw_loss_rows_f32(const float* __restrict__ v, const float* __restrict__ u, const float* __restrict__ vref,
-                                             const float* __restrict__ w, float* __restrict__ fm_rows, float* __restrict__ w2_rows, int per, int rows) {
-    __shared__ float s_fm[1024];
-    __shared__ float s_w2[1024];
-    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
-        const long long base = (long long)row * per;
-        float fm = 0.0f, w2 = 0.0f;
-        for (int k = threadIdx.x; k < per; k += blockDim.x) {
-            float a = v[base + k];
-            float d = a - u[base + k];
-            float e = a - vref[base + k];
-            fm += d * d;
-            w2 += e * e;
-        }
-        s_fm[threadIdx.x] = fm;
-        s_w2[threadIdx.x] = w2;
-        __syncthreads();
-        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-            if (threadIdx.x < s) {
-                s_fm[threadIdx.x] += s_fm[threadIdx.x + s];
-                s_w2[threadIdx.x] += s_w2[threadIdx.x + s];
-            }
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) {
-            fm_rows[row] = w[row] * s_fm[0] / (float)per;
-            w2_rows[row] = s_w2[0] / (float)per;
-        }
-        __syncthreads();
-    }
-}
 // ---- the engine's element-wise ops (CPU twins: src/backend/cpu/elementwise.rs, simd.rs, and the
 // closures in src/autograd/ops.rs). Outputs may alias inputs (in-place use), so no __restrict__.
 

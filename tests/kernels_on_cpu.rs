@@ -51,7 +51,7 @@ use orwcfm_fast::util::rel_err;
 
 /// The kernels of each `.cu` file; each file's test below launches every one of them.
 const TESTED: &[(&str, &[&str])] = &[
-    ("elementwise.cu", &["adam_step_f32", "orw_loss_rows_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"]),
+    ("elementwise.cu", &["adam_step_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"]),
     ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "sum_partials_split_f64", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
     (
         "shape.cu",
@@ -367,24 +367,6 @@ fn elementwise_kernels_match_the_cpu_backend() {
                 c.f32s("adam_step_f32", &format!("m, {case}"), &m, &wm, EXACT);
                 c.f32s("adam_step_f32", &format!("v, {case}"), &v, &wv, EXACT);
             }
-        }
-    }
-    // orw_loss_rows_f32: block per sample row (grid-stride over rows); the per-sample terms of
-    // orw/loss.rs built from the same autograd ops: w · mean_pix (v − u)², mean_pix (v − v_ref)²
-    {
-        let k: unsafe extern "C" fn(P, P, P, P, M, M, i32, i32) = lib.k("orw_loss_rows_f32");
-        let (rows, per) = (6usize, 3 * 7 * 5);
-        let (v, u, vref) = (r.normal_vec(rows * per), r.normal_vec(rows * per), r.normal_vec(rows * per));
-        let w = r.uniform_vec(rows, 0.1, 3.0);
-        let (vv, uu, rr, ww) = (cst(&v, &[rows, per]), cst(&u, &[rows, per]), cst(&vref, &[rows, per]), cst(&w, &[rows]));
-        let want_fm = ops::mul(&ops::mean_axes(&ops::square(&ops::sub(&vv, &uu).unwrap()).unwrap(), &[1], false).unwrap(), &ww).unwrap().value().to_vec();
-        let want_w2 = ops::mean_axes(&ops::square(&ops::sub(&vv, &rr).unwrap()).unwrap(), &[1], false).unwrap().value().to_vec();
-        for (grid, block) in [(rows as u32, 32u32), (4, 64), (1, 256)] {
-            let (mut fm, mut w2) = (nan(rows), nan(rows));
-            let (vp, up, rp, wp, fp, qp) = (addr(&v), addr(&u), addr(&vref), addr(&w), addr_mut(&mut fm), addr_mut(&mut w2));
-            lib.launch((grid, block), &|| unsafe { k(vp as P, up as P, rp as P, wp as P, fp as M, qp as M, per as i32, rows as i32) });
-            c.f32s("orw_loss_rows_f32", &format!("fm_rows, grid {grid} block {block}"), &fm, &want_fm, APPROX);
-            c.f32s("orw_loss_rows_f32", &format!("w2_rows, grid {grid} block {block}"), &w2, &want_w2, APPROX);
         }
     }
     // fill_f32 (Tensor::full; ops::full and narrow_backward's zeros)

@@ -13,8 +13,8 @@
 //   f32 -> i32   toward zero, saturating at the i32 range, NaN to 0 (Rust's `as i32`)
 //   i32 -> f32   round to nearest even (Rust's `as f32`)
 // 16-bit values are stored two to a 32-bit word (element i is halfword i, little endian).
+#include "common.cuh"
 
-#define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
 __device__ __forceinline__ unsigned short f16_bits_from_f32(float f) {
     const unsigned int x = (unsigned int)__float_as_int(f);

@@ -1,45 +1,15 @@
-// Elementwise and row-reduction kernels of the ORW-CFM-W2 step, f32 (and an f16 SiLU).
+// Elementwise and row-reduction kernels of the ORW-CFM-W2 step, f32.
 // Compiled at run time by NVRTC (src/backend/cuda/nvrtc.rs); every kernel is `extern "C"`,
 // grid-stride over `n` elements unless it says otherwise, so any launch size is correct.
-// cuda_fp16.h comes with the CUDA toolkit or the nvidia-cuda-runtime wheel; without it the f16
-// kernels are left out and the f32 ones still compile (NVRTC alone suffices).
+// cuda_fp16.h comes with the CUDA toolkit or the nvidia-cuda-runtime wheel; kernels that need it
+// go inside `#ifdef ORWCFM_HAVE_FP16` (none yet: today's f16/bf16 ops are cast.cu's integer
+// conversions around the f32 kernels), so the f32 ones still compile with NVRTC alone.
+#include "common.cuh"
 #if __has_include(<cuda_fp16.h>)
 #include <cuda_fp16.h>
 #define ORWCFM_HAVE_FP16 1
 #endif
 
-extern "C" __global__ void silu_forward_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float v = x[i];
-        y[i] = v / (1.0f + __expf(-v));
-    }
-}
-
-// d/dx x·σ(x) = σ(x) (1 + x (1 − σ(x)))
-extern "C" __global__ void silu_backward_f32(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gx, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float v = x[i];
-        float s = 1.0f / (1.0f + __expf(-v));
-        gx[i] = gy[i] * s * (1.0f + v * (1.0f - s));
-    }
-}
-
-#ifdef ORWCFM_HAVE_FP16
-// f16 storage, f32 arithmetic.
-extern "C" __global__ void silu_forward_f16(const __half* __restrict__ x, __half* __restrict__ y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float v = __half2float(x[i]);
-        y[i] = __float2half(v / (1.0f + __expf(-v)));
-    }
-}
-#endif
-
-// y += a·x: an Euler step of the ODE sampler (x_{k+1} = x_k + dt v).
-extern "C" __global__ void axpy_f32(float a, const float* __restrict__ x, float* __restrict__ y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        y[i] += a * x[i];
-    }
-}
 
 // torch.optim.Adam (weight decay added to the gradient), as src/optim/mod.rs:
 // m += (g − m)(1 − β1); v = β2 v + (1 − β2) g²; p −= step_size · m / (√v / bc2_sqrt + eps),
@@ -95,7 +65,6 @@ extern "C" __global__ void orw_loss_rows_f32(const float* __restrict__ v, const 
 // ---- the engine's element-wise ops (CPU twins: src/backend/cpu/elementwise.rs, simd.rs, and the
 // closures in src/autograd/ops.rs). Outputs may alias inputs (in-place use), so no __restrict__.
 
-#define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
 extern "C" __global__ void fill_f32(float* y, float v, long long n) {
     GRID_STRIDE(i, n) y[i] = v;

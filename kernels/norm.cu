@@ -7,20 +7,7 @@
 // Every kernel is "block per X": X runs over blockIdx.x, blockIdx.x + gridDim.x, ..., and
 // blockDim.x must be a power of two <= 1024. f32 steps use __fmul_rn/__fsub_rn/__fadd_rn so that
 // no FMA contraction departs from the CPU's rounding.
-
-// Sum of v over the block, returned to every thread; `buf` is free again on return.
-__device__ __forceinline__ double block_sum(double v, double* buf) {
-    const unsigned t = threadIdx.x;
-    buf[t] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x >> 1; s > 0; s >>= 1) {
-        if (t < s) buf[t] += buf[t + s];
-        __syncthreads();
-    }
-    double r = buf[0];
-    __syncthreads();
-    return r;
-}
+#include "common.cuh"
 
 // Block per (ni, group): two-pass mean and biased variance in double; rstd = (float)(1/sqrt(var + eps));
 // per channel ga = gamma*rstd, sh = beta - meanf*ga; y = x*ga + sh. y may alias x.

@@ -10,6 +10,7 @@
 // "Block per X" kernels loop X over blockIdx.x, blockIdx.x + gridDim.x, ... and need blockDim.x a
 // power of two <= 1024; they reduce in double through one static shared buffer. Sums are in
 // double, so they differ from the CPU's f32/f64 orderings only by rounding.
+#include "common.cuh"
 
 struct ReduceGeom {
     long long nk;
@@ -19,21 +20,6 @@ struct ReduceGeom {
     long long rshape[8];
     long long rstride[8];
 };
-
-// Sum of v over the block, returned to every thread. The trailing barrier lets the caller reuse
-// `buf` right away (e.g. on the next loop iteration).
-__device__ __forceinline__ double block_sum(double v, double* buf) {
-    const unsigned t = threadIdx.x;
-    buf[t] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x >> 1; s > 0; s >>= 1) {
-        if (t < s) buf[t] += buf[t + s];
-        __syncthreads();
-    }
-    double r = buf[0];
-    __syncthreads();
-    return r;
-}
 
 // Maximum of v over the block (NaN-ignoring like f32::max), returned to every thread.
 __device__ __forceinline__ float block_max(float v, double* buf) {

@@ -96,20 +96,8 @@ extern "C" __global__ void philox_normal_f32(float* y, long long n, unsigned lon
     }
 }
 
-// mask[i] = 1/(1 - p) where uniform >= p (kept, probability 1 - p), else 0 (CPU: rng::philox::dropout_mask)
-extern "C" __global__ void dropout_mask_f32(float* mask, long long n, float p, unsigned long long seed, unsigned long long offset) {
-    const float scale = 1.0f / (1.0f - p);
-    PHILOX_BLOCKS(j, n) {
-        unsigned int r[4];
-        philox_block(seed, offset + (unsigned long long)j, r);
-        const long long i = 4 * j;
-#pragma unroll
-        for (int l = 0; l < 4; ++l)
-            if (i + l < n) mask[i + l] = philox_uniform(r[l]) >= p ? scale : 0.0f;
-    }
-}
-
-// y = x · m with m the dropout_mask_f32 of the same (p, seed, offset), m also written to `mask`
+// y = x · m with m = 1/(1 - p) where the uniform is >= p (kept, probability 1 - p), else 0
+// (CPU: rng::philox::dropout_mask), m also written to `mask`
 // unless it is null. y may be x (in place). (CPU: rng::philox::dropout)
 extern "C" __global__ void dropout_f32(const float* x, float* y, float* mask, long long n, float p, unsigned long long seed, unsigned long long offset) {
     const float scale = 1.0f / (1.0f - p);

@@ -5,25 +5,23 @@
 // launch size is correct. CPU twins:
 //   gather_strided_f32               src/backend/cpu/elementwise.rs  gather_strided (permute, broadcast_to)
 //   copy_slab_f32                    src/backend/cpu/elementwise.rs  concat, narrow, narrow_backward
-//   upsample2x_f32                   src/backend/cpu/elementwise.rs  upsample_nearest2x
-//   upsample2x_backward_f32          src/backend/cpu/elementwise.rs  upsample_nearest2x_backward
-//   avgpool2x_f32                    src/backend/cpu/elementwise.rs  avg_pool2x
-//   avgpool2x_backward_f32           src/backend/cpu/elementwise.rs  avg_pool2x_backward
+//   upsample_nearest2x_f32           src/backend/cpu/elementwise.rs  upsample_nearest2x
+//   upsample_nearest2x_backward_f32  src/backend/cpu/elementwise.rs  upsample_nearest2x_backward
+//   avg_pool2x_f32                   src/backend/cpu/elementwise.rs  avg_pool2x
+//   avg_pool2x_backward_f32          src/backend/cpu/elementwise.rs  avg_pool2x_backward
 //   embedding_forward_f32            src/autograd/ops.rs             embedding (forward)
 //   embedding_backward_f32           src/autograd/ops.rs             embedding (backward closure)
 //   timestep_embedding_f32           src/backend/cpu/elementwise.rs  timestep_embedding, timestep_freqs
 //   timestep_embedding_backward_f32  src/autograd/ops.rs             timestep_embedding (backward closure)
 //   add_channel_bias_f32             src/backend/cpu/conv.rs         the bias of conv2d_im2col_forward (y = b + w*col)
 // Float products and sums use __fmul_rn/__fadd_rn where the CPU rounds each step (no FMA).
+#include "common.cuh"
 
 struct Strided {
     long long ndim;
     long long shape[8];
     long long strides[8];
 };
-
-#define GRID_STRIDE(i, total) \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (total); i += (long long)gridDim.x * blockDim.x)
 
 // dst[i] = src[sum_d idx_d * strides[d]], idx decoding i over shape[0..ndim] (last fastest).
 extern "C" __global__ void gather_strided_f32(const float* __restrict__ src, float* __restrict__ dst, long long n, Strided s) {
@@ -50,7 +48,7 @@ extern "C" __global__ void copy_slab_f32(const float* __restrict__ src, float* _
 }
 
 // x [nc, h, w] -> y [nc, 2h, 2w], nearest neighbour.
-extern "C" __global__ void upsample2x_f32(const float* __restrict__ x, float* __restrict__ y, long long nc, long long h, long long w) {
+extern "C" __global__ void upsample_nearest2x_f32(const float* __restrict__ x, float* __restrict__ y, long long nc, long long h, long long w) {
     const long long w2 = 2 * w, h2 = 2 * h;
     GRID_STRIDE(i, nc * h2 * w2) {
         long long t = i / w2;
@@ -62,7 +60,7 @@ extern "C" __global__ void upsample2x_f32(const float* __restrict__ x, float* __
 }
 
 // g [nc, 2h, 2w] -> dx [nc, h, w]: each 2x2 block summed from 0 in the CPU's order.
-extern "C" __global__ void upsample2x_backward_f32(const float* __restrict__ g, float* __restrict__ dx, long long nc, long long h, long long w) {
+extern "C" __global__ void upsample_nearest2x_backward_f32(const float* __restrict__ g, float* __restrict__ dx, long long nc, long long h, long long w) {
     const long long w2 = 2 * w;
     GRID_STRIDE(i, nc * h * w) {
         long long t = i / w;
@@ -80,7 +78,7 @@ extern "C" __global__ void upsample2x_backward_f32(const float* __restrict__ g, 
 }
 
 // x [nc, h, w] -> y [nc, h/2, w/2] (floor): 0.25f * (((a + b) + c) + d).
-extern "C" __global__ void avgpool2x_f32(const float* __restrict__ x, float* __restrict__ y, long long nc, long long h, long long w) {
+extern "C" __global__ void avg_pool2x_f32(const float* __restrict__ x, float* __restrict__ y, long long nc, long long h, long long w) {
     const long long ho = h / 2, wo = w / 2;
     GRID_STRIDE(i, nc * ho * wo) {
         long long t = i / wo;
@@ -94,7 +92,7 @@ extern "C" __global__ void avgpool2x_f32(const float* __restrict__ x, float* __r
 }
 
 // g [nc, h/2, w/2] -> dx [nc, h, w]: 0.25f * g on covered pixels, 0 on an uncovered last row/column.
-extern "C" __global__ void avgpool2x_backward_f32(const float* __restrict__ g, float* __restrict__ dx, long long nc, long long h, long long w) {
+extern "C" __global__ void avg_pool2x_backward_f32(const float* __restrict__ g, float* __restrict__ dx, long long nc, long long h, long long w) {
     const long long ho = h / 2, wo = w / 2;
     GRID_STRIDE(i, nc * h * w) {
         long long t = i / w;

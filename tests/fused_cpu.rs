@@ -316,20 +316,32 @@ fn flash_attention_backward_matches_unfused() {
     }
 }
 
-/// The default 64-wide tiles with T = 200 (four tiles, the last of 8) and a realistic head size.
+/// 64-wide tiles with T = 200 (four tiles each way, the last of 8) and a realistic head size; and
+/// the default tiles: all keys in one tile up to 1024 positions, past that two key tiles (the
+/// second partial) and many query tiles.
 #[test]
-fn flash_attention_default_tiles_many_tiles() {
+fn flash_attention_many_tiles_and_default_tiles() {
+    assert_eq!(flash_tiles(200), (200, 200));
+    assert_eq!(flash_tiles(784), (80, 784));
+    assert_eq!(flash_tiles(1100), (FLASH_TILE, 1024));
+    assert!(flash_tiles(7).0 * flash_tiles(7).1 <= FLASH_TILE_BUDGET && flash_tiles(5000).0 * flash_tiles(5000).1 <= FLASH_TILE_BUDGET);
     for (i, order) in [QkvOrder::Legacy, QkvOrder::New].into_iter().enumerate() {
-        let g = geom(2, 3, 32, 200, order);
-        assert!(g.t >= 3 * FLASH_TILE && !g.t.is_multiple_of(FLASH_TILE));
-        let qkv = qkv_data(&g, 700 + i as u64);
-        let dout = randn(g.b * g.heads * g.ch * g.t, 710 + i as u64);
-        let (out, lse) = flash_attention_forward(&qkv, &g);
-        let (want, probs) = attention_forward(&qkv, &g);
-        assert_close(&format!("flash fwd default tiles {order:?}"), &out, &want, 1e-5);
-        assert_close(&format!("flash lse default tiles {order:?}"), &lse, &lse_reference(&qkv, &g), 1e-6);
-        let got = flash_attention_backward(&qkv, &out, &lse, &dout, &g);
-        assert_close(&format!("flash bwd default tiles {order:?}"), &got, &attention_backward(&qkv, &probs, &dout, &g), 1e-4);
+        for (g, tiles) in [(geom(2, 3, 32, 200, order), Some((FLASH_TILE, FLASH_TILE))), (geom(1, 2, 8, 1100, order), None)] {
+            let qkv = qkv_data(&g, 700 + i as u64 + g.t as u64);
+            let dout = randn(g.b * g.heads * g.ch * g.t, 710 + i as u64);
+            let ((out, lse), what) = match tiles {
+                Some((br, bc)) => (flash_attention_forward_tiled(&qkv, &g, br, bc), format!("tiles {br}x{bc} t{} {order:?}", g.t)),
+                None => (flash_attention_forward(&qkv, &g), format!("default tiles t{} {order:?}", g.t)),
+            };
+            let (want, probs) = attention_forward(&qkv, &g);
+            assert_close(&format!("flash fwd {what}"), &out, &want, 1e-5);
+            assert_close(&format!("flash lse {what}"), &lse, &lse_reference(&qkv, &g), 1e-6);
+            let got = match tiles {
+                Some((br, bc)) => flash_attention_backward_tiled(&qkv, &out, &lse, &dout, &g, br, bc),
+                None => flash_attention_backward(&qkv, &out, &lse, &dout, &g),
+            };
+            assert_close(&format!("flash bwd {what}"), &got, &attention_backward(&qkv, &probs, &dout, &g), 1e-4);
+        }
     }
 }
 
@@ -502,8 +514,8 @@ fn ode_combine_matches_ode_rs() {
     let e = dt64 * 0.125;
     let got = ode_combine(&x, &[(e, &ks[0]), (3.0 * e, &ks[1]), (3.0 * e, &ks[2]), (e, &ks[3])]);
     let worst = got.iter().zip(&want).map(|(a, b)| ((a - b).abs() / b.abs().max(1e-3)) as f64).fold(0.0, f64::max);
-    // odeint combines the stages in f32, one axpby per term (as torchdiffeq and the GPU do);
-    // ode_combine sums in f64: they agree to f32 rounding
+    // odeint combines the stages with this kernel on the CPU, with f32 coefficients (3·dt/8 rounded
+    // to f32 here is not 3·dt/8 in f64): they agree to f32 rounding
     assert!(worst <= 5e-5, "rk4 combination: worst rel err {worst:.3e}");
     assert_close("rk4 combination", &got, &want, 1e-6);
     // Euler: x + dt k1; midpoint: x + dt k(mid), the second slope
@@ -547,32 +559,4 @@ fn ode_combine_backward_and_finite_differences() {
             fwd(&x, &kk)
         });
     }
-}
-
-/// `cargo test --release --test fused_cpu -- --ignored --nocapture flash_attention_timing`
-#[test]
-#[ignore = "timing, not a check"]
-fn flash_attention_timing() {
-    use std::time::Instant;
-    let g = geom(8, 4, 32, 256, QkvOrder::Legacy);
-    let qkv = qkv_data(&g, 1);
-    let dout = randn(g.b * g.heads * g.ch * g.t, 2);
-    let best = |f: &dyn Fn()| {
-        (0..7)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
-    let (o, l) = flash_attention_forward(&qkv, &g);
-    let (_, p) = attention_forward(&qkv, &g);
-    let ff = best(&|| drop(flash_attention_forward(&qkv, &g)));
-    let fb = best(&|| drop(flash_attention_backward(&qkv, &o, &l, &dout, &g)));
-    let rf = best(&|| drop(attention_forward(&qkv, &g)));
-    let rb = best(&|| drop(attention_backward(&qkv, &p, &dout, &g)));
-    eprintln!("{g:?}, {} threads", rayon::current_num_threads());
-    eprintln!("flash:    fwd {ff:.2} ms, bwd {fb:.2} ms, total {:.2} ms; saved lse {} KiB", ff + fb, l.len() * 4 / 1024);
-    eprintln!("existing: fwd {rf:.2} ms, bwd {rb:.2} ms, total {:.2} ms; saved probs {} KiB", rf + rb, p.len() * 4 / 1024);
 }

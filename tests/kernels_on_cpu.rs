@@ -42,7 +42,7 @@ use half::{bf16, f16};
 use libloading::Library;
 use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward};
-use orwcfm_fast::backend::cpu::{elementwise as ew, norm, simd};
+use orwcfm_fast::backend::cpu::{elementwise as ew, norm};
 use orwcfm_fast::backend::cuda::kargs::{BinGeom, ReduceGeom, Strided};
 use orwcfm_fast::optim::{Adam, clip_coef, clip_grads_with_norm, ema_update, grad_norm};
 use orwcfm_fast::rng::Rng;
@@ -51,20 +51,17 @@ use orwcfm_fast::util::rel_err;
 
 /// The kernels of each `.cu` file; each file's test below launches every one of them.
 const TESTED: &[(&str, &[&str])] = &[
-    (
-        "elementwise.cu",
-        &["silu_forward_f32", "silu_backward_f32", "silu_forward_f16", "axpy_f32", "adam_step_f32", "orw_loss_rows_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"],
-    ),
+    ("elementwise.cu", &["adam_step_f32", "orw_loss_rows_f32", "fill_f32", "axpby_f32", "unary_f32", "unary_backward_f32", "binary_f32", "binary_same_f32"]),
     ("reduce.cu", &["reduce_sum_f32", "sum_squares_partial_f32", "sum_partials_split_f64", "softmax_rows_f32", "softmax_rows_backward_f32", "log_softmax_rows_f32", "log_softmax_rows_backward_f32"]),
     (
         "shape.cu",
         &[
             "gather_strided_f32",
             "copy_slab_f32",
-            "upsample2x_f32",
-            "upsample2x_backward_f32",
-            "avgpool2x_f32",
-            "avgpool2x_backward_f32",
+            "upsample_nearest2x_f32",
+            "upsample_nearest2x_backward_f32",
+            "avg_pool2x_f32",
+            "avg_pool2x_backward_f32",
             "embedding_forward_f32",
             "embedding_backward_f32",
             "timestep_embedding_f32",
@@ -76,7 +73,7 @@ const TESTED: &[(&str, &[&str])] = &[
     ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
-    ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_mask_f32", "dropout_f32"]),
+    ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_f32"]),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -397,75 +394,6 @@ fn elementwise_kernels_match_the_cpu_backend() {
     let mut r = Rng::new(0x5eed_0001);
     let n = 1000usize;
 
-    // silu_forward_f32 (simd::silu)
-    {
-        let k: unsafe extern "C" fn(P, M, I) = lib.k("silu_forward_f32");
-        let x = scaled(r.normal_vec(n), 4.0);
-        let mut want = vec![0.0; n];
-        simd::silu(&x, &mut want);
-        for sh in shapes_n(n) {
-            let mut y = nan(n);
-            let (xp, yp) = (addr(&x), addr_mut(&mut y));
-            lib.launch(sh, &|| unsafe { k(xp as P, yp as M, n as I) });
-            c.f32s("silu_forward_f32", &format!("{sh:?}"), &y, &want, APPROX);
-        }
-    }
-    // silu_backward_f32 (simd::silu_backward)
-    {
-        let k: unsafe extern "C" fn(P, P, M, I) = lib.k("silu_backward_f32");
-        let x = scaled(r.normal_vec(n), 4.0);
-        let gy = r.normal_vec(n);
-        let mut want = vec![0.0; n];
-        simd::silu_backward(&x, &gy, &mut want);
-        for sh in shapes_n(n) {
-            let mut gx = nan(n);
-            let (xp, gp, op) = (addr(&x), addr(&gy), addr_mut(&mut gx));
-            lib.launch(sh, &|| unsafe { k(xp as P, gp as P, op as M, n as I) });
-            c.f32s("silu_backward_f32", &format!("{sh:?}"), &gx, &want, APPROX);
-        }
-    }
-    // silu_forward_f16: f16 storage, f32 arithmetic (the `half` crate's conversions, simd::silu).
-    // Tolerance: one f16 ulp per element (the f32 values differ by an ulp of exp, which can move
-    // a value across an f16 rounding boundary).
-    {
-        let k: unsafe extern "C" fn(*const u16, *mut u16, I) = lib.k("silu_forward_f16");
-        let mut xs = scaled(r.normal_vec(n), 5.0);
-        xs[..6].copy_from_slice(&[0.0, -0.0, 1e-6, -18.0, 15.0, 6.0e-5]); // zero, subnormal in/out
-        let x: Vec<f16> = xs.iter().map(|&v| f16::from_f32(v)).collect();
-        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        let mut yf = vec![0.0; n];
-        simd::silu(&xf, &mut yf);
-        let want: Vec<f16> = yf.iter().map(|&v| f16::from_f32(v)).collect();
-        let xb: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();
-        for sh in shapes_n(n) {
-            let mut y = vec![f16::NAN.to_bits(); n];
-            let (xp, yp) = (addr(&xb), addr_mut(&mut y));
-            lib.launch(sh, &|| unsafe { k(xp as *const u16, yp as *mut u16, n as I) });
-            let got: Vec<f32> = y.iter().map(|&b| f16::from_bits(b).to_f32()).collect();
-            let wantf: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
-            let ulps = |a: u16, b: u16| {
-                let key = |v: u16| if v & 0x8000 != 0 { -((v & 0x7fff) as i32) } else { v as i32 };
-                (key(a) - key(b)).abs()
-            };
-            let worst_ulp = y.iter().zip(&want).map(|(&a, b)| if f16::from_bits(a).is_nan() { i32::MAX } else { ulps(a, b.to_bits()) }).max().unwrap();
-            let differing = y.iter().zip(&want).filter(|(a, b)| **a != b.to_bits()).count();
-            let e = rel_err(&got, &wantf);
-            let problem = (worst_ulp > 1).then(|| format!("an element {worst_ulp} f16 ulps off (rel err {e:.3e})"));
-            c.record("silu_forward_f16", &format!("{sh:?}, {differing} elements 1 ulp off"), e, 1e-3, problem);
-        }
-    }
-    // axpy_f32: y += a x (the Euler step `y + dt k` of flow/ode.rs)
-    {
-        let k: unsafe extern "C" fn(f32, P, M, I) = lib.k("axpy_f32");
-        let (x, y0, a) = (r.normal_vec(n), r.normal_vec(n), 0.0371f32);
-        let want: Vec<f32> = y0.iter().zip(&x).map(|(&y, &v)| y + a * v).collect();
-        for sh in shapes_n(n) {
-            let mut y = y0.clone();
-            let (xp, yp) = (addr(&x), addr_mut(&mut y));
-            lib.launch(sh, &|| unsafe { k(a, xp as P, yp as M, n as I) });
-            c.f32s("axpy_f32", &format!("{sh:?}"), &y, &want, EXACT);
-        }
-    }
     // adam_step_f32: three steps of optim::Adam (with and without weight decay), the scalars
     // computed as Adam::step computes them for the GPU
     {
@@ -868,13 +796,13 @@ fn shape_kernels_match_the_cpu_backend() {
             }
         }
     }
-    // upsample2x / avgpool2x and their backwards: image_op(nc, h, w of the small/input image)
+    // upsample_nearest2x / avg_pool2x and their backwards: image_op(nc, h, w of the small/input image)
     {
         type Img = unsafe extern "C" fn(P, M, I, I, I);
-        let kup: Img = lib.k("upsample2x_f32");
-        let kupb: Img = lib.k("upsample2x_backward_f32");
-        let kap: Img = lib.k("avgpool2x_f32");
-        let kapb: Img = lib.k("avgpool2x_backward_f32");
+        let kup: Img = lib.k("upsample_nearest2x_f32");
+        let kupb: Img = lib.k("upsample_nearest2x_backward_f32");
+        let kap: Img = lib.k("avg_pool2x_f32");
+        let kapb: Img = lib.k("avg_pool2x_backward_f32");
         let run = |k: Img, sh: (u32, u32), x: &[f32], out_n: usize, nc: usize, h: usize, w: usize| -> Vec<f32> {
             let mut y = nan(out_n);
             let (xp, yp) = (addr(x), addr_mut(&mut y));
@@ -887,8 +815,8 @@ fn shape_kernels_match_the_cpu_backend() {
         let want = ew::upsample_nearest2x(&x, nc, h, w);
         let want_b = ew::upsample_nearest2x_backward(&g, nc, h, w);
         for sh in shapes_n(want.len()) {
-            c.f32s("upsample2x_f32", &format!("{sh:?}"), &run(kup, sh, &x, want.len(), nc, h, w), &want, EXACT);
-            c.f32s("upsample2x_backward_f32", &format!("{sh:?}"), &run(kupb, sh, &g, want_b.len(), nc, h, w), &want_b, EXACT);
+            c.f32s("upsample_nearest2x_f32", &format!("{sh:?}"), &run(kup, sh, &x, want.len(), nc, h, w), &want, EXACT);
+            c.f32s("upsample_nearest2x_backward_f32", &format!("{sh:?}"), &run(kupb, sh, &g, want_b.len(), nc, h, w), &want_b, EXACT);
         }
         for (h, w) in [(7usize, 9usize), (6, 8)] {
             let x = r.normal_vec(nc * h * w);
@@ -896,8 +824,8 @@ fn shape_kernels_match_the_cpu_backend() {
             let g = r.normal_vec(want.len());
             let want_b = ew::avg_pool2x_backward(&g, nc, h, w);
             for sh in shapes_n(x.len()) {
-                c.f32s("avgpool2x_f32", &format!("{h}x{w}, {sh:?}"), &run(kap, sh, &x, want.len(), nc, h, w), &want, EXACT);
-                c.f32s("avgpool2x_backward_f32", &format!("{h}x{w}, {sh:?}"), &run(kapb, sh, &g, x.len(), nc, h, w), &want_b, EXACT);
+                c.f32s("avg_pool2x_f32", &format!("{h}x{w}, {sh:?}"), &run(kap, sh, &x, want.len(), nc, h, w), &want, EXACT);
+                c.f32s("avg_pool2x_backward_f32", &format!("{h}x{w}, {sh:?}"), &run(kapb, sh, &g, x.len(), nc, h, w), &want_b, EXACT);
             }
         }
     }
@@ -1262,11 +1190,9 @@ fn rng_kernels_match_the_cpu_twin() {
     let Some(lib) = Lib::load("rng.cu") else { return };
     let mut c = Checks::new("rng.cu");
     type Fill = unsafe extern "C" fn(M, I, u64, u64);
-    type Mask = unsafe extern "C" fn(M, I, f32, u64, u64);
     type Apply = unsafe extern "C" fn(P, M, M, I, f32, u64, u64);
     let k_uniform: Fill = lib.k("philox_uniform_f32");
     let k_normal: Fill = lib.k("philox_normal_f32");
-    let k_mask: Mask = lib.k("dropout_mask_f32");
     let k_apply: Apply = lib.k("dropout_f32");
     let mut r = Rng::new(0x5eed_0006);
     // bit-identical, or the problem: how many elements differ, the first of them
@@ -1309,10 +1235,6 @@ fn rng_kernels_match_the_cpu_twin() {
             philox::dropout(seed, offset, p, &x, &mut want_y, None);
             for sh in shapes_n(n) {
                 let case = format!("n {n} p {p} seed {seed:#x} offset {offset:#x}, {sh:?}");
-                let mut m = nan(n);
-                let mp = addr_mut(&mut m);
-                lib.launch(sh, &|| unsafe { k_mask(mp as M, n as I, p, seed, offset) });
-                exact(&mut c, "dropout_mask_f32", &case, &m, &want_m);
                 // with the mask written
                 let (mut y, mut m) = (nan(n), nan(n));
                 let (xp, yp, mp) = (addr(&x), addr_mut(&mut y), addr_mut(&mut m));

@@ -45,3 +45,35 @@ fn io_knows_no_models() {
         }
     }
 }
+
+/// The backends and the tensor layer know nothing of autograd, models or training: a fused op's
+/// interface (`tensor::custom`) is the tensor layer's, the tape node wrapping it autograd's.
+#[test]
+fn backends_and_tensors_know_no_autograd_or_models() {
+    for sub in ["backend", "tensor"] {
+        for (path, text) in sources(sub) {
+            for (i, l) in text.lines().enumerate() {
+                let code = l.split("//").next().unwrap();
+                for m in ["crate::autograd", "crate::nn", "crate::orw", "crate::optim", "crate::flow", "crate::commands"] {
+                    assert!(!code.contains(m), "{path}:{}: {l}", i + 1);
+                }
+            }
+        }
+    }
+}
+
+/// No device branch above the backends: code there calls tensor ops and never asks where a
+/// tensor lives (the dispatch is `tensor/storage.rs`'s).
+#[test]
+fn no_device_branches_above_the_backends() {
+    for sub in ["autograd", "optim", "flow", "orw", "nn"] {
+        for (path, text) in sources(sub) {
+            for (i, l) in text.lines().enumerate() {
+                let code = l.split("//").next().unwrap();
+                for m in ["is_cuda", "on_gpu", "Storage::Cuda", "Storage::Cpu", "backend::cuda"] {
+                    assert!(!code.contains(m), "{path}:{}: {l}", i + 1);
+                }
+            }
+        }
+    }
+}

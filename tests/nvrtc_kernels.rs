@@ -84,3 +84,30 @@ fn every_kernel_file_compiles_with_nvrtc_alone() {
         assert_eq!(c.kernels.len(), f32_kernels, "{name} without headers: {:?}", c.kernels);
     }
 }
+
+/// Shared kernel code lives once, in the headers: every header is used, the expansion leaves no
+/// `#include` of ours behind, and no kernel file defines a helper the header defines.
+#[test]
+fn shared_kernel_code_is_in_one_header() {
+    use orwcfm_fast::backend::cuda::nvrtc::{KERNEL_HEADERS, expand_headers};
+    for (h, text) in KERNEL_HEADERS {
+        let users: Vec<&str> = KERNEL_SOURCES.iter().filter(|(_, s)| s.contains(&format!("#include \"{h}\""))).map(|(n, _)| *n).collect();
+        assert!(!users.is_empty(), "{h} is included by no kernel file");
+        let defined: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#define ").or_else(|| l.strip_prefix("__device__ __forceinline__ double ")))
+            .map(|r| r.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap().to_string())
+            .collect();
+        assert!(defined.contains(&"block_sum".to_string()) && defined.contains(&"GRID_STRIDE".to_string()), "{defined:?}");
+        for (name, src) in KERNEL_SOURCES {
+            for d in &defined {
+                assert!(!src.contains(&format!("#define {d}(")) && !src.contains(&format!(" {d}(double v, double* buf) {{")), "kernels/{name} defines its own {d} (use {h})");
+            }
+            let e = expand_headers(src);
+            assert!(!e.lines().any(|l| l.trim() == format!("#include \"{h}\"")), "{name}: {h} not pasted");
+            if users.contains(name) {
+                assert!(e.contains(text.trim()), "{name}: the expansion lacks {h}");
+            }
+        }
+    }
+}

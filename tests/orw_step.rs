@@ -35,10 +35,11 @@ fn one_step_matches_pytorch() {
 
     let loss = orw_loss(&net, &reference, &t, &xt, &ut, None, &w, alpha, &mut Forward { dropout_rng: None }).unwrap();
     let rel = |a: f32, b: f32| ((a - b) / b).abs();
-    let (fm, w2) = (loss.fm.item(), loss.w2.item());
-    assert!(rel(fm, g("fm").item()) < 1e-5, "fm {fm} vs {}", g("fm").item());
-    assert!(rel(w2, g("w2").item()) < 1e-5, "w2 {w2} vs {}", g("w2").item());
+    let lv = loss.values().unwrap();
+    assert!(rel(lv.fm, g("fm").item()) < 1e-5, "fm {} vs {}", lv.fm, g("fm").item());
+    assert!(rel(lv.w2, g("w2").item()) < 1e-5, "w2 {} vs {}", lv.w2, g("w2").item());
     assert!(rel(loss.total.value().item(), g("loss").item()) < 1e-5);
+    assert_eq!(lv.total, loss.total.value().item(), "the terms' total is the differentiated total");
 
     let grads = loss.total.backward().unwrap();
     let mut gs = net.params().grads(&grads).unwrap();

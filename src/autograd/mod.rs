@@ -5,6 +5,8 @@
 //! walks the recorded graph in reverse topological order. Inside [`no_grad`] nothing is recorded,
 //! which is how sampling and the frozen reference model run.
 
+pub mod custom;
+pub mod fused;
 pub mod ops;
 
 use std::cell::{Cell, RefCell};
@@ -83,6 +85,27 @@ impl Var {
 
     pub fn id(&self) -> usize {
         self.0.id
+    }
+    /// The op that made this value (`param`, `const` for leaves).
+    pub fn name(&self) -> &'static str {
+        self.0.name
+    }
+    /// The names of the recorded nodes this value depends on (itself included), each node once,
+    /// in no particular order: what a backward from here will run.
+    pub fn tape_names(&self) -> Vec<&'static str> {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![self.clone()];
+        let mut names = Vec::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v.id()) {
+                continue;
+            }
+            if v.0.backward.is_some() {
+                names.push(v.0.name);
+            }
+            stack.extend(v.0.parents.iter().cloned());
+        }
+        names
     }
     pub fn requires_grad(&self) -> bool {
         self.0.requires_grad

@@ -186,7 +186,9 @@ fn grid_time(k: usize, steps: usize, t0: f32, t1: f32) -> f32 {
 }
 
 /// The fixed-grid solvers (torchdiffeq's grid and stage times) with the state on its device:
-/// stages are combined as `y + Σ c_j k_j` by the tensors' backend, in f32.
+/// stages are combined as `y + Σ c_j k_j` (f32 coefficients) by the fused `ode_combine` on the
+/// tensors' backend (the CPU sums in f64 and rounds once; the GPU, until its fused kernel, one
+/// f32 axpby per term).
 fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     let check = |y: &Tensor, t: f64| -> Result<()> {
         let s = Tensor::sum_squares(&[y])?;
@@ -206,14 +208,8 @@ fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0
         }
         Ok(v)
     };
-    // y + Σ c_j k_j as a fresh tensor
-    let comb = |y: &Tensor, terms: &[(f32, &Tensor)]| -> Result<Tensor> {
-        let mut out = y.clone();
-        for (c, k) in terms {
-            out.axpby_in_place(*c, k, 1.0)?;
-        }
-        Ok(out)
-    };
+    // y + Σ c_j k_j as a fresh tensor, in one pass (the fused `ode_combine`)
+    let comb = |y: &Tensor, terms: &[(f32, &Tensor)]| -> Result<Tensor> { crate::autograd::fused::ode_combine_tensors(y, terms) };
     let grid = |k: usize| grid_time(k, steps, t0, t1);
     let mut y = x0.clone();
     for k in 0..steps {

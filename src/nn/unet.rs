@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use super::config::UNetConfig;
 use super::params::ParamStore;
 use crate::autograd::Var;
+use crate::autograd::fused::{self, Act};
 use crate::autograd::ops::{self, *};
 use crate::backend::cpu::attention::QkvOrder;
 use crate::rng::Rng;
@@ -296,9 +297,13 @@ impl UNetModel {
     fn norm(&self, n: &Norm, x: &Var) -> Result<Var> {
         group_norm(x, self.p(n.w), self.p(n.b), GN_GROUPS, GN_EPS)
     }
+    /// `silu(GN(x) · (1 + scale) + shift)` (or `silu(GN(x))`) as one fused node.
+    fn norm_silu(&self, n: &Norm, x: &Var, scale_shift: Option<(&Var, &Var)>) -> Result<Var> {
+        fused::group_norm_act(x, self.p(n.w), self.p(n.b), scale_shift, GN_GROUPS, GN_EPS, Act::Silu)
+    }
 
     fn resblock(&self, r: &ResBlock, x: &Var, emb_silu: &Var, fw: &mut Forward) -> Result<Var> {
-        let mut h = silu(&self.norm(&r.in_norm, x)?)?;
+        let mut h = self.norm_silu(&r.in_norm, x, None)?;
         let mut xs = x.clone();
         match r.resample {
             Resample::None => {}
@@ -314,15 +319,13 @@ impl UNetModel {
         h = self.conv(&r.in_conv, &h)?;
         let e = self.lin(&r.emb, emb_silu)?;
         let b = e.shape()[0];
-        if r.scale_shift {
-            let scale = reshape(&narrow(&e, 1, 0, r.out_ch)?, &[b, r.out_ch, 1, 1])?;
-            let shift = reshape(&narrow(&e, 1, r.out_ch, r.out_ch)?, &[b, r.out_ch, 1, 1])?;
-            h = ops::add(&mul(&self.norm(&r.out_norm, &h)?, &add_scalar(&scale, 1.0)?)?, &shift)?;
+        h = if r.scale_shift {
+            // silu(out_norm(h) · (1 + scale) + shift), scale and shift [B, out_ch]
+            let (scale, shift) = (narrow(&e, 1, 0, r.out_ch)?, narrow(&e, 1, r.out_ch, r.out_ch)?);
+            self.norm_silu(&r.out_norm, &h, Some((&scale, &shift)))?
         } else {
-            h = ops::add(&h, &reshape(&e, &[b, r.out_ch, 1, 1])?)?;
-            h = self.norm(&r.out_norm, &h)?;
-        }
-        h = silu(&h)?;
+            self.norm_silu(&r.out_norm, &ops::add(&h, &reshape(&e, &[b, r.out_ch, 1, 1])?)?, None)?
+        };
         if let Some(rng) = fw.dropout_rng.as_deref_mut() {
             h = dropout(&h, self.config.dropout as f32, rng)?;
         }
@@ -340,7 +343,7 @@ impl UNetModel {
         let t: usize = s[2..].iter().product();
         let xf = reshape(x, &[b, c, t])?;
         let qkv = self.conv(&a.qkv, &self.norm(&a.norm, &xf)?)?;
-        let h = qkv_attention(&qkv, a.heads, a.order)?;
+        let h = fused::attention(&qkv, a.heads, a.order)?;
         let h = self.conv(&a.proj, &h)?;
         reshape(&ops::add(&xf, &h)?, &s)
     }
@@ -442,7 +445,7 @@ impl UNetModel {
                 h = self.layer(l, &h, &emb_silu, fw)?;
             }
         }
-        ops::to_dtype(&self.conv(&self.out_conv, &silu(&self.norm(&self.out_norm, &h)?)?)?, DType::F32)
+        ops::to_dtype(&self.conv(&self.out_conv, &self.norm_silu(&self.out_norm, &h, None)?)?, DType::F32)
     }
 
     /// Inference: no tape, no dropout.

@@ -6,7 +6,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::autograd::{Var, no_grad, ops};
+use crate::autograd::{Var, fused, no_grad};
 use crate::nn::{Forward, VelocityField};
 use crate::tensor::Tensor;
 
@@ -60,17 +60,32 @@ pub fn reward_weights(r: &[f32], tau: f32, mode: WeightMode) -> Result<Vec<f32>>
     Ok(w)
 }
 
-/// The loss of one batch: the differentiable total and its two terms' values, as scalars on the
-/// model's device (nothing is read back here: the trainer reads them with its other values).
+/// The loss of one batch: the differentiable total and its terms, on the model's device.
 pub struct OrwLoss {
     pub total: Var,
-    /// `mean_i w_i mean_pix (v − u)²`
-    pub fm: Tensor,
-    /// `mean_i mean_pix (v − v_ref)²` (before multiplying by α; 0 when α = 0)
-    pub w2: Tensor,
+    /// `[fm, w2, total]` (f32): `fm = mean_i w_i mean_pix (v − u)²`, `w2 = mean_i mean_pix (v − v_ref)²`
+    /// (before multiplying by α). Read them with [`OrwLoss::values`].
+    pub terms: Tensor,
 }
 
-/// Build the ORW-CFM-W2 loss for `net` on `(t, x_t, u_t)` with per-sample weights `w`.
+/// The loss terms on the host.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OrwLossValues {
+    pub fm: f32,
+    pub w2: f32,
+    pub total: f32,
+}
+
+impl OrwLoss {
+    /// The terms, read back in one go (waits for the device).
+    pub fn values(&self) -> Result<OrwLossValues> {
+        let v = self.terms.values()?;
+        Ok(OrwLossValues { fm: v[0], w2: v[1], total: v[2] })
+    }
+}
+
+/// Build the ORW-CFM-W2 loss for `net` on `(t, x_t, u_t)` with per-sample weights `w`: one fused
+/// node (`autograd::fused::orw_loss`) that also computes `dL/dv` in its forward pass.
 #[allow(clippy::too_many_arguments)]
 pub fn orw_loss<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tensor, ut: &Tensor, y: Option<&[usize]>, w: &[f32], alpha: f32, fw: &mut Forward) -> Result<OrwLoss> {
     let b = xt.shape()[0];
@@ -84,16 +99,8 @@ pub fn orw_loss<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tenso
     if v.shape() != ut.shape() {
         bail!("model output {:?} does not match the target velocity {:?}", v.shape(), ut.shape());
     }
-    let pix: Vec<usize> = (1..xt.ndim()).collect();
-    let per_fm = ops::mean_axes(&ops::square(&ops::sub(&v, &Var::constant(ut.clone()))?)?, &pix, false)?;
-    let fm = ops::mean_all(&ops::mul(&per_fm, &Var::constant(Tensor::from_vec(w.to_vec(), &[b]).to_device(dev)?))?)?;
-    let (total, w2v) = if alpha != 0.0 {
-        let v_ref = no_grad(|| reference.predict(t, xt, y))?;
-        let w2 = ops::mean_all(&ops::square(&ops::sub(&v, &Var::constant(v_ref))?)?)?;
-        let w2v = w2.value();
-        (ops::add(&fm, &ops::mul_scalar(&w2, alpha)?)?, w2v)
-    } else {
-        (fm.clone(), fm.value().zeros_like()?)
-    };
-    Ok(OrwLoss { fm: fm.value(), w2: w2v, total })
+    let w = Tensor::from_vec(w.to_vec(), &[b]).to_device(dev)?;
+    let v_ref = if alpha != 0.0 { Some(no_grad(|| reference.predict(t, xt, y))?) } else { None };
+    let (total, terms) = fused::orw_loss(&v, ut, &w, v_ref.as_ref(), alpha)?;
+    Ok(OrwLoss { total, terms })
 }

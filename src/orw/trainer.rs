@@ -35,7 +35,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::config::OrwConfig;
-use super::loss::{WeightMode, orw_loss, reward_weights};
+use super::loss::{OrwLossValues, WeightMode, orw_loss, reward_weights};
 use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
@@ -458,12 +458,11 @@ impl<M: VelocityField> Trainer<M> {
         // the device and downloaded together
         let read = {
             let sq = Tensor::sum_squares_on_device(&grads.iter().collect::<Vec<_>>())?;
-            let mut parts = [loss.total.value(), loss.fm.clone(), loss.w2.clone()].iter().map(|t| t.reshape(&[1])?.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?;
-            parts.push(sq);
-            Tensor::concat(&parts, 0)?.values()?
+            // the loss node's terms [fm, w2, total] (f32) and [hi, lo]
+            Tensor::concat(&[loss.terms.clone(), sq], 0)?.values()?
         };
         drop(loss);
-        let (total, fm_loss, w2_loss) = (read[0], read[1], read[2]);
+        let OrwLossValues { fm: fm_loss, w2: w2_loss, total } = OrwLossValues { fm: read[0], w2: read[1], total: read[2] };
         let gnorm = (read[3] as f64 + read[4] as f64).sqrt();
         if !total.is_finite() {
             bail!("the loss is not finite at step {} (fm {fm_loss}, w2 {w2_loss}); lower the learning rate or the temperature", self.step);

@@ -202,7 +202,7 @@ pub fn fill_normal(seed: u64, offset: u64, out: &mut [f32]) {
 }
 
 /// A dropout mask with drop probability `p` ∈ [0, 1]: `1 / (1 − p)` where kept (uniform ≥ p), 0
-/// where dropped. Kernel: `dropout_mask_f32`.
+/// where dropped. Kernel: `dropout_f32` (its `mask` output).
 pub fn dropout_mask(seed: u64, offset: u64, p: f32, out: &mut [f32]) {
     check_p(p);
     let scale = dropout_scale(p);

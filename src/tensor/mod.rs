@@ -7,6 +7,7 @@
 //! tensor produced by an op is contiguous (row-major); `strides()` reports its layout.
 
 pub mod arena;
+pub mod custom;
 mod ops;
 mod random;
 pub mod storage;

@@ -3,6 +3,7 @@
 
 use anyhow::{Result, bail};
 
+use super::custom::{CustomFwd, CustomOp};
 use super::{DType, Storage, Tensor, contiguous_strides};
 use crate::backend::cpu::elementwise::broadcast_shape;
 use crate::backend::{AdamStep, AttnGeom, BinaryOp, ConvGeom, NormGeom, QkvOrder, UnaryOp};
@@ -342,5 +343,36 @@ impl Tensor {
     pub fn sum_squares_on_device(ts: &[&Tensor]) -> Result<Tensor> {
         let s: Vec<&Storage> = ts.iter().map(|t| &t.storage).collect();
         Ok(Tensor::from_op(Storage::sum_squares_on_device(&s)?, &[2]))
+    }
+
+    /// Apply the custom op `op` (no tape; `autograd::custom` records it): its output, aux outputs and saved
+    /// state as tensors. `need[i]`: whether input `i` will need a gradient.
+    pub fn apply_custom<O: CustomOp + ?Sized>(op: &O, xs: &[&Tensor], need: &[bool]) -> Result<CustomFwd<Tensor>> {
+        if need.len() != xs.len() {
+            bail!("{}: {} gradient flags for {} inputs", op.name(), need.len(), xs.len());
+        }
+        let args: Vec<(&Storage, &[usize])> = xs.iter().map(|t| (&t.storage, t.shape.as_slice())).collect();
+        Storage::custom_fwd(op, &args, need)?.try_map(|(s, sh)| Tensor::from_storage(s, &sh).map_err(|e| e.context(format!("a result of {}", op.name()))))
+    }
+    /// The inputs' gradients of a custom op from its inputs, the state its forward saved and the
+    /// output's gradient `g`; each is checked to have its input's shape and dtype.
+    pub fn custom_backward<O: CustomOp + ?Sized>(op: &O, xs: &[Tensor], saved: &[Tensor], g: &Tensor, need: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let args: Vec<(&Storage, &[usize])> = xs.iter().map(|t| (&t.storage, t.shape.as_slice())).collect();
+        let sv: Vec<(&Storage, &[usize])> = saved.iter().map(|t| (&t.storage, t.shape.as_slice())).collect();
+        let gs = Storage::custom_bwd(op, &args, &sv, (&g.storage, g.shape.as_slice()), need)?;
+        if gs.len() != xs.len() {
+            bail!("{} backward: {} gradients for {} inputs", op.name(), gs.len(), xs.len());
+        }
+        gs.into_iter()
+            .zip(xs)
+            .enumerate()
+            .map(|(i, (d, x))| {
+                let Some(d) = d else { return Ok(None) };
+                if d.dtype() != x.dtype() {
+                    bail!("{} backward: the gradient of input {i} is {}, the input {}", op.name(), d.dtype(), x.dtype());
+                }
+                Tensor::from_storage(d, &x.shape).map(Some).map_err(|e| e.context(format!("{} backward: the gradient of input {i}", op.name())))
+            })
+            .collect()
     }
 }

@@ -4,7 +4,8 @@
 
 use anyhow::{Result, bail};
 
-use super::{DType, Device};
+use super::custom::{Args, CustomFwd, CustomOp, Shaped};
+use super::{DType, Device, Tensor};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cuda::CudaStorage;
 use crate::backend::{AdamStep, ArenaStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
@@ -369,4 +370,90 @@ impl Storage {
             Storage::Cuda(_) => Storage::Cuda(CudaStorage::sum_squares_on_device(&ts.iter().map(|s| if let Storage::Cuda(c) = s { c } else { unreachable!() }).collect::<Vec<_>>())?),
         })
     }
+}
+
+// ------------------------------------------------------------------ custom (fused) ops
+
+fn some_cpu(s: &Storage) -> Option<&CpuStorage> {
+    if let Storage::Cpu(c) = s { Some(c) } else { None }
+}
+fn some_cuda(s: &Storage) -> Option<&CudaStorage> {
+    if let Storage::Cuda(c) = s { Some(c) } else { None }
+}
+/// `(storage, shape)` pairs as the backend `S`'s storages (the devices were checked to agree).
+fn backend_args<'a, S>(xs: &[(&'a Storage, &'a [usize])], pick: impl Fn(&'a Storage) -> Option<&'a S>) -> Vec<(&'a S, &'a [usize])> {
+    xs.iter().map(|&(s, sh)| (pick(s).expect("same_device checked the devices"), sh)).collect()
+}
+
+impl Storage {
+    /// Run a custom op's forward on its inputs' backend.
+    pub fn custom_fwd<O: CustomOp + ?Sized>(op: &O, xs: &[(&Storage, &[usize])], need: &[bool]) -> Result<CustomFwd<Shaped<Storage>>> {
+        let all: Vec<&Storage> = xs.iter().map(|p| p.0).collect();
+        if all.is_empty() {
+            bail!("{}: a custom op without inputs", op.name());
+        }
+        same_device(op.name(), &all)?;
+        match all[0] {
+            Storage::Cpu(_) => op.cpu_fwd(&backend_args(xs, some_cpu), need)?.try_map(|(s, sh)| Ok((Storage::Cpu(s), sh))),
+            Storage::Cuda(_) => op.cuda_fwd(&backend_args(xs, some_cuda), need)?.try_map(|(s, sh)| Ok((Storage::Cuda(s), sh))),
+        }
+    }
+    /// Run a custom op's backward on the backend of its inputs, saved state and output gradient `g`.
+    pub fn custom_bwd<O: CustomOp + ?Sized>(op: &O, xs: &[(&Storage, &[usize])], saved: &[(&Storage, &[usize])], g: (&Storage, &[usize]), need: &[bool]) -> Result<Vec<Option<Storage>>> {
+        let mut all: Vec<&Storage> = xs.iter().chain(saved).map(|p| p.0).collect();
+        all.push(g.0);
+        same_device(op.name(), &all)?;
+        Ok(match g.0 {
+            Storage::Cpu(gc) => op.cpu_bwd(&backend_args(xs, some_cpu), &backend_args(saved, some_cpu), (gc, g.1), need)?.into_iter().map(|d| d.map(Storage::Cpu)).collect(),
+            Storage::Cuda(gc) => op.cuda_bwd(&backend_args(xs, some_cuda), &backend_args(saved, some_cuda), (gc, g.1), need)?.into_iter().map(|d| d.map(Storage::Cuda)).collect(),
+        })
+    }
+}
+
+/// Backend storages as tensors (shared, not copied).
+fn as_tensors<S: Clone>(xs: &[(&S, &[usize])], wrap: impl Fn(S) -> Storage) -> Result<Vec<Tensor>> {
+    xs.iter().map(|&(s, sh)| Tensor::from_storage(wrap(s.clone()), sh)).collect()
+}
+
+/// A tensor's storage on the backend `S`: an error when the composition left that backend.
+fn from_tensor<S: Clone>(name: &str, t: &Tensor, unwrap: impl Fn(&Storage) -> Option<&S>) -> Result<S> {
+    match unwrap(t.storage()) {
+        Some(s) => Ok(s.clone()),
+        None => bail!("{name}: its composition returned a tensor on {}, not on its inputs' device", t.device()),
+    }
+}
+
+fn composed_fwd<O: CustomOp + ?Sized, S: Clone>(op: &O, xs: &[(&S, &[usize])], need: &[bool], wrap: impl Fn(S) -> Storage, unwrap: impl Fn(&Storage) -> Option<&S> + Copy) -> Result<CustomFwd<Shaped<S>>> {
+    let ts = as_tensors(xs, wrap)?;
+    op.fwd_composed(&ts, need)?.try_map(|t| Ok((from_tensor(op.name(), &t, unwrap)?, t.shape().to_vec())))
+}
+
+fn composed_bwd<O: CustomOp + ?Sized, S: Clone>(
+    op: &O,
+    xs: &[(&S, &[usize])],
+    saved: &[(&S, &[usize])],
+    g: (&S, &[usize]),
+    need: &[bool],
+    wrap: impl Fn(S) -> Storage + Copy,
+    unwrap: impl Fn(&Storage) -> Option<&S> + Copy,
+) -> Result<Vec<Option<S>>> {
+    let (ts, ss) = (as_tensors(xs, wrap)?, as_tensors(saved, wrap)?);
+    let gt = Tensor::from_storage(wrap(g.0.clone()), g.1)?;
+    op.bwd_composed(&ts, &ss, &gt, need)?.into_iter().map(|d| d.map(|t| from_tensor(op.name(), &t, unwrap)).transpose()).collect()
+}
+
+/// [`CustomOp::cuda_fwd`]'s default: the op's composition of tensor ops, on the CUDA storages.
+pub fn cuda_fwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CudaStorage>, need: &[bool]) -> Result<CustomFwd<Shaped<CudaStorage>>> {
+    composed_fwd(op, xs, need, Storage::Cuda, some_cuda)
+}
+/// [`CustomOp::cuda_bwd`]'s default.
+pub fn cuda_bwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CudaStorage>, saved: &Args<CudaStorage>, g: (&CudaStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CudaStorage>>> {
+    composed_bwd(op, xs, saved, g, need, Storage::Cuda, some_cuda)
+}
+/// The composition on the CPU (for [`crate::tensor::custom::Composed`]).
+pub fn cpu_fwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CpuStorage>, need: &[bool]) -> Result<CustomFwd<Shaped<CpuStorage>>> {
+    composed_fwd(op, xs, need, Storage::Cpu, some_cpu)
+}
+pub fn cpu_bwd_composed<O: CustomOp + ?Sized>(op: &O, xs: &Args<CpuStorage>, saved: &Args<CpuStorage>, g: (&CpuStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CpuStorage>>> {
+    composed_bwd(op, xs, saved, g, need, Storage::Cpu, some_cpu)
 }

@@ -391,20 +391,20 @@ fn image_op(name: &str, x: &CudaStorage, in_n: usize, out_n: usize, nc: usize, h
 }
 
 /// Nearest 2× upsampling of `[nc, h, w]` (CPU: `elementwise::upsample_nearest2x`).
-pub fn upsample2x(x: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
-    image_op("upsample2x_f32", x, nc * h * w, nc * 4 * h * w, nc, h, w)
+pub fn upsample_nearest2x(x: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
+    image_op("upsample_nearest2x_f32", x, nc * h * w, nc * 4 * h * w, nc, h, w)
 }
 /// Its gradient, `[nc, 2h, 2w] → [nc, h, w]`.
-pub fn upsample2x_backward(gy: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
-    image_op("upsample2x_backward_f32", gy, nc * 4 * h * w, nc * h * w, nc, h, w)
+pub fn upsample_nearest2x_backward(gy: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
+    image_op("upsample_nearest2x_backward_f32", gy, nc * 4 * h * w, nc * h * w, nc, h, w)
 }
 /// 2×2 average pooling, stride 2 (floor), of `[nc, h, w]` (CPU: `elementwise::avg_pool2x`).
-pub fn avgpool2x(x: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
-    image_op("avgpool2x_f32", x, nc * h * w, nc * (h / 2) * (w / 2), nc, h, w)
+pub fn avg_pool2x(x: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
+    image_op("avg_pool2x_f32", x, nc * h * w, nc * (h / 2) * (w / 2), nc, h, w)
 }
 /// Its gradient back to `[nc, h, w]`.
-pub fn avgpool2x_backward(gy: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
-    image_op("avgpool2x_backward_f32", gy, nc * (h / 2) * (w / 2), nc * h * w, nc, h, w)
+pub fn avg_pool2x_backward(gy: &CudaStorage, nc: usize, h: usize, w: usize) -> Result<CudaStorage> {
+    image_op("avg_pool2x_backward_f32", gy, nc * (h / 2) * (w / 2), nc * h * w, nc, h, w)
 }
 
 /// The ids of an embedding, checked on the host: an id outside the table is an error (as on the

@@ -110,7 +110,7 @@ pub fn compile_with(name: &str, src: &str, arch: &str, includes: &[PathBuf]) -> 
         bail!("NVRTC (libnvrtc.so) cannot be loaded: install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and name its folder in {}", super::LIB_DIRS_VAR);
     }
     use cudarc::nvrtc::{result, sys};
-    let csrc = CString::new(src).context("kernel source holds a NUL byte")?;
+    let csrc = CString::new(expand_headers(src)).context("kernel source holds a NUL byte")?;
     let cname = CString::new(name).context("kernel name holds a NUL byte")?;
     let prog = result::create_program(&csrc, Some(&cname)).map_err(|e| anyhow!("NVRTC cannot create {name}: {e:?}"))?;
     let mut opts = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into(), "--fmad=true".into()];
@@ -132,6 +132,28 @@ pub fn compile_with(name: &str, src: &str, arch: &str, includes: &[PathBuf]) -> 
         }
     };
     let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
+/// The headers the kernel files share (`#include "common.cuh"`), embedded like the sources.
+pub const KERNEL_HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../kernels/common.cuh"))];
+
+/// `src` with each `#include "NAME"` of a [`KERNEL_HEADERS`] entry replaced by that header's
+/// text (the binary carries no kernel folder for NVRTC to search). What NVRTC compiles, what
+/// the cache is keyed by, and what the simulated GPU and the CPU shim build.
+pub fn expand_headers(src: &str) -> String {
+    let mut out = String::with_capacity(src.len() + 2048);
+    for line in src.split_inclusive('\n') {
+        let name = line.trim().strip_prefix("#include \"").and_then(|r| r.strip_suffix('"'));
+        match name.and_then(|n| KERNEL_HEADERS.iter().find(|(h, _)| *h == n)) {
+            Some((h, text)) => {
+                out.push_str(&format!("// ---- {h} (pasted by nvrtc::expand_headers)\n"));
+                out.push_str(text);
+                out.push_str(&format!("\n// ---- end of {h}\n"));
+            }
+            None => out.push_str(line),
+        }
+    }
     out
 }
 
@@ -193,7 +215,8 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// architecture and this crate's version, so an edited kernel is never served stale.
 pub fn cache_path(dir: &std::path::Path, name: &str, src: &str, arch: &str) -> PathBuf {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
-    for b in src.bytes().chain(arch.bytes()).chain(env!("CARGO_PKG_VERSION").bytes()) {
+    // the source as compiled (with the shared headers pasted in), so editing a header is a new entry
+    for b in expand_headers(src).bytes().chain(arch.bytes()).chain(env!("CARGO_PKG_VERSION").bytes()) {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

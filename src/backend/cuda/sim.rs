@@ -102,6 +102,7 @@ fn dynamic_shared(src: &str) -> Vec<DynShared> {
 /// scope, a macro at file scope (a global initialised when the library loads would miss the
 /// launch's buffer). Sources without one are returned unchanged.
 pub fn shim_source(src: &str) -> String {
+    let src = &super::nvrtc::expand_headers(src);
     let decls = dynamic_shared(src);
     let mut out = String::with_capacity(src.len());
     let mut at = 0;
@@ -122,6 +123,7 @@ pub fn shim_source(src: &str) -> String {
 /// call) use `__syncthreads` or `__shared__` memory (static, or dynamic declared at file scope).
 /// The others run serially per block.
 pub fn barrier_kernels(src: &str) -> Vec<String> {
+    let src = &super::nvrtc::expand_headers(src);
     let file_shared: Vec<String> = dynamic_shared(src).into_iter().filter(|d| d.file_scope).map(|d| d.name).collect();
     let uses = |body: &str| body.contains("__syncthreads") || body.contains("__shared__") || file_shared.iter().any(|n| body.contains(n.as_str()));
     let mut helpers: Vec<String> = Vec::new();
@@ -209,7 +211,10 @@ impl Sim {
         std::fs::write(dir.join("cuda_fp16.h"), FP16_H)?;
         let mut libs = Vec::new();
         let mut kernels = HashMap::new();
-        for &(file, src) in sources {
+        for &(file, raw) in sources {
+            // the shared headers pasted in, as NVRTC compiles it (barrier helpers live there)
+            let expanded = super::nvrtc::expand_headers(raw);
+            let src = expanded.as_str();
             std::fs::write(dir.join(file), shim_source(src))?;
             let stem = file.trim_end_matches(".cu");
             let unit = dir.join(format!("{stem}_sim.cpp"));

@@ -316,16 +316,16 @@ impl BackendStorage for CudaStorage {
         on_gpu(self.gpu(), "narrow_backward", || self.out(f32ops::narrow_backward(&self.words32()?, shape, axis, start, len)?))
     }
     fn upsample_nearest2x(&self, nc: usize, h: usize, w: usize) -> Result<Self> {
-        on_gpu(self.gpu(), "upsample_nearest2x", || self.out(f32ops::upsample2x(&self.float("upsample_nearest2x")?, nc, h, w)?))
+        on_gpu(self.gpu(), "upsample_nearest2x", || self.out(f32ops::upsample_nearest2x(&self.float("upsample_nearest2x")?, nc, h, w)?))
     }
     fn upsample_nearest2x_backward(&self, nc: usize, h: usize, w: usize) -> Result<Self> {
-        on_gpu(self.gpu(), "upsample_nearest2x_backward", || self.out(f32ops::upsample2x_backward(&self.f32s()?, nc, h, w)?))
+        on_gpu(self.gpu(), "upsample_nearest2x_backward", || self.out(f32ops::upsample_nearest2x_backward(&self.f32s()?, nc, h, w)?))
     }
     fn avg_pool2x(&self, nc: usize, h: usize, w: usize) -> Result<Self> {
-        on_gpu(self.gpu(), "avg_pool2x", || self.out(f32ops::avgpool2x(&self.float("avg_pool2x")?, nc, h, w)?))
+        on_gpu(self.gpu(), "avg_pool2x", || self.out(f32ops::avg_pool2x(&self.float("avg_pool2x")?, nc, h, w)?))
     }
     fn avg_pool2x_backward(&self, nc: usize, h: usize, w: usize) -> Result<Self> {
-        on_gpu(self.gpu(), "avg_pool2x_backward", || self.out(f32ops::avgpool2x_backward(&self.f32s()?, nc, h, w)?))
+        on_gpu(self.gpu(), "avg_pool2x_backward", || self.out(f32ops::avg_pool2x_backward(&self.f32s()?, nc, h, w)?))
     }
     fn embedding(&self, ids: &Self, num: usize, dim: usize) -> Result<Self> {
         on_gpu(self.gpu(), "embedding", || {

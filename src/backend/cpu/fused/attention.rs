@@ -18,8 +18,21 @@ use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::gemm::{Mat, sgemm};
 use crate::backend::cpu::simd::exp_f32;
 
-/// Default query and key tile length.
+/// Query and key tile length for long sequences (and the fewest query rows of a default tile).
 pub const FLASH_TILE: usize = 64;
+
+/// Floats in one task's `br × bc` score tile with the default tiles (the backward keeps two).
+pub const FLASH_TILE_BUDGET: usize = 1 << 16;
+
+/// The default `(br, bc)` for `t` positions: all keys in one tile while `FLASH_TILE` query rows of
+/// them fit [`FLASH_TILE_BUDGET`] (no online rescaling; fewer, larger GEMMs: on a CPU the tile's
+/// per-call overhead, not memory, is what small tiles cost), and as many query rows (a multiple of
+/// 8) as fit with them; longer sequences get key tiles of `FLASH_TILE_BUDGET / FLASH_TILE`.
+pub fn flash_tiles(t: usize) -> (usize, usize) {
+    let bc = t.clamp(1, FLASH_TILE_BUDGET / FLASH_TILE);
+    let br = (FLASH_TILE_BUDGET / bc / 8 * 8).max(FLASH_TILE).min(t.max(1));
+    (br, bc)
+}
 
 /// `(q, k, v)` of one batch·head, each `[ch, T]` row-major.
 fn qkv_of<'a>(qkv: &'a [f32], g: &AttnGeom, bh: usize) -> (&'a [f32], &'a [f32], &'a [f32]) {
@@ -64,9 +77,10 @@ dispatch! {
     }
 }
 
-/// Forward with the default tiles: `(out [B, C, T], lse [B·heads, T])`.
+/// Forward with the default tiles ([`flash_tiles`]): `(out [B, C, T], lse [B·heads, T])`.
 pub fn flash_attention_forward(qkv: &[f32], g: &AttnGeom) -> (Vec<f32>, Vec<f32>) {
-    flash_attention_forward_tiled(qkv, g, FLASH_TILE, FLASH_TILE)
+    let (br, bc) = flash_tiles(g.t);
+    flash_attention_forward_tiled(qkv, g, br, bc)
 }
 
 /// Forward with query tiles of `br` rows and key tiles of `bc` columns.
@@ -129,9 +143,10 @@ pub fn flash_attention_forward_tiled(qkv: &[f32], g: &AttnGeom, br: usize, bc: u
     (out, lse)
 }
 
-/// Backward with the default tiles: `dqkv` from the forward's `out`, `lse` and `dout`.
+/// Backward with the default tiles ([`flash_tiles`]): `dqkv` from the forward's `out`, `lse` and `dout`.
 pub fn flash_attention_backward(qkv: &[f32], out: &[f32], lse: &[f32], dout: &[f32], g: &AttnGeom) -> Vec<f32> {
-    flash_attention_backward_tiled(qkv, out, lse, dout, g, FLASH_TILE, FLASH_TILE)
+    let (br, bc) = flash_tiles(g.t);
+    flash_attention_backward_tiled(qkv, out, lse, dout, g, br, bc)
 }
 
 /// Backward with query tiles of `br` rows and key tiles of `bc` columns.

@@ -1,4 +1,5 @@
-//! Fused CPU reference kernels, each forward and backward, meant to become single autograd nodes:
+//! Fused CPU reference kernels, each forward and backward: the CPU side of the single tape nodes
+//! of `crate::autograd::fused` (benchmarked against the unfused chains by `benches/fused.rs`):
 //!
 //! * [`norm_act`]: `act(GroupNorm(x) · (1 + scale) + shift)` (torchcfm's ResBlock norms);
 //! * [`attention`]: flash-style QKV attention (online softmax over key tiles, only the per-row
@@ -44,7 +45,7 @@ pub mod loss;
 pub mod norm_act;
 pub mod ode;
 
-pub use attention::{FLASH_TILE, flash_attention_backward, flash_attention_backward_tiled, flash_attention_forward, flash_attention_forward_tiled};
+pub use attention::{FLASH_TILE, FLASH_TILE_BUDGET, flash_attention_backward, flash_attention_backward_tiled, flash_attention_forward, flash_attention_forward_tiled, flash_tiles};
 pub use loss::{OrwLossValue, orw_loss_backward, orw_loss_forward, orw_loss_forward_backward};
 pub use norm_act::{Act, GnActGrads, GnGeom, group_norm_act_backward, group_norm_act_forward};
 pub use ode::{ode_combine, ode_combine_backward};

@@ -82,6 +82,29 @@ dispatch! {
     }
 }
 
+/// Independent f64 accumulators per sum of [`row_sums`] (so that the sums vectorise instead of
+/// waiting on one add each; the lanes are added in order at the end).
+const LANES: usize = 8;
+
+dispatch! {
+    /// `(Σ d, Σ d·x)` of one row in f64 (each product `d·x` of two f32 is exact in f64).
+    fn row_sums(x: &[f32], d: &[f32]) -> [f64; 2] {
+        let (mut s, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
+        let n = x.len() / LANES * LANES;
+        for (xc, dc) in x[..n].chunks_exact(LANES).zip(d[..n].chunks_exact(LANES)) {
+            for l in 0..LANES {
+                s[l] += dc[l] as f64;
+                sx[l] += dc[l] as f64 * xc[l] as f64;
+            }
+        }
+        for (l, (&xv, &dv)) in x[n..].iter().zip(&d[n..]).enumerate() {
+            s[l] += dv as f64;
+            sx[l] += dv as f64 * xv as f64;
+        }
+        [s.iter().sum(), sx.iter().sum()]
+    }
+}
+
 /// `(mean, rstd)` of one block, exactly as `norm::group_norm_forward`.
 fn block_stats(xb: &[f32], eps: f32) -> (f32, f32) {
     let mut sum = 0.0f64;
@@ -167,14 +190,10 @@ pub fn group_norm_act_backward(x: &[f32], dy: &[f32], g: &GnGeom, gamma: &[f32],
                     let (sc1, shv) = modulation(scale, shift, c, ni, ch);
                     let (xr, dar) = (&xb[ci * s..(ci + 1) * s], &mut dxb[ci * s..(ci + 1) * s]);
                     row_dact(xr, &gb[ci * s..(ci + 1) * s], dar, ga, sh, sc1, shv, act == Act::Silu);
-                    let (mut a, mut b, mut cz) = (0.0f64, 0.0f64, 0.0f64);
-                    for (&xv, &dav) in xr.iter().zip(dar.iter()) {
-                        let xh = ((xv - m) * r) as f64;
-                        let z = (xv * ga + sh) as f64;
-                        a += dav as f64 * xh;
-                        b += dav as f64;
-                        cz += dav as f64 * z;
-                    }
+                    // Σ da·x̂ = r (Σ da·x − m Σ da) and Σ da·z = ga Σ da·x + sh Σ da, z = x·ga + sh
+                    let [b, sdx] = row_sums(xr, dar);
+                    let a = r as f64 * (sdx - m as f64 * b);
+                    let cz = ga as f64 * sdx + sh as f64 * b;
                     let (sc1, gam) = (sc1 as f64, gamma[ch] as f64);
                     sum_dxh += sc1 * b * gam;
                     sum_dxh_xh += sc1 * a * gam;

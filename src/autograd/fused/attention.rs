@@ -1,0 +1,81 @@
+//! torchcfm's QKV self-attention (`QKVAttentionLegacy`, or `QKVAttention` with
+//! `use_new_attention_order`) as one node: `qkv [B, 3·C, T] → out [B, C, T]`.
+//!
+//! CPU: flash-style (`flash_attention_forward/backward`): no more than one tile of the `T × T`
+//! scores exists at a time, and the node saves the output (in f32) and the per-row log-sum-exp
+//! `[B·heads, T]`, not the probabilities. Composition: the attention kernel pair that saves the
+//! probabilities (`Tensor::qkv_attention`).
+
+use anyhow::{Result, bail};
+
+use super::{float_dtype, in_dtype};
+use crate::autograd::Var;
+use crate::autograd::custom::{Args, CustomFwd, CustomOp, Shaped, apply_custom};
+use crate::backend::cpu::CpuStorage;
+use crate::backend::cpu::fused::{flash_attention_backward, flash_attention_forward};
+use crate::backend::{AttnGeom, BackendStorage, QkvOrder};
+use crate::tensor::{DType, Tensor};
+
+/// QKV attention with `heads` heads in the channel order `order`. Input: `[qkv]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    pub heads: usize,
+    pub order: QkvOrder,
+}
+
+impl Attention {
+    fn geom(&self, s: &[usize]) -> Result<AttnGeom> {
+        if s.len() != 3 || self.heads == 0 || !s[1].is_multiple_of(3 * self.heads) {
+            bail!("flash_attention: qkv of shape {s:?} with {} heads (expected [B, 3·heads·ch, T])", self.heads);
+        }
+        Ok(AttnGeom { b: s[0], heads: self.heads, ch: s[1] / (3 * self.heads), t: s[2], order: self.order })
+    }
+}
+
+impl CustomOp for Attention {
+    fn name(&self) -> &'static str {
+        "flash_attention"
+    }
+
+    fn cpu_fwd(&self, xs: &Args<CpuStorage>, need: &[bool]) -> Result<CustomFwd<Shaped<CpuStorage>>> {
+        let [(qkv, shape)] = xs else { bail!("flash_attention: {} inputs, expected qkv alone", xs.len()) };
+        let g = self.geom(shape)?;
+        let dt = float_dtype(self.name(), xs)?;
+        let (out, lse) = flash_attention_forward(&qkv.f32s(), &g);
+        let oshape = g.out_shape().to_vec();
+        if !need[0] {
+            return Ok(CustomFwd { out: (in_dtype(out, dt), oshape), aux: Vec::new(), saved: Vec::new() });
+        }
+        // the backward's D = Σ dO·O wants the output before rounding: kept in f32 (shared when it is f32)
+        let out32 = CpuStorage::from_f32(out);
+        let y = if dt == DType::F32 { out32.clone() } else { out32.to_dtype(dt)? };
+        Ok(CustomFwd { out: (y, oshape.clone()), aux: Vec::new(), saved: vec![(out32, oshape), (CpuStorage::from_f32(lse), vec![g.b * g.heads, g.t])] })
+    }
+
+    fn cpu_bwd(&self, xs: &Args<CpuStorage>, saved: &Args<CpuStorage>, g: (&CpuStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CpuStorage>>> {
+        let [(qkv, shape)] = xs else { bail!("flash_attention: {} inputs, expected qkv alone", xs.len()) };
+        let [(out, _), (lse, _)] = saved else { bail!("flash_attention: saved state of {} tensors", saved.len()) };
+        if !need[0] {
+            return Ok(vec![None]);
+        }
+        let geom = self.geom(shape)?;
+        let d = flash_attention_backward(&qkv.f32s(), out.as_f32()?, lse.as_f32()?, &g.0.f32s(), &geom);
+        Ok(vec![Some(in_dtype(d, qkv.dtype()))])
+    }
+
+    fn fwd_composed(&self, xs: &[Tensor], _need: &[bool]) -> Result<CustomFwd<Tensor>> {
+        let [qkv] = xs else { bail!("flash_attention: {} inputs, expected qkv alone", xs.len()) };
+        let (out, probs) = qkv.qkv_attention(&self.geom(qkv.shape())?)?;
+        Ok(CustomFwd { out, aux: Vec::new(), saved: vec![probs] })
+    }
+
+    fn bwd_composed(&self, xs: &[Tensor], saved: &[Tensor], g: &Tensor, need: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let ([qkv], [probs]) = (xs, saved) else { bail!("flash_attention: {} inputs and {} saved tensors", xs.len(), saved.len()) };
+        Ok(vec![if need[0] { Some(qkv.qkv_attention_backward(probs, g, &self.geom(qkv.shape())?)?) } else { None }])
+    }
+}
+
+/// torchcfm's QKV attention of `qkv [B, 3·C, T]` with `heads` heads in `order`, as one node.
+pub fn attention(qkv: &Var, heads: usize, order: QkvOrder) -> Result<Var> {
+    Ok(apply_custom(Attention { heads, order }, &[qkv])?.0)
+}

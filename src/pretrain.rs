@@ -12,7 +12,7 @@ use crate::autograd::{Var, ops};
 use crate::data::Dataset;
 use crate::flow::matchers::{FlowMatcher, MatcherKind};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{Adam, clip_grad_norm, ema_update_params, warmup_lr};
+use crate::optim::{Adam, clip_coef, grad_norm, warmup_lr};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -113,12 +113,13 @@ pub fn pretrain<M: VelocityField>(net: &M, ema: &M, data: &Dataset, cfg: &Pretra
         if !lv.is_finite() {
             bail!("the loss is not finite at step {step}");
         }
-        let mut grads = net.params().grads(&loss.backward()?)?;
+        let grads = net.params().grads(&loss.backward()?)?;
         drop(loss);
-        let gn = clip_grad_norm(&mut grads, if cfg.grad_clip > 0.0 { cfg.grad_clip } else { f32::INFINITY })?;
+        let gn = grad_norm(&grads)?;
+        let scale = if cfg.grad_clip > 0.0 { clip_coef(gn, cfg.grad_clip) } else { 1.0 };
         let lr = warmup_lr(cfg.lr, step, cfg.warmup_steps);
-        adam.step_params(net.params(), &grads, lr)?;
-        ema_update_params(ema.params(), net.params(), cfg.ema_decay)?;
+        // clipping, Adam and the EMA in one pass over the flat arenas
+        adam.step_flat(net.params(), &grads, lr, scale, Some((ema.params(), cfg.ema_decay)))?;
         on_step(&PretrainStep { step: step + 1, loss: lv, grad_norm: gn, lr, seconds: t0.elapsed().as_secs_f64() });
         if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 {
             save(net, ema)?;

@@ -44,7 +44,7 @@ use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_im2col_backward, conv2d_im2col_forward};
 use orwcfm_fast::backend::cpu::{elementwise as ew, norm};
 use orwcfm_fast::backend::cuda::kargs::{BinGeom, ReduceGeom, Strided};
-use orwcfm_fast::optim::{Adam, ema_update, grad_norm};
+use orwcfm_fast::optim::{Adam, clip_coef, clip_grads_with_norm, ema_update, grad_norm};
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::{Tensor, contiguous_strides};
 use orwcfm_fast::util::rel_err;
@@ -69,6 +69,7 @@ const TESTED: &[(&str, &[&str])] = &[
             "add_channel_bias_f32",
         ],
     ),
+    ("optim.cu", &["adam_clip_ema_f32"]),
     ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
@@ -325,6 +326,63 @@ fn every_kernel_has_a_cpu_shim_check() {
     let total: usize = listed.values().map(|s| s.len()).sum();
     assert!(problems.is_empty(), "kernels without CPU-shim checks:\n  {}", problems.join("\n  "));
     println!("{} kernels in {} files, all covered", total, files.len());
+}
+
+// ---------------------------------------------------------------- optim.cu
+
+/// adam_clip_ema_f32: three steps of the per-tensor path (clip_grads_with_norm, Adam::step,
+/// ema_update — the CPU twin of the one pass, bit for bit), with clipping active and not,
+/// weight decay on and off, with and without the EMA (a null pointer).
+#[test]
+fn optim_kernels_match_the_cpu_backend() {
+    let Some(lib) = Lib::load("optim.cu") else { return };
+    let mut c = Checks::new("optim.cu");
+    let mut r = Rng::new(0x5eed_0007);
+    let n = 1000usize;
+    type K = unsafe extern "C" fn(M, P, M, M, M, I, f32, f32, f32, f32, f32, f32, f32, f32, f32);
+    let k: K = lib.k("adam_clip_ema_f32");
+    for (wd, max_norm, with_ema) in [(0.0f32, 1.0f32, true), (0.01, 1e9, true), (0.01, 1.0, false)] {
+        let (p0, e0) = (r.normal_vec(n), r.normal_vec(n));
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| r.normal_vec(n)).collect();
+        let (lrs, decay) = ([1e-3f32, 2e-3, 5e-4], 0.99f32);
+        let mut adam = Adam::new(1e-3);
+        adam.weight_decay = wd;
+        let (mut params, mut ema) = (vec![t(&p0, &[n])], vec![t(&e0, &[n])]);
+        let mut coefs = Vec::new();
+        for (g, &lr) in grads.iter().zip(&lrs) {
+            let mut gs = vec![t(g, &[n])];
+            let norm = grad_norm(&gs).unwrap();
+            coefs.push(clip_coef(norm, max_norm));
+            clip_grads_with_norm(&mut gs, norm, max_norm).unwrap();
+            adam.step(&mut params, &gs, lr).unwrap();
+            if with_ema {
+                ema_update(&mut ema, &params, decay).unwrap();
+            }
+        }
+        assert_eq!(coefs.iter().any(|&s| s < 1.0), max_norm < 10.0, "clipping active exactly when meant");
+        let (wp, wm, wv, we) = (params[0].to_vec(), adam.exp_avg[0].to_vec(), adam.exp_avg_sq[0].to_vec(), ema[0].to_vec());
+        for sh in shapes_n(n) {
+            let (mut p, mut m, mut v, mut e) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n], e0.clone());
+            for (step, ((g, &lr), &scale)) in grads.iter().zip(&lrs).zip(&coefs).enumerate() {
+                let step = step as i32 + 1;
+                let (b1, b2, eps) = (adam.beta1, adam.beta2, adam.eps);
+                let bc1 = 1.0 - (b1 as f64).powi(step);
+                let bc2_sqrt = (1.0 - (b2 as f64).powi(step)).sqrt() as f32;
+                let step_size = (lr as f64 / bc1) as f32;
+                let (pp, gp, mp, vp) = (addr_mut(&mut p), addr(g), addr_mut(&mut m), addr_mut(&mut v));
+                let ep = if with_ema { addr_mut(&mut e) } else { 0 };
+                lib.launch(sh, &|| unsafe { k(pp as M, gp as P, mp as M, vp as M, ep as M, n as I, scale, step_size, b1, b2, eps, bc2_sqrt, wd, 1.0 - decay, decay) });
+            }
+            let case = format!("wd {wd}, max norm {max_norm}, ema {with_ema}, {sh:?}");
+            c.f32s("adam_clip_ema_f32", &format!("p, {case}"), &p, &wp, EXACT);
+            c.f32s("adam_clip_ema_f32", &format!("m, {case}"), &m, &wm, EXACT);
+            c.f32s("adam_clip_ema_f32", &format!("v, {case}"), &v, &wv, EXACT);
+            c.f32s("adam_clip_ema_f32", &format!("ema, {case}"), &e, &we, EXACT);
+            let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(bits(&p, &wp) && bits(&m, &wm) && bits(&v, &wv) && bits(&e, &we), "adam_clip_ema_f32 [{case}]: not bit-identical to the per-tensor path");
+        }
+    }
+    c.finish(&lib);
 }
 
 // ---------------------------------------------------------------- elementwise.cu

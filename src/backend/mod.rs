@@ -66,6 +66,17 @@ pub struct AdamStep {
     pub weight_decay: f32,
 }
 
+/// One pass of the optimiser over flat arenas ([`BackendStorage::adam_arena`]): the gradient
+/// scaled by `grad_scale` (clipping's coefficient, 1 when it does not clip), Adam's update
+/// `adam`, then, with an EMA arena, `ema ← ema·ema_decay + p·(1 − ema_decay)` toward the new
+/// parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ArenaStep {
+    pub adam: AdamStep,
+    pub grad_scale: f32,
+    pub ema_decay: f32,
+}
+
 /// A backend's storage and its ops. Inputs are contiguous with the shapes given; every op
 /// returns a new storage (the `_in_place` ops write into `self`). Two operands of one op are on
 /// the same device (checked by the caller, `crate::tensor::Storage`).
@@ -160,6 +171,13 @@ pub trait BackendStorage: Sized + Clone {
     fn axpby_in_place(&mut self, a: f32, x: &Self, b: f32) -> Result<()>;
     /// One Adam update of the parameter `self` with gradient `grad` and moments `m`, `v` (f32).
     fn adam_in_place(&mut self, grad: &Self, m: &mut Self, v: &mut Self, h: &AdamStep) -> Result<()>;
+    /// The optimiser's one pass over flat f32 arenas, in place (all of one length): per element,
+    /// `g ← grad·grad_scale`, Adam as [`BackendStorage::adam_in_place`] on `self` (the parameters)
+    /// and the moments `m`, `v`, then `ema ← ema·decay + p·(1 − decay)` with the new `p` — the
+    /// same f32 operations, in the same order, as clipping (`mul_scalar`), `adam_in_place` and
+    /// `axpby_in_place` one after the other, so the results are bit-identical. One kernel launch
+    /// on a GPU; a write to a shared arena copies it first (copy on write).
+    fn adam_arena(&mut self, grad: &Self, m: &mut Self, v: &mut Self, ema: Option<&mut Self>, h: &ArenaStep) -> Result<()>;
     /// `Σ x²` over every element of every tensor, in f64, read back to the host.
     fn sum_squares(ts: &[&Self]) -> Result<f64>;
     /// [`BackendStorage::sum_squares`] left on the device (no host read, `ts` non-empty): an F32

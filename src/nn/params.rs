@@ -1,30 +1,39 @@
 //! Named parameters of a model, in registration (state_dict) order.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail};
 
 use crate::autograd::{Grads, Var};
 use crate::tensor::Tensor;
+use crate::tensor::arena::Arena;
 
 /// The parameters of a model: names as in the PyTorch `state_dict`, values as autograd leaves.
+///
+/// Flat arena: after [`flatten`](Self::flatten) (which the optimiser calls), the f32 values live
+/// in one contiguous storage and each leaf's value is a zero-copy view of it, so that the
+/// optimiser updates the whole model in one pass ([`update_arena`](Self::update_arena)). Anything
+/// that replaces a value (loading, `set_all`, moving one tensor) simply leaves that tensor outside
+/// the arena; the next `flatten` gathers them all again.
 pub struct ParamStore {
     names: Vec<String>,
     vars: Vec<Var>,
     index: HashMap<String, usize>,
+    arena: RefCell<Option<Arena>>,
 }
 
 impl Clone for ParamStore {
     /// A cheap copy: new leaves that share the tensors' storage (copy on write), so an update of
     /// one copy never shows in another.
     fn clone(&self) -> Self {
-        ParamStore { names: self.names.clone(), vars: self.vars.iter().map(|v| Var::param(v.value())).collect(), index: self.index.clone() }
+        ParamStore { names: self.names.clone(), vars: self.vars.iter().map(|v| Var::param(v.value())).collect(), index: self.index.clone(), arena: RefCell::new(self.arena.borrow().clone()) }
     }
 }
 
 impl ParamStore {
     pub fn new() -> Self {
-        ParamStore { names: Vec::new(), vars: Vec::new(), index: HashMap::new() }
+        ParamStore { names: Vec::new(), vars: Vec::new(), index: HashMap::new(), arena: RefCell::new(None) }
     }
 
     /// Register a parameter; returns its index.
@@ -123,8 +132,17 @@ impl ParamStore {
         save(path, &outs, dtype, metadata)
     }
 
-    /// Move every parameter to `device` (no copy for those already there).
+    /// Move every parameter to `device` (no copy for those already there; a flat arena moves as
+    /// one copy and stays one).
     pub fn to_device(&self, device: crate::tensor::Device) -> Result<()> {
+        if self.arena_held() {
+            let moved = self.arena.borrow().as_ref().expect("held").to_device(device).with_context(|| format!("moving the parameter arena to {device}"))?;
+            for (v, t) in self.vars.iter().zip(moved.views()) {
+                v.set_value(t);
+            }
+            *self.arena.borrow_mut() = Some(moved);
+            return Ok(());
+        }
         for (n, v) in self.iter() {
             let t = v.value().to_device(device).with_context(|| format!("moving parameter {n} to {device}"))?;
             v.set_value(t);
@@ -170,6 +188,52 @@ impl ParamStore {
         for (v, t) in self.vars.iter().zip(values) {
             v.set_value(t);
         }
+    }
+}
+
+impl ParamStore {
+    /// Whether every value is, in order, a view of this store's flat arena.
+    pub fn arena_held(&self) -> bool {
+        self.arena.borrow().as_ref().is_some_and(|a| {
+            let vals: Vec<Tensor> = self.vars.iter().map(|v| v.value()).collect();
+            a.holds(vals.iter())
+        })
+    }
+
+    /// Put the values (f32, one device) into one flat arena, each leaf's value a view of it; a
+    /// no-op when they already are (one gather otherwise: after a load, `set_all`, a cast).
+    pub fn flatten(&self) -> Result<()> {
+        if self.arena_held() {
+            return Ok(());
+        }
+        let vals: Vec<Tensor> = self.vars.iter().map(|v| v.value()).collect();
+        let arena = Arena::gather(&vals).context("gathering the parameters into a flat arena")?;
+        drop(vals);
+        for (v, t) in self.vars.iter().zip(arena.views()) {
+            v.put_value(t);
+        }
+        *self.arena.borrow_mut() = Some(arena);
+        Ok(())
+    }
+
+    /// The flat arena (after [`flatten`](Self::flatten)), shared.
+    pub fn arena(&self) -> Option<Arena> {
+        self.arena.borrow().clone()
+    }
+
+    /// Run `f` on the flat arena for an in-place update, then give the leaves views of the
+    /// result. The views are taken out of the leaves first, so an arena that no other store
+    /// shares is written in place (no copy); a shared one is copied once (copy on write).
+    pub fn update_arena<R>(&self, f: impl FnOnce(&mut Arena) -> Result<R>) -> Result<R> {
+        self.flatten()?;
+        let mut arena = self.arena.borrow_mut().take().expect("flattened");
+        drop(self.take_values());
+        let r = f(&mut arena);
+        for (v, t) in self.vars.iter().zip(arena.views()) {
+            v.put_value(t);
+        }
+        *self.arena.borrow_mut() = Some(arena);
+        r
     }
 }
 

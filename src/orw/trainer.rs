@@ -40,7 +40,7 @@ use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
 use crate::nn::{Forward, VelocityField};
-use crate::optim::{Adam, clip_grads_with_norm, ema_update_params, warmup_lr};
+use crate::optim::{Adam, clip_coef, warmup_lr};
 use crate::reward::{Reward, score_checked};
 use crate::rng::Rng;
 use crate::rng::philox::Philox;
@@ -447,7 +447,7 @@ impl<M: VelocityField> Trainer<M> {
         let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.noise.dropout) } else { None } };
         let loss = orw_loss(model, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
         let scale = self.loss_scale;
-        let mut grads = {
+        let grads = {
             let seed = if scale == 1.0 { &loss.total } else { &ops::mul_scalar(&loss.total, scale)? };
             let g = seed.backward()?;
             let gs = model.params().grads(&g)?;
@@ -478,14 +478,12 @@ impl<M: VelocityField> Trainer<M> {
             self.loss_scale = (self.loss_scale * 0.5).max(1.0);
             self.scale_good_steps = 0;
         } else {
-            if self.cfg.grad_clip > 0.0 {
-                clip_grads_with_norm(&mut grads, gnorm, self.cfg.grad_clip)?;
-            }
+            // clipping, Adam and the EMA: one pass over the flat arenas (the clip scale from the
+            // norm read above)
+            let scale = if self.cfg.grad_clip > 0.0 { clip_coef(gnorm, self.cfg.grad_clip) } else { 1.0 };
             let lr = warmup_lr(self.cfg.learning_rate, self.step, self.cfg.warmup_steps);
-            self.adam.step_params(self.net.params(), &grads, lr)?;
-            if let Some(ema) = &self.ema {
-                ema_update_params(ema.params(), self.net.params(), self.cfg.ema_decay)?;
-            }
+            let ema = self.ema.as_ref().map(|e| (e.params(), self.cfg.ema_decay));
+            self.adam.step_flat(self.net.params(), &grads, lr, scale, ema)?;
             if self.precision == DType::F16 {
                 self.scale_good_steps += 1;
                 if self.scale_good_steps >= LOSS_SCALE_GROWTH_INTERVAL {

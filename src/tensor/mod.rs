@@ -6,6 +6,7 @@
 //! one dispatch point) and returns a `Result`; mixing devices is an error naming both. Every
 //! tensor produced by an op is contiguous (row-major); `strides()` reports its layout.
 
+pub mod arena;
 pub mod custom;
 mod ops;
 mod random;
@@ -185,15 +186,15 @@ impl Tensor {
     }
     /// An f16 CPU tensor (kept in f16).
     pub fn from_f16(data: Vec<half::f16>, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_storage(Storage::Cpu(CpuStorage::F16(std::sync::Arc::new(data))), shape)
+        Tensor::from_storage(Storage::Cpu(CpuStorage::F16(data.into())), shape)
     }
     /// A bf16 CPU tensor (kept in bf16).
     pub fn from_bf16(data: Vec<half::bf16>, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_storage(Storage::Cpu(CpuStorage::BF16(std::sync::Arc::new(data))), shape)
+        Tensor::from_storage(Storage::Cpu(CpuStorage::BF16(data.into())), shape)
     }
     /// An i32 CPU tensor (labels, indices).
     pub fn from_i32(data: Vec<i32>, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_storage(Storage::Cpu(CpuStorage::I32(std::sync::Arc::new(data))), shape)
+        Tensor::from_storage(Storage::Cpu(CpuStorage::I32(data.into())), shape)
     }
     /// Class labels or indices as an i32 tensor of shape `[len]`.
     pub fn from_indices(ids: &[usize]) -> Result<Tensor> {
@@ -301,7 +302,7 @@ impl Tensor {
     }
     pub fn into_vec(self) -> Vec<f32> {
         match self.storage {
-            Storage::Cpu(CpuStorage::F32(d)) => std::sync::Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()),
+            Storage::Cpu(CpuStorage::F32(d)) => d.into_vec(),
             _ => self.to_vec(),
         }
     }

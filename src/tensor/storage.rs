@@ -8,7 +8,7 @@ use super::custom::{Args, CustomFwd, CustomOp, Shaped};
 use super::{DType, Device, Tensor};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cuda::CudaStorage;
-use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
+use crate::backend::{AdamStep, ArenaStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
 
 /// A tensor's values: host memory or a GPU buffer, in one dtype.
 #[derive(Clone, Debug)]
@@ -311,6 +311,42 @@ impl Storage {
             (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => p.adam_in_place(g, m, v, h),
             (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) => p.adam_in_place(g, m, v, h),
             _ => unreachable!("same_device checked the devices"),
+        }
+    }
+    /// The optimiser's one pass over flat arenas (see [`BackendStorage::adam_arena`]).
+    pub fn adam_arena(&mut self, grad: &Storage, m: &mut Storage, v: &mut Storage, ema: Option<&mut Storage>, h: &ArenaStep) -> Result<()> {
+        match ema {
+            Some(e) => {
+                same_device("adam_arena", &[self, grad, m, v, e])?;
+                match (self, grad, m, v, e) {
+                    (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(e)) => p.adam_arena(g, m, v, Some(e), h),
+                    (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v), Storage::Cuda(e)) => p.adam_arena(g, m, v, Some(e), h),
+                    _ => unreachable!("same_device checked the devices"),
+                }
+            }
+            None => {
+                same_device("adam_arena", &[self, grad, m, v])?;
+                match (self, grad, m, v) {
+                    (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => p.adam_arena(g, m, v, None, h),
+                    (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) => p.adam_arena(g, m, v, None, h),
+                    _ => unreachable!("same_device checked the devices"),
+                }
+            }
+        }
+    }
+    /// Elements `[off, off + len)` of this storage, sharing its memory (a zero-copy view).
+    pub fn view(&self, off: usize, len: usize) -> Result<Storage> {
+        Ok(match self {
+            Storage::Cpu(s) => Storage::Cpu(s.view(off, len)?),
+            Storage::Cuda(s) => Storage::Cuda(s.view(off, len)?),
+        })
+    }
+    /// Whether this is the view `[off, off + len)` of `arena` (its memory, not a copy).
+    pub fn is_view_of(&self, arena: &Storage, off: usize, len: usize) -> bool {
+        match (self, arena) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a.is_view_of(b, off, len),
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.is_view_of(b, off, len),
+            _ => false,
         }
     }
     pub fn sum_squares(ts: &[&Storage]) -> Result<f64> {

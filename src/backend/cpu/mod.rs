@@ -3,6 +3,7 @@
 //! Every function here is a kernel with a matching backward kernel; the autograd layer
 //! (`crate::autograd`) wires them into the tape.
 pub mod attention;
+pub mod buf;
 pub mod conv;
 pub mod elementwise;
 pub mod fused;

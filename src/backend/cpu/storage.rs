@@ -3,29 +3,30 @@
 //! GPU's mixed-precision kernels are checked against).
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::attention::{attention_backward, attention_forward};
+use super::buf::Buf;
 use super::conv::{conv2d_backward, conv2d_forward};
 use super::elementwise as ew;
 use super::gemm::{Mat, sgemm, threads_for};
 use super::norm::{group_norm_backward, group_norm_forward};
 use super::{PAR_MIN, simd};
-use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
+use crate::backend::{AdamStep, ArenaStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
 use crate::rng::philox;
 use crate::tensor::{DType, Device};
 
-/// Host memory of one dtype, shared by `Arc` (copy on write).
+/// Host memory of one dtype: a view ([`Buf`]) of values shared by `Arc` (copy on write), so
+/// that a tensor may be a zero-copy slice of a flat arena.
 #[derive(Clone, Debug)]
 pub enum CpuStorage {
-    F32(Arc<Vec<f32>>),
-    F16(Arc<Vec<f16>>),
-    BF16(Arc<Vec<bf16>>),
-    I32(Arc<Vec<i32>>),
+    F32(Buf<f32>),
+    F16(Buf<f16>),
+    BF16(Buf<bf16>),
+    I32(Buf<i32>),
 }
 
 fn par_convert<S: Copy + Send + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + Sync + Send) -> Vec<D> {
@@ -34,15 +35,15 @@ fn par_convert<S: Copy + Send + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + S
 
 impl CpuStorage {
     pub fn from_f32(v: Vec<f32>) -> Self {
-        CpuStorage::F32(Arc::new(v))
+        CpuStorage::F32(Buf::new(v))
     }
     /// f32 values rounded (round to nearest even) into `dtype`.
     pub fn from_f32_as(v: Vec<f32>, dtype: DType) -> Self {
         match dtype {
-            DType::F32 => CpuStorage::F32(Arc::new(v)),
-            DType::F16 => CpuStorage::F16(Arc::new(par_convert(&v, f16::from_f32))),
-            DType::BF16 => CpuStorage::BF16(Arc::new(par_convert(&v, bf16::from_f32))),
-            DType::I32 => CpuStorage::I32(Arc::new(par_convert(&v, |x| x as i32))),
+            DType::F32 => CpuStorage::F32(Buf::new(v)),
+            DType::F16 => CpuStorage::F16(Buf::new(par_convert(&v, f16::from_f32))),
+            DType::BF16 => CpuStorage::BF16(Buf::new(par_convert(&v, bf16::from_f32))),
+            DType::I32 => CpuStorage::I32(Buf::new(par_convert(&v, |x| x as i32))),
         }
     }
     /// The values as f32: borrowed for f32, widened otherwise.
@@ -64,7 +65,7 @@ impl CpuStorage {
     /// Mutable f32 values (copied first if shared).
     pub fn as_f32_mut(&mut self) -> Result<&mut [f32]> {
         match self {
-            CpuStorage::F32(d) => Ok(Arc::make_mut(d).as_mut_slice()),
+            CpuStorage::F32(d) => Ok(d.make_mut()),
             s => bail!("expected f32 values, found {}", s.dtype()),
         }
     }
@@ -83,13 +84,33 @@ impl CpuStorage {
             CpuStorage::I32(d) => bytemuck::cast_slice(d),
         }
     }
-    /// Whether two storages share memory.
+    /// Whether two storages are the same view of the same memory.
     pub fn ptr_eq(&self, o: &CpuStorage) -> bool {
         match (self, o) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => Arc::ptr_eq(a, b),
-            (CpuStorage::F16(a), CpuStorage::F16(b)) => Arc::ptr_eq(a, b),
-            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => Arc::ptr_eq(a, b),
-            (CpuStorage::I32(a), CpuStorage::I32(b)) => Arc::ptr_eq(a, b),
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => a.same_view(b),
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => a.same_view(b),
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => a.same_view(b),
+            (CpuStorage::I32(a), CpuStorage::I32(b)) => a.same_view(b),
+            _ => false,
+        }
+    }
+    /// Elements `[off, off + len)`, sharing this storage's memory (a zero-copy view).
+    pub fn view(&self, off: usize, len: usize) -> Result<Self> {
+        let v = match self {
+            CpuStorage::F32(d) => d.view(off, len).map(CpuStorage::F32),
+            CpuStorage::F16(d) => d.view(off, len).map(CpuStorage::F16),
+            CpuStorage::BF16(d) => d.view(off, len).map(CpuStorage::BF16),
+            CpuStorage::I32(d) => d.view(off, len).map(CpuStorage::I32),
+        };
+        v.ok_or_else(|| anyhow::anyhow!("a view of [{off}, {}) of a storage of {} values", off + len, self.len()))
+    }
+    /// Whether this is the view `[off, off + len)` of `arena` (same memory, not a copy).
+    pub fn is_view_of(&self, arena: &CpuStorage, off: usize, len: usize) -> bool {
+        match (self, arena) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => a.is_view_of(b, off, len),
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => a.is_view_of(b, off, len),
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => a.is_view_of(b, off, len),
+            (CpuStorage::I32(a), CpuStorage::I32(b)) => a.is_view_of(b, off, len),
             _ => false,
         }
     }
@@ -115,6 +136,27 @@ impl CpuStorage {
             RandomDist::Normal => philox::fill_normal(seed, offset, &mut v),
         }
         Ok(CpuStorage::from_f32_as(v, dtype))
+    }
+}
+
+/// [`BackendStorage::adam_arena`] on one chunk: the formulas of `mul_scalar`, `adam_in_place` and
+/// `axpby_in_place`, element by element.
+fn adam_arena_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], ema: Option<&mut [f32]>, h: &ArenaStep) {
+    let AdamStep { step_size, beta1: b1, beta2: b2, eps, bc2_sqrt, weight_decay: wd } = h.adam;
+    let s = h.grad_scale;
+    for i in 0..p.len() {
+        let mut gv = g[i] * s;
+        if wd != 0.0 {
+            gv += wd * p[i];
+        }
+        m[i] += (gv - m[i]) * (1.0 - b1);
+        v[i] = v[i] * b2 + (1.0 - b2) * gv * gv;
+        let denom = v[i].sqrt() / bc2_sqrt + eps;
+        p[i] -= step_size * m[i] / denom;
+    }
+    if let Some(e) = ema {
+        let (a, b) = (1.0 - h.ema_decay, h.ema_decay);
+        e.iter_mut().zip(p.iter()).for_each(|(y, &x)| *y = *y * b + x * a);
     }
 }
 
@@ -264,7 +306,7 @@ impl BackendStorage for CpuStorage {
         }
         Ok(match (self, dtype) {
             (CpuStorage::I32(d), _) => CpuStorage::from_f32_as(d.iter().map(|&v| v as f32).collect(), dtype),
-            (s, DType::I32) => CpuStorage::I32(Arc::new(s.f32s().iter().map(|&v| v as i32).collect())),
+            (s, DType::I32) => CpuStorage::I32(Buf::new(s.f32s().iter().map(|&v| v as i32).collect())),
             // f16 ↔ bf16 through f32 is exact on the way up and rounds once on the way down
             (s, d) => CpuStorage::from_f32_as(s.f32s().into_owned(), d),
         })
@@ -312,7 +354,7 @@ impl BackendStorage for CpuStorage {
             CpuStorage::I32(d) => {
                 // indices move exactly: through f32 only below 2^24
                 let f: Vec<f32> = d.iter().map(|&v| f32::from_bits(v as u32)).collect();
-                CpuStorage::I32(Arc::new(ew::gather_strided(&f, shape, strides).into_iter().map(|v| v.to_bits() as i32).collect()))
+                CpuStorage::I32(Buf::new(ew::gather_strided(&f, shape, strides).into_iter().map(|v| v.to_bits() as i32).collect()))
             }
             s => s.out(ew::gather_strided(&s.f32s(), shape, strides)),
         })
@@ -479,6 +521,32 @@ impl BackendStorage for CpuStorage {
             pd.par_iter_mut().zip(gd.par_iter()).zip(md.par_iter_mut()).zip(vd.par_iter_mut()).for_each(body);
         } else {
             pd.iter_mut().zip(gd.iter()).zip(md.iter_mut()).zip(vd.iter_mut()).for_each(body);
+        }
+        Ok(())
+    }
+    fn adam_arena(&mut self, grad: &Self, m: &mut Self, v: &mut Self, ema: Option<&mut Self>, h: &ArenaStep) -> Result<()> {
+        let n = self.len();
+        if grad.len() != n || m.len() != n || v.len() != n || ema.as_ref().is_some_and(|e| e.len() != n) {
+            bail!("adam_arena: parameter, gradient, moment and EMA arenas differ in length");
+        }
+        let gd = grad.float("adam_arena")?;
+        let (md, vd, pd) = (m.as_f32_mut()?, v.as_f32_mut()?, self.as_f32_mut()?);
+        let ed = match ema {
+            Some(e) => Some(e.as_f32_mut()?),
+            None => None,
+        };
+        // the chunks of one pass: each element is independent, so any split gives the same bits
+        const CHUNK: usize = 1 << 14;
+        let run = |c: usize, p: &mut [f32], e: Option<&mut [f32]>, m: &mut [f32], v: &mut [f32]| {
+            let r = c * CHUNK..c * CHUNK + p.len();
+            adam_arena_chunk(p, &gd[r], m, v, e, h);
+        };
+        match ed {
+            Some(ed) if n >= PAR_MIN => {
+                pd.par_chunks_mut(CHUNK).zip(ed.par_chunks_mut(CHUNK)).zip(md.par_chunks_mut(CHUNK)).zip(vd.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (((p, e), m), v))| run(c, p, Some(e), m, v))
+            }
+            None if n >= PAR_MIN => pd.par_chunks_mut(CHUNK).zip(md.par_chunks_mut(CHUNK)).zip(vd.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, ((p, m), v))| run(c, p, None, m, v)),
+            ed => run(0, pd, ed, md, vd),
         }
         Ok(())
     }

@@ -116,7 +116,7 @@ pub fn axpby(y: &mut CudaStorage, a: f32, x: &CudaStorage, b: f32) -> Result<()>
     want_f32(x, "axpby")?;
     let n = y.elements();
     want_len(x, n, "axpby", "x")?;
-    let yp = y.make_mut()?.ptr();
+    let yp = y.make_mut()?;
     if n > 0 {
         g.launch_n("axpby_f32", n, &[Arg::F32(a), Arg::Ptr(x.ptr()), Arg::F32(b), Arg::Ptr(yp), Arg::I64(n as i64)])?;
     }
@@ -132,9 +132,9 @@ pub fn adam(p: &mut CudaStorage, gr: &CudaStorage, m: &mut CudaStorage, v: &mut 
         want_f32(t, "adam")?;
         want_len(t, n, "adam", what)?;
     }
-    let pp = p.make_mut()?.ptr();
-    let mp = m.make_mut()?.ptr();
-    let vp = v.make_mut()?.ptr();
+    let pp = p.make_mut()?;
+    let mp = m.make_mut()?;
+    let vp = v.make_mut()?;
     if n == 0 {
         return Ok(());
     }
@@ -485,7 +485,7 @@ pub fn add_channel_bias(y: &mut CudaStorage, bias: &CudaStorage, n: usize, c: us
     want_f32(bias, "bias")?;
     want_len(y, n * c * s, "bias", "the output")?;
     want_len(bias, c, "bias", "the bias")?;
-    let yp = y.make_mut()?.ptr();
+    let yp = y.make_mut()?;
     if n * c * s > 0 {
         g.launch_n("add_channel_bias_f32", n * c * s, &[Arg::Ptr(yp), Arg::Ptr(bias.ptr()), Arg::I64(n as i64), Arg::I64(c as i64), Arg::I64(s as i64)])?;
     }

@@ -450,6 +450,39 @@ impl Gpu {
         self.sync()
     }
 
+    /// `out.len()` values (read as `T`) from the device address `ptr`, which must lie in a live
+    /// buffer holding them (a storage's view; waits for queued work).
+    pub fn download_from<T: DeviceRepr + bytemuck::Pod>(&self, ptr: u64, out: &mut [T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(out);
+        if self.is_sim() {
+            // SAFETY: the caller's view holds at least `bytes` bytes of host memory from `ptr`
+            unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr() as *mut u8, bytes) };
+            return Ok(());
+        }
+        if bytes > 0 {
+            self.bind()?;
+            // SAFETY: the caller's view holds at least `bytes` bytes written by earlier work on this stream
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, ptr, self.cu_stream()) }.map_err(|e| anyhow!("copy from cuda:{}: {e}", self.ordinal))?;
+        }
+        self.sync()
+    }
+
+    /// A new buffer holding a device copy of the `n` words at `ptr` (in a live buffer).
+    pub fn copy_words(self: &Arc<Self>, ptr: u64, n: usize) -> Result<GpuBuf> {
+        let out = self.alloc(n)?;
+        if self.is_sim() {
+            // SAFETY: the source view and `out` hold `n` words of host memory
+            unsafe { std::ptr::copy_nonoverlapping(ptr as *const f32, out.ptr as *mut f32, n) };
+            return Ok(out);
+        }
+        if n > 0 {
+            self.bind()?;
+            // SAFETY: both hold `n` words
+            unsafe { cudarc::driver::result::memcpy_dtod_async(out.ptr, ptr, n * 4, self.cu_stream()) }.map_err(|e| anyhow!("device copy on cuda:{}: {e}", self.ordinal))?;
+        }
+        Ok(out)
+    }
+
     /// A device copy of a buffer.
     pub fn duplicate(self: &Arc<Self>, b: &GpuBuf) -> Result<GpuBuf> {
         let out = self.alloc(b.len)?;

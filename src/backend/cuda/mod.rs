@@ -132,6 +132,7 @@ pub mod gpu;
 pub mod kargs;
 pub mod linalg;
 pub mod nvrtc;
+pub mod optim;
 pub mod pool;
 pub mod sim;
 pub mod storage;

@@ -16,6 +16,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("conv.cu", include_str!("../../../kernels/conv.cu")),
     ("cast.cu", include_str!("../../../kernels/cast.cu")),
     ("rng.cu", include_str!("../../../kernels/rng.cu")),
+    ("optim.cu", include_str!("../../../kernels/optim.cu")),
 ];
 
 /// Register use of one compiled kernel, from ptxas' report.

@@ -21,22 +21,24 @@ use half::{bf16, f16};
 
 use super::cast::cast;
 use super::gpu::{Arg, Gpu, GpuBuf};
-use super::{conv, f32ops, linalg};
+use super::{conv, f32ops, linalg, optim};
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
+use crate::backend::{AdamStep, ArenaStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, RandomDist, UnaryOp};
 use crate::tensor::{DType, Device};
 
-/// Device memory of one dtype on one GPU.
+/// Device memory of one dtype on one GPU: `len` elements from element `off` of a shared pool
+/// buffer (a zero-copy view, e.g. one parameter of a flat arena; `off` keeps 4-byte alignment).
 #[derive(Clone)]
 pub struct CudaStorage {
     buf: Arc<GpuBuf>,
+    off: usize,
     len: usize,
     dtype: DType,
 }
 
 impl std::fmt::Debug for CudaStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaStorage(cuda:{}, {} × {})", self.buf.gpu().ordinal, self.len, self.dtype)
+        write!(f, "CudaStorage(cuda:{}, {} × {} at {})", self.buf.gpu().ordinal, self.len, self.dtype, self.off)
     }
 }
 
@@ -51,7 +53,7 @@ impl CudaStorage {
         if buf.len() < words(len, dtype) {
             bail!("a GPU buffer of {} words cannot hold {len} {dtype} values", buf.len());
         }
-        Ok(CudaStorage { buf: Arc::new(buf), len, dtype })
+        Ok(CudaStorage { buf: Arc::new(buf), off: 0, len, dtype })
     }
     /// Uninitialised room for `len` elements of `dtype` on `g`.
     pub fn alloc(g: &Arc<Gpu>, len: usize, dtype: DType) -> Result<Self> {
@@ -60,11 +62,9 @@ impl CudaStorage {
     pub fn gpu(&self) -> &Arc<Gpu> {
         self.buf.gpu()
     }
+    /// The device address of the first element of this view.
     pub fn ptr(&self) -> u64 {
-        self.buf.ptr()
-    }
-    pub fn buf(&self) -> &GpuBuf {
-        &self.buf
+        self.buf.ptr() + (self.off * self.dtype.size()) as u64
     }
     pub fn storage_dtype(&self) -> DType {
         self.dtype
@@ -72,17 +72,35 @@ impl CudaStorage {
     pub fn elements(&self) -> usize {
         self.len
     }
-    /// The buffer for writing in place: copied first on the device if it is shared.
-    pub fn make_mut(&mut self) -> Result<&GpuBuf> {
+    /// The address of this view for writing in place: when another storage holds the buffer,
+    /// just this view is copied first on the device (copy on write).
+    pub fn make_mut(&mut self) -> Result<u64> {
         if Arc::get_mut(&mut self.buf).is_none() {
-            let copy = self.buf.gpu().duplicate(&self.buf)?;
+            let g = self.buf.gpu().clone();
+            let copy = g.copy_words(self.ptr(), words(self.len, self.dtype))?;
             self.buf = Arc::new(copy);
+            self.off = 0;
         }
-        Ok(&self.buf)
+        Ok(self.ptr())
     }
-    /// Whether two storages share device memory.
+    /// Whether two storages are the same view of the same device memory.
     pub fn ptr_eq(&self, o: &CudaStorage) -> bool {
-        Arc::ptr_eq(&self.buf, &o.buf)
+        Arc::ptr_eq(&self.buf, &o.buf) && self.off == o.off && self.len == o.len
+    }
+    /// Elements `[off, off + len)`, sharing this storage's device memory (a zero-copy view);
+    /// the start must stay 4-byte aligned (any `off` for f32/i32, an even one for f16/bf16).
+    pub fn view(&self, off: usize, len: usize) -> Result<Self> {
+        if off.checked_add(len).is_none_or(|end| end > self.len) {
+            bail!("a view of [{off}, {}) of a GPU storage of {} values", off + len, self.len);
+        }
+        if !(off * self.dtype.size()).is_multiple_of(4) {
+            bail!("a view at element {off} of {} values is not 4-byte aligned", self.dtype);
+        }
+        Ok(CudaStorage { buf: self.buf.clone(), off: self.off + off, len, dtype: self.dtype })
+    }
+    /// Whether this is the view `[off, off + len)` of `arena` (same memory, not a copy).
+    pub fn is_view_of(&self, arena: &CudaStorage, off: usize, len: usize) -> bool {
+        Arc::ptr_eq(&self.buf, &arena.buf) && self.dtype == arena.dtype && self.off == arena.off + off && self.len == len
     }
 
     /// Host values uploaded to `g` in their dtype (f16/bf16 as their 16-bit words).
@@ -188,23 +206,23 @@ impl BackendStorage for CudaStorage {
             Ok(match self.dtype {
                 DType::F32 => {
                     let mut v = vec![0.0f32; self.len];
-                    g.download_into(&self.buf, &mut v)?;
-                    CpuStorage::F32(Arc::new(v))
+                    g.download_from(self.ptr(), &mut v)?;
+                    CpuStorage::F32(v.into())
                 }
                 DType::F16 => {
                     let mut v = vec![f16::ZERO; self.len];
-                    g.download_into(&self.buf, bytemuck::cast_slice_mut::<f16, u16>(&mut v))?;
-                    CpuStorage::F16(Arc::new(v))
+                    g.download_from(self.ptr(), bytemuck::cast_slice_mut::<f16, u16>(&mut v))?;
+                    CpuStorage::F16(v.into())
                 }
                 DType::BF16 => {
                     let mut v = vec![bf16::ZERO; self.len];
-                    g.download_into(&self.buf, bytemuck::cast_slice_mut::<bf16, u16>(&mut v))?;
-                    CpuStorage::BF16(Arc::new(v))
+                    g.download_from(self.ptr(), bytemuck::cast_slice_mut::<bf16, u16>(&mut v))?;
+                    CpuStorage::BF16(v.into())
                 }
                 DType::I32 => {
                     let mut v = vec![0i32; self.len];
-                    g.download_into(&self.buf, &mut v)?;
-                    CpuStorage::I32(Arc::new(v))
+                    g.download_from(self.ptr(), &mut v)?;
+                    CpuStorage::I32(v.into())
                 }
             })
         })
@@ -441,6 +459,13 @@ impl BackendStorage for CudaStorage {
             }
             let gf = grad.float("adam")?;
             f32ops::adam(self, &gf, m, v, h)
+        })
+    }
+    fn adam_arena(&mut self, grad: &Self, m: &mut Self, v: &mut Self, ema: Option<&mut Self>, h: &ArenaStep) -> Result<()> {
+        let g = self.gpu().clone();
+        on_gpu(&g, "adam_arena", || {
+            let gf = grad.float("adam_arena")?;
+            optim::adam_arena(self, &gf, m, v, ema, h)
         })
     }
     fn sum_squares_on_device(ts: &[&Self]) -> Result<Self> {

@@ -15,6 +15,7 @@ use half::{bf16, f16};
 
 use super::{CudaStorage, Gpu, gpu, sim};
 use crate::backend::cpu::CpuStorage;
+use crate::backend::cpu::buf::Buf;
 use crate::backend::{AdamStep, AttnGeom, BackendStorage, BinaryOp, ConvGeom, NormGeom, QkvOrder, UnaryOp};
 use crate::rng::Rng;
 use crate::tensor::DType;
@@ -83,7 +84,7 @@ fn compare(got: &CpuStorage, want: &CpuStorage, tol: Tol) -> (String, bool) {
     }
     let rel = || rel_err(&got.f32s(), &want.f32s());
     match (got, want, tol) {
-        (CpuStorage::I32(a), CpuStorage::I32(b), _) => ("i32".into(), a == b),
+        (CpuStorage::I32(a), CpuStorage::I32(b), _) => ("i32".into(), a.as_slice() == b.as_slice()),
         (CpuStorage::F32(_), _, _) => {
             let e = rel();
             (format!("rel {e:.2e}"), e <= 1e-5)
@@ -162,7 +163,7 @@ fn storage_round_trips_and_casts_match_the_cpu() {
         }
     }
     // float ops on indices are errors, as on the CPU
-    let ids = CudaStorage::from_cpu(&g, &CpuStorage::I32(Arc::new(vec![1, 2, 3]))).unwrap();
+    let ids = CudaStorage::from_cpu(&g, &CpuStorage::I32(Buf::new(vec![1, 2, 3]))).unwrap();
     let e = ids.unary(UnaryOp::Exp, 0.0).unwrap_err();
     assert!(format!("{e:#}").contains("i32"), "{e:#}");
 }
@@ -236,7 +237,7 @@ fn layout_ops_match_the_cpu() {
     let mut r = Rng::new(3);
     for d in [DType::F32, DType::F16, DType::BF16, DType::I32] {
         // i32 within ±2^24, where the CPU's concat/narrow (through f32) are exact too
-        let mk = |r: &mut Rng, n: usize| if d == DType::I32 { CpuStorage::I32(Arc::new((0..n).map(|_| r.below(1 << 25) as i32 - (1 << 24)).collect())) } else { randn(r, n, d) };
+        let mk = |r: &mut Rng, n: usize| if d == DType::I32 { CpuStorage::I32(Buf::new((0..n).map(|_| r.below(1 << 25) as i32 - (1 << 24)).collect())) } else { randn(r, n, d) };
         let (a, b) = (mk(&mut r, 2 * 3 * 5 * 7), mk(&mut r, 2 * 4 * 5 * 7));
         let (sa, sb) = ([2usize, 3, 5, 7], [2usize, 4, 5, 7]);
         // permute [2, 0, 3, 1] of [2, 3, 5, 7]: shape [5, 2, 7, 3], source strides [7, 105, 1, 35]
@@ -263,7 +264,7 @@ fn layout_ops_match_the_cpu() {
             Ok(vec![y, dx])
         });
         let w = randn(&mut r, 11 * 19, d);
-        let ids = CpuStorage::I32(Arc::new(vec![3, 10, 0, 3, 7]));
+        let ids = CpuStorage::I32(Buf::new(vec![3, 10, 0, 3, 7]));
         let gy = randn(&mut r, 5 * 19, d);
         check!(&g, format!("{d} embedding and backward"), Tol::Ulp, vec![w, ids, gy], |x| Ok(vec![x[0].embedding(&x[1], 11, 19)?, x[2].embedding_backward(&x[1], 11, 19)?]));
         let t = st(r.uniform_vec(13, 0.0, 1.0), d);
@@ -278,7 +279,7 @@ fn layout_ops_match_the_cpu() {
     }
     // an id outside the table is an error on both devices, not an out-of-bounds read
     let w = CudaStorage::full(&g, 4 * 3, 1.0, DType::F32).unwrap();
-    let bad = CudaStorage::from_cpu(&g, &CpuStorage::I32(Arc::new(vec![1, 4]))).unwrap();
+    let bad = CudaStorage::from_cpu(&g, &CpuStorage::I32(Buf::new(vec![1, 4]))).unwrap();
     let e = w.embedding(&bad, 4, 3).unwrap_err();
     assert!(format!("{e:#}").contains("out of range"), "{e:#}");
     // a view reaching past the buffer is an error too

@@ -1,9 +1,10 @@
 //! torchcfm's QKV self-attention (`QKVAttentionLegacy`, or `QKVAttention` with
 //! `use_new_attention_order`) as one node: `qkv [B, 3·C, T] → out [B, C, T]`.
 //!
-//! CPU: flash-style (`flash_attention_forward/backward`): no more than one tile of the `T × T`
-//! scores exists at a time, and the node saves the output (in f32) and the per-row log-sum-exp
-//! `[B·heads, T]`, not the probabilities. Composition: the attention kernel pair that saves the
+//! CPU: flash-style (`flash_attention_forward/backward`) when a gradient is needed: no more than
+//! one tile of the `T × T` scores exists at a time, and the node saves the output (in f32) and
+//! the per-row log-sum-exp `[B·heads, T]`, not the probabilities. Without a gradient (sampling)
+//! nothing is saved and the backend's own attention kernel, faster on the CPU, computes it. Composition: the attention kernel pair that saves the
 //! probabilities (`Tensor::qkv_attention`).
 
 use anyhow::{Result, bail};
@@ -41,11 +42,15 @@ impl CustomOp for Attention {
         let [(qkv, shape)] = xs else { bail!("flash_attention: {} inputs, expected qkv alone", xs.len()) };
         let g = self.geom(shape)?;
         let dt = float_dtype(self.name(), xs)?;
-        let (out, lse) = flash_attention_forward(&qkv.f32s(), &g);
         let oshape = g.out_shape().to_vec();
         if !need[0] {
-            return Ok(CustomFwd { out: (in_dtype(out, dt), oshape), aux: Vec::new(), saved: Vec::new() });
+            // inference (the ODE sampler): nothing is saved, so the faster kernel that forms the
+            // probabilities row block by row block is used (`benches/fused.rs`: flash is
+            // 1.1–1.4× slower on the CPU at the U-Nets' T ≤ 1024); its rounding agrees to 1e-6
+            let (out, _probs) = qkv.attention(&g)?;
+            return Ok(CustomFwd { out: (out, oshape), aux: Vec::new(), saved: Vec::new() });
         }
+        let (out, lse) = flash_attention_forward(&qkv.f32s(), &g);
         // the backward's D = Σ dO·O wants the output before rounding: kept in f32 (shared when it is f32)
         let out32 = CpuStorage::from_f32(out);
         let y = if dt == DType::F32 { out32.clone() } else { out32.to_dtype(dt)? };

@@ -60,7 +60,9 @@ fn dropout_is_seeded_and_only_in_training() {
         m.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), None, &mut Forward { dropout_rng: rng.as_mut() }).unwrap().value()
     };
     let eval = m.predict(&t, &x, None).unwrap();
-    assert_eq!(run(None).data(), eval.data());
+    // without masks the training forward is the inference one (flash attention on the tape,
+    // the probability-forming kernel in inference: equal to rounding)
+    assert!(run(None).rel_err(&eval) < 1e-6, "{}", run(None).rel_err(&eval));
     assert_eq!(run(Some(7)).data(), run(Some(7)).data(), "same seed, same masks");
     assert!(run(Some(7)).rel_err(&eval) > 1e-3, "dropout must change the training output");
     assert!(run(Some(7)).rel_err(&run(Some(8))) > 1e-3, "different seeds, different masks");

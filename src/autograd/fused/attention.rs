@@ -4,7 +4,8 @@
 //! CPU: flash-style (`flash_attention_forward/backward`) when a gradient is needed: no more than
 //! one tile of the `T × T` scores exists at a time, and the node saves the output (in f32) and
 //! the per-row log-sum-exp `[B·heads, T]`, not the probabilities. Without a gradient (sampling)
-//! nothing is saved and the backend's own attention kernel, faster on the CPU, computes it. Composition: the attention kernel pair that saves the
+//! nothing is saved, and when the probabilities would fit in cache ([`FLASH_MIN_PROB_BYTES`])
+//! the backend's own attention kernel, faster on the CPU there, computes it. Composition: the attention kernel pair that saves the
 //! probabilities (`Tensor::qkv_attention`).
 
 use anyhow::{Result, bail};
@@ -16,6 +17,10 @@ use crate::backend::cpu::CpuStorage;
 use crate::backend::cpu::fused::{flash_attention_backward, flash_attention_forward};
 use crate::backend::{AttnGeom, BackendStorage, QkvOrder};
 use crate::tensor::{DType, Tensor};
+
+/// Below this many bytes of `T × T` probabilities an inference forward uses the backend's
+/// attention kernel instead of flash (see [`Attention::cpu_fwd`]'s comment).
+pub const FLASH_MIN_PROB_BYTES: usize = 16 << 20;
 
 /// QKV attention with `heads` heads in the channel order `order`. Input: `[qkv]`.
 #[derive(Clone, Copy, Debug)]
@@ -43,10 +48,12 @@ impl CustomOp for Attention {
         let g = self.geom(shape)?;
         let dt = float_dtype(self.name(), xs)?;
         let oshape = g.out_shape().to_vec();
-        if !need[0] {
-            // inference (the ODE sampler): nothing is saved, so the faster kernel that forms the
-            // probabilities row block by row block is used (`benches/fused.rs`: flash is
-            // 1.1–1.4× slower on the CPU at the U-Nets' T ≤ 1024); its rounding agrees to 1e-6
+        if !need[0] && g.b * g.heads * g.t * g.t * 4 <= FLASH_MIN_PROB_BYTES {
+            // inference (the ODE sampler) with probabilities small enough to stay in cache: the
+            // backend's kernel that forms them is faster on the CPU than flash (CIFAR-10 recipe,
+            // batch 4: 1.03× slower U-Net forward with flash); larger ones (torchcfm's MNIST
+            // example at batch 32: 78 MB) go through flash, 1.37× faster there. Nothing is saved
+            // either way; the two agree to rounding (1e-6)
             let (out, _probs) = qkv.attention(&g)?;
             return Ok(CustomFwd { out: (out, oshape), aux: Vec::new(), saved: Vec::new() });
         }

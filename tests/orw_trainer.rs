@@ -332,12 +332,15 @@ fn torchcfm_checkpoint_as_reference() {
     let mut reward = FnReward::new("mean", |x: &Tensor| x.data().chunks(1024).map(|r| r.iter().sum::<f32>()).collect());
     let mut log = Vec::new();
     tr.run(&mut reward, Some(1), &mut OnStep(|m: &StepMetrics| log.push(m.clone()))).unwrap();
-    assert_eq!(log[0].w2_loss, 0.0, "before its first update net equals the reference (dropout off)");
+    // before its first update net equals the reference (dropout off): the W2 term is rounding
+    // alone (the tape's forward runs flash attention, the reference's inference forward the
+    // probability-forming kernel: they agree to ~1e-7 per element)
+    assert!(log[0].w2_loss < 1e-10, "w2 {} before the first update", log[0].w2_loss);
     // resume with the reference taken from ref_path when the run folder lacks its copy
     std::fs::remove_file(d.join("reference.safetensors")).unwrap();
     let mut tr2: Trainer<UNetModel> = Trainer::resume(&d).unwrap();
     tr2.run(&mut reward, None, &mut OnStep(|m: &StepMetrics| log.push(m.clone()))).unwrap();
-    assert!(log[1].w2_loss > 0.0, "after one update net has moved away from the reference");
+    assert!(log[1].w2_loss > 1e3 * log[0].w2_loss.max(1e-12), "after one update net has moved away from the reference: w2 {} then {}", log[0].w2_loss, log[1].w2_loss);
 }
 
 #[test]

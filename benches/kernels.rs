@@ -2,7 +2,7 @@
 //! backward, GroupNorm, attention. `cargo bench --bench kernels`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use orwcfm_fast::backend::cpu::attention::{AttnGeom, QkvOrder, attention_backward, attention_forward};
+use orwcfm_fast::backend::cpu::attention::{AttnGeom, QkvOrder, qkv_attention_backward, qkv_attention_forward};
 use orwcfm_fast::backend::cpu::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use orwcfm_fast::backend::cpu::gemm::{Mat, sgemm};
 use orwcfm_fast::backend::cpu::norm::group_norm_forward;
@@ -55,9 +55,9 @@ fn norm_attn(c: &mut Criterion) {
     let geo = AttnGeom { b: 32, heads: 1, ch: 32, t: 784, order: QkvOrder::Legacy };
     let qkv = r.normal_vec(32 * 96 * 784);
     let dout = r.normal_vec(32 * 32 * 784);
-    g.bench_function("attention_fwd_b32_t784", |b| b.iter(|| attention_forward(&qkv, &geo)));
-    let (_, probs) = attention_forward(&qkv, &geo);
-    g.bench_function("attention_bwd_b32_t784", |b| b.iter(|| attention_backward(&qkv, &probs, &dout, &geo)));
+    g.bench_function("attention_fwd_b32_t784", |b| b.iter(|| qkv_attention_forward(&qkv, &geo)));
+    let (_, probs) = qkv_attention_forward(&qkv, &geo);
+    g.bench_function("attention_bwd_b32_t784", |b| b.iter(|| qkv_attention_backward(&qkv, &probs, &dout, &geo)));
     g.finish();
 }
 

@@ -3,7 +3,7 @@
 //! of `L = Σ out ⊙ G` (≤ 3e-3 relative L2 over the checked elements, 1e-4 for the linear and
 //! quadratic ops), on awkward sizes.
 
-use orwcfm_fast::backend::cpu::attention::{AttnGeom, QkvOrder, attention_backward, attention_forward};
+use orwcfm_fast::backend::cpu::attention::{AttnGeom, QkvOrder, qkv_attention_backward, qkv_attention_forward};
 use orwcfm_fast::backend::cpu::elementwise::{binary, map, sum_to_shape, zip_map};
 use orwcfm_fast::backend::cpu::fused::*;
 use orwcfm_fast::backend::cpu::norm::{group_norm_backward, group_norm_forward};
@@ -290,7 +290,7 @@ fn flash_attention_forward_matches_unfused() {
             let g = geom(b, heads, ch, t, order);
             let qkv = qkv_data(&g, seed);
             let (out, lse) = flash_attention_forward_tiled(&qkv, &g, br, bc);
-            let (want, _) = attention_forward(&qkv, &g);
+            let (want, _) = qkv_attention_forward(&qkv, &g);
             let what = format!("flash fwd b{b} h{heads} ch{ch} t{t} tiles {br}x{bc} {order:?}");
             assert_close(&what, &out, &want, 1e-5);
             assert_close(&format!("{what} lse"), &lse, &lse_reference(&qkv, &g), 1e-6);
@@ -309,8 +309,8 @@ fn flash_attention_backward_matches_unfused() {
             let dout = randn(b * heads * ch * t, seed + 1000);
             let (out, lse) = flash_attention_forward_tiled(&qkv, &g, br, bc);
             let got = flash_attention_backward_tiled(&qkv, &out, &lse, &dout, &g, br, bc);
-            let (_, probs) = attention_forward(&qkv, &g);
-            let want = attention_backward(&qkv, &probs, &dout, &g);
+            let (_, probs) = qkv_attention_forward(&qkv, &g);
+            let want = qkv_attention_backward(&qkv, &probs, &dout, &g);
             assert_close(&format!("flash bwd b{b} h{heads} ch{ch} t{t} tiles {br}x{bc} {order:?}"), &got, &want, 1e-4);
         }
     }
@@ -333,14 +333,14 @@ fn flash_attention_many_tiles_and_default_tiles() {
                 Some((br, bc)) => (flash_attention_forward_tiled(&qkv, &g, br, bc), format!("tiles {br}x{bc} t{} {order:?}", g.t)),
                 None => (flash_attention_forward(&qkv, &g), format!("default tiles t{} {order:?}", g.t)),
             };
-            let (want, probs) = attention_forward(&qkv, &g);
+            let (want, probs) = qkv_attention_forward(&qkv, &g);
             assert_close(&format!("flash fwd {what}"), &out, &want, 1e-5);
             assert_close(&format!("flash lse {what}"), &lse, &lse_reference(&qkv, &g), 1e-6);
             let got = match tiles {
                 Some((br, bc)) => flash_attention_backward_tiled(&qkv, &out, &lse, &dout, &g, br, bc),
                 None => flash_attention_backward(&qkv, &out, &lse, &dout, &g),
             };
-            assert_close(&format!("flash bwd {what}"), &got, &attention_backward(&qkv, &probs, &dout, &g), 1e-4);
+            assert_close(&format!("flash bwd {what}"), &got, &qkv_attention_backward(&qkv, &probs, &dout, &g), 1e-4);
         }
     }
 }

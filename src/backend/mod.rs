@@ -163,8 +163,8 @@ pub trait BackendStorage: Sized + Clone {
     /// `(dx, dgamma, dbeta)` from the input `self`.
     fn group_norm_backward(&self, dy: &Self, gamma: &Self, mean: &Self, rstd: &Self, g: &NormGeom) -> Result<(Self, Self, Self)>;
     /// `(out, probs)`: probabilities `[b·heads, t, t]` in f32 for the backward.
-    fn attention(&self, g: &AttnGeom) -> Result<(Self, Self)>;
-    fn attention_backward(&self, probs: &Self, dout: &Self, g: &AttnGeom) -> Result<Self>;
+    fn qkv_attention(&self, g: &AttnGeom) -> Result<(Self, Self)>;
+    fn qkv_attention_backward(&self, probs: &Self, dout: &Self, g: &AttnGeom) -> Result<Self>;
 
     // ------------------------------------------------------------ in place, optimiser
     /// `self ← a·x + b·self`.

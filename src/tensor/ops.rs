@@ -306,11 +306,11 @@ impl Tensor {
     }
     /// `(out [B, C, T], probs)` of QKV attention.
     pub fn qkv_attention(&self, g: &AttnGeom) -> Result<(Tensor, Tensor)> {
-        let (o, p) = self.storage.attention(g)?;
+        let (o, p) = self.storage.qkv_attention(g)?;
         Ok((Tensor::from_op(o, &g.out_shape()), Tensor::from_op(p, &[g.b * g.heads, g.t, g.t])))
     }
     pub fn qkv_attention_backward(&self, probs: &Tensor, dout: &Tensor, g: &AttnGeom) -> Result<Tensor> {
-        Ok(Tensor::from_op(self.storage.attention_backward(&probs.storage, &dout.storage, g)?, &g.qkv_shape()))
+        Ok(Tensor::from_op(self.storage.qkv_attention_backward(&probs.storage, &dout.storage, g)?, &g.qkv_shape()))
     }
 
     fn same_len(&self, o: &Tensor, op: &str) -> Result<()> {

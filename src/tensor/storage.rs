@@ -289,13 +289,13 @@ impl Storage {
         let x = self;
         on_backend!("group_norm_backward", [x, dy, gamma, mean, rstd], x.group_norm_backward(dy, gamma, mean, rstd, g))
     }
-    pub fn attention(&self, g: &AttnGeom) -> Result<(Storage, Storage)> {
+    pub fn qkv_attention(&self, g: &AttnGeom) -> Result<(Storage, Storage)> {
         let a = self;
-        on_backend!("attention", [a], a.attention(g))
+        on_backend!("qkv_attention", [a], a.qkv_attention(g))
     }
-    pub fn attention_backward(&self, probs: &Storage, dout: &Storage, g: &AttnGeom) -> Result<Storage> {
+    pub fn qkv_attention_backward(&self, probs: &Storage, dout: &Storage, g: &AttnGeom) -> Result<Storage> {
         let q = self;
-        on_backend!("attention_backward", [q, probs, dout], q.attention_backward(probs, dout, g))
+        on_backend!("qkv_attention_backward", [q, probs, dout], q.qkv_attention_backward(probs, dout, g))
     }
     pub fn axpby_in_place(&mut self, a: f32, x: &Storage, b: f32) -> Result<()> {
         same_device("axpby", &[self, x])?;

@@ -54,7 +54,7 @@ impl CustomOp for Attention {
             // batch 4: 1.03× slower U-Net forward with flash); larger ones (torchcfm's MNIST
             // example at batch 32: 78 MB) go through flash, 1.37× faster there. Nothing is saved
             // either way; the two agree to rounding (1e-6)
-            let (out, _probs) = qkv.attention(&g)?;
+            let (out, _probs) = qkv.qkv_attention(&g)?;
             return Ok(CustomFwd { out: (out, oshape), aux: Vec::new(), saved: Vec::new() });
         }
         let (out, lse) = flash_attention_forward(&qkv.f32s(), &g);

@@ -9,7 +9,7 @@ use super::simd::{softmax_backward_inplace, softmax_inplace};
 pub use crate::backend::geom::{AttnGeom, QkvOrder};
 
 /// Forward. Returns `(out [B, C, T], probs [B·H, T, T])`; the probabilities are kept for backward.
-pub fn attention_forward(qkv: &[f32], g: &AttnGeom) -> (Vec<f32>, Vec<f32>) {
+pub fn qkv_attention_forward(qkv: &[f32], g: &AttnGeom) -> (Vec<f32>, Vec<f32>) {
     let (t, ch) = (g.t, g.ch);
     let scale = 1.0 / (ch as f32).sqrt();
     let mut out = vec![0.0f32; g.b * g.heads * ch * t];
@@ -32,7 +32,7 @@ pub fn attention_forward(qkv: &[f32], g: &AttnGeom) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Backward: `dqkv` from `dout` and the saved probabilities.
-pub fn attention_backward(qkv: &[f32], probs: &[f32], dout: &[f32], g: &AttnGeom) -> Vec<f32> {
+pub fn qkv_attention_backward(qkv: &[f32], probs: &[f32], dout: &[f32], g: &AttnGeom) -> Vec<f32> {
     let (t, ch) = (g.t, g.ch);
     let scale = 1.0 / (ch as f32).sqrt();
     let per: Vec<(usize, Vec<f32>, Vec<f32>, Vec<f32>)> = (0..g.b * g.heads)

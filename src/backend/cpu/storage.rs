@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::attention::{attention_backward, attention_forward};
+use super::attention::{qkv_attention_backward, qkv_attention_forward};
 use super::buf::Buf;
 use super::conv::{conv2d_backward, conv2d_forward};
 use super::elementwise as ew;
@@ -475,12 +475,12 @@ impl BackendStorage for CpuStorage {
         let (dx, dw, db) = group_norm_backward(&self.f32s(), &dy.f32s(), g.n, g.c, g.s, g.groups, &gamma.f32s(), mean.as_f32()?, rstd.as_f32()?);
         Ok((self.out(dx), gamma.out(dw), gamma.out(db)))
     }
-    fn attention(&self, g: &AttnGeom) -> Result<(Self, Self)> {
-        let (out, probs) = attention_forward(&self.float("attention")?, g);
+    fn qkv_attention(&self, g: &AttnGeom) -> Result<(Self, Self)> {
+        let (out, probs) = qkv_attention_forward(&self.float("qkv_attention")?, g);
         Ok((self.out(out), CpuStorage::from_f32(probs)))
     }
-    fn attention_backward(&self, probs: &Self, dout: &Self, g: &AttnGeom) -> Result<Self> {
-        Ok(self.out(attention_backward(&self.f32s(), probs.as_f32()?, &dout.f32s(), g)))
+    fn qkv_attention_backward(&self, probs: &Self, dout: &Self, g: &AttnGeom) -> Result<Self> {
+        Ok(self.out(qkv_attention_backward(&self.f32s(), probs.as_f32()?, &dout.f32s(), g)))
     }
 
     fn axpby_in_place(&mut self, a: f32, x: &Self, b: f32) -> Result<()> {

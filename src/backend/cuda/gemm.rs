@@ -154,7 +154,7 @@ fn attn_layout(a: &AttnGeom) -> (Vec<usize>, usize, [usize; 3], i64) {
 
 /// The GEMMs of attention's forward around the row softmax: `[S = scale·qᵀk into probs]`, then
 /// `[out = v·Pᵀ]`, for buffers at the given addresses (bytes).
-pub fn attention_forward_gemms(a: &AttnGeom, qkv: u64, probs: u64, out: u64) -> [Vec<Gemm>; 2] {
+pub fn qkv_attention_forward_gemms(a: &AttnGeom, qkv: u64, probs: u64, out: u64) -> [Vec<Gemm>; 2] {
     let (t, ch) = (a.t, a.ch);
     let scale = 1.0 / (ch as f32).sqrt();
     let (bases, count, offs, stride) = attn_layout(a);
@@ -173,7 +173,7 @@ pub fn attention_forward_gemms(a: &AttnGeom, qkv: u64, probs: u64, out: u64) -> 
 
 /// The GEMMs of attention's backward around the row-softmax backward (which turns dP into dS in
 /// place): `[dV = dout·P, dP = doutᵀ·v]`, then `[dQ = scale·k·dSᵀ, dK = scale·q·dS]`.
-pub fn attention_backward_gemms(a: &AttnGeom, qkv: u64, probs: u64, dout: u64, dqkv: u64, dp: u64) -> [Vec<Gemm>; 2] {
+pub fn qkv_attention_backward_gemms(a: &AttnGeom, qkv: u64, probs: u64, dout: u64, dqkv: u64, dp: u64) -> [Vec<Gemm>; 2] {
     let (t, ch) = (a.t, a.ch);
     let scale = 1.0 / (ch as f32).sqrt();
     let (bases, count, offs, stride) = attn_layout(a);
@@ -198,7 +198,7 @@ mod tests {
     //! into its cuBLAS call and executed by a reference column-major GEMM over a flat memory
     //! (addresses are byte offsets into it), then compared with the CPU backend.
     use super::*;
-    use crate::backend::cpu::attention::{attention_backward as cpu_attn_bwd, attention_forward as cpu_attn_fwd};
+    use crate::backend::cpu::attention::{qkv_attention_backward as cpu_attn_bwd, qkv_attention_forward as cpu_attn_fwd};
     use crate::backend::cpu::elementwise::{softmax_rows as cpu_softmax, softmax_rows_backward as cpu_softmax_bwd};
     use crate::rng::Rng;
 
@@ -284,7 +284,7 @@ mod tests {
         mem[at[0]..at[1]].copy_from_slice(&qkv);
         mem[at[3]..at[4]].copy_from_slice(&dout);
         let addr = |i: usize| 4 * at[i] as u64;
-        let [s, pv] = attention_forward_gemms(&a, addr(0), addr(1), addr(2));
+        let [s, pv] = qkv_attention_forward_gemms(&a, addr(0), addr(1), addr(2));
         run(&mut mem, &s);
         let p = cpu_softmax(&mem[at[1]..at[2]], t);
         mem[at[1]..at[2]].copy_from_slice(&p);
@@ -292,7 +292,7 @@ mod tests {
         let (want_out, want_p) = cpu_attn_fwd(&qkv, &a);
         close(&mem[at[1]..at[2]], &want_p, &format!("{order:?} probabilities"));
         close(&mem[at[2]..at[3]], &want_out, &format!("{order:?} output"));
-        let [first, second] = attention_backward_gemms(&a, addr(0), addr(1), addr(3), addr(4), addr(5));
+        let [first, second] = qkv_attention_backward_gemms(&a, addr(0), addr(1), addr(3), addr(4), addr(5));
         run(&mut mem, &first);
         let ds = cpu_softmax_bwd(&mem[at[1]..at[2]], &mem[at[5]..at[6]], t);
         mem[at[5]..at[6]].copy_from_slice(&ds);

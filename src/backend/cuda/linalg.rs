@@ -5,7 +5,7 @@
 use anyhow::{Result, bail};
 
 use super::f32ops::{f32_out, gather_strided, want_f32, want_len};
-use super::gemm::{Operand, attention_backward_gemms, attention_forward_gemms, gemm, run_gemm};
+use super::gemm::{Operand, gemm, qkv_attention_backward_gemms, qkv_attention_forward_gemms, run_gemm};
 use super::gpu::Arg;
 use super::storage::{CudaStorage, same_gpu};
 use crate::backend::geom::{AttnGeom, NormGeom};
@@ -127,9 +127,9 @@ fn check_attn(qkv: &CudaStorage, a: &AttnGeom, op: &str) -> Result<()> {
 }
 
 /// torchcfm's QKV attention: `(out [b, heads·ch, t], probs [b·heads, t, t])` (CPU:
-/// `attention::attention_forward`).
-pub fn attention(qkv: &CudaStorage, a: &AttnGeom) -> Result<(CudaStorage, CudaStorage)> {
-    check_attn(qkv, a, "attention")?;
+/// `attention::qkv_attention_forward`).
+pub fn qkv_attention(qkv: &CudaStorage, a: &AttnGeom) -> Result<(CudaStorage, CudaStorage)> {
+    check_attn(qkv, a, "qkv_attention")?;
     let g = qkv.gpu().clone();
     let (t, ch, bh) = (a.t, a.ch, a.b * a.heads);
     let probs = f32_out(&g, bh * t * t)?;
@@ -141,7 +141,7 @@ pub fn attention(qkv: &CudaStorage, a: &AttnGeom) -> Result<(CudaStorage, CudaSt
         bail!("attention: heads of no channels");
     }
     let o = f32_out(&g, out_n)?;
-    let [s, pv] = attention_forward_gemms(a, qkv.ptr(), probs.ptr(), o.ptr());
+    let [s, pv] = qkv_attention_forward_gemms(a, qkv.ptr(), probs.ptr(), o.ptr());
     for op in &s {
         run_gemm(&g, op)?;
     }
@@ -152,21 +152,21 @@ pub fn attention(qkv: &CudaStorage, a: &AttnGeom) -> Result<(CudaStorage, CudaSt
     Ok((o, probs))
 }
 
-/// `dqkv` from `dout` and the saved probabilities (CPU: `attention::attention_backward`).
-pub fn attention_backward(qkv: &CudaStorage, probs: &CudaStorage, dout: &CudaStorage, a: &AttnGeom) -> Result<CudaStorage> {
-    let g = same_gpu("attention_backward", &[qkv, probs, dout])?;
-    check_attn(qkv, a, "attention_backward")?;
+/// `dqkv` from `dout` and the saved probabilities (CPU: `attention::qkv_attention_backward`).
+pub fn qkv_attention_backward(qkv: &CudaStorage, probs: &CudaStorage, dout: &CudaStorage, a: &AttnGeom) -> Result<CudaStorage> {
+    let g = same_gpu("qkv_attention_backward", &[qkv, probs, dout])?;
+    check_attn(qkv, a, "qkv_attention_backward")?;
     let (t, bh) = (a.t, a.b * a.heads);
-    want_f32(probs, "attention_backward")?;
-    want_len(probs, bh * t * t, "attention_backward", "the probabilities")?;
-    want_f32(dout, "attention_backward")?;
-    want_len(dout, a.out_shape().iter().product(), "attention_backward", "the output gradient")?;
+    want_f32(probs, "qkv_attention_backward")?;
+    want_len(probs, bh * t * t, "qkv_attention_backward", "the probabilities")?;
+    want_f32(dout, "qkv_attention_backward")?;
+    want_len(dout, a.out_shape().iter().product(), "qkv_attention_backward", "the output gradient")?;
     let dqkv = f32_out(&g, qkv.elements())?;
     if qkv.elements() == 0 {
         return Ok(dqkv);
     }
     let dp = f32_out(&g, bh * t * t)?;
-    let [first, second] = attention_backward_gemms(a, qkv.ptr(), probs.ptr(), dout.ptr(), dqkv.ptr(), dp.ptr());
+    let [first, second] = qkv_attention_backward_gemms(a, qkv.ptr(), probs.ptr(), dout.ptr(), dqkv.ptr(), dp.ptr());
     for op in &first {
         run_gemm(&g, op)?;
     }

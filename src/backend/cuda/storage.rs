@@ -414,19 +414,19 @@ impl BackendStorage for CudaStorage {
             Ok((self.out(dx)?, gamma.out(dw)?, gamma.out(db)?))
         })
     }
-    fn attention(&self, g: &AttnGeom) -> Result<(Self, Self)> {
-        on_gpu(self.gpu(), "attention", || {
-            let (out, probs) = linalg::attention(&self.float("attention")?, g)?;
+    fn qkv_attention(&self, g: &AttnGeom) -> Result<(Self, Self)> {
+        on_gpu(self.gpu(), "qkv_attention", || {
+            let (out, probs) = linalg::qkv_attention(&self.float("qkv_attention")?, g)?;
             Ok((self.out(out)?, probs))
         })
     }
-    fn attention_backward(&self, probs: &Self, dout: &Self, g: &AttnGeom) -> Result<Self> {
-        on_gpu(self.gpu(), "attention_backward", || {
-            same_gpu("attention_backward", &[self, probs, dout])?;
+    fn qkv_attention_backward(&self, probs: &Self, dout: &Self, g: &AttnGeom) -> Result<Self> {
+        on_gpu(self.gpu(), "qkv_attention_backward", || {
+            same_gpu("qkv_attention_backward", &[self, probs, dout])?;
             if probs.dtype != DType::F32 {
-                bail!("attention_backward: expected f32 probabilities, found {}", probs.dtype);
+                bail!("qkv_attention_backward: expected f32 probabilities, found {}", probs.dtype);
             }
-            self.out(linalg::attention_backward(&self.f32s()?, probs, &dout.f32s()?, g)?)
+            self.out(linalg::qkv_attention_backward(&self.f32s()?, probs, &dout.f32s()?, g)?)
         })
     }
 

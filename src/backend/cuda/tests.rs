@@ -318,8 +318,8 @@ fn gemm_ops_match_the_cpu() {
             let qkv = randn(&mut r, a.qkv_shape().iter().product(), d);
             let dout = randn(&mut r, a.out_shape().iter().product(), d);
             check!(&g, format!("{d} attention {order:?} and backward"), Tol::Gemm, vec![qkv, dout], |x| {
-                let (o, p) = x[0].attention(&a)?;
-                let dq = x[0].attention_backward(&p, &x[1], &a)?;
+                let (o, p) = x[0].qkv_attention(&a)?;
+                let dq = x[0].qkv_attention_backward(&p, &x[1], &a)?;
                 Ok(vec![o, p, dq])
             });
         }

@@ -4,9 +4,11 @@
 //! against its own composition (`Composed`, the CUDA default) on the CPU; f16/bf16 inputs; and
 //! that the U-Net, the ORW loss and the ODE solvers really run the fused nodes.
 
+mod common;
+
 use orwcfm_fast::autograd::custom::{Composed, apply_custom};
 use orwcfm_fast::autograd::fused::{self, Act, Attention, GroupNormAct, OdeCombine, OrwLossOp};
-use orwcfm_fast::autograd::{Var, no_grad, ops};
+use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::QkvOrder;
 use orwcfm_fast::backend::cpu::fused::ode_combine as ode_combine_kernel;
 use orwcfm_fast::flow::ode::{OdeSolver, odeint};
@@ -21,41 +23,16 @@ fn r(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, &mut Rng::new(seed))
 }
 
-fn loss_f64(out: &Tensor, g: &Tensor) -> f64 {
-    out.to_vec().iter().zip(g.to_vec()).map(|(&a, b)| a as f64 * b as f64).sum()
-}
-
 /// The tape's gradient of `L = Σ f(x) ⊙ g` (fixed random `g`) with respect to the inputs listed in
 /// `diff` against central differences on up to 64 sampled elements of each; returns the worst
 /// relative error (‖analytic − numeric‖ / ‖numeric‖ over the samples).
 fn fd_check(name: &str, inputs: &[Tensor], diff: &[usize], eps: f32, f: impl Fn(&[Var]) -> Var) -> f64 {
-    let mut rng = Rng::new(0x5EED);
-    let vars: Vec<Var> = inputs.iter().enumerate().map(|(i, t)| if diff.contains(&i) { Var::param(t.clone()) } else { Var::constant(t.clone()) }).collect();
-    let out = f(&vars);
-    let g = Tensor::randn(&out.shape(), &mut rng);
-    let grads = ops::sum_all(&ops::mul(&out, &Var::constant(g.clone())).unwrap()).unwrap().backward().unwrap();
     let mut worst = 0.0f64;
-    for &k in diff {
-        let analytic = grads.get(&vars[k]).unwrap_or_else(|| panic!("{name}: no gradient for input {k}")).clone();
-        let n = inputs[k].numel();
-        let idx: Vec<usize> = if n <= 64 { (0..n).collect() } else { (0..64).map(|_| rng.below(n as u64) as usize).collect() };
-        let (mut num2, mut err2) = (0.0f64, 0.0f64);
-        for &i in &idx {
-            let eval = |delta: f32| -> f64 {
-                let mut t = inputs[k].clone();
-                t.data_mut()[i] += delta;
-                let vs: Vec<Var> = inputs.iter().enumerate().map(|(j, x)| Var::constant(if j == k { t.clone() } else { x.clone() })).collect();
-                no_grad(|| loss_f64(&f(&vs).value(), &g))
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
-            let a = analytic.data()[i] as f64;
-            num2 += numeric * numeric;
-            err2 += (a - numeric).powi(2);
-        }
-        assert!(num2 > 0.0, "{name}: input {k} has an all-zero numeric gradient; the check would be empty");
-        let rel = err2.sqrt() / num2.sqrt();
+    for (k, err, num) in common::finite_difference_errors(inputs, diff, eps, 0x5EED, f) {
+        assert!(num > 0.0, "{name}: input {k} has an all-zero numeric gradient; the check would be empty");
+        let rel = err / num;
         eprintln!("{name}: input {k}: finite-difference rel err {rel:.2e}");
-        assert!(rel < 3e-3, "{name}: input {k}: gradient rel err {rel:.3e} (‖numeric‖ {:.3e})", num2.sqrt());
+        assert!(rel < 3e-3, "{name}: input {k}: gradient rel err {rel:.3e} (‖numeric‖ {num:.3e})");
         worst = worst.max(rel);
     }
     worst

@@ -3,6 +3,8 @@
 //! For an op `f` and random inputs, the loss is `L = Σ f(x) ⊙ g` with a fixed random `g`; the
 //! tape's gradient is compared with central differences of `L` on sampled elements of every input.
 
+mod common;
+
 use orwcfm_fast::autograd::ops::*;
 use orwcfm_fast::autograd::{Var, no_grad};
 use orwcfm_fast::backend::cpu::attention::QkvOrder;
@@ -10,38 +12,13 @@ use orwcfm_fast::rng::Rng;
 use orwcfm_fast::rng::philox::Philox;
 use orwcfm_fast::tensor::Tensor;
 
-fn loss_f64(out: &Tensor, g: &Tensor) -> f64 {
-    out.data().iter().zip(g.data()).map(|(&a, &b)| a as f64 * b as f64).sum()
-}
-
 /// Check `f`'s gradients with respect to every input (all elements up to 64, else 64 sampled).
 fn check(name: &str, inputs: Vec<Tensor>, f: impl Fn(&[Var]) -> Var) {
-    let mut rng = Rng::new(0xC0FFEE);
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::param(t.clone())).collect();
-    let out = f(&vars);
-    let g = Tensor::randn(&out.shape(), &mut rng);
-    let grads = sum_all(&mul(&out, &Var::constant(g.clone())).unwrap()).unwrap().backward().unwrap();
-    let eps = 3e-3f32;
-    for (k, inp) in inputs.iter().enumerate() {
-        let analytic = grads.get_or_zeros(&vars[k]).unwrap();
-        let n = inp.numel();
-        let idx: Vec<usize> = if n <= 64 { (0..n).collect() } else { (0..64).map(|_| rng.below(n as u64) as usize).collect() };
-        let (mut num2, mut err2) = (0.0f64, 0.0f64);
-        for &i in &idx {
-            let eval = |delta: f32| -> f64 {
-                let mut t = inp.clone();
-                t.data_mut()[i] += delta;
-                let vs: Vec<Var> = inputs.iter().enumerate().map(|(j, x)| Var::constant(if j == k { t.clone() } else { x.clone() })).collect();
-                no_grad(|| loss_f64(&f(&vs).value(), &g))
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
-            let a = analytic.data()[i] as f64;
-            num2 += numeric * numeric;
-            err2 += (a - numeric).powi(2);
-        }
-        let rel = err2.sqrt() / num2.sqrt().max(1e-6);
-        assert!(num2 > 0.0 || err2 == 0.0, "{name}: input {k} has an all-zero numeric gradient; the check would be empty");
-        assert!(rel < 3e-3, "{name}: input {k}: gradient rel err {rel:.3e} (‖numeric‖ {:.3e})", num2.sqrt());
+    let all: Vec<usize> = (0..inputs.len()).collect();
+    for (k, err, num) in common::finite_difference_errors(&inputs, &all, 3e-3, 0xC0FFEE, f) {
+        let rel = err / num.max(1e-6);
+        assert!(num > 0.0 || err == 0.0, "{name}: input {k} has an all-zero numeric gradient; the check would be empty");
+        assert!(rel < 3e-3, "{name}: input {k}: gradient rel err {rel:.3e} (‖numeric‖ {num:.3e})");
     }
 }
 

@@ -34,3 +34,42 @@ impl UnetFixture {
         self.file.get_int("input.y").map(|(_, v)| v.iter().map(|&x| x as usize).collect())
     }
 }
+
+/// `Σ out ⊙ g` in f64.
+pub fn loss_f64(out: &Tensor, g: &Tensor) -> f64 {
+    out.to_vec().iter().zip(g.to_vec()).map(|(&a, b)| a as f64 * b as f64).sum()
+}
+
+/// The tape's gradient of `L = Σ f(x) ⊙ g` (a random `g` drawn from `seed`) with respect to each
+/// input listed in `diff`, against central differences of step `eps` on all its elements (up to
+/// 64, else 64 sampled): per input `(k, ‖analytic − numeric‖, ‖numeric‖)` over those elements.
+pub fn finite_difference_errors(inputs: &[Tensor], diff: &[usize], eps: f32, seed: u64, f: impl Fn(&[orwcfm_fast::autograd::Var]) -> orwcfm_fast::autograd::Var) -> Vec<(usize, f64, f64)> {
+    use orwcfm_fast::autograd::{Var, no_grad, ops};
+    use orwcfm_fast::rng::Rng;
+    let mut rng = Rng::new(seed);
+    let vars: Vec<Var> = inputs.iter().enumerate().map(|(i, t)| if diff.contains(&i) { Var::param(t.clone()) } else { Var::constant(t.clone()) }).collect();
+    let out = f(&vars);
+    let g = Tensor::randn(&out.shape(), &mut rng);
+    let grads = ops::sum_all(&ops::mul(&out, &Var::constant(g.clone())).unwrap()).unwrap().backward().unwrap();
+    let mut res = Vec::new();
+    for &k in diff {
+        let analytic = grads.get_or_zeros(&vars[k]).unwrap();
+        let n = inputs[k].numel();
+        let idx: Vec<usize> = if n <= 64 { (0..n).collect() } else { (0..64).map(|_| rng.below(n as u64) as usize).collect() };
+        let (mut num2, mut err2) = (0.0f64, 0.0f64);
+        for &i in &idx {
+            let eval = |delta: f32| -> f64 {
+                let mut t = inputs[k].clone();
+                t.data_mut()[i] += delta;
+                let vs: Vec<Var> = inputs.iter().enumerate().map(|(j, x)| Var::constant(if j == k { t.clone() } else { x.clone() })).collect();
+                no_grad(|| loss_f64(&f(&vs).value(), &g))
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let a = analytic.data()[i] as f64;
+            num2 += numeric * numeric;
+            err2 += (a - numeric).powi(2);
+        }
+        res.push((k, err2.sqrt(), num2.sqrt()));
+    }
+    res
+}

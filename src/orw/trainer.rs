@@ -35,7 +35,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::config::OrwConfig;
-use super::loss::{OrwLossValues, WeightMode, orw_loss, reward_weights};
+use super::loss::{WeightMode, orw_loss, reward_weights};
 use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
@@ -462,7 +462,7 @@ impl<M: VelocityField> Trainer<M> {
             Tensor::concat(&[loss.terms.clone(), sq], 0)?.values()?
         };
         drop(loss);
-        let OrwLossValues { fm: fm_loss, w2: w2_loss, total } = OrwLossValues { fm: read[0], w2: read[1], total: read[2] };
+        let (fm_loss, w2_loss, total) = (read[0], read[1], read[2]);
         let gnorm = (read[3] as f64 + read[4] as f64).sqrt();
         if !total.is_finite() {
             bail!("the loss is not finite at step {} (fm {fm_loss}, w2 {w2_loss}); lower the learning rate or the temperature", self.step);

@@ -2,6 +2,23 @@
 
 use rayon::prelude::*;
 
+/// `(mean, rstd)` of one group's block: two passes in f64 (mean, then the biased variance),
+/// rounded once to f32. Shared with the fused GroupNorm+SiLU node, whose statistics must be these.
+pub fn block_stats(xb: &[f32], eps: f32) -> (f32, f32) {
+    let mut sum = 0.0f64;
+    for &v in xb {
+        sum += v as f64;
+    }
+    let mean = sum / xb.len() as f64;
+    let mut sq = 0.0f64;
+    for &v in xb {
+        let d = v as f64 - mean;
+        sq += d * d;
+    }
+    let var = sq / xb.len() as f64;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
 /// Forward: returns `(y, mean, rstd)` with `mean`, `rstd` of length `n·groups`.
 pub fn group_norm_forward(x: &[f32], n: usize, c: usize, s: usize, groups: usize, eps: f32, gamma: &[f32], beta: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let cpg = c / groups;
@@ -12,19 +29,7 @@ pub fn group_norm_forward(x: &[f32], n: usize, c: usize, s: usize, groups: usize
         .enumerate()
         .map(|(ng, yb)| {
             let xb = &x[ng * blk..(ng + 1) * blk];
-            let mut sum = 0.0f64;
-            for &v in xb {
-                sum += v as f64;
-            }
-            let mean = sum / blk as f64;
-            let mut sq = 0.0f64;
-            for &v in xb {
-                let d = v as f64 - mean;
-                sq += d * d;
-            }
-            let var = sq / blk as f64;
-            let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
-            let meanf = mean as f32;
+            let (meanf, rstd) = block_stats(xb, eps);
             let g0 = (ng % groups) * cpg;
             for ci in 0..cpg {
                 let (ga, be) = (gamma[g0 + ci] * rstd, beta[g0 + ci]);

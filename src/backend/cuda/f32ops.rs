@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 
-use super::gpu::{Arg, Gpu, Launch};
+use super::gpu::{Arg, Gpu, GpuBuf, Launch};
 use super::kargs::{BinGeom, ReduceGeom, Strided};
 use super::storage::{CudaStorage, same_gpu};
 use crate::backend::geom::broadcast_strides;
@@ -149,15 +149,8 @@ pub fn sum_squares(ts: &[&CudaStorage]) -> Result<f64> {
         return Ok(0.0);
     }
     let g = same_gpu("sum_squares", ts)?;
-    const BLOCKS: usize = 64;
-    // doubles, two words each
-    let partial = g.alloc(2 * BLOCKS * ts.len())?;
-    for (i, t) in ts.iter().enumerate() {
-        want_f32(t, "sum_squares")?;
-        let dst = partial.ptr() + (i * BLOCKS * 8) as u64;
-        g.launch("sum_squares_partial_f32", Launch::linear(BLOCKS as u32, 256).any_block(), &[Arg::Ptr(t.ptr()), Arg::I64(t.elements() as i64), Arg::Ptr(dst)])?;
-    }
-    let mut sums = vec![0.0f64; BLOCKS * ts.len()];
+    let (partial, n) = square_partials(&g, ts)?;
+    let mut sums = vec![0.0f64; n];
     g.download_into(&partial, &mut sums)?;
     Ok(sums.iter().sum())
 }
@@ -166,20 +159,27 @@ pub fn sum_squares(ts: &[&CudaStorage]) -> Result<f64> {
 /// `CpuStorage::sum_squares_on_device`): per-tensor partial sums in double, then one block adds
 /// them in a fixed order. Nothing is read back.
 pub fn sum_squares_on_device(g: &Arc<Gpu>, ts: &[&CudaStorage]) -> Result<CudaStorage> {
-    const BLOCKS: usize = 64;
     if ts.is_empty() {
         return CudaStorage::full(g, 2, 0.0, DType::F32);
     }
     let out = f32_out(g, 2)?;
+    let (partial, n) = square_partials(g, ts)?;
+    g.launch("sum_partials_split_f64", Launch::linear(1, 256).any_block(), &[Arg::Ptr(partial.ptr()), Arg::I64(n as i64), Arg::Ptr(out.ptr())])?;
+    Ok(out)
+}
+
+/// The first stage of both sums of squares: per tensor, 64 partial sums of `x²` in double
+/// (`sum_squares_partial_f32`); returns the buffer and how many doubles it holds.
+fn square_partials(g: &Arc<Gpu>, ts: &[&CudaStorage]) -> Result<(GpuBuf, usize)> {
+    const BLOCKS: usize = 64;
+    // doubles, two words each
     let partial = g.alloc(2 * BLOCKS * ts.len())?;
     for (i, t) in ts.iter().enumerate() {
         want_f32(t, "sum_squares")?;
         let dst = partial.ptr() + (i * BLOCKS * 8) as u64;
         g.launch("sum_squares_partial_f32", Launch::linear(BLOCKS as u32, 256).any_block(), &[Arg::Ptr(t.ptr()), Arg::I64(t.elements() as i64), Arg::Ptr(dst)])?;
     }
-    let n = (BLOCKS * ts.len()) as i64;
-    g.launch("sum_partials_split_f64", Launch::linear(1, 256).any_block(), &[Arg::Ptr(partial.ptr()), Arg::I64(n), Arg::Ptr(out.ptr())])?;
-    Ok(out)
+    Ok((partial, BLOCKS * ts.len()))
 }
 
 // ---------------------------------------------------------------- random draws (kernels/rng.cu)

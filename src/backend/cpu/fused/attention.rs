@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::gemm::{Mat, sgemm};
-use crate::backend::cpu::simd::exp_f32;
+use crate::backend::cpu::simd::{exp_f32, sum};
 
 /// Query and key tile length for long sequences (and the fewest query rows of a default tile).
 pub const FLASH_TILE: usize = 64;
@@ -52,18 +52,7 @@ dispatch! {
         for v in row.iter_mut() {
             *v = exp_f32(*v - m);
         }
-        let mut acc = [0.0f32; 8];
-        let mut chunks = row.chunks_exact(8);
-        for c in &mut chunks {
-            for i in 0..8 {
-                acc[i] += c[i];
-            }
-        }
-        let mut s = chunks.remainder().iter().sum::<f32>();
-        for a in acc {
-            s += a;
-        }
-        s
+        sum(row)
     }
 }
 

@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use crate::backend::cpu::norm::block_stats;
 use crate::backend::cpu::simd::exp_f32;
 
 /// The activation after the (modulated) normalisation.
@@ -103,22 +104,6 @@ dispatch! {
         }
         [s.iter().sum(), sx.iter().sum()]
     }
-}
-
-/// `(mean, rstd)` of one block, exactly as `norm::group_norm_forward`.
-fn block_stats(xb: &[f32], eps: f32) -> (f32, f32) {
-    let mut sum = 0.0f64;
-    for &v in xb {
-        sum += v as f64;
-    }
-    let mean = sum / xb.len() as f64;
-    let mut sq = 0.0f64;
-    for &v in xb {
-        let d = v as f64 - mean;
-        sq += d * d;
-    }
-    let var = sq / xb.len() as f64;
-    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
 /// `(1 + scale, shift)` for sample `ni`, channel `ch`.

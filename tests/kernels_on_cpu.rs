@@ -74,6 +74,7 @@ const TESTED: &[(&str, &[&str])] = &[
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
     ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_f32"]),
+    ("half.cu", &["im2col_h16", "bias_round_h16", "add_bias_h16"]),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -1018,6 +1019,81 @@ fn conv_kernels_match_the_cpu_backend() {
             c.f32s("col2im_f32", &format!("col2im, {}", case(sh)), &folded, &want_fold, EXACT);
             let dx = run(k_col2im, sh, &wdcol, xn, &g);
             c.f32s("col2im_f32", &format!("col2im(Wᵀ·dy) vs conv2d_backward dx, {}", case(sh)), &dx, &want_dx, APPROX);
+        }
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- half.cu
+
+/// The 16-bit kernels of the mixed-precision path, bit for bit against the CPU reference's
+/// definition (the `half` crate's rounding of the f32 result): im2col of 16-bit values against
+/// the CPU's f32 im2col of the widened values, and the f32 epilogues (bias, one rounding) in both
+/// formats, with and without a bias, in the linear (s = 1) and the convolution (s = P) layout.
+#[test]
+fn half_kernels_match_the_cpu_reference_bit_for_bit() {
+    let Some(lib) = Lib::load("half.cu") else { return };
+    let mut c = Checks::new("half.cu");
+    let mut r = Rng::new(0x5eed_0016);
+    fn bad(got: &[u16], want: &[u16]) -> (f64, Option<String>) {
+        let b: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+        (b.len() as f64, b.first().map(|&i| format!("{} of {} differ; first at {i}: {:#06x}, want {:#06x}", b.len(), want.len(), got[i], want[i])))
+    }
+    let formats: [(&str, u32, fn(f32) -> u16, fn(u16) -> f32); 2] =
+        [("f16", 0, |x| f16::from_f32(x).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", 1, |x| bf16::from_f32(x).to_bits(), |h| bf16::from_bits(h).to_f32())];
+    // im2col_h16: [x, col, n, cin, h, w, kh, kw, stride, pad, ho, wo]
+    type Fold = unsafe extern "C" fn(*const u16, *mut u16, I, I, I, I, I, I, I, I, I, I);
+    let k_im2col: Fold = lib.k("im2col_h16");
+    for g in [ConvGeom { n: 2, cin: 3, h: 7, w: 6, cout: 4, kh: 3, kw: 3, stride: 1, pad: 1 }, ConvGeom { n: 1, cin: 2, h: 9, w: 8, cout: 3, kh: 3, kw: 3, stride: 2, pad: 1 }] {
+        let (kk, pp) = (g.cin * g.kh * g.kw, g.ho() * g.wo());
+        let gi = ConvGeom { cout: kk, ..g };
+        let mut eye = vec![0.0f32; kk * kk];
+        (0..kk).for_each(|i| eye[i * kk + i] = 1.0);
+        for (fmt, _, narrow, widen) in formats {
+            let xh: Vec<u16> = r.normal_vec(g.n * g.cin * g.h * g.w).into_iter().map(narrow).collect();
+            let xw: Vec<f32> = xh.iter().map(|&h| widen(h)).collect();
+            let want: Vec<u16> = conv2d_im2col_forward(&xw, &eye, None, &gi).into_iter().map(narrow).collect();
+            for sh in shapes_n(want.len()) {
+                let mut col = vec![0xffffu16; want.len()];
+                let (xp, cp) = (addr(&xh), addr_mut(&mut col));
+                let a = [g.n, g.cin, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho(), g.wo()].map(|v| v as I);
+                lib.launch(sh, &|| unsafe { k_im2col(xp as *const u16, cp as *mut u16, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]) });
+                let (e, p) = bad(&col, &want);
+                c.record("im2col_h16", &format!("{fmt} {g:?} {sh:?}"), e, 0.0, p);
+            }
+            let _ = pp;
+        }
+    }
+    // bias_round_h16: [y f32, bias f32 | null, out, n, c, s, bf]; add_bias_h16: [y, bias, n, c, s, bf]
+    type Round = unsafe extern "C" fn(*const f32, *const f32, *mut u16, I, I, I, u32);
+    type AddBias = unsafe extern "C" fn(*mut u16, *const f32, I, I, I, u32);
+    let k_round: Round = lib.k("bias_round_h16");
+    let k_add: AddBias = lib.k("add_bias_h16");
+    for (rows, ch, s) in [(7usize, 13usize, 1usize), (3, 5, 37), (2, 4, 64)] {
+        let n = rows * ch * s;
+        // values around the formats' rounding points: products of normals, scaled
+        let y: Vec<f32> = r.normal_vec(n).into_iter().map(|v| v * 3.7).collect();
+        let bias: Vec<f32> = r.normal_vec(ch);
+        for (fmt, bf, narrow, widen) in formats {
+            for with_bias in [true, false] {
+                let want: Vec<u16> = (0..n).map(|i| narrow(if with_bias { y[i] + bias[(i / s) % ch] } else { y[i] })).collect();
+                for sh in shapes_n(n) {
+                    let mut out = vec![0xffffu16; n];
+                    let (yp, bp, op) = (addr(&y), if with_bias { addr(&bias) } else { 0 }, addr_mut(&mut out));
+                    lib.launch(sh, &|| unsafe { k_round(yp as P, bp as P, op as *mut u16, n as I, ch as I, s as I, bf) });
+                    let (e, p) = bad(&out, &want);
+                    c.record("bias_round_h16", &format!("{fmt} bias {with_bias} [{rows}, {ch}, {s}] {sh:?}"), e, 0.0, p);
+                }
+            }
+            let yh: Vec<u16> = y.iter().map(|&v| narrow(v)).collect();
+            let want: Vec<u16> = (0..n).map(|i| narrow(widen(yh[i]) + bias[(i / s) % ch])).collect();
+            for sh in shapes_n(n) {
+                let mut io = yh.clone();
+                let (yp, bp) = (addr_mut(&mut io), addr(&bias));
+                lib.launch(sh, &|| unsafe { k_add(yp as *mut u16, bp as P, n as I, ch as I, s as I, bf) });
+                let (e, p) = bad(&io, &want);
+                c.record("add_bias_h16", &format!("{fmt} [{rows}, {ch}, {s}] {sh:?}"), e, 0.0, p);
+            }
         }
     }
     c.finish(&lib);

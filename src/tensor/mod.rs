@@ -110,6 +110,10 @@ impl DType {
     pub fn is_float(&self) -> bool {
         !matches!(self, DType::I32)
     }
+    /// f16 or bf16.
+    pub fn is_half(&self) -> bool {
+        matches!(self, DType::F16 | DType::BF16)
+    }
     pub fn name(&self) -> &'static str {
         match self {
             DType::F32 => "f32",

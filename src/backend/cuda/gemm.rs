@@ -6,6 +6,36 @@ use anyhow::{Result, bail};
 
 use super::gpu::Gpu;
 use crate::backend::geom::{AttnGeom, QkvOrder};
+use crate::tensor::DType;
+
+/// The element types of a GEMM: `ab` of both operands, `c` of the output (and of β·C). f32 is
+/// cuBLAS' SGEMM; f16/bf16 operands run on the tensor cores through `cublasGemmEx` with f32
+/// accumulation (`CUBLAS_COMPUTE_32F`), into an f32 or a same-dtype output: the operands are
+/// exact in f32, the products are summed in f32 and the output is rounded once, which is the CPU
+/// reference's definition of a half-precision GEMM (widen, f32 GEMM, round).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTypes {
+    pub ab: DType,
+    pub c: DType,
+}
+
+impl GemmTypes {
+    pub const F32: GemmTypes = GemmTypes { ab: DType::F32, c: DType::F32 };
+    /// Operands and output in `d`.
+    pub fn all(d: DType) -> GemmTypes {
+        GemmTypes { ab: d, c: d }
+    }
+    /// Operands in `d`, output in f32 (to be rounded once after an epilogue, e.g. a bias).
+    pub fn to_f32(d: DType) -> GemmTypes {
+        GemmTypes { ab: d, c: DType::F32 }
+    }
+    /// Whether cuBLAS can run it: f32 throughout, or f16/bf16 operands with an f32 or
+    /// same-dtype output.
+    pub fn check(&self) -> Result<()> {
+        let half = matches!(self.ab, DType::F16 | DType::BF16);
+        if (self.ab == DType::F32 && self.c == DType::F32) || (half && (self.c == DType::F32 || self.c == self.ab)) { Ok(()) } else { bail!("no GEMM of {} operands into {}", self.ab, self.c) }
+    }
+}
 
 /// A row-major operand of a GEMM: device pointer, whether it is used transposed, and the
 /// element stride between batch items.
@@ -37,6 +67,7 @@ pub struct Gemm {
     pub alpha: f32,
     pub beta: f32,
     pub batch: usize,
+    pub types: GemmTypes,
 }
 
 /// The column-major cuBLAS call that computes a [`Gemm`]: `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so cuBLAS'
@@ -61,6 +92,7 @@ pub struct CublasCall {
     pub alpha: f32,
     pub beta: f32,
     pub batch: usize,
+    pub types: GemmTypes,
 }
 
 impl Gemm {
@@ -84,13 +116,16 @@ impl Gemm {
             alpha: self.alpha,
             beta: self.beta,
             batch: self.batch,
+            types: self.types,
         }
     }
 }
 
-/// Run a [`Gemm`] with cuBLAS on the GPU's stream.
+/// Run a [`Gemm`] with cuBLAS on the GPU's stream: SGEMM for f32, `cublasGemmEx` (tensor cores,
+/// f32 accumulation) for f16/bf16 operands.
 pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
     use cudarc::cublas::sys::{self as cb, cublasOperation_t as Op};
+    op.types.check()?;
     if op.m == 0 || op.n == 0 {
         return Ok(());
     }
@@ -101,44 +136,129 @@ pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
     let t = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
     let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());
     g.bind()?;
-    // SAFETY: the pointers are live device buffers holding the operands at these sizes; the
-    // scalars are host pointers (cuBLAS' default pointer mode)
-    let s = unsafe {
-        if c.batch == 1 {
-            cb::cublasSgemm_v2(g.blas(), t(c.trans_a), t(c.trans_b), c.m as i32, c.n as i32, c.k as i32, &c.alpha, c.a as *const f32, c.lda as i32, c.b as *const f32, c.ldb as i32, &c.beta, c.c as *mut f32, c.ldc as i32)
-        } else {
-            cb::cublasSgemmStridedBatched(
-                g.blas(),
-                t(c.trans_a),
-                t(c.trans_b),
-                c.m as i32,
-                c.n as i32,
-                c.k as i32,
-                &c.alpha,
-                c.a as *const f32,
-                c.lda as i32,
-                c.stride_a,
-                c.b as *const f32,
-                c.ldb as i32,
-                c.stride_b,
-                &c.beta,
-                c.c as *mut f32,
-                c.ldc as i32,
-                c.stride_c,
-                c.batch as i32,
-            )
+    let s = if op.types == GemmTypes::F32 {
+        // SAFETY: the pointers are live device buffers holding the operands at these sizes; the
+        // scalars are host pointers (cuBLAS' default pointer mode)
+        unsafe {
+            if c.batch == 1 {
+                cb::cublasSgemm_v2(
+                    g.blas(),
+                    t(c.trans_a),
+                    t(c.trans_b),
+                    c.m as i32,
+                    c.n as i32,
+                    c.k as i32,
+                    &c.alpha,
+                    c.a as *const f32,
+                    c.lda as i32,
+                    c.b as *const f32,
+                    c.ldb as i32,
+                    &c.beta,
+                    c.c as *mut f32,
+                    c.ldc as i32,
+                )
+            } else {
+                cb::cublasSgemmStridedBatched(
+                    g.blas(),
+                    t(c.trans_a),
+                    t(c.trans_b),
+                    c.m as i32,
+                    c.n as i32,
+                    c.k as i32,
+                    &c.alpha,
+                    c.a as *const f32,
+                    c.lda as i32,
+                    c.stride_a,
+                    c.b as *const f32,
+                    c.ldb as i32,
+                    c.stride_b,
+                    &c.beta,
+                    c.c as *mut f32,
+                    c.ldc as i32,
+                    c.stride_c,
+                    c.batch as i32,
+                )
+            }
+        }
+    } else {
+        let ty = |d: DType| match d {
+            DType::F16 => cb::cudaDataType_t::CUDA_R_16F,
+            DType::BF16 => cb::cudaDataType_t::CUDA_R_16BF,
+            _ => cb::cudaDataType_t::CUDA_R_32F,
+        };
+        let (ab, ct) = (ty(op.types.ab), ty(op.types.c));
+        let compute = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
+        let (alpha, beta) = (&c.alpha as *const f32 as *const std::ffi::c_void, &c.beta as *const f32 as *const std::ffi::c_void);
+        // SAFETY: as above; with CUBLAS_COMPUTE_32F the scalars are f32
+        unsafe {
+            if c.batch == 1 {
+                cb::cublasGemmEx(
+                    g.blas(),
+                    t(c.trans_a),
+                    t(c.trans_b),
+                    c.m as i32,
+                    c.n as i32,
+                    c.k as i32,
+                    alpha,
+                    c.a as *const _,
+                    ab,
+                    c.lda as i32,
+                    c.b as *const _,
+                    ab,
+                    c.ldb as i32,
+                    beta,
+                    c.c as *mut _,
+                    ct,
+                    c.ldc as i32,
+                    compute,
+                    algo,
+                )
+            } else {
+                cb::cublasGemmStridedBatchedEx(
+                    g.blas(),
+                    t(c.trans_a),
+                    t(c.trans_b),
+                    c.m as i32,
+                    c.n as i32,
+                    c.k as i32,
+                    alpha,
+                    c.a as *const _,
+                    ab,
+                    c.lda as i32,
+                    c.stride_a,
+                    c.b as *const _,
+                    ab,
+                    c.ldb as i32,
+                    c.stride_b,
+                    beta,
+                    c.c as *mut _,
+                    ct,
+                    c.ldc as i32,
+                    c.stride_c,
+                    c.batch as i32,
+                    compute,
+                    algo,
+                )
+            }
         }
     };
     if s != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        bail!("cuBLAS sgemm {}x{}x{} (batch {}) failed: {s:?}", op.m, op.n, op.k, op.batch);
+        bail!("cuBLAS {} GEMM {}x{}x{} (batch {}) into {} failed: {s:?}", op.types.ab, op.m, op.n, op.k, op.batch, op.types.c);
     }
     Ok(())
 }
 
-/// [`run_gemm`] from its parts.
+/// An f32 [`run_gemm`] from its parts.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(g: &Gpu, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: u64, c_stride: i64, alpha: f32, beta: f32, batch: usize) -> Result<()> {
-    run_gemm(g, &Gemm { m, n, k, a, b, c, c_stride, alpha, beta, batch })
+    run_gemm(g, &Gemm { m, n, k, a, b, c, c_stride, alpha, beta, batch, types: GemmTypes::F32 })
+}
+
+/// [`run_gemm`] of the given element types from its parts (strides in elements of each operand).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_typed(g: &Gpu, types: GemmTypes, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: u64, c_stride: i64, alpha: f32, beta: f32, batch: usize) -> Result<()> {
+    run_gemm(g, &Gemm { m, n, k, a, b, c, c_stride, alpha, beta, batch, types })
 }
 
 /// The q, k, v operands (offset, batch stride) and the number of GEMM calls: the legacy order
@@ -164,9 +284,9 @@ pub fn qkv_attention_forward_gemms(a: &AttnGeom, qkv: u64, probs: u64, out: u64)
     let mut o = Vec::new();
     for (ci, &b0) in bases.iter().enumerate() {
         let p = item(probs, ci, t * t, false);
-        s.push(Gemm { m: t, n: t, k: ch, a: at(b0 + offs[0], true), b: at(b0 + offs[1], false), c: p.ptr, c_stride: (t * t) as i64, alpha: scale, beta: 0.0, batch: count });
+        s.push(Gemm { m: t, n: t, k: ch, a: at(b0 + offs[0], true), b: at(b0 + offs[1], false), c: p.ptr, c_stride: (t * t) as i64, alpha: scale, beta: 0.0, batch: count, types: GemmTypes::F32 });
         let oc = item(out, ci, ch * t, false);
-        o.push(Gemm { m: ch, n: t, k: t, a: at(b0 + offs[2], false), b: Operand { trans: true, ..p }, c: oc.ptr, c_stride: (ch * t) as i64, alpha: 1.0, beta: 0.0, batch: count });
+        o.push(Gemm { m: ch, n: t, k: t, a: at(b0 + offs[2], false), b: Operand { trans: true, ..p }, c: oc.ptr, c_stride: (ch * t) as i64, alpha: 1.0, beta: 0.0, batch: count, types: GemmTypes::F32 });
     }
     [s, o]
 }
@@ -184,10 +304,22 @@ pub fn qkv_attention_backward_gemms(a: &AttnGeom, qkv: u64, probs: u64, dout: u6
         let d_out = item(dout, ci, ch * t, false);
         let p = item(probs, ci, t * t, false);
         let dpp = item(dp, ci, t * t, false);
-        first.push(Gemm { m: ch, n: t, k: t, a: d_out, b: p, c: at(dqkv, b0 + offs[2], false).ptr, c_stride: stride, alpha: 1.0, beta: 0.0, batch: count });
-        first.push(Gemm { m: t, n: t, k: ch, a: Operand { trans: true, ..d_out }, b: at(qkv, b0 + offs[2], false), c: dpp.ptr, c_stride: (t * t) as i64, alpha: 1.0, beta: 0.0, batch: count });
-        second.push(Gemm { m: ch, n: t, k: t, a: at(qkv, b0 + offs[1], false), b: Operand { trans: true, ..dpp }, c: at(dqkv, b0 + offs[0], false).ptr, c_stride: stride, alpha: scale, beta: 0.0, batch: count });
-        second.push(Gemm { m: ch, n: t, k: t, a: at(qkv, b0 + offs[0], false), b: dpp, c: at(dqkv, b0 + offs[1], false).ptr, c_stride: stride, alpha: scale, beta: 0.0, batch: count });
+        first.push(Gemm { m: ch, n: t, k: t, a: d_out, b: p, c: at(dqkv, b0 + offs[2], false).ptr, c_stride: stride, alpha: 1.0, beta: 0.0, batch: count, types: GemmTypes::F32 });
+        first.push(Gemm { m: t, n: t, k: ch, a: Operand { trans: true, ..d_out }, b: at(qkv, b0 + offs[2], false), c: dpp.ptr, c_stride: (t * t) as i64, alpha: 1.0, beta: 0.0, batch: count, types: GemmTypes::F32 });
+        second.push(Gemm {
+            m: ch,
+            n: t,
+            k: t,
+            a: at(qkv, b0 + offs[1], false),
+            b: Operand { trans: true, ..dpp },
+            c: at(dqkv, b0 + offs[0], false).ptr,
+            c_stride: stride,
+            alpha: scale,
+            beta: 0.0,
+            batch: count,
+            types: GemmTypes::F32,
+        });
+        second.push(Gemm { m: ch, n: t, k: t, a: at(qkv, b0 + offs[0], false), b: dpp, c: at(dqkv, b0 + offs[1], false).ptr, c_stride: stride, alpha: scale, beta: 0.0, batch: count, types: GemmTypes::F32 });
     }
     [first, second]
 }
@@ -255,6 +387,7 @@ mod tests {
                 alpha: 0.5,
                 beta: 1.0,
                 batch: 1,
+                types: GemmTypes::F32,
             };
             run(&mut mem, &[op]);
             let want: Vec<f32> = (0..m * n)

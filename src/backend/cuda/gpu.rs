@@ -182,7 +182,7 @@ pub struct Gpu {
     pool: Mutex<Pool<DriverAlloc>>,
     /// serialises the library calls that share handles and workspaces
     pub(crate) exec: Mutex<()>,
-    pub(crate) conv_cache: Mutex<HashMap<crate::backend::geom::ConvGeom, Option<super::conv::ConvPlan>>>,
+    pub(crate) conv_cache: Mutex<HashMap<(crate::backend::geom::ConvGeom, crate::tensor::DType), Option<super::conv::ConvPlan>>>,
     /// fill every new buffer with NaN (tests: an output element a kernel forgets stays NaN)
     poison: AtomicBool,
 }

@@ -5,7 +5,7 @@
 use anyhow::{Result, bail};
 
 use super::f32ops::{f32_out, gather_strided, want_f32, want_len};
-use super::gemm::{Operand, gemm, qkv_attention_backward_gemms, qkv_attention_forward_gemms, run_gemm};
+use super::gemm::{GemmTypes, Operand, gemm, gemm_typed, qkv_attention_backward_gemms, qkv_attention_forward_gemms, run_gemm};
 use super::gpu::Arg;
 use super::storage::{CudaStorage, same_gpu};
 use crate::backend::geom::{AttnGeom, NormGeom};
@@ -53,6 +53,63 @@ pub fn linear(x: &CudaStorage, w: &CudaStorage, bias: Option<&CudaStorage>, n: u
         gemm(&g, n, o, i, Operand::at(x.ptr(), false), Operand::at(w.ptr(), true), y.ptr(), 0, 1.0, beta, 1)?;
     }
     Ok(y)
+}
+
+/// [`matmul`] of 16-bit operands on the tensor cores (`cublasGemmEx`, f32 accumulation), the
+/// output in their dtype, rounded once (CPU: `CpuStorage::matmul` of f16/bf16 storages).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_h16(a: &CudaStorage, ta: bool, b: &CudaStorage, tb: bool, m: usize, n: usize, k: usize, alpha: f32) -> Result<CudaStorage> {
+    let g = same_gpu("matmul", &[a, b])?;
+    let dt = want_h16(&[a, b], "matmul")?;
+    want_len(a, m * k, "matmul", "the left matrix")?;
+    want_len(b, k * n, "matmul", "the right matrix")?;
+    if k == 0 {
+        return CudaStorage::full(&g, m * n, 0.0, dt);
+    }
+    let y = CudaStorage::alloc(&g, m * n, dt)?;
+    gemm_typed(&g, GemmTypes::all(dt), m, n, k, Operand::at(a.ptr(), ta), Operand::at(b.ptr(), tb), y.ptr(), 0, alpha, 0.0, 1)?;
+    Ok(y)
+}
+
+/// [`linear`] of 16-bit `x` and `w` (the bias f32): the tensor-core GEMM into f32, then the bias
+/// added and the sum rounded once by `bias_round_h16` (CPU: `CpuStorage::linear`).
+pub fn linear_h16(x: &CudaStorage, w: &CudaStorage, bias: Option<&CudaStorage>, n: usize, i: usize, o: usize) -> Result<CudaStorage> {
+    let g = same_gpu("linear", &[x, w])?;
+    let dt = want_h16(&[x, w], "linear")?;
+    want_len(x, n * i, "linear", "the input")?;
+    want_len(w, o * i, "linear", "the weight")?;
+    if let Some(b) = bias {
+        same_gpu("linear", &[x, b])?;
+        want_f32(b, "linear")?;
+        if b.elements() != o {
+            bail!("linear: a bias of {} values for {o} outputs", b.elements());
+        }
+    }
+    if bias.is_none() && i > 0 {
+        let y = CudaStorage::alloc(&g, n * o, dt)?;
+        gemm_typed(&g, GemmTypes::all(dt), n, o, i, Operand::at(x.ptr(), false), Operand::at(w.ptr(), true), y.ptr(), 0, 1.0, 0.0, 1)?;
+        return Ok(y);
+    }
+    let y32 = if i > 0 { f32_out(&g, n * o)? } else { CudaStorage::full(&g, n * o, 0.0, DType::F32)? };
+    if i > 0 {
+        gemm_typed(&g, GemmTypes::to_f32(dt), n, o, i, Operand::at(x.ptr(), false), Operand::at(w.ptr(), true), y32.ptr(), 0, 1.0, 0.0, 1)?;
+    }
+    let y = CudaStorage::alloc(&g, n * o, dt)?;
+    if n * o > 0 {
+        let bp = bias.map_or(0, |b| b.ptr());
+        let bf = Arg::U32(u32::from(dt == DType::BF16));
+        g.launch_n("bias_round_h16", n * o, &[Arg::Ptr(y32.ptr()), Arg::Ptr(bp), Arg::Ptr(y.ptr()), Arg::I64((n * o) as i64), Arg::I64(o.max(1) as i64), Arg::I64(1), bf])?;
+    }
+    Ok(y)
+}
+
+/// The common 16-bit dtype of `ts`, or an error.
+fn want_h16(ts: &[&CudaStorage], op: &str) -> Result<DType> {
+    let d = ts[0].storage_dtype();
+    if !matches!(d, DType::F16 | DType::BF16) || ts.iter().any(|t| t.storage_dtype() != d) {
+        bail!("{op}: expected f16 or bf16 operands of one dtype, found {:?}", ts.iter().map(|t| t.storage_dtype()).collect::<Vec<_>>());
+    }
+    Ok(d)
 }
 
 fn check_norm(g: &NormGeom, op: &str) -> Result<()> {

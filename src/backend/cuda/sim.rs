@@ -22,9 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow, bail};
 use libloading::Library;
 
-use super::gemm::CublasCall;
+use super::gemm::{CublasCall, GemmTypes};
 use super::gpu::Launch;
 use super::nvrtc::{KERNEL_DECL, KERNEL_SOURCES, fp16_kernels, kernel_names, kernel_params};
+use crate::tensor::DType;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -292,17 +293,54 @@ pub fn gemm(c: &CublasCall) -> Result<()> {
     let (b_rs, b_cs) = if c.trans_b { (1, c.ldb) } else { (c.ldb, 1) };
     let (a_rs, a_cs) = if c.trans_a { (1, c.lda) } else { (c.lda, 1) };
     let extent = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
+    let threads = crate::backend::cpu::gemm::threads_for(n, m, k);
+    if c.types == GemmTypes::F32 {
+        for bi in 0..c.batch {
+            let at = |base: u64, stride: i64| (base as i64 + 4 * bi as i64 * stride) as usize as *mut f32;
+            let (bp, ap, cp) = (at(c.b, c.stride_b), at(c.a, c.stride_a), at(c.c, c.stride_c));
+            // SAFETY: the call describes live host buffers of these extents (as a GPU call would
+            // describe device buffers)
+            unsafe {
+                let lhs = std::slice::from_raw_parts(bp as *const f32, extent(n, k, b_rs, b_cs));
+                let rhs = std::slice::from_raw_parts(ap as *const f32, extent(k, m, a_rs, a_cs));
+                let out = std::slice::from_raw_parts_mut(cp, extent(n, m, c.ldc, 1));
+                sgemm(n, m, k, Mat { data: lhs, rs: b_rs as isize, cs: b_cs as isize }, Mat { data: rhs, rs: a_rs as isize, cs: a_cs as isize }, out, c.ldc, c.beta == 1.0, c.alpha, threads);
+            }
+        }
+        return Ok(());
+    }
+    // cublasGemmEx with 16-bit operands and f32 accumulation: the operands widened exactly, the
+    // f32 GEMM, the output rounded once to its type (or kept f32)
+    let widen = |bits: u16, d: DType| match d {
+        DType::F16 => half::f16::from_bits(bits).to_f32(),
+        _ => half::bf16::from_bits(bits).to_f32(),
+    };
+    let (ab, ct) = (c.types.ab, c.types.c);
     for bi in 0..c.batch {
-        let at = |base: u64, stride: i64| (base as i64 + 4 * bi as i64 * stride) as usize as *mut f32;
-        let (bp, ap, cp) = (at(c.b, c.stride_b), at(c.a, c.stride_a), at(c.c, c.stride_c));
-        // SAFETY: the call describes live host buffers of these extents (as a GPU call would
-        // describe device buffers)
+        let at = |base: u64, stride: i64, size: usize| (base as i64 + size as i64 * bi as i64 * stride) as usize;
+        // SAFETY: as above; the operands hold 16-bit values, the output f32 or 16-bit ones
         unsafe {
-            let lhs = std::slice::from_raw_parts(bp as *const f32, extent(n, k, b_rs, b_cs));
-            let rhs = std::slice::from_raw_parts(ap as *const f32, extent(k, m, a_rs, a_cs));
-            let out = std::slice::from_raw_parts_mut(cp, extent(n, m, c.ldc, 1));
-            let threads = crate::backend::cpu::gemm::threads_for(n, m, k);
-            sgemm(n, m, k, Mat { data: lhs, rs: b_rs as isize, cs: b_cs as isize }, Mat { data: rhs, rs: a_rs as isize, cs: a_cs as isize }, out, c.ldc, c.beta == 1.0, c.alpha, threads);
+            let load = |addr: usize, len: usize| -> Vec<f32> { std::slice::from_raw_parts(addr as *const u16, len).iter().map(|&v| widen(v, ab)).collect() };
+            let lhs = load(at(c.b, c.stride_b, 2), extent(n, k, b_rs, b_cs));
+            let rhs = load(at(c.a, c.stride_a, 2), extent(k, m, a_rs, a_cs));
+            let len = extent(n, m, c.ldc, 1);
+            let ca = at(c.c, c.stride_c, ct.size());
+            let mut out: Vec<f32> = match ct {
+                DType::F32 => std::slice::from_raw_parts(ca as *const f32, len).to_vec(),
+                _ => std::slice::from_raw_parts(ca as *const u16, len).iter().map(|&v| widen(v, ct)).collect(),
+            };
+            sgemm(n, m, k, Mat { data: &lhs, rs: b_rs as isize, cs: b_cs as isize }, Mat { data: &rhs, rs: a_rs as isize, cs: a_cs as isize }, &mut out, c.ldc, c.beta == 1.0, c.alpha, threads);
+            // only the m columns of each of the n rows are the output (ldc may be larger)
+            for r in 0..n {
+                for j in 0..m {
+                    let i = r * c.ldc + j;
+                    match ct {
+                        DType::F32 => *(ca as *mut f32).add(i) = out[i],
+                        DType::F16 => *(ca as *mut u16).add(i) = half::f16::from_f32(out[i]).to_bits(),
+                        _ => *(ca as *mut u16).add(i) = half::bf16::from_f32(out[i]).to_bits(),
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -9,9 +9,10 @@
 //! CPU reference's definition (`backend/cpu/storage.rs`) on the device: the operands are widened
 //! to f32 by a cast kernel (`kernels/cast.cu`), the f32 op runs, and the result is rounded once
 //! to the dtype by another cast kernel; statistics (GroupNorm's mean and rstd) and attention
-//! probabilities stay f32. This is the reference semantics, not the fast path: native half
-//! kernels, reading and writing 16-bit values directly (and half GEMMs with f32 accumulation),
-//! come in a later issue. i32 holds indices: embedding ids, dtype casts, and the data movement
+//! probabilities stay f32. The GEMM-based ops read the 16-bit values directly: matmul, linear and
+//! conv2d (forward and backward) run on the tensor cores (`cublasGemmEx` with f32 accumulation,
+//! cuDNN f16/bf16 convolutions with f32 compute), with the same single rounding where the output
+//! comes through an f32 epilogue (`kernels/half.cu`). i32 holds indices: embedding ids, dtype casts, and the data movement
 //! ops (gather, broadcast, concat, narrow), which copy its bits; float ops on it are errors.
 
 use std::sync::Arc;
@@ -354,6 +355,9 @@ impl BackendStorage for CudaStorage {
         on_gpu(self.gpu(), "matmul", || {
             same_gpu("matmul", &[self, b])?;
             same_dtype("matmul", &[self, b])?;
+            if self.dtype.is_half() {
+                return linalg::matmul_h16(self, ta, b, tb, m, n, k, alpha);
+            }
             self.out(linalg::matmul(&self.float("matmul")?, ta, &b.float("matmul")?, tb, m, n, k, alpha)?)
         })
     }
@@ -369,6 +373,9 @@ impl BackendStorage for CudaStorage {
                 }
                 None => None,
             };
+            if self.dtype.is_half() {
+                return linalg::linear_h16(self, w, bias.as_ref(), n, i, o);
+            }
             self.out(linalg::linear(&self.float("linear")?, &w.float("linear")?, bias.as_ref(), n, i, o)?)
         })
     }
@@ -383,6 +390,9 @@ impl BackendStorage for CudaStorage {
                 }
                 None => None,
             };
+            if self.dtype.is_half() {
+                return conv::conv2d(self, w, bias.as_ref(), g);
+            }
             self.out(conv::conv2d_f32(&self.float("conv2d")?, &w.f32s()?, bias.as_ref(), g)?)
         })
     }
@@ -390,6 +400,10 @@ impl BackendStorage for CudaStorage {
         on_gpu(self.gpu(), "conv2d_backward", || {
             same_gpu("conv2d_backward", &[self, w, dy])?;
             same_dtype("conv2d_backward", &[self, w, dy])?;
+            if self.dtype.is_half() {
+                let (dx, dw, db) = conv::conv2d_backward(self, w, dy, g, need_dx)?;
+                return Ok((dx, dw, self.out(db)?));
+            }
             let (dx, dw, db) = conv::conv2d_backward_f32(&self.f32s()?, &w.f32s()?, &dy.f32s()?, g, need_dx)?;
             Ok((dx.map(|d| self.out(d)).transpose()?, self.out(dw)?, self.out(db)?))
         })

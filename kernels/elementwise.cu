@@ -2,9 +2,10 @@
 // Compiled at run time by NVRTC (src/backend/cuda/nvrtc.rs); every kernel is `extern "C"`,
 // grid-stride over `n` elements unless it says otherwise, so any launch size is correct.
 // cuda_fp16.h comes with the CUDA toolkit or the nvidia-cuda-runtime wheel; kernels that need it
-// go inside `#ifdef ORWCFM_HAVE_FP16` (none yet: today's f16/bf16 ops are cast.cu's integer
-// conversions around the f32 kernels), so the f32 ones still compile with NVRTC alone.
+// go inside `#ifdef ORWCFM_HAVE_FP16` (none yet: the 16-bit element-wise ops are half.cu's, on
+// integer conversions), so the f32 ones still compile with NVRTC alone.
 #include "common.cuh"
+#include "ops.cuh"
 #if __has_include(<cuda_fp16.h>)
 #include <cuda_fp16.h>
 #define ORWCFM_HAVE_FP16 1
@@ -40,70 +41,21 @@ extern "C" __global__ void axpby_f32(float a, const float* x, float b, float* y,
     GRID_STRIDE(i, n) y[i] = y[i] * b + a * x[i];
 }
 
-// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x
+// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x (ops.cuh: unary_apply)
 extern "C" __global__ void unary_f32(long long op, float s, const float* x, float* y, long long n) {
-    GRID_STRIDE(i, n) {
-        float v = x[i], r;
-        switch (op) {
-            case 0: r = v + s; break;
-            case 1: r = v * s; break;
-            case 2: r = expf(v); break;
-            case 3: r = fmaxf(v, 0.0f); break;
-            case 4: r = v * v; break;
-            case 5: r = v / (1.0f + expf(-v)); break;
-            case 6: r = 1.0f / (1.0f + expf(-v)); break;
-            default: r = -v; break;
-        }
-        y[i] = r;
-    }
+    GRID_STRIDE(i, n) y[i] = unary_apply(op, s, x[i]);
 }
 
 // dx for unary op `op` (codes as unary_f32) from the output gradient g, the input x and output y
 extern "C" __global__ void unary_backward_f32(long long op, const float* g, const float* x, const float* y, float* dx, long long n) {
-    GRID_STRIDE(i, n) {
-        float gv = g[i], r;
-        switch (op) {
-            case 2: r = gv * y[i]; break;
-            case 3: r = x[i] > 0.0f ? gv : 0.0f; break;
-            case 4: r = gv * (2.0f * x[i]); break;
-            case 5: {
-                float v = x[i];
-                float sg = 1.0f / (1.0f + expf(-v));
-                r = gv * (sg * (1.0f + v * (1.0f - sg)));
-                break;
-            }
-            case 6: r = gv * y[i] * (1.0f - y[i]); break;
-            case 7: r = -gv; break;
-            // 0 (x+s): the gradient passes through. 1 (x·s) has no case: its gradient is
-            // unary_f32(1, s) of g, which is what the host launches.
-            default: r = gv; break;
-        }
-        dx[i] = r;
-    }
+    GRID_STRIDE(i, n) dx[i] = unary_grad(op, g[i], x[i], y[i]);
 }
 
-// Broadcasting binary op over an output of `shape` (ndim ≤ 8); sa/sb are each operand's strides in
-// the output's index space (0 along broadcast axes). op: 0 +, 1 −, 2 ·, 3 /
-struct BinGeom { long long ndim; long long shape[8]; long long sa[8]; long long sb[8]; };
-
-__device__ __forceinline__ float bin_apply(long long op, float a, float b) {
-    switch (op) {
-        case 0: return a + b;
-        case 1: return a - b;
-        case 2: return a * b;
-        default: return a / b;
-    }
-}
-
+// Broadcasting binary op over an output of `shape` (BinGeom and the op codes: ops.cuh).
 extern "C" __global__ void binary_f32(long long op, const float* a, const float* b, float* y, long long n, BinGeom g) {
     GRID_STRIDE(i, n) {
-        long long rem = i, oa = 0, ob = 0;
-        for (int d = (int)g.ndim - 1; d >= 0; --d) {
-            long long idx = rem % g.shape[d];
-            rem /= g.shape[d];
-            oa += idx * g.sa[d];
-            ob += idx * g.sb[d];
-        }
+        long long oa, ob;
+        bin_offsets(g, i, &oa, &ob);
         y[i] = bin_apply(op, a[oa], b[ob]);
     }
 }

@@ -6,8 +6,13 @@
 //   im2col_h16          src/backend/cpu/conv.rs  im2col (bit copies: both formats)
 //   bias_round_h16      CpuStorage::linear / conv2d: f32 result (+ bias) rounded once
 //   add_bias_h16        y + bias in f32, rounded (after a cuDNN half convolution)
+//   unary_h16, unary_backward_h16, binary_h16, binary_same_h16
+//                       CpuStorage::unary / unary_backward / binary of f16/bf16 storages: the
+//                       operands widened, ops.cuh's f32 arithmetic, the result rounded once
+//                       (one pass instead of widen-op-round)
 #include "common.cuh"
 #include "half.cuh"
+#include "ops.cuh"
 
 // col[((ni*K) + (ci*kh + ki)*kw + kj)*P + oi*wo + oj] = x[ni, ci, oi*stride - pad + ki, oj*stride - pad + kj], 0 outside
 // (as im2col_f32 of conv.cu, on 16-bit values: +0 is the bit pattern 0 in both formats).
@@ -45,4 +50,26 @@ extern "C" __global__ void bias_round_h16(const float* __restrict__ y, const flo
 // y[i] = round(widen(y[i]) + bias[(i / s) % c]) in place (a cuDNN half convolution's output).
 extern "C" __global__ void add_bias_h16(unsigned short* __restrict__ y, const float* __restrict__ bias, long long n, long long c, long long s, unsigned int bf) {
     GRID_STRIDE(i, n) y[i] = h16_from_f32(__fadd_rn(f32_from_h16(y[i], bf), bias[(i / s) % c]), bf);
+}
+
+// ---- element-wise ops on 16-bit storages (op codes and BinGeom: ops.cuh)
+
+extern "C" __global__ void unary_h16(long long op, float s, const unsigned short* x, unsigned short* y, long long n, unsigned int bf) {
+    GRID_STRIDE(i, n) y[i] = h16_from_f32(unary_apply(op, s, f32_from_h16(x[i], bf)), bf);
+}
+
+extern "C" __global__ void unary_backward_h16(long long op, const unsigned short* g, const unsigned short* x, const unsigned short* y, unsigned short* dx, long long n, unsigned int bf) {
+    GRID_STRIDE(i, n) dx[i] = h16_from_f32(unary_grad(op, f32_from_h16(g[i], bf), f32_from_h16(x[i], bf), f32_from_h16(y[i], bf)), bf);
+}
+
+extern "C" __global__ void binary_h16(long long op, const unsigned short* a, const unsigned short* b, unsigned short* y, long long n, BinGeom g, unsigned int bf) {
+    GRID_STRIDE(i, n) {
+        long long oa, ob;
+        bin_offsets(g, i, &oa, &ob);
+        y[i] = h16_from_f32(bin_apply(op, f32_from_h16(a[oa], bf), f32_from_h16(b[ob], bf)), bf);
+    }
+}
+
+extern "C" __global__ void binary_same_h16(long long op, const unsigned short* a, const unsigned short* b, unsigned short* y, long long n, unsigned int bf) {
+    GRID_STRIDE(i, n) y[i] = h16_from_f32(bin_apply(op, f32_from_h16(a[i], bf), f32_from_h16(b[i], bf)), bf);
 }

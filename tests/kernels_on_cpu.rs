@@ -74,7 +74,7 @@ const TESTED: &[(&str, &[&str])] = &[
     ("conv.cu", &["im2col_f32", "col2im_f32"]),
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
     ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_f32"]),
-    ("half.cu", &["im2col_h16", "bias_round_h16", "add_bias_h16"]),
+    ("half.cu", &["im2col_h16", "bias_round_h16", "add_bias_h16", "unary_h16", "unary_backward_h16", "binary_h16", "binary_same_h16"]),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -1093,6 +1093,87 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
                 lib.launch(sh, &|| unsafe { k_add(yp as *mut u16, bp as P, n as I, ch as I, s as I, bf) });
                 let (e, p) = bad(&io, &want);
                 c.record("add_bias_h16", &format!("{fmt} [{rows}, {ch}, {s}] {sh:?}"), e, 0.0, p);
+            }
+        }
+    }
+    // the element-wise ops on 16-bit storages against CpuStorage's f16/bf16 ops (widen, f32 op,
+    // round once): bit for bit, except within 1 ulp where exp is involved (libm's expf here, the
+    // CPU backend's own polynomial there)
+    {
+        use orwcfm_fast::backend::cpu::CpuStorage;
+        use orwcfm_fast::backend::{BackendStorage, BinaryOp, UnaryOp};
+        type Un = unsafe extern "C" fn(I, f32, *const u16, *mut u16, I, u32);
+        type UnB = unsafe extern "C" fn(I, *const u16, *const u16, *const u16, *mut u16, I, u32);
+        type Bin = unsafe extern "C" fn(I, *const u16, *const u16, *mut u16, I, BinGeom, u32);
+        type BinSame = unsafe extern "C" fn(I, *const u16, *const u16, *mut u16, I, u32);
+        let (k_un, k_unb, k_bin, k_same): (Un, UnB, Bin, BinSame) = (lib.k("unary_h16"), lib.k("unary_backward_h16"), lib.k("binary_h16"), lib.k("binary_same_h16"));
+        let bits = |s: &CpuStorage| -> Vec<u16> {
+            match s {
+                CpuStorage::F16(v) => v.iter().map(|h| h.to_bits()).collect(),
+                CpuStorage::BF16(v) => v.iter().map(|h| h.to_bits()).collect(),
+                _ => panic!("not a 16-bit storage"),
+            }
+        };
+        let ulps = |a: u16, b: u16| -> u32 {
+            let key = |v: u16| if v & 0x8000 != 0 { 0x8000 - (v & 0x7fff) as i32 } else { 0x8000 + v as i32 };
+            (key(a) - key(b)).unsigned_abs()
+        };
+        let cmp = |c: &mut Checks, kernel: &str, case: &str, got: &[u16], want: &[u16], max_ulp: u32| {
+            let worst = got.iter().zip(want).map(|(&a, &b)| ulps(a, b)).max().unwrap_or(0);
+            let bad = got.iter().zip(want).position(|(&a, &b)| ulps(a, b) > max_ulp);
+            c.record(kernel, case, worst as f64, max_ulp as f64, bad.map(|i| format!("{} ulp at {i}: {:#06x}, want {:#06x}", ulps(got[i], want[i]), got[i], want[i])));
+        };
+        let n = 777usize;
+        for (fmt, bf, narrow, _) in formats {
+            let store = |v: &[f32]| -> CpuStorage {
+                if bf == 1 { CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>().into()) } else { CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>().into()) }
+            };
+            let xs = store(&scaled(r.normal_vec(n), 3.0));
+            let gs = store(&r.normal_vec(n));
+            let (xb, gb) = (bits(&xs), bits(&gs));
+            let _ = narrow;
+            for op in [UnaryOp::AddScalar, UnaryOp::MulScalar, UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg] {
+                let sc = 0.37f32;
+                let max_ulp = if matches!(op, UnaryOp::Exp | UnaryOp::Silu | UnaryOp::Sigmoid) { 1 } else { 0 };
+                let ys = xs.unary(op, sc).unwrap();
+                let want_y = bits(&ys);
+                let yb = want_y.clone();
+                for sh in shapes_n(n) {
+                    let mut y = vec![0xffffu16; n];
+                    let (xp, yp) = (addr(&xb), addr_mut(&mut y));
+                    lib.launch(sh, &|| unsafe { k_un(op as I, sc, xp as *const u16, yp as *mut u16, n as I, bf) });
+                    cmp(&mut c, "unary_h16", &format!("{fmt} {op:?} {sh:?}"), &y, &want_y, max_ulp);
+                    if !matches!(op, UnaryOp::AddScalar | UnaryOp::MulScalar) {
+                        let want_dx = bits(&gs.unary_backward(op, &xs, &ys).unwrap());
+                        let mut dx = vec![0xffffu16; n];
+                        let (gp, xp, yp, dp) = (addr(&gb), addr(&xb), addr(&yb), addr_mut(&mut dx));
+                        lib.launch(sh, &|| unsafe { k_unb(op as I, gp as *const u16, xp as *const u16, yp as *const u16, dp as *mut u16, n as I, bf) });
+                        cmp(&mut c, "unary_backward_h16", &format!("{fmt} {op:?} {sh:?}"), &dx, &want_dx, max_ulp);
+                    }
+                }
+            }
+            // broadcasting [3, 1, 37] op [1, 7, 37] -> [3, 7, 37], and same-shape operands
+            let (sa, sb, so) = ([3usize, 1, 37], [1usize, 7, 37], [3usize, 7, 37]);
+            let a = store(&r.normal_vec(numel(&sa)));
+            let b = store(&r.normal_vec(numel(&sb)).into_iter().map(|v| v + 3.0 * v.signum()).collect::<Vec<_>>());
+            let a2 = store(&r.normal_vec(numel(&so)));
+            let b2 = store(&r.normal_vec(numel(&so)).into_iter().map(|v| v + 3.0 * v.signum()).collect::<Vec<_>>());
+            let (ab, bb, a2b, b2b) = (bits(&a), bits(&b), bits(&a2), bits(&b2));
+            let geom = BinGeom::try_new(&sa, &sb, &so).unwrap();
+            let no = numel(&so);
+            for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+                let want = bits(&a.binary(&sa, &b, &sb, &so, op).unwrap());
+                let want_same = bits(&a2.binary(&so, &b2, &so, &so, op).unwrap());
+                for sh in shapes_n(no) {
+                    let mut y = vec![0xffffu16; no];
+                    let (ap, bp, yp) = (addr(&ab), addr(&bb), addr_mut(&mut y));
+                    lib.launch(sh, &|| unsafe { k_bin(op as I, ap as *const u16, bp as *const u16, yp as *mut u16, no as I, geom, bf) });
+                    cmp(&mut c, "binary_h16", &format!("{fmt} {op:?} broadcast {sh:?}"), &y, &want, 0);
+                    let mut y = vec![0xffffu16; no];
+                    let (ap, bp, yp) = (addr(&a2b), addr(&b2b), addr_mut(&mut y));
+                    lib.launch(sh, &|| unsafe { k_same(op as I, ap as *const u16, bp as *const u16, yp as *mut u16, no as I, bf) });
+                    cmp(&mut c, "binary_same_h16", &format!("{fmt} {op:?} {sh:?}"), &y, &want_same, 0);
+                }
             }
         }
     }

@@ -56,41 +56,66 @@ fn broadcasts(from: &[usize], to: &[usize]) -> bool {
     from.len() <= to.len() && from.iter().rev().zip(to.iter().rev()).all(|(&f, &t)| f == t || f == 1)
 }
 
-// ---------------------------------------------------------------- element-wise
+/// The launch flag of the 16-bit kernels (half.cu): 1 for bf16, 0 for f16.
+fn bf_flag(d: DType) -> Arg<'static> {
+    Arg::U32(u32::from(d == DType::BF16))
+}
 
-/// `a (shape ash) op b (shape bsh)` broadcast to `out` (CPU: `elementwise::binary`).
+/// f32, or one 16-bit dtype shared by all of `ts` (the element-wise ops read 16-bit values
+/// directly: half.cu widens, applies the f32 arithmetic and rounds once, as the CPU reference).
+fn elementwise_dtype(ts: &[&CudaStorage], op: &str) -> Result<DType> {
+    let d = ts[0].storage_dtype();
+    if !d.is_float() || ts.iter().any(|t| t.storage_dtype() != d) {
+        bail!("{op}: operands of dtypes {:?} (one float dtype expected)", ts.iter().map(|t| t.storage_dtype()).collect::<Vec<_>>());
+    }
+    Ok(d)
+}
+
+/// `a op b` with broadcasting to `out` (CPU: `CpuStorage::binary`), in the operands' dtype.
 pub fn binary(a: &CudaStorage, ash: &[usize], b: &CudaStorage, bsh: &[usize], out: &[usize], op: BinaryOp) -> Result<CudaStorage> {
     let g = same_gpu("binary", &[a, b])?;
-    want_f32(a, "binary")?;
-    want_f32(b, "binary")?;
+    let d = elementwise_dtype(&[a, b], "binary")?;
     want_len(a, numel(ash), "binary", "the left operand")?;
     want_len(b, numel(bsh), "binary", "the right operand")?;
     let n = numel(out);
-    let y = f32_out(&g, n)?;
+    let y = CudaStorage::alloc(&g, n, d)?;
     if n == 0 {
         return Ok(y);
     }
-    if ash == out && bsh == out {
-        g.launch_n("binary_same_f32", n, &[Arg::I64(op as i64), Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)])?;
-    } else {
-        let geom = BinGeom::try_new(ash, bsh, out)?;
-        g.launch_n("binary_f32", n, &[Arg::I64(op as i64), Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64), Arg::Struct(&geom)])?;
+    let args = [Arg::I64(op as i64), Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)];
+    match (ash == out && bsh == out, d == DType::F32) {
+        (true, true) => g.launch_n("binary_same_f32", n, &args)?,
+        (true, false) => g.launch_n("binary_same_h16", n, &[&args[..], &[bf_flag(d)]].concat())?,
+        (false, is_f32) => {
+            let geom = BinGeom::try_new(ash, bsh, out)?;
+            if is_f32 {
+                g.launch_n("binary_f32", n, &[&args[..], &[Arg::Struct(&geom)]].concat())?;
+            } else {
+                g.launch_n("binary_h16", n, &[&args[..], &[Arg::Struct(&geom), bf_flag(d)]].concat())?;
+            }
+        }
     }
     Ok(y)
 }
 
-/// `op(x)` element-wise; `s` is the scalar of `AddScalar`/`MulScalar` (CPU: `storage::unary_f32`).
+/// `op(x)` element-wise in `x`'s dtype; `s` is the scalar of `AddScalar`/`MulScalar` (CPU:
+/// `storage::unary_f32`).
 pub fn unary(x: &CudaStorage, op: UnaryOp, s: f32) -> Result<CudaStorage> {
-    want_f32(x, "unary")?;
+    let d = elementwise_dtype(&[x], "unary")?;
     let n = x.elements();
-    let y = f32_out(x.gpu(), n)?;
+    let y = CudaStorage::alloc(x.gpu(), n, d)?;
     if n > 0 {
-        x.gpu().launch_n("unary_f32", n, &[Arg::I64(op as i64), Arg::F32(s), Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)])?;
+        let args = [Arg::I64(op as i64), Arg::F32(s), Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)];
+        if d == DType::F32 {
+            x.gpu().launch_n("unary_f32", n, &args)?;
+        } else {
+            x.gpu().launch_n("unary_h16", n, &[&args[..], &[bf_flag(d)]].concat())?;
+        }
     }
     Ok(y)
 }
 
-/// The input gradient of `y = op(x)` from the output gradient `gy` (CPU:
+/// The input gradient of `y = op(x)` from the output gradient `gy`, in their dtype (CPU:
 /// `storage::unary_backward_f32`). `AddScalar` and `MulScalar` are differentiated as their own ops.
 pub fn unary_backward(gy: &CudaStorage, op: UnaryOp, x: &CudaStorage, y: &CudaStorage) -> Result<CudaStorage> {
     let g = same_gpu("unary_backward", &[gy, x, y])?;
@@ -98,13 +123,18 @@ pub fn unary_backward(gy: &CudaStorage, op: UnaryOp, x: &CudaStorage, y: &CudaSt
         bail!("unary_backward: {op:?} is differentiated as its own op");
     }
     let n = gy.elements();
+    let d = elementwise_dtype(&[gy, x, y], "unary_backward")?;
     for (t, what) in [(gy, "the gradient"), (x, "the input"), (y, "the output")] {
-        want_f32(t, "unary_backward")?;
         want_len(t, n, "unary_backward", what)?;
     }
-    let dx = f32_out(&g, n)?;
+    let dx = CudaStorage::alloc(&g, n, d)?;
     if n > 0 {
-        g.launch_n("unary_backward_f32", n, &[Arg::I64(op as i64), Arg::Ptr(gy.ptr()), Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64)])?;
+        let args = [Arg::I64(op as i64), Arg::Ptr(gy.ptr()), Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64)];
+        if d == DType::F32 {
+            g.launch_n("unary_backward_f32", n, &args)?;
+        } else {
+            g.launch_n("unary_backward_h16", n, &[&args[..], &[bf_flag(d)]].concat())?;
+        }
     }
     Ok(dx)
 }

@@ -137,7 +137,7 @@ pub fn compile_with(name: &str, src: &str, arch: &str, includes: &[PathBuf]) -> 
 }
 
 /// The headers the kernel files share (`#include "common.cuh"`), embedded like the sources.
-pub const KERNEL_HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../kernels/common.cuh")), ("half.cuh", include_str!("../../../kernels/half.cuh"))];
+pub const KERNEL_HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../kernels/common.cuh")), ("half.cuh", include_str!("../../../kernels/half.cuh")), ("ops.cuh", include_str!("../../../kernels/ops.cuh"))];
 
 /// `src` with each `#include "NAME"` of a [`KERNEL_HEADERS`] entry replaced by that header's
 /// text (the binary carries no kernel folder for NVRTC to search). What NVRTC compiles, what

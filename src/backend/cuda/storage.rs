@@ -12,7 +12,9 @@
 //! probabilities stay f32. The GEMM-based ops read the 16-bit values directly: matmul, linear and
 //! conv2d (forward and backward) run on the tensor cores (`cublasGemmEx` with f32 accumulation,
 //! cuDNN f16/bf16 convolutions with f32 compute), with the same single rounding where the output
-//! comes through an f32 epilogue (`kernels/half.cu`). i32 holds indices: embedding ids, dtype casts, and the data movement
+//! comes through an f32 epilogue (`kernels/half.cu`). The element-wise ops (binary, unary and its
+//! backward) read and write 16-bit values in one pass too (half.cu: widen, the f32 kernels'
+//! arithmetic, one rounding), bit for bit the widen-op-round they replace. i32 holds indices: embedding ids, dtype casts, and the data movement
 //! ops (gather, broadcast, concat, narrow), which copy its bits; float ops on it are errors.
 
 use std::sync::Arc;
@@ -249,17 +251,23 @@ impl BackendStorage for CudaStorage {
         on_gpu(self.gpu(), "binary", || {
             same_gpu("binary", &[self, rhs])?;
             same_dtype("binary", &[self, rhs])?;
+            if self.dtype.is_half() {
+                return f32ops::binary(self, a, rhs, b, out, op);
+            }
             let y = f32ops::binary(&self.float("binary")?, a, &rhs.float("binary")?, b, out, op)?;
             self.out(y)
         })
     }
     fn unary(&self, op: UnaryOp, scalar: f32) -> Result<Self> {
-        on_gpu(self.gpu(), "unary", || self.out(f32ops::unary(&self.float("unary")?, op, scalar)?))
+        on_gpu(self.gpu(), "unary", || if self.dtype.is_half() { f32ops::unary(self, op, scalar) } else { self.out(f32ops::unary(&self.float("unary")?, op, scalar)?) })
     }
     fn unary_backward(&self, op: UnaryOp, x: &Self, y: &Self) -> Result<Self> {
         on_gpu(self.gpu(), "unary_backward", || {
             same_gpu("unary_backward", &[self, x, y])?;
             same_dtype("unary_backward", &[self, x, y])?;
+            if self.dtype.is_half() {
+                return f32ops::unary_backward(self, op, x, y);
+            }
             self.out(f32ops::unary_backward(&self.f32s()?, op, &x.f32s()?, &y.f32s()?)?)
         })
     }

@@ -435,15 +435,22 @@ fn an_injected_out_of_memory_failure_is_an_error() {
     let mut r = Rng::new(7);
     let x = CudaStorage::from_cpu(&g, &randn(&mut r, 1000, DType::F16)).unwrap();
     let w = CudaStorage::from_cpu(&g, &randn(&mut r, 5 * 8, DType::F16)).unwrap();
-    // each of the op's three allocations (widen, compute, round) in turn: each fails cleanly,
-    // and the next call works
+    // each of a widen-compute-round op's three allocations in turn: each fails cleanly, and the
+    // next call works
     for k in 1..=3 {
         g.fail_alloc_after(Some(k));
-        let e = x.unary(UnaryOp::Silu, 0.0).unwrap_err();
+        let e = x.softmax_rows(50).unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("out of memory") && msg.contains("unary on cuda:0"), "allocation {k}: {msg}");
-        x.unary(UnaryOp::Silu, 0.0).unwrap();
+        assert!(msg.contains("out of memory") && msg.contains("softmax_rows on cuda:0"), "allocation {k}: {msg}");
+        x.softmax_rows(50).unwrap();
     }
+    // the 16-bit element-wise ops run in one pass: one allocation (its output)
+    g.fail_alloc_after(Some(1));
+    let e = x.unary(UnaryOp::Silu, 0.0).unwrap_err();
+    assert!(format!("{e:#}").contains("out of memory") && format!("{e:#}").contains("unary on cuda:0"), "{e:#}");
+    g.fail_alloc_after(Some(2));
+    x.unary(UnaryOp::Silu, 0.0).unwrap();
+    g.fail_alloc_after(None);
     let geo = ConvGeom { n: 1, cin: 8, h: 5, w: 25, cout: 5, kh: 1, kw: 1, stride: 1, pad: 0 };
     g.fail_alloc_after(Some(3));
     let e = x.conv2d(&w, None, &geo).unwrap_err();

@@ -573,3 +573,110 @@ fn orw_steps_match_the_cpu() {
     let worst = worst.0;
     assert!(worst <= GRAD_TOL, "parameters after 2 ORW steps differ by {worst:e}");
 }
+
+/// `f` on f16 and bf16 copies of `inputs`, on the CPU and on the GPU: the outputs (as f32) and
+/// the gradients (of `Σ f32(out) ⊙ g`, random `g`) agree within the precision's tolerance (f16
+/// ≤ 5e-3, bf16 ≤ 3e-2), and keep the dtype.
+fn check_half(name: &str, inputs: &[Tensor], out_f32: bool, f: impl Fn(&[Var]) -> Var) {
+    use orwcfm_fast::tensor::DType;
+    for (dt, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
+        let run = |on: Device| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::param(t.to_dtype(dt).unwrap().to_device(on).unwrap())).collect();
+            let out = f(&vars);
+            let seed = rnd(&out.shape(), &mut Rng::new(0xF16)).to_device(on).unwrap();
+            let g = ops::sum_all(&ops::mul(&ops::to_dtype(&out, DType::F32).unwrap(), &Var::constant(seed)).unwrap()).unwrap().backward().unwrap();
+            let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v).expect("gradient").clone()).collect();
+            (out.value(), grads)
+        };
+        let ((vc, gc), (vg, gg)) = (run(Device::Cpu), run(DEV));
+        assert!(vg.device().is_cuda(), "{name} {dt}: the GPU run's output is not on the GPU");
+        assert_eq!(vg.dtype(), if out_f32 { DType::F32 } else { dt }, "{name} {dt}: output dtype");
+        let e = vg.to_dtype(DType::F32).unwrap().rel_err(&vc.to_dtype(DType::F32).unwrap());
+        let ge = gc.iter().zip(&gg).map(|(a, b)| b.to_dtype(DType::F32).unwrap().rel_err(&a.to_dtype(DType::F32).unwrap())).fold(0.0, f64::max);
+        eprintln!("{name:<28} {dt}: forward {e:.1e}, gradients {ge:.1e}");
+        assert!(gg.iter().all(|g| g.dtype() == dt && g.device().is_cuda()), "{name} {dt}: gradient dtypes or devices");
+        assert!(e <= tol && ge <= tol, "{name} {dt}: forward {e:e}, gradients {ge:e} (tolerance {tol:e})");
+    }
+}
+
+/// The fused nodes (`autograd::fused`) through the tape on the GPU, whose CUDA forward and
+/// backward are the kernels of `kernels/fused.cu`, against the CPU's fused kernels: GroupNorm +
+/// scale-shift + SiLU (float4 and scalar rows), the ODE combination (1, 2, 4 and 9 terms), the
+/// ORW loss (one and several chunks per sample, with and without W2), in f32, f16 and bf16; and
+/// that the GPU ran the fused kernels, not the compositions.
+#[test]
+fn fused_nodes_match_the_cpu() {
+    use orwcfm_fast::autograd::fused::{self, Act, GroupNormAct, OrwLossOp, ode_combine_tensors};
+    let Some((_g, _one)) = gpu("fused_nodes_match_the_cpu") else { return };
+    let mut r = Rng::new(12);
+    type GnCase = ([usize; 4], usize, bool, Act);
+    let gn_cases: [GnCase; 3] = [([2, 8, 4, 5], 4, true, Act::Silu), ([3, 6, 7, 9], 3, false, Act::Silu), ([2, 4, 3, 3], 1, true, Act::None)];
+    for (shape, groups, ss, act) in gn_cases {
+        let (n, c) = (shape[0], shape[1]);
+        let mut inputs = vec![rnd(&shape, &mut r).mul_scalar(1.5).unwrap().add_scalar(0.3).unwrap(), rnd(&[c], &mut r).mul_scalar(0.3).unwrap().add_scalar(1.0).unwrap(), rnd(&[c], &mut r)];
+        if ss {
+            inputs.push(rnd(&[n, c], &mut r).mul_scalar(0.4).unwrap());
+            inputs.push(rnd(&[n, c], &mut r).mul_scalar(0.4).unwrap());
+        }
+        let node = move |v: &[Var]| {
+            let sc = (v.len() == 5).then(|| (&v[3], &v[4]));
+            fused::group_norm_act(&v[0], &v[1], &v[2], sc, groups, 1e-5, act).unwrap()
+        };
+        let name = format!("group_norm_act {shape:?} g{groups} ss={ss} {act:?}");
+        check(&name, &inputs, node);
+        check_half(&name, &inputs, false, node);
+        // the fused CUDA forward saves mean and rstd only (the composition saves five tensors)
+        let dev: Vec<Tensor> = inputs.iter().map(gpu_t).collect();
+        let fw = Tensor::apply_custom(&GroupNormAct { groups, eps: 1e-5, act }, &dev.iter().collect::<Vec<_>>(), &vec![true; dev.len()]).unwrap();
+        assert_eq!(fw.saved.iter().map(|s| s.shape().to_vec()).collect::<Vec<_>>(), [vec![n * groups], vec![n * groups]], "{name}: saved state");
+    }
+
+    for cs in [vec![0.37f32], vec![0.5, -0.25], vec![0.125, 0.375, 0.375, 0.125], vec![0.1, -0.2, 0.3, 0.0, 0.5, -0.6, 0.7, 0.8, -0.9]] {
+        let inputs: Vec<Tensor> = (0..=cs.len()).map(|_| rnd(&[3, 5, 67], &mut r)).collect();
+        let k = cs.len();
+        let terms = cs.clone();
+        let node = move |v: &[Var]| fused::ode_combine(&v[0], &terms.iter().zip(&v[1..]).map(|(&c, x)| (c, x)).collect::<Vec<_>>()).unwrap();
+        let name = format!("ode_combine {k} terms");
+        check(&name, &inputs, &node);
+        check_half(&name, &inputs, false, &node);
+        // up to 8 (non-zero) terms, one launch: bit for bit the CPU kernel's f64 sum rounded once
+        // (the composition, one f32 axpby per term, is not)
+        let combine = |ts: &[Tensor]| ode_combine_tensors(&ts[0], &cs.iter().zip(&ts[1..]).map(|(&c, x)| (c, x)).collect::<Vec<_>>()).unwrap();
+        let (yc, yg) = (combine(&inputs), combine(&inputs.iter().map(gpu_t).collect::<Vec<_>>()));
+        let bits = |t: &Tensor| t.to_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        if k <= 8 {
+            assert_eq!(bits(&yg), bits(&yc), "{name}: not the CPU kernel's sum");
+        } else {
+            // two launches: the state is rounded to f32 once in between
+            assert!(yg.rel_err(&yc) <= 1e-6, "{name}: rel err {:e}", yg.rel_err(&yc));
+        }
+    }
+
+    for (shape, alpha) in [(vec![4usize, 3, 5, 7], 0.37f32), (vec![3, 40_003], 0.8), (vec![5, 2, 4, 4], 0.0)] {
+        let b = shape[0];
+        let v = rnd(&shape, &mut r);
+        let u = rnd(&shape, &mut r);
+        let vref = v.add(&rnd(&shape, &mut r).mul_scalar(0.3).unwrap()).unwrap();
+        let w = Tensor::from_vec(rnd(&[b], &mut r).to_vec().iter().map(|x| (0.7 * x).exp()).collect(), &[b]);
+        let loss = |vv: &Var| {
+            let dev = vv.value().device();
+            let (u, w, vr) = (u.to_device(dev).unwrap(), w.to_device(dev).unwrap(), vref.to_device(dev).unwrap());
+            fused::orw_loss(vv, &u, &w, (alpha != 0.0).then_some(&vr), alpha).unwrap()
+        };
+        let name = format!("orw_loss {shape:?} α={alpha}");
+        check(&name, std::slice::from_ref(&v), |vv| loss(&vv[0]).0);
+        check_half(&name, std::slice::from_ref(&v), true, |vv| loss(&vv[0]).0);
+        // the terms on the device, the output a view of their total (the fused forward: the
+        // composition computes them as separate tensors)
+        let (tc, (total, tg)) = (loss(&Var::param(v.clone())).1, loss(&Var::param(gpu_t(&v))));
+        assert!(tg.device().is_cuda(), "{name}: the terms left the GPU");
+        assert_eq!(dev_ptr(&total.value()), dev_ptr(&tg) + 8, "{name}: the output is not the fused kernel's total");
+        let e = tg.rel_err(&tc);
+        eprintln!("{name:<28} terms {e:.1e}");
+        assert!(e <= 1e-6, "{name}: terms {:?} vs {:?}", tg.to_vec(), tc.to_vec());
+        let saved = Tensor::apply_custom(&OrwLossOp { alpha }, &[&gpu_t(&v), &gpu_t(&u), &gpu_t(&w), &gpu_t(&vref)][..if alpha != 0.0 { 4 } else { 3 }], &[true, false, false, false][..if alpha != 0.0 { 4 } else { 3 }])
+            .unwrap()
+            .saved;
+        assert_eq!(saved.len(), 1, "{name}: saved dL/dv");
+    }
+}

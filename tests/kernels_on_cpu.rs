@@ -75,6 +75,19 @@ const TESTED: &[(&str, &[&str])] = &[
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
     ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_f32"]),
     ("half.cu", &["im2col_h16", "bias_round_h16", "add_bias_h16", "unary_h16", "unary_backward_h16", "binary_h16", "binary_same_h16"]),
+    (
+        "fused.cu",
+        &[
+            "group_norm_act_forward_f32",
+            "group_norm_act_backward_f32",
+            "group_norm_act_backward_affine_f32",
+            "ode_combine_f32",
+            "ode_combine_backward_f32",
+            "orw_loss_partial_f32",
+            "orw_loss_finish_f32",
+            "orw_loss_scale_f32",
+        ],
+    ),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -1389,5 +1402,228 @@ fn rng_kernels_match_the_cpu_twin() {
         }
     }
     println!("philox_normal_f32: worst {worst_normal_ulps} ulp from rng::philox::fill_normal, {normal_differing} elements not bit-identical");
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- fused.cu
+
+/// `data` in a buffer whose start is 16-byte aligned plus `shift` floats (1: misaligned on
+/// purpose, so that the kernels take their scalar path), with NaN around it.
+struct Buf {
+    v: Vec<f32>,
+    off: usize,
+    n: usize,
+}
+
+impl Buf {
+    fn new(data: &[f32], shift: usize) -> Buf {
+        let mut v = vec![f32::NAN; data.len() + 8];
+        let pad = (16 - v.as_ptr() as usize % 16) % 16 / 4 + shift;
+        v[pad..pad + data.len()].copy_from_slice(data);
+        Buf { v, off: pad, n: data.len() }
+    }
+    fn nan(n: usize, shift: usize) -> Buf {
+        Buf::new(&nan(n), shift)
+    }
+    fn p(&self) -> usize {
+        addr(&self.v[self.off..])
+    }
+    fn m(&mut self) -> usize {
+        addr_mut(&mut self.v[self.off..])
+    }
+    fn get(&self) -> &[f32] {
+        &self.v[self.off..self.off + self.n]
+    }
+}
+
+/// Bit-identical, or the problem (how many elements differ, the first of them).
+fn bitwise(c: &mut Checks, kernel: &str, case: &str, got: &[f32], want: &[f32]) {
+    let diff: Vec<usize> = (0..want.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+    let problem = (!diff.is_empty()).then(|| format!("{} of {} elements differ, first at {}: got {} want {}", diff.len(), want.len(), diff[0], got[diff[0]], want[diff[0]]));
+    c.record(kernel, case, rel_err(got, want), EXACT, problem);
+}
+
+/// The fused nodes' kernels against `backend::cpu::fused`: GroupNorm + scale-shift + act forward
+/// and backward (scalar rows, float4 rows, one-element channels, several channel rounds per
+/// block), the ODE combination of 0–8 terms and its backward (bit for bit: the same f64 sums), the
+/// ORW loss's partial sums, terms, dL/dv (bit for bit) and backward scaling; each with aligned and
+/// misaligned buffers.
+#[test]
+fn fused_kernels_match_the_cpu_backend() {
+    use orwcfm_fast::backend::cpu::fused::{Act, GnGeom, group_norm_act_backward, group_norm_act_forward, ode_combine, ode_combine_backward, orw_loss_backward, orw_loss_forward_backward};
+    use orwcfm_fast::backend::cuda::fused::{OdeTerms, loss_chunking};
+    let Some(lib) = Lib::load("fused.cu") else { return };
+    let mut c = Checks::new("fused.cu");
+    let mut r = Rng::new(0x5eed_000f);
+    type D = *mut f64;
+    type GnF = unsafe extern "C" fn(P, P, P, P, P, M, M, M, I, I, I, I, f32, I);
+    type GnB = unsafe extern "C" fn(P, P, P, P, P, P, P, P, M, M, M, D, I, I, I, I, I);
+    type GnA = unsafe extern "C" fn(*const f64, M, M, I, I);
+    let kf: GnF = lib.k("group_norm_act_forward_f32");
+    let kb: GnB = lib.k("group_norm_act_backward_f32");
+    let ka: GnA = lib.k("group_norm_act_backward_affine_f32");
+    let eps = 1e-5f32;
+    // (n, c, s, groups, scale-shift, act): scalar rows; float4 rows; one group with blk > 256;
+    // 32 groups of 2 channels; one-element channels; 6 channels of 17 quads (several rounds)
+    let cases = [
+        (2usize, 6usize, 35usize, 3usize, true, Act::Silu),
+        (3, 8, 16, 4, true, Act::Silu),
+        (1, 4, 300, 1, false, Act::None),
+        (2, 64, 12, 32, true, Act::Silu),
+        (2, 6, 1, 2, false, Act::Silu),
+        (1, 12, 68, 2, true, Act::None),
+    ];
+    for (n, ch, s, groups, ss, act) in cases {
+        let len = n * ch * s;
+        let x: Vec<f32> = r.normal_vec(len).into_iter().map(|v| 1.5 * v + 0.7).collect();
+        let gamma: Vec<f32> = r.normal_vec(ch).into_iter().map(|v| 1.0 + 0.3 * v).collect();
+        let beta = r.normal_vec(ch);
+        let (scale, shift) = (scaled(r.normal_vec(n * ch), 0.4), scaled(r.normal_vec(n * ch), 0.4));
+        let dy = r.normal_vec(len);
+        let g = GnGeom { n, c: ch, s, groups, eps };
+        let (sc, shv) = if ss { (Some(&scale[..]), Some(&shift[..])) } else { (None, None) };
+        let (wy, wm, wr) = group_norm_act_forward(&x, &g, &gamma, &beta, sc, shv, act);
+        let wg = group_norm_act_backward(&x, &dy, &g, &gamma, &beta, sc, shv, act, &wm, &wr);
+        let silu = (act == Act::Silu) as I;
+        // expf against the CPU's exp_f32 where SiLU runs; the same roundings otherwise
+        let tol = if act == Act::Silu { APPROX } else { EXACT };
+        let ng = n * groups;
+        for al in [0usize, 1] {
+            let (xb, dyb) = (Buf::new(&x, al), Buf::new(&dy, al));
+            let (scp, shp) = if ss { (addr(&scale), addr(&shift)) } else { (0, 0) };
+            for sh in shapes_rows(ng) {
+                let case = format!("n {n} c {ch} s {s} groups {groups} ss {ss} {act:?} shift {al}, {sh:?}");
+                let (mut y, mut mean, mut rstd) = (Buf::nan(len, al), nan(ng), nan(ng));
+                let (xp, gp, bp, yp, mp, rp) = (xb.p(), addr(&gamma), addr(&beta), y.m(), addr_mut(&mut mean), addr_mut(&mut rstd));
+                lib.launch(sh, &|| unsafe { kf(xp as P, gp as P, bp as P, scp as P, shp as P, yp as M, mp as M, rp as M, n as I, ch as I, s as I, groups as I, eps, silu) });
+                c.f32s("group_norm_act_forward_f32", &format!("y, {case}"), y.get(), &wy, tol);
+                c.f32s("group_norm_act_forward_f32", &format!("mean, {case}"), &mean, &wm, EXACT);
+                c.f32s("group_norm_act_forward_f32", &format!("rstd, {case}"), &rstd, &wr, EXACT);
+                let mut dx = Buf::nan(len, al);
+                let (mut dsc, mut dsh) = (nan(n * ch), nan(n * ch));
+                let mut part = vec![f64::NAN; 2 * n * ch];
+                let (dyp, wmp, wrp, dxp, partp) = (dyb.p(), addr(&wm), addr(&wr), dx.m(), addr_mut(&mut part));
+                let (dscp, dshp) = if ss { (addr_mut(&mut dsc), addr_mut(&mut dsh)) } else { (0, 0) };
+                lib.launch(sh, &|| unsafe { kb(xp as P, dyp as P, gp as P, bp as P, scp as P, shp as P, wmp as P, wrp as P, dxp as M, dscp as M, dshp as M, partp as D, n as I, ch as I, s as I, groups as I, silu) });
+                c.f32s("group_norm_act_backward_f32", &format!("dx, {case}"), dx.get(), &wg.dx, tol);
+                if ss {
+                    c.f32s("group_norm_act_backward_f32", &format!("dscale, {case}"), &dsc, wg.dscale.as_ref().unwrap(), tol);
+                    c.f32s("group_norm_act_backward_f32", &format!("dshift, {case}"), &dsh, wg.dshift.as_ref().unwrap(), tol);
+                }
+                for sh2 in shapes_n(ch) {
+                    let (mut dg, mut db) = (nan(ch), nan(ch));
+                    let (dgp, dbp) = (addr_mut(&mut dg), addr_mut(&mut db));
+                    lib.launch(sh2, &|| unsafe { ka(partp as *const f64, dgp as M, dbp as M, n as I, ch as I) });
+                    c.f32s("group_norm_act_backward_affine_f32", &format!("dgamma, {case}, {sh2:?}"), &dg, &wg.dgamma, tol);
+                    c.f32s("group_norm_act_backward_affine_f32", &format!("dbeta, {case}, {sh2:?}"), &db, &wg.dbeta, tol);
+                }
+            }
+        }
+    }
+
+    // ode_combine: 0 to 8 terms over 1003 values (a scalar tail after the float4s); all aligned,
+    // all shifted by one float, or only the last slope (or the output) shifted
+    type Ode = unsafe extern "C" fn(P, M, I, OdeTerms);
+    type OdeB = unsafe extern "C" fn(P, I, OdeTerms);
+    let ko: Ode = lib.k("ode_combine_f32");
+    let kob: OdeB = lib.k("ode_combine_backward_f32");
+    let n = 1003usize;
+    for nt in [0usize, 1, 2, 3, 4, 5, 8] {
+        let x = r.normal_vec(n);
+        let ks: Vec<Vec<f32>> = (0..nt).map(|_| r.normal_vec(n)).collect();
+        let cs: Vec<f32> = (0..nt).map(|i| 0.1 + 0.3 * i as f32 * if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let want = ode_combine(&x, &cs.iter().zip(&ks).map(|(&c, k)| (c as f64, &k[..])).collect::<Vec<_>>());
+        let gr = r.normal_vec(n);
+        let (_, want_dk) = ode_combine_backward(&gr, &cs.iter().map(|&c| c as f64).collect::<Vec<_>>());
+        for al in [0usize, 1, 2] {
+            let shift = |i: usize| if al == 1 || (al == 2 && i + 1 == nt.max(1)) { 1 } else { 0 };
+            let xb = Buf::new(&x, if al == 1 { 1 } else { 0 });
+            let kb: Vec<Buf> = ks.iter().enumerate().map(|(i, k)| Buf::new(k, shift(i))).collect();
+            let t = OdeTerms::new(&cs.iter().zip(&kb).map(|(&c, k)| (c, k.p() as u64)).collect::<Vec<_>>()).unwrap();
+            for sh in shapes_n(n.div_ceil(4)) {
+                let case = format!("{nt} terms, shift {al}, {sh:?}");
+                let mut out = Buf::nan(
+                    n,
+                    if nt == 0 {
+                        shift(0)
+                    } else if al == 1 {
+                        1
+                    } else {
+                        0
+                    },
+                );
+                let (xp, op) = (xb.p(), out.m());
+                lib.launch(sh, &|| unsafe { ko(xp as P, op as M, n as I, t) });
+                bitwise(&mut c, "ode_combine_f32", &case, out.get(), &want);
+                if nt == 0 {
+                    continue;
+                }
+                let gb = Buf::new(&gr, if al == 1 { 1 } else { 0 });
+                let mut outs: Vec<Buf> = (0..nt).map(|i| Buf::nan(n, shift(i))).collect();
+                let d = OdeTerms::new(&cs.iter().zip(outs.iter_mut()).map(|(&c, o)| (c, o.m() as u64)).collect::<Vec<_>>()).unwrap();
+                let gp = gb.p();
+                lib.launch(sh, &|| unsafe { kob(gp as P, n as I, d) });
+                for (i, (o, w)) in outs.iter().zip(&want_dk).enumerate() {
+                    bitwise(&mut c, "ode_combine_backward_f32", &format!("dk{i}, {case}"), o.get(), w);
+                }
+            }
+        }
+    }
+
+    // the ORW loss: scalar (odd p, one value per sample) and float4 rows, one or several chunks
+    // per sample (8 values, and the host's choice), with and without v_ref and dL/dv
+    type LossP = unsafe extern "C" fn(P, P, P, P, M, D, I, I, I, I, f32);
+    type LossF = unsafe extern "C" fn(*const f64, P, I, I, I, f32, M);
+    type LossS = unsafe extern "C" fn(P, P, M, I);
+    let kp: LossP = lib.k("orw_loss_partial_f32");
+    let kfin: LossF = lib.k("orw_loss_finish_f32");
+    let ks: LossS = lib.k("orw_loss_scale_f32");
+    for (b, p) in [(3usize, 37usize), (4, 100), (2, 2500), (5, 1)] {
+        let len = b * p;
+        let v = r.normal_vec(len);
+        let u = r.normal_vec(len);
+        let vref: Vec<f32> = v.iter().zip(r.normal_vec(len)).map(|(a, e)| a + 0.3 * e).collect();
+        let w: Vec<f32> = r.normal_vec(b).into_iter().map(|x| (0.7 * x).exp()).collect();
+        for (with_ref, alpha, want_dv) in [(true, 0.37f32, true), (false, 0.0, true), (true, 0.8, false)] {
+            let vr = with_ref.then_some(&vref[..]);
+            let (val, wdv) = orw_loss_forward_backward(&v, &u, vr, &w, alpha, 1.0);
+            let wterms = [val.fm as f32, val.w2 as f32, val.total as f32];
+            // (small chunks only where that stays a few hundred blocks: the shim's barriers are slow)
+            for chunk in [if p > 200 { 1000 } else { 8 }, loss_chunking(b, p).0] {
+                let nchunks = p.div_ceil(chunk);
+                for al in [0usize, 1] {
+                    let (vb, ub, rb) = (Buf::new(&v, al), Buf::new(&u, al), Buf::new(&vref, al));
+                    for (si, sh) in shapes_rows(b * nchunks).into_iter().enumerate() {
+                        let case = format!("b {b} p {p} v_ref {with_ref} α {alpha} dv {want_dv} chunk {chunk} shift {al}, {sh:?}");
+                        let mut partial = vec![f64::NAN; 2 * b * nchunks];
+                        let mut dv = Buf::nan(len, al);
+                        let (vp, up, wp, pp) = (vb.p(), ub.p(), addr(&w), addr_mut(&mut partial));
+                        let rp = if with_ref { rb.p() } else { 0 };
+                        let dp = if want_dv { dv.m() } else { 0 };
+                        lib.launch(sh, &|| unsafe { kp(vp as P, up as P, rp as P, wp as P, dp as M, pp as D, b as I, p as I, chunk as I, nchunks as I, alpha) });
+                        let mut terms = nan(3);
+                        let tp = addr_mut(&mut terms);
+                        lib.launch(sh, &|| unsafe { kfin(pp as *const f64, wp as P, b as I, p as I, nchunks as I, alpha, tp as M) });
+                        c.f32s("orw_loss_finish_f32", &format!("terms, {case}"), &terms, &wterms, EXACT);
+                        c.f32s("orw_loss_partial_f32", &format!("total, {case}"), &terms[2..], &wterms[2..], EXACT);
+                        if !want_dv {
+                            assert!(dv.get().iter().all(|x| x.is_nan()), "orw_loss_partial_f32 [{case}]: dv written without being asked for");
+                            continue;
+                        }
+                        bitwise(&mut c, "orw_loss_partial_f32", &format!("dv, {case}"), dv.get(), &wdv);
+                        // the backward: dv times an upstream gradient of 2.5 (read from memory)
+                        let gv = [2.5f32];
+                        let want_g = orw_loss_backward(&v, &u, vr, &w, alpha, 2.5);
+                        let mut out = Buf::nan(len, al);
+                        let (gp, op) = (addr(&gv), out.m());
+                        // (grid-stride: the matching one of the element-wise launch shapes)
+                        let sh2 = shapes_n(len.div_ceil(4))[si];
+                        lib.launch(sh2, &|| unsafe { ks(dp as P, gp as P, op as M, len as I) });
+                        c.f32s("orw_loss_scale_f32", &format!("{case}, {sh2:?}"), out.get(), &want_g, APPROX);
+                    }
+                }
+            }
+        }
+    }
     c.finish(&lib);
 }

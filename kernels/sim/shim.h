@@ -93,3 +93,11 @@ inline int __float_as_int(float f) {
     std::memcpy(&v, &f, sizeof v);
     return v;
 }
+
+// ---- vector types (kernels/fused.cu): CUDA's float4 (16-byte aligned, as on the device) and
+// make_float4; a float4 load or store through a cast pointer is one plain 16-byte access here.
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+// ---- end of vector types

@@ -187,8 +187,7 @@ fn grid_time(k: usize, steps: usize, t0: f32, t1: f32) -> f32 {
 
 /// The fixed-grid solvers (torchdiffeq's grid and stage times) with the state on its device:
 /// stages are combined as `y + Σ c_j k_j` (f32 coefficients) by the fused `ode_combine` on the
-/// tensors' backend (the CPU sums in f64 and rounds once; the GPU, until its fused kernel, one
-/// f32 axpby per term).
+/// tensors' backend (the sum in f64, rounded once: on the GPU in one `kernels/fused.cu` launch).
 fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     let check = |y: &Tensor, t: f64| -> Result<()> {
         let s = Tensor::sum_squares(&[y])?;

@@ -3,16 +3,23 @@
 //! `[fm, w2, total]` as an f32 tensor on the loss's device (aux output: read it once, for
 //! logging) and, when `v` needs a gradient, `dL/dv` computed in the same pass and saved.
 //!
+//! CUDA (`kernels/fused.cu` through `backend::cuda::fused::orw_loss`): one pass over `v`, `u`,
+//! `v_ref` writes per-(sample, chunk) partial sums and `dL/dv`, one block finishes the terms on
+//! the device (the output is a view of the terms' total); the backward scales the saved `dL/dv`
+//! by the upstream gradient read on the device (one read and one write of `B·P` values, where
+//! recomputing would read `v`, `u`, `v_ref` again, and no host read of the gradient).
+//!
 //! Only `v` is differentiated (`u`, `w` and `v_ref` are data). Inputs: `[v, u, w]` or
 //! `[v, u, w, v_ref]`, `v`, `u`, `v_ref` of one shape `[B, ...]` and `w [B]`.
 
 use anyhow::{Result, bail};
 
-use super::in_dtype;
+use super::{cuda_f32s, in_dtype};
 use crate::autograd::Var;
 use crate::autograd::custom::{Args, CustomFwd, CustomOp, Shaped, apply_custom};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cpu::fused::{orw_loss_backward, orw_loss_forward, orw_loss_forward_backward};
+use crate::backend::cuda::{CudaStorage, fused as cuda_fused};
 use crate::backend::{BackendStorage, UnaryOp};
 use crate::tensor::{DType, Tensor};
 
@@ -84,6 +91,28 @@ impl CustomOp for OrwLossOp {
             let v: Vec<_> = xs.iter().map(|p| p.0.f32s()).collect();
             in_dtype(orw_loss_backward(&v[0], &v[1], v.get(3).map(|r| &r[..]), &v[2], self.alpha, gv), dt)
         });
+        Ok(grads)
+    }
+
+    fn cuda_fwd(&self, xs: &Args<CudaStorage>, need: &[bool]) -> Result<CustomFwd<Shaped<CudaStorage>>> {
+        let shapes: Vec<&[usize]> = xs.iter().map(|p| p.1).collect();
+        self.check(&shapes, need)?;
+        if let Some(i) = xs.iter().position(|p| !p.0.dtype().is_float()) {
+            bail!("orw_loss: input {i} is {}", xs[i].0.dtype());
+        }
+        let v = cuda_f32s(xs)?;
+        let (terms, dv) = cuda_fused::orw_loss(&v[0], &v[1], &v[2], v.get(3), self.alpha, need[0])?;
+        let total = terms.view(2, 1)?;
+        Ok(CustomFwd { out: (total, Vec::new()), aux: vec![(terms, vec![3])], saved: dv.map(|d| (d, xs[0].1.to_vec())).into_iter().collect() })
+    }
+
+    fn cuda_bwd(&self, xs: &Args<CudaStorage>, saved: &Args<CudaStorage>, g: (&CudaStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CudaStorage>>> {
+        let mut grads = vec![None; xs.len()];
+        if !need[0] {
+            return Ok(grads);
+        }
+        let [(dv, _)] = saved else { bail!("orw_loss: saved state of {} tensors", saved.len()) };
+        grads[0] = Some(cuda_fused::orw_loss_scale(dv, &g.0.to_dtype(DType::F32)?)?.to_dtype(xs[0].0.dtype())?);
         Ok(grads)
     }
 

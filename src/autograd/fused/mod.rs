@@ -1,6 +1,7 @@
 //! The fused tape nodes ([`CustomOp`](super::custom::CustomOp)s), each with a CPU kernel pair from
-//! `backend::cpu::fused` and a composition of today's tensor ops (the CUDA side until its fused
-//! kernels land, and the unfused reference in tests):
+//! `backend::cpu::fused` and a composition of today's tensor ops (the unfused reference in tests,
+//! and the CUDA side of a node without fused kernels: today the attention; `group_norm_act`,
+//! `orw_loss` and `ode_combine` run `kernels/fused.cu` through `backend::cuda::fused`):
 //!
 //! * [`group_norm_act`]: `act(GroupNorm(x) · (1 + scale) + shift)`, saving only `mean`, `rstd`;
 //! * [`attention`]: torchcfm's QKV attention (either head order), flash-style on the CPU, saving
@@ -25,10 +26,12 @@ use anyhow::{Result, bail};
 
 use crate::backend::BackendStorage;
 use crate::backend::cpu::CpuStorage;
+use crate::backend::cuda::CudaStorage;
 use crate::tensor::DType;
 
-/// The dtype shared by float operands `xs` (an error naming `op` otherwise), as the CPU backend requires.
-fn float_dtype(op: &str, xs: &[(&CpuStorage, &[usize])]) -> Result<DType> {
+/// The dtype shared by float operands `xs` (an error naming `op` otherwise), as the CPU backend
+/// requires (and the CUDA kernels, which run in f32 between casts).
+fn float_dtype<S: BackendStorage>(op: &str, xs: &[(&S, &[usize])]) -> Result<DType> {
     let d = xs[0].0.dtype();
     for (i, (s, _)) in xs.iter().enumerate() {
         if !s.dtype().is_float() {
@@ -39,6 +42,12 @@ fn float_dtype(op: &str, xs: &[(&CpuStorage, &[usize])]) -> Result<DType> {
         }
     }
     Ok(d)
+}
+
+/// The CUDA inputs widened to f32 for the fused kernels (shared when already f32; an i32 input is
+/// converted, so callers check float dtypes first).
+fn cuda_f32s(xs: &[(&CudaStorage, &[usize])]) -> Result<Vec<CudaStorage>> {
+    xs.iter().map(|p| p.0.to_dtype(DType::F32)).collect()
 }
 
 /// `v` rounded once into `dtype` (shared when it is f32).

@@ -3,18 +3,21 @@
 //! (`silu(GN(h + emb))`, the add done before), and the output head.
 //!
 //! CPU: `group_norm_act_forward/backward` (statistics in f64, saved `mean`, `rstd` in f32; the
-//! backward recomputes the pre-activation from `x`). Composition: GroupNorm, the modulation,
-//! SiLU, as the U-Net ran them before this node existed.
+//! backward recomputes the pre-activation from `x`). CUDA: the same in `kernels/fused.cu`
+//! (`backend::cuda::fused`: one launch forward, two backward), f16/bf16 widened to f32 around
+//! them. Composition: GroupNorm, the modulation, SiLU, as the U-Net ran them before this node
+//! existed.
 
 use anyhow::{Result, bail};
 
-use super::{float_dtype, in_dtype};
+use super::{cuda_f32s, float_dtype, in_dtype};
 use crate::autograd::Var;
 use crate::autograd::custom::{Args, CustomFwd, CustomOp, Shaped, apply_custom};
-use crate::backend::UnaryOp;
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cpu::fused::{Act, GnGeom, group_norm_act_backward, group_norm_act_forward};
-use crate::tensor::Tensor;
+use crate::backend::cuda::{CudaStorage, fused as cuda_fused};
+use crate::backend::{BackendStorage, UnaryOp};
+use crate::tensor::{DType, Tensor};
 
 /// GroupNorm over `x [N, C, ...]` in `groups` groups with affine `[C]` parameters, then an
 /// optional per-(sample, channel) modulation by `scale`, `shift` (`N·C` values each), then `act`.
@@ -87,6 +90,35 @@ impl CustomOp for GroupNormAct {
             out.push(gr.dshift);
         }
         Ok(out.into_iter().zip(need).map(|(d, &n)| d.filter(|_| n).map(|d| in_dtype(d, dt))).collect())
+    }
+
+    fn cuda_fwd(&self, xs: &Args<CudaStorage>, _need: &[bool]) -> Result<CustomFwd<Shaped<CudaStorage>>> {
+        let shapes: Vec<&[usize]> = xs.iter().map(|p| p.1).collect();
+        let g = self.geom(&shapes)?;
+        let dt = float_dtype(self.name(), xs)?;
+        let v = cuda_f32s(xs)?;
+        let (y, mean, rstd) = cuda_fused::group_norm_act_forward(&v[0], &v[1], &v[2], v.get(3), v.get(4), &g, self.act == Act::Silu)?;
+        let st = vec![g.n * g.groups];
+        Ok(CustomFwd { out: (y.to_dtype(dt)?, xs[0].1.to_vec()), aux: Vec::new(), saved: vec![(mean, st.clone()), (rstd, st)] })
+    }
+
+    fn cuda_bwd(&self, xs: &Args<CudaStorage>, saved: &Args<CudaStorage>, g: (&CudaStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CudaStorage>>> {
+        let shapes: Vec<&[usize]> = xs.iter().map(|p| p.1).collect();
+        let geom = self.geom(&shapes)?;
+        let dt = float_dtype(self.name(), xs)?;
+        let [(mean, _), (rstd, _)] = saved else { bail!("group_norm_act: saved state of {} tensors", saved.len()) };
+        if mean.dtype() != DType::F32 || rstd.dtype() != DType::F32 {
+            bail!("group_norm_act: expected f32 statistics, found {} and {}", mean.dtype(), rstd.dtype());
+        }
+        let v = cuda_f32s(xs)?;
+        let dy = g.0.to_dtype(DType::F32)?;
+        let gr = cuda_fused::group_norm_act_backward(&v[0], &dy, &v[1], &v[2], v.get(3), v.get(4), mean, rstd, &geom, self.act == Act::Silu)?;
+        let mut out = vec![Some(gr.dx), Some(gr.dgamma), Some(gr.dbeta)];
+        if xs.len() == 5 {
+            out.push(gr.dscale);
+            out.push(gr.dshift);
+        }
+        out.into_iter().zip(need).map(|(d, &n)| d.filter(|_| n).map(|d| d.to_dtype(dt)).transpose()).collect()
     }
 
     fn fwd_composed(&self, xs: &[Tensor], _need: &[bool]) -> Result<CustomFwd<Tensor>> {

@@ -127,6 +127,7 @@ pub fn probe(index: usize) -> Result<DeviceInfo> {
 pub mod cast;
 pub mod conv;
 pub mod f32ops;
+pub mod fused;
 pub mod gemm;
 pub mod gpu;
 pub mod kargs;

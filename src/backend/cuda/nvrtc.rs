@@ -18,6 +18,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("rng.cu", include_str!("../../../kernels/rng.cu")),
     ("optim.cu", include_str!("../../../kernels/optim.cu")),
     ("half.cu", include_str!("../../../kernels/half.cu")),
+    ("fused.cu", include_str!("../../../kernels/fused.cu")),
 ];
 
 /// Register use of one compiled kernel, from ptxas' report.

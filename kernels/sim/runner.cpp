@@ -5,6 +5,7 @@
 // block b (whose __shared__ memory, static and dynamic, is the same storage).
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -46,6 +47,11 @@ extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*bo
     shim_smem smem(shared_bytes);
     shim_barrier bar(threads);
     shim_block_barrier = &bar;
+    // one barrier and exchange buffer per warp (shim.h's warp section); a partial last warp has
+    // one too, which its shuffles refuse to use
+    std::unique_ptr<shim_warp[]> warps(new shim_warp[(threads + 31) / 32]);
+    shim_warps = warps.get();
+    shim_block_threads = threads;
     std::vector<std::thread> pool;
     pool.reserve((size_t)threads);
     for (unsigned t = 0; t < threads; ++t) {
@@ -60,6 +66,8 @@ extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*bo
     }
     for (auto& th : pool) th.join();
     shim_block_barrier = nullptr;
+    shim_warps = nullptr;
+    shim_block_threads = 0;
 }
 
 extern "C" void shim_launch(int grid, int block, void (*body)(void*), void* ctx) {

@@ -17,6 +17,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("cast.cu", include_str!("../../../kernels/cast.cu")),
     ("rng.cu", include_str!("../../../kernels/rng.cu")),
     ("optim.cu", include_str!("../../../kernels/optim.cu")),
+    ("attention.cu", include_str!("../../../kernels/attention.cu")),
 ];
 
 /// Register use of one compiled kernel, from ptxas' report.

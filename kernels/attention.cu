@@ -12,8 +12,8 @@
 // Every tiled kernel runs blocks of exactly ATT_THREADS = 128 threads, seen as 16 rows (ty) of 8
 // lanes (tx); the 8 lanes of a row are consecutive lanes of one warp, so a row's reductions are
 // three __shfl_xor_sync steps. Grid: x = tile index, y = batch*head (looping by gridDim.y past
-// 65535). Dynamic shared memory: flash_fwd_smem_floats / flash_bwd_smem_floats floats (the host
-// computes the same sizes, src/backend/cuda/attention.rs).
+// 65535). Dynamic shared memory: as laid out at the top of flash_fwd / flash_bwd, sized by the
+// host (src/backend/cuda/attention.rs, forward_smem_bytes / backward_smem_bytes).
 //
 // Forward (per block: BR = 64 queries; key tiles of BC = 64 streamed through shared memory):
 // S = (q * scale * log2 e)^T k per tile in registers (4 rows x 8 keys per thread), an online
@@ -78,9 +78,8 @@ __device__ __forceinline__ float f4(const float4& v, int c) { return c == 0 ? v.
 #define FWD_BR 64
 #define FWD_BC 64
 
-// Shared memory of the forward: Q (then the output tile) [DP][BR], K as [DP][BC] then V as
-// [BC][DP + 4], P transposed [BC][BR].
-__host__ __device__ __forceinline__ int flash_fwd_smem_floats(int dp) { return dp * FWD_BR + FWD_BC * (dp + 4) + FWD_BC * FWD_BR; }
+// Shared memory of the forward (the host's cuda::attention::forward_smem_bytes):
+// Q (then the output tile) [DP][BR], K as [DP][BC] then V as [BC][DP + 4], P transposed [BC][BR].
 
 template <int DP>
 __device__ __forceinline__ void flash_fwd(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse, long long nbh, long long heads, long long ch, long long t, long long order, float scale) {
@@ -220,7 +219,7 @@ __device__ __forceinline__ void flash_fwd(const float* __restrict__ qkv, float* 
 }
 
 // out [B, heads*ch, T] and lse [B*heads, T] from qkv; grid (ceil(T / 64), min(B*heads, 65535)),
-// 128 threads, flash_fwd_smem_floats(DP) * 4 bytes of dynamic shared memory.
+// 128 threads, cuda::attention::forward_smem_bytes(DP) of dynamic shared memory.
 extern "C" __global__ void flash_attention_forward_d32_f32(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse, long long nbh, long long heads, long long ch, long long t, long long order, float scale) {
     flash_fwd<32>(qkv, out, lse, nbh, heads, ch, t, order, scale);
 }
@@ -233,23 +232,10 @@ extern "C" __global__ void flash_attention_forward_d128_f32(const float* __restr
 
 // ---------------------------------------------------------------- backward
 
-// D[bh, i] = sum_c dO[bh, c, i] * O[bh, c, i] (f64 sum, as the CPU twin), grid-stride over B*heads*T.
-extern "C" __global__ void flash_attention_backward_dsum_f32(const float* __restrict__ out, const float* __restrict__ dout, float* __restrict__ dsum, long long nbh, long long ch, long long t) {
-    GRID_STRIDE(e, nbh * t) {
-        const long long bh = e / t, i = e % t;
-        const float* o = out + bh * ch * t + i;
-        const float* g = dout + bh * ch * t + i;
-        double acc = 0.0;
-        for (long long c = 0; c < ch; ++c) acc += (double)o[c * t] * (double)g[c * t];
-        dsum[e] = (float)acc;
-    }
-}
-
 #define BWD_BR 32
 
-// Shared memory of the backward: K, V [DP][BC + 4]; Q, dO [DP][BR + 4]; P, dS [BR][BC + 4];
-// dS^T [BC][BR + 4]; lse * log2 e and D [BR].
-__host__ __device__ __forceinline__ int flash_bwd_smem_floats(int dp, int bc) { return 2 * dp * (bc + 4) + 2 * dp * (BWD_BR + 4) + 2 * BWD_BR * (bc + 4) + bc * (BWD_BR + 4) + 2 * BWD_BR; }
+// Shared memory of the backward (the host's cuda::attention::backward_smem_bytes): K, V
+// [DP][BC + 4]; Q, dO [DP][BR + 4]; P, dS [BR][BC + 4]; dS^T [BC][BR + 4]; lse * log2 e and D [BR].
 
 template <int DP, int BC>
 __device__ __forceinline__ void flash_bwd(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dsum, float* __restrict__ dqkv, float* __restrict__ dqp, long long nbh, long long heads, long long ch, long long t, long long order, float scale) {
@@ -422,7 +408,7 @@ __device__ __forceinline__ void flash_bwd(const float* __restrict__ qkv, const f
 
 // dK, dV into dqkv (packed like qkv) and dQ per key tile into dqp [ceil(T / BC)][B*heads][ch][T]
 // (into dqkv itself when T <= BC), from qkv, dout [B, heads*ch, T], lse and D [B*heads, T];
-// grid (ceil(T / BC), min(B*heads, 65535)), 128 threads, flash_bwd_smem_floats(DP, BC) * 4 bytes
+// grid (ceil(T / BC), min(B*heads, 65535)), 128 threads, cuda::attention::backward_smem_bytes(DP, BC)
 // of dynamic shared memory; BC = 64 (d32, d64) or 32 (d128).
 extern "C" __global__ void flash_attention_backward_d32_f32(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dsum, float* __restrict__ dqkv, float* __restrict__ dqp, long long nbh, long long heads, long long ch, long long t, long long order, float scale) {
     flash_bwd<32, 64>(qkv, dout, lse, dsum, dqkv, dqp, nbh, heads, ch, t, order, scale);
@@ -432,6 +418,18 @@ extern "C" __global__ void flash_attention_backward_d64_f32(const float* __restr
 }
 extern "C" __global__ void flash_attention_backward_d128_f32(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dsum, float* __restrict__ dqkv, float* __restrict__ dqp, long long nbh, long long heads, long long ch, long long t, long long order, float scale) {
     flash_bwd<128, 32>(qkv, dout, lse, dsum, dqkv, dqp, nbh, heads, ch, t, order, scale);
+}
+
+// D[bh, i] = sum_c dO[bh, c, i] * O[bh, c, i] (f64 sum, as the CPU twin), grid-stride over B*heads*T.
+extern "C" __global__ void flash_attention_backward_dsum_f32(const float* __restrict__ out, const float* __restrict__ dout, float* __restrict__ dsum, long long nbh, long long ch, long long t) {
+    GRID_STRIDE(e, nbh * t) {
+        const long long bh = e / t, i = e % t;
+        const float* o = out + bh * ch * t + i;
+        const float* g = dout + bh * ch * t + i;
+        double acc = 0.0;
+        for (long long c = 0; c < ch; ++c) acc += (double)o[c * t] * (double)g[c * t];
+        dsum[e] = (float)acc;
+    }
 }
 
 // dQ = the sum of the nkt key tiles' partials, in tile order, into dqkv's q slots; grid-stride

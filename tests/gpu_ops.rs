@@ -90,18 +90,20 @@ fn check_tol(name: &str, inputs: &[Tensor], fwd_tol: f64, grad_tol: f64, f: impl
     for (i, (t, g)) in inputs.iter().zip(&gv).enumerate() {
         assert_eq!(g.value().to_vec(), t.data(), "{name}: input {i} was modified on the GPU");
     }
+    let mut worst_grad = 0.0f64;
     for (i, (c, g)) in cv.iter().zip(&gv).enumerate() {
         match (gc.get(c), gg.get(g)) {
             (Some(a), Some(b)) => {
                 assert!(b.all_finite(), "{name}: gradient {i} on the GPU has non-finite values");
                 let e = b.rel_err(a);
                 assert!(e <= grad_tol, "{name}: gradient {i} rel err {e:e} > {grad_tol:e}");
+                worst_grad = worst_grad.max(e);
             }
             (None, None) => {}
             (a, b) => panic!("{name}: gradient {i} exists on one device only (cpu {}, gpu {})", a.is_some(), b.is_some()),
         }
     }
-    eprintln!("{name:<28} forward {e:.1e}");
+    eprintln!("{name:<28} forward {e:.1e}, gradients {worst_grad:.1e}");
 }
 
 #[test]

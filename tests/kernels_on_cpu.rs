@@ -1284,8 +1284,9 @@ fn attention_kernels_match_the_cpu_flash_attention() {
     type Bwd = unsafe extern "C" fn(P, P, P, P, M, M, I, I, I, I, I, f32);
     let kdsum: unsafe extern "C" fn(P, P, M, I, I, I) = lib.k("flash_attention_backward_dsum_f32");
     let kdq: unsafe extern "C" fn(P, M, I, I, I, I, I, I) = lib.k("flash_attention_backward_dq_f32");
-    // (b, heads, ch, t): per variant one case with a single key tile and one with several
-    let cases = [(2usize, 3usize, 5usize, 37usize), (1, 2, 32, 130), (2, 1, 40, 49), (1, 2, 64, 70), (1, 1, 96, 20), (1, 2, 128, 45)];
+    // (b, heads, ch, t): per variant one case with a single key tile and one with several; the
+    // CIFAR-10 recipe's heads (64 channels at 16×16)
+    let cases = [(2usize, 3usize, 5usize, 37usize), (1, 2, 32, 130), (2, 1, 40, 49), (1, 2, 64, 70), (1, 2, 64, 256), (1, 1, 96, 20), (1, 2, 128, 45)];
     for (b, heads, ch, t) in cases {
         for order in [QkvOrder::Legacy, QkvOrder::New] {
             let g = AttnGeom { b, heads, ch, t, order };

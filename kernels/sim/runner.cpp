@@ -2,7 +2,8 @@
 // blocks (both 3-D, x fastest) runs one OS thread per thread of a block; each sets its threadIdx
 // and walks the blocks in order, calling `body(ctx)` (which calls the kernel) once per block, with
 // a barrier after each block so that no thread starts block b+1 while another still works on
-// block b (whose __shared__ memory, static and dynamic, is the same storage).
+// block b (whose __shared__ memory, static and dynamic, is the same storage). Each warp of the
+// block gets its own barrier and shuffle buffer (shim.h's warp section).
 #include <cstdlib>
 #include <cstring>
 #include <memory>

@@ -19,6 +19,7 @@
 //   `-ffp-contract=off`, so nothing is contracted into an FMA (NVRTC runs with --fmad=true; the
 //   kernels use the _rn intrinsics exactly where that matters). `__expf` is libm's `expf` (the
 //   GPU's is an approximation of a few ulp: not reproduced here).
+// - Warp shuffles, `__syncwarp` and float2/float4: the warp section below.
 #pragma once
 
 #include <cmath>

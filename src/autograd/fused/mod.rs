@@ -1,6 +1,6 @@
 //! The fused tape nodes ([`CustomOp`](super::custom::CustomOp)s), each with a CPU kernel pair from
 //! `backend::cpu::fused` and a composition of today's tensor ops (the CUDA side until its fused
-//! kernels land, and the unfused reference in tests):
+//! kernels land — the attention's have, `cuda::attention` — and the unfused reference in tests):
 //!
 //! * [`group_norm_act`]: `act(GroupNorm(x) · (1 + scale) + shift)`, saving only `mean`, `rstd`;
 //! * [`attention`]: torchcfm's QKV attention (either head order), flash-style on the CPU, saving

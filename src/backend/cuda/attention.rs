@@ -56,13 +56,13 @@ pub fn variant(ch: usize) -> Result<(usize, usize)> {
     })
 }
 
-/// Dynamic shared memory of a forward block for padded head dimension `dp` (as
-/// `flash_fwd_smem_floats` of the kernel file): Q [dp][64], K [dp][64] then Vᵀ [64][dp + 4], Pᵀ [64][64].
+/// Dynamic shared memory of a forward block for padded head dimension `dp` (the layout at the
+/// top of the kernel file's `flash_fwd`): Q [dp][64], K [dp][64] then Vᵀ [64][dp + 4], Pᵀ [64][64].
 pub fn forward_smem_bytes(dp: usize) -> u32 {
     (4 * (dp * FWD_TILE + FWD_TILE * (dp + 4) + FWD_TILE * FWD_TILE)) as u32
 }
 
-/// Dynamic shared memory of a backward block (as `flash_bwd_smem_floats`): K, V [dp][bc + 4],
+/// Dynamic shared memory of a backward block (`flash_bwd`'s layout): K, V [dp][bc + 4],
 /// Q, dO [dp][36], P, dS [32][bc + 4], dSᵀ [bc][36], lse and D [32].
 pub fn backward_smem_bytes(dp: usize, bc: usize) -> u32 {
     let br = BWD_QUERY_TILE;
@@ -162,4 +162,32 @@ pub fn flash_attention_backward(qkv: &CudaStorage, out: &CudaStorage, lse: &Cuda
         g.launch_n("flash_attention_backward_dq_f32", n, &a)?;
     }
     Ok(dqkv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_cover_every_head_up_to_128_and_fit_the_shared_memory() {
+        assert_eq!(variant(1).unwrap(), (32, 64));
+        assert_eq!(variant(33).unwrap(), (64, 64));
+        assert_eq!(variant(64).unwrap(), (64, 64));
+        assert_eq!(variant(65).unwrap(), (128, 32));
+        assert!(variant(129).is_err());
+        for ch in [32, 64, 128] {
+            let (dp, bc) = variant(ch).unwrap();
+            // sm_80's opt-in limit, the lower of the two targets (sm_90: 227 KiB)
+            assert!(forward_smem_bytes(dp) <= 163 << 10 && backward_smem_bytes(dp, bc) <= 163 << 10, "ch {ch}");
+        }
+        assert_eq!(forward_smem_bytes(64), 4 * (64 * 64 + 64 * 68 + 64 * 64));
+        let g = AttnGeom { b: 2, heads: 4, ch: 64, t: 256, order: QkvOrder::Legacy };
+        let (f, b) = flops(&g);
+        assert_eq!((f, b), (4.0 * 8.0 * 256.0 * 256.0 * 64.0, 10.0 * 8.0 * 256.0 * 256.0 * 64.0));
+        let (bf, bb) = bytes(&g);
+        let n = 8.0 * 64.0 * 256.0;
+        assert_eq!(bf, 4.0 * (4.0 * n + 8.0 * 256.0));
+        // four key tiles of 64: the partials are written and read once each
+        assert_eq!(bb, 4.0 * (9.0 * n + 3.0 * 8.0 * 256.0 + 2.0 * 4.0 * n));
+    }
 }

@@ -90,18 +90,20 @@ fn check_tol(name: &str, inputs: &[Tensor], fwd_tol: f64, grad_tol: f64, f: impl
     for (i, (t, g)) in inputs.iter().zip(&gv).enumerate() {
         assert_eq!(g.value().to_vec(), t.data(), "{name}: input {i} was modified on the GPU");
     }
+    let mut worst_grad = 0.0f64;
     for (i, (c, g)) in cv.iter().zip(&gv).enumerate() {
         match (gc.get(c), gg.get(g)) {
             (Some(a), Some(b)) => {
                 assert!(b.all_finite(), "{name}: gradient {i} on the GPU has non-finite values");
                 let e = b.rel_err(a);
                 assert!(e <= grad_tol, "{name}: gradient {i} rel err {e:e} > {grad_tol:e}");
+                worst_grad = worst_grad.max(e);
             }
             (None, None) => {}
             (a, b) => panic!("{name}: gradient {i} exists on one device only (cpu {}, gpu {})", a.is_some(), b.is_some()),
         }
     }
-    eprintln!("{name:<28} forward {e:.1e}");
+    eprintln!("{name:<28} forward {e:.1e}, gradients {worst_grad:.1e}");
 }
 
 #[test]
@@ -212,6 +214,52 @@ fn group_norm_and_attention() {
     for order in [QkvOrder::Legacy, QkvOrder::New] {
         let qkv = rnd(&[3, 3 * 2 * 16, 49], &mut r);
         check(&format!("attention {order:?} 2 heads t=49"), &[qkv], |v| ops::qkv_attention(&v[0], 2, order).unwrap());
+    }
+}
+
+/// The fused `flash_attention` node (the flash kernels of `kernels/attention.cu` on the GPU)
+/// against the CPU node: every head-dimension variant (32/64/128 padded), one and several key
+/// tiles, both head orders; a head wider than the kernels take (the composition); what it saves
+/// (no `T × T`); f16 and bf16 (widened around the f32 kernels) against the f32 CPU node.
+#[test]
+fn flash_attention_node_matches_the_cpu() {
+    use orwcfm_fast::autograd::fused::{self, Attention};
+    use orwcfm_fast::tensor::DType;
+    let Some((_g, _one)) = gpu("flash_attention_node_matches_the_cpu") else { return };
+    let mut r = Rng::new(11);
+    // (b, heads, ch, t)
+    for (b, heads, ch, t) in [(2usize, 2usize, 16usize, 49usize), (1, 1, 40, 70), (1, 2, 96, 37), (1, 1, 130, 9)] {
+        for order in [QkvOrder::Legacy, QkvOrder::New] {
+            let qkv = rnd(&[b, 3 * heads * ch, t], &mut r).mul_scalar(1.5).unwrap();
+            check(&format!("flash {order:?} h{heads} ch{ch} t{t}"), &[qkv.clone()], |v| fused::attention(&v[0], heads, order).unwrap());
+            let saved = Tensor::apply_custom(&Attention { heads, order }, &[&gpu_t(&qkv)], &[true]).unwrap().saved;
+            let shapes: Vec<Vec<usize>> = saved.iter().map(|s| s.shape().to_vec()).collect();
+            if ch <= orwcfm_fast::backend::cuda::attention::MAX_HEAD_DIM {
+                assert_eq!(shapes, [vec![b, heads * ch, t], vec![b * heads, t]], "ch {ch}: the flash node saves out and lse only");
+            } else {
+                assert_eq!(shapes, [vec![b * heads, t, t]], "ch {ch}: the composition saves the probabilities");
+            }
+        }
+    }
+    // half precision: the dtype kept, within the precision's tolerance of the f32 CPU node
+    let (b, heads, ch, t) = (2, 2, 24, 70);
+    let qkv = rnd(&[b, 3 * heads * ch, t], &mut r).mul_scalar(1.5).unwrap();
+    let seed = rnd(&[b, heads * ch, t], &mut r);
+    let run = |x: Tensor, s: Tensor| {
+        let v = Var::param(x);
+        let y = fused::attention(&v, 2, QkvOrder::New).unwrap();
+        let gr = y.backward_with(s).unwrap();
+        (y.value(), gr.get(&v).unwrap().clone())
+    };
+    let (want, wgrad) = run(qkv.clone(), seed.clone());
+    for (dt, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
+        let (y, gr) = run(gpu_t(&qkv.to_dtype(dt).unwrap()), gpu_t(&seed.to_dtype(dt).unwrap()));
+        assert_eq!((y.dtype(), gr.dtype()), (dt, dt), "{dt}: output and gradient dtypes");
+        assert!(y.device().is_cuda() && gr.device().is_cuda());
+        let (y, gr) = (y.to_dtype(DType::F32).unwrap().to_device(Device::Cpu).unwrap(), gr.to_dtype(DType::F32).unwrap().to_device(Device::Cpu).unwrap());
+        let (e, ge) = (y.rel_err(&want), gr.rel_err(&wgrad));
+        eprintln!("flash {dt}: forward {e:.1e}, gradient {ge:.1e} (tolerance {tol:e})");
+        assert!(e <= tol && ge <= tol, "flash {dt}: forward {e:e}, gradient {ge:e} > {tol:e}");
     }
 }
 

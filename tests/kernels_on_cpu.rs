@@ -88,6 +88,19 @@ const TESTED: &[(&str, &[&str])] = &[
             "orw_loss_scale_f32",
         ],
     ),
+    (
+        "attention.cu",
+        &[
+            "flash_attention_forward_d32_f32",
+            "flash_attention_forward_d64_f32",
+            "flash_attention_forward_d128_f32",
+            "flash_attention_backward_dsum_f32",
+            "flash_attention_backward_d32_f32",
+            "flash_attention_backward_d64_f32",
+            "flash_attention_backward_d128_f32",
+            "flash_attention_backward_dq_f32",
+        ],
+    ),
 ];
 
 /// Where the kernels should round like the CPU twin.
@@ -191,6 +204,22 @@ impl Lib {
         // SAFETY: shim_launch calls `call_body(&r)` grid × block times and returns after all
         // threads joined; the kernel arguments captured by `f` are live buffers of the sizes passed
         unsafe { (self.launch_fn)(grid as i32, block as i32, call_body, &r as *const &(dyn Fn() + Sync) as *mut c_void) };
+    }
+}
+
+type Launch3Fn = unsafe extern "C" fn(*const u32, u32, extern "C" fn(*mut c_void), *mut c_void);
+
+impl Lib {
+    /// Run `f` (which calls one kernel) as a launch of a 3-D `grid` of 3-D `block`s with
+    /// `shared` bytes of dynamic shared memory (runner.cpp's shim_launch3).
+    fn launch3(&self, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, f: &(dyn Fn() + Sync)) {
+        // SAFETY: runner.cpp defines shim_launch3 with exactly this signature
+        let launch3: Launch3Fn = unsafe { *self.lib.get::<Launch3Fn>(b"shim_launch3").expect("shim_launch3 in the library") };
+        let _serial = self.launched.lock().unwrap();
+        let dims = [grid.0, grid.1, grid.2, block.0, block.1, block.2];
+        let r: &(dyn Fn() + Sync) = f;
+        // SAFETY: as in `launch`; `dims` outlives the call
+        unsafe { launch3(dims.as_ptr(), shared, call_body, &r as *const &(dyn Fn() + Sync) as *mut c_void) };
     }
 }
 
@@ -1621,6 +1650,95 @@ fn fused_kernels_match_the_cpu_backend() {
                         lib.launch(sh2, &|| unsafe { ks(dp as P, gp as P, op as M, len as I) });
                         c.f32s("orw_loss_scale_f32", &format!("{case}, {sh2:?}"), out.get(), &want_g, APPROX);
                     }
+                }
+            }
+        }
+    }
+    c.finish(&lib);
+}
+
+// ---------------------------------------------------------------- attention.cu
+
+/// The flash attention kernels against the CPU's fused flash attention, both head orders, every
+/// head-dimension variant, T not a multiple of any tile (one and several key tiles), the grid's
+/// y extent both B·heads and 1 (the kernels loop over batch·heads): the forward's `out` and
+/// `lse`; D = rowsum(dO ∘ O); the backward's `dqkv` (dK, dV from the tiled kernel, dQ from it
+/// directly with one key tile, else from the partials summed by the dq kernel). Launched as
+/// `cuda::attention` launches them (its tile and shared memory sizes).
+#[test]
+fn attention_kernels_match_the_cpu_flash_attention() {
+    use orwcfm_fast::backend::cpu::fused::{flash_attention_backward, flash_attention_forward};
+    use orwcfm_fast::backend::cuda::attention::{FWD_TILE, THREADS, backward_smem_bytes, forward_smem_bytes, variant};
+    use orwcfm_fast::backend::{AttnGeom, QkvOrder};
+    let Some(lib) = Lib::load("attention.cu") else { return };
+    let mut c = Checks::new("attention.cu");
+    let mut r = Rng::new(0x5eed_0009);
+    type Fwd = unsafe extern "C" fn(P, M, M, I, I, I, I, I, f32);
+    type Bwd = unsafe extern "C" fn(P, P, P, P, M, M, I, I, I, I, I, f32);
+    let kdsum: unsafe extern "C" fn(P, P, M, I, I, I) = lib.k("flash_attention_backward_dsum_f32");
+    let kdq: unsafe extern "C" fn(P, M, I, I, I, I, I, I) = lib.k("flash_attention_backward_dq_f32");
+    // (b, heads, ch, t): per variant one case with a single key tile and one with several; the
+    // CIFAR-10 recipe's heads (64 channels at 16×16)
+    let cases = [(2usize, 3usize, 5usize, 37usize), (1, 2, 32, 130), (2, 1, 40, 49), (1, 2, 64, 70), (1, 2, 64, 256), (1, 1, 96, 20), (1, 2, 128, 45)];
+    for (b, heads, ch, t) in cases {
+        for order in [QkvOrder::Legacy, QkvOrder::New] {
+            let g = AttnGeom { b, heads, ch, t, order };
+            let (dp, bc) = variant(ch).unwrap();
+            let nbh = b * heads;
+            let n = nbh * ch * t;
+            let ord = if order == QkvOrder::Legacy { 0 } else { 1 };
+            // a spread of 1.5 so that the softmax is far from uniform
+            let qkv = scaled(r.normal_vec(3 * n), 1.5);
+            let dout = r.normal_vec(n);
+            let (wout, wlse) = flash_attention_forward(&qkv, &g);
+            let wdqkv = flash_attention_backward(&qkv, &wout, &wlse, &dout, &g);
+            let scale = 1.0 / (ch as f32).sqrt();
+            let (a, hh, cc, tt) = (nbh as I, heads as I, ch as I, t as I);
+            let kf: Fwd = lib.k(&format!("flash_attention_forward_d{dp}_f32"));
+            let kb: Bwd = lib.k(&format!("flash_attention_backward_d{dp}_f32"));
+            for gy in [nbh as u32, 1] {
+                let case = format!("b {b} heads {heads} ch {ch} t {t} {order:?}, grid y {gy}");
+                let (mut out, mut lse) = (nan(n), nan(nbh * t));
+                let (qp, op, lp) = (addr(&qkv), addr_mut(&mut out), addr_mut(&mut lse));
+                let grid = (t.div_ceil(FWD_TILE) as u32, gy, 1);
+                lib.launch3(grid, (THREADS, 1, 1), forward_smem_bytes(dp), &|| unsafe { kf(qp as P, op as M, lp as M, a, hh, cc, tt, ord, scale) });
+                c.f32s(&format!("flash_attention_forward_d{dp}_f32"), &format!("out, {case}"), &out, &wout, APPROX);
+                c.f32s(&format!("flash_attention_forward_d{dp}_f32"), &format!("lse, {case}"), &lse, &wlse, APPROX);
+                // D = rowsum(dO ∘ O), in f64 like the CPU backward
+                let wd: Vec<f32> = (0..nbh * t).map(|e| (0..ch).map(|k| wout[(e / t * ch + k) * t + e % t] as f64 * dout[(e / t * ch + k) * t + e % t] as f64).sum::<f64>() as f32).collect();
+                let (wop, gp) = (addr(&wout), addr(&dout));
+                for sh in shapes_n(nbh * t) {
+                    let mut d = nan(nbh * t);
+                    let dp_ = addr_mut(&mut d);
+                    lib.launch(sh, &|| unsafe { kdsum(wop as P, gp as P, dp_ as M, a, cc, tt) });
+                    c.f32s("flash_attention_backward_dsum_f32", &format!("{case}, {sh:?}"), &d, &wd, EXACT);
+                }
+                // the backward from the CPU's out and lse (so that it is checked on its own)
+                let nkt = t.div_ceil(bc);
+                let mut dqkv = nan(3 * n);
+                let mut dqp = nan(nkt * n);
+                let (wlp, dsp, dqkvp, dqpp) = (addr(&wlse), addr(&wd), addr_mut(&mut dqkv), addr_mut(&mut dqp));
+                lib.launch3((nkt as u32, gy, 1), (THREADS, 1, 1), backward_smem_bytes(dp, bc), &|| unsafe { kb(qp as P, gp as P, wlp as P, dsp as P, dqkvp as M, dqpp as M, a, hh, cc, tt, ord, scale) });
+                let mut is_q = vec![false; 3 * n];
+                for bh in 0..nbh {
+                    let o = g.offsets(bh / heads, bh % heads).0;
+                    is_q[o..o + ch * t].iter_mut().for_each(|v| *v = true);
+                }
+                if nkt == 1 {
+                    assert!(dqp.iter().all(|v| v.is_nan()), "{case}: one key tile, yet the partials were written");
+                    c.f32s(&format!("flash_attention_backward_d{dp}_f32"), &format!("dqkv (one key tile), {case}"), &dqkv, &wdqkv, APPROX);
+                    continue;
+                }
+                // several key tiles: dK and dV written, dQ left to the dq kernel
+                assert!((0..3 * n).all(|i| !is_q[i] || dqkv[i].is_nan()), "{case}: the backward kernel wrote dQ slots with {nkt} key tiles");
+                let kv_got: Vec<f32> = (0..3 * n).filter(|&i| !is_q[i]).map(|i| dqkv[i]).collect();
+                let kv_want: Vec<f32> = (0..3 * n).filter(|&i| !is_q[i]).map(|i| wdqkv[i]).collect();
+                c.f32s(&format!("flash_attention_backward_d{dp}_f32"), &format!("dK, dV ({nkt} key tiles), {case}"), &kv_got, &kv_want, APPROX);
+                for sh in shapes_n(n) {
+                    let mut x = dqkv.clone();
+                    let xp = addr_mut(&mut x);
+                    lib.launch(sh, &|| unsafe { kdq(dqpp as P, xp as M, nkt as I, a, hh, cc, tt, ord) });
+                    c.f32s("flash_attention_backward_dq_f32", &format!("dqkv ({nkt} key tiles), {case}, {sh:?}"), &x, &wdqkv, APPROX);
                 }
             }
         }

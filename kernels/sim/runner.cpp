@@ -2,9 +2,11 @@
 // blocks (both 3-D, x fastest) runs one OS thread per thread of a block; each sets its threadIdx
 // and walks the blocks in order, calling `body(ctx)` (which calls the kernel) once per block, with
 // a barrier after each block so that no thread starts block b+1 while another still works on
-// block b (whose __shared__ memory, static and dynamic, is the same storage).
+// block b (whose __shared__ memory, static and dynamic, is the same storage). Each warp of the
+// block gets its own barrier and shuffle buffer (shim.h's warp section).
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -46,6 +48,11 @@ extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*bo
     shim_smem smem(shared_bytes);
     shim_barrier bar(threads);
     shim_block_barrier = &bar;
+    // one barrier and exchange buffer per warp (shim.h's warp section); a partial last warp has
+    // one too, which its shuffles refuse to use
+    std::unique_ptr<shim_warp[]> warps(new shim_warp[(threads + 31) / 32]);
+    shim_warps = warps.get();
+    shim_block_threads = threads;
     std::vector<std::thread> pool;
     pool.reserve((size_t)threads);
     for (unsigned t = 0; t < threads; ++t) {
@@ -60,6 +67,8 @@ extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*bo
     }
     for (auto& th : pool) th.join();
     shim_block_barrier = nullptr;
+    shim_warps = nullptr;
+    shim_block_threads = 0;
 }
 
 extern "C" void shim_launch(int grid, int block, void (*body)(void*), void* ctx) {

@@ -19,6 +19,7 @@
 //   `-ffp-contract=off`, so nothing is contracted into an FMA (NVRTC runs with --fmad=true; the
 //   kernels use the _rn intrinsics exactly where that matters). `__expf` is libm's `expf` (the
 //   GPU's is an approximation of a few ulp: not reproduced here).
+// - Warp shuffles, `__syncwarp` and float2/float4: the warp section below.
 #pragma once
 
 #include <cmath>
@@ -94,10 +95,110 @@ inline int __float_as_int(float f) {
     return v;
 }
 
-// ---- vector types (kernels/fused.cu): CUDA's float4 (16-byte aligned, as on the device) and
-// make_float4; a float4 load or store through a cast pointer is one plain 16-byte access here.
-struct alignas(16) float4 {
+// ---- warps: shuffles, __syncwarp, float2/float4 (kernels/attention.cu) -----------------------
+// A warp is 32 consecutive threads of the block's linear thread index (x fastest, as on the
+// GPU). shim_launch3 (runner.cpp) gives every warp of the block a barrier over its 32 threads and
+// an exchange buffer: a shuffle writes the thread's value into its lane's slot, waits at the
+// warp's barrier and reads the source lane's slot. The buffer is double-buffered by a per-thread
+// phase (every thread of a warp runs the same shuffles, so their phases agree), which makes one
+// barrier per shuffle enough: a lane can only overwrite a slot of phase p after every lane has
+// passed the barrier of the following shuffle, i.e. after all of them read phase p.
+// Supported: the full mask only, widths that are powers of two <= 32, blocks whose threads fill
+// whole warps. A shuffle or __syncwarp in a partial warp (block size not a multiple of 32), with
+// another mask, or in a kernel run by the serial launcher (sim.rs runs a kernel that mentions
+// __shfl or __syncwarp with all its threads at once) aborts with a message: waiting would hang.
+#include <cstdio>
+#include <cstdlib>
+
+struct shim_warp {
+    shim_barrier bar{32};
+    unsigned long long slot[2][32] = {};
+};
+
+// The running launch's warps (set by shim_launch3) and its threads per block.
+SHIM_LOCAL inline shim_warp* shim_warps = nullptr;
+SHIM_LOCAL inline unsigned shim_block_threads = 0;
+SHIM_LOCAL inline thread_local unsigned shim_shuffle_phase = 0;
+
+[[noreturn]] inline void shim_warp_abort(const char* op, const char* why) {
+    std::fprintf(stderr, "CUDA shim: %s: %s\n", op, why);
+    std::fflush(stderr);
+    std::abort();
+}
+
+inline unsigned shim_linear_thread() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+inline shim_warp& shim_this_warp(const char* op, unsigned mask) {
+    if (shim_warps == nullptr) shim_warp_abort(op, "no warps in this launch (a kernel run by the serial launcher?)");
+    if (mask != 0xffffffffu) shim_warp_abort(op, "only the full mask 0xffffffff is supported");
+    const unsigned w = shim_linear_thread() / 32u;
+    if ((w + 1u) * 32u > shim_block_threads) shim_warp_abort(op, "a partial warp (the block size is not a multiple of 32)");
+    return shim_warps[w];
+}
+
+inline void shim_check_width(const char* op, int width) {
+    if (width <= 0 || width > 32 || (width & (width - 1)) != 0) shim_warp_abort(op, "the width must be a power of two <= 32");
+}
+
+// The value of `v` held by lane `src` of the caller's warp.
+template <class T>
+inline T shim_shuffle(const char* op, unsigned mask, T v, unsigned src) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffles move at most 8 bytes");
+    shim_warp& w = shim_this_warp(op, mask);
+    const unsigned lane = shim_linear_thread() & 31u;
+    const unsigned ph = shim_shuffle_phase;
+    shim_shuffle_phase ^= 1u;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    w.slot[ph][lane] = bits;
+    w.bar.wait();
+    T r;
+    std::memcpy(&r, &w.slot[ph][src & 31u], sizeof(T));
+    return r;
+}
+
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+    shim_check_width("__shfl_sync", width);
+    const unsigned lane = shim_linear_thread() & 31u;
+    const unsigned base = lane & ~(unsigned)(width - 1);
+    return shim_shuffle("__shfl_sync", mask, v, base + ((unsigned)src_lane & (unsigned)(width - 1)));
+}
+
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    shim_check_width("__shfl_xor_sync", width);
+    const unsigned lane = shim_linear_thread() & 31u;
+    const unsigned base = lane & ~(unsigned)(width - 1);
+    const unsigned src = lane ^ (unsigned)lane_mask;
+    // a later group's lane is not reachable: the caller's own value
+    return shim_shuffle("__shfl_xor_sync", mask, v, src >= base + (unsigned)width ? lane : src);
+}
+
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    shim_check_width("__shfl_down_sync", width);
+    const unsigned lane = shim_linear_thread() & 31u;
+    return shim_shuffle("__shfl_down_sync", mask, v, (lane & (unsigned)(width - 1)) + delta < (unsigned)width ? lane + delta : lane);
+}
+
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    shim_check_width("__shfl_up_sync", width);
+    const unsigned lane = shim_linear_thread() & 31u;
+    return shim_shuffle("__shfl_up_sync", mask, v, (lane & (unsigned)(width - 1)) >= delta ? lane - delta : lane);
+}
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) { shim_this_warp("__syncwarp", mask).bar.wait(); }
+
+// CUDA's vector types (16- and 8-byte aligned, as on the device; may_alias: the kernels load them
+// from float arrays).
+struct __attribute__((aligned(8), may_alias)) float2 {
+    float x, y;
+};
+struct __attribute__((aligned(16), may_alias)) float4 {
     float x, y, z, w;
 };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-// ---- end of vector types
+// ---- end of warps

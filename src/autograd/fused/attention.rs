@@ -5,8 +5,9 @@
 //! one tile of the `T × T` scores exists at a time, and the node saves the output (in f32) and
 //! the per-row log-sum-exp `[B·heads, T]`, not the probabilities. Without a gradient (sampling)
 //! nothing is saved, and when the probabilities would fit in cache ([`FLASH_MIN_PROB_BYTES`])
-//! the backend's own attention kernel, faster on the CPU there, computes it. Composition: the attention kernel pair that saves the
-//! probabilities (`Tensor::qkv_attention`).
+//! the backend's own attention kernel, faster on the CPU there, computes it. CUDA: the flash
+//! kernels of `kernels/attention.cu` (`cuda::attention`), saving the same state. Composition: the
+//! attention kernel pair that saves the probabilities (`Tensor::qkv_attention`).
 
 use anyhow::{Result, bail};
 
@@ -15,6 +16,9 @@ use crate::autograd::Var;
 use crate::autograd::custom::{Args, CustomFwd, CustomOp, Shaped, apply_custom};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::cpu::fused::{flash_attention_backward, flash_attention_forward};
+use crate::backend::cuda::CudaStorage;
+use crate::backend::cuda::attention as cuda_attention;
+use crate::backend::cuda::cast::cast;
 use crate::backend::{AttnGeom, BackendStorage, QkvOrder};
 use crate::tensor::{DType, Tensor};
 
@@ -73,6 +77,42 @@ impl CustomOp for Attention {
         let geom = self.geom(shape)?;
         let d = flash_attention_backward(&qkv.f32s(), out.as_f32()?, lse.as_f32()?, &g.0.f32s(), &geom);
         Ok(vec![Some(in_dtype(d, qkv.dtype()))])
+    }
+
+    /// Flash kernels (`cuda::attention`, f32: f16/bf16 are widened around them, the output
+    /// rounded once, as the CPU node) for heads of up to [`cuda_attention::MAX_HEAD_DIM`]
+    /// channels, with or without a gradient (nothing `T × T` either way); wider heads take the
+    /// composition.
+    fn cuda_fwd(&self, xs: &Args<CudaStorage>, need: &[bool]) -> Result<CustomFwd<Shaped<CudaStorage>>> {
+        let [(qkv, shape)] = xs else { bail!("flash_attention: {} inputs, expected qkv alone", xs.len()) };
+        let g = self.geom(shape)?;
+        if !cuda_attention::supported(&g) {
+            return crate::tensor::storage::cuda_fwd_composed(self, xs, need);
+        }
+        let dt = qkv.dtype();
+        if !dt.is_float() {
+            bail!("flash_attention: qkv is {dt}, a float op needs float inputs");
+        }
+        let (out32, lse) = cuda_attention::flash_attention_forward(&cast(qkv, DType::F32)?, &g)?;
+        let oshape = g.out_shape().to_vec();
+        let y = cast(&out32, dt)?;
+        let saved = if need[0] { vec![(out32, oshape.clone()), (lse, vec![g.b * g.heads, g.t])] } else { Vec::new() };
+        Ok(CustomFwd { out: (y, oshape), aux: Vec::new(), saved })
+    }
+
+    fn cuda_bwd(&self, xs: &Args<CudaStorage>, saved: &Args<CudaStorage>, g: (&CudaStorage, &[usize]), need: &[bool]) -> Result<Vec<Option<CudaStorage>>> {
+        let [(qkv, shape)] = xs else { bail!("flash_attention: {} inputs, expected qkv alone", xs.len()) };
+        if !need[0] {
+            return Ok(vec![None]);
+        }
+        let geom = self.geom(shape)?;
+        if !cuda_attention::supported(&geom) {
+            // the composed forward saved the probabilities
+            return crate::tensor::storage::cuda_bwd_composed(self, xs, saved, g, need);
+        }
+        let [(out, _), (lse, _)] = saved else { bail!("flash_attention: saved state of {} tensors", saved.len()) };
+        let d = cuda_attention::flash_attention_backward(&cast(qkv, DType::F32)?, out, lse, &cast(g.0, DType::F32)?, &geom)?;
+        Ok(vec![Some(cast(&d, qkv.dtype())?)])
     }
 
     fn fwd_composed(&self, xs: &[Tensor], _need: &[bool]) -> Result<CustomFwd<Tensor>> {

@@ -1,7 +1,8 @@
 //! The fused tape nodes ([`CustomOp`](super::custom::CustomOp)s), each with a CPU kernel pair from
-//! `backend::cpu::fused` and a composition of today's tensor ops (the unfused reference in tests,
-//! and the CUDA side of a node without fused kernels: today the attention; `group_norm_act`,
-//! `orw_loss` and `ode_combine` run `kernels/fused.cu` through `backend::cuda::fused`):
+//! `backend::cpu::fused` and a composition of today's tensor ops (the unfused reference in tests;
+//! on CUDA every node runs its fused kernels: `group_norm_act`, `orw_loss` and `ode_combine`
+//! `kernels/fused.cu` through `backend::cuda::fused`, the attention `kernels/attention.cu` through
+//! `backend::cuda::attention`):
 //!
 //! * [`group_norm_act`]: `act(GroupNorm(x) · (1 + scale) + shift)`, saving only `mean`, `rstd`;
 //! * [`attention`]: torchcfm's QKV attention (either head order), flash-style on the CPU, saving

@@ -520,6 +520,12 @@ impl Gpu {
             }
         };
         let f = cuda.funcs.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
+        if cfg.shared_bytes > 48 << 10 {
+            // past 48 KiB of dynamic shared memory a kernel must opt in (sm_80: up to 163 KiB, sm_90: 227 KiB)
+            use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_bytes as i32)
+                .map_err(|e| anyhow!("launching {name} on cuda:{}: {} bytes of shared memory refused: {e}", self.ordinal, cfg.shared_bytes))?;
+        }
         let mut b = cuda.stream.launch_builder(f);
         for a in args {
             match a {

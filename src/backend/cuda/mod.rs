@@ -124,6 +124,7 @@ pub fn probe(index: usize) -> Result<DeviceInfo> {
     let total_mem_bytes = ctx.total_mem().unwrap_or(0);
     Ok(DeviceInfo { index, name, compute_capability, total_mem_bytes, device_count: n, libraries: libs })
 }
+pub mod attention;
 pub mod cast;
 pub mod conv;
 pub mod f32ops;

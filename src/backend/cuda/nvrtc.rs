@@ -19,6 +19,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("optim.cu", include_str!("../../../kernels/optim.cu")),
     ("half.cu", include_str!("../../../kernels/half.cu")),
     ("fused.cu", include_str!("../../../kernels/fused.cu")),
+    ("attention.cu", include_str!("../../../kernels/attention.cu")),
 ];
 
 /// Register use of one compiled kernel, from ptxas' report.

@@ -121,12 +121,12 @@ pub fn shim_source(src: &str) -> String {
 }
 
 /// Kernels of `src` that need their threads to run at once: they (or a `__device__` function they
-/// call) use `__syncthreads` or `__shared__` memory (static, or dynamic declared at file scope).
-/// The others run serially per block.
+/// call, templates included) use `__syncthreads`, warp shuffles or `__syncwarp`, or `__shared__`
+/// memory (static, or dynamic declared at file scope). The others run serially per block.
 pub fn barrier_kernels(src: &str) -> Vec<String> {
     let src = &super::nvrtc::expand_headers(src);
     let file_shared: Vec<String> = dynamic_shared(src).into_iter().filter(|d| d.file_scope).map(|d| d.name).collect();
-    let uses = |body: &str| body.contains("__syncthreads") || body.contains("__shared__") || file_shared.iter().any(|n| body.contains(n.as_str()));
+    let uses = |body: &str| body.contains("__syncthreads") || body.contains("__shfl") || body.contains("__syncwarp") || body.contains("__shared__") || file_shared.iter().any(|n| body.contains(n.as_str()));
     let mut helpers: Vec<String> = Vec::new();
     for (i, _) in src.match_indices("__device__") {
         let rest = &src[i..];
@@ -141,7 +141,7 @@ pub fn barrier_kernels(src: &str) -> Vec<String> {
     let mut out = Vec::new();
     for (n, &i) in starts.iter().enumerate() {
         let body = &src[i..starts.get(n + 1).copied().unwrap_or(src.len())];
-        if uses(body) || helpers.iter().any(|h| body.contains(&format!("{h}("))) {
+        if uses(body) || helpers.iter().any(|h| body.contains(&format!("{h}(")) || body.contains(&format!("{h}<"))) {
             out.extend(kernel_names(body).into_iter().take(1));
         }
     }
@@ -404,7 +404,7 @@ extern "C" __global__ void smem_block_sum(const float* x, float* y) {
         let b = barrier_kernels(PROBE);
         assert_eq!(b, ["grid3_probe", "smem_own_slot", "smem_block_sum"]);
         // sources without them are unchanged, but for the shared headers pasted in
-        for (_, src) in KERNEL_SOURCES {
+        for (_, src) in KERNEL_SOURCES.iter().filter(|(_, s)| !s.contains("extern __shared__")) {
             assert_eq!(shim_source(src), super::super::nvrtc::expand_headers(src));
         }
     }
@@ -439,8 +439,66 @@ extern "C" __global__ void smem_block_sum(const float* x, float* y) {
         assert_eq!(z, want);
     }
 
+    const WARP_PROBE: &str = r#"
+// warp primitives on a 2-D block of 16 x 4 threads (two warps, lanes by the linear index)
+extern "C" __global__ void warp_probe(const float* x, float* y, int* z) {
+    const unsigned t = threadIdx.x + blockDim.x * threadIdx.y;
+    const unsigned long long g = blockIdx.x * (unsigned long long)(blockDim.x * blockDim.y) + t;
+    float v = x[g];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    y[g * 4] = v;
+    float w = x[g];
+    for (unsigned o = 16; o > 0; o >>= 1) w += __shfl_down_sync(0xffffffffu, w, o);
+    y[g * 4 + 1] = w;
+    y[g * 4 + 2] = __shfl_sync(0xffffffffu, x[g], 5);
+    __syncwarp();
+    y[g * 4 + 3] = (float)__shfl_xor_sync(0xffffffffu, (double)x[g], 3, 8);
+    z[g * 2] = __shfl_sync(0xffffffffu, (int)t * 7, 3, 8);
+    z[g * 2 + 1] = __shfl_up_sync(0xffffffffu, (int)t, 1);
+}
+"#;
+
+    #[test]
+    fn warp_shuffles_exchange_values() {
+        if compiler().is_none() {
+            eprintln!("SKIPPED: no C++ compiler");
+            return;
+        }
+        assert_eq!(barrier_kernels(WARP_PROBE), ["warp_probe"], "a shuffle kernel must run with all its threads at once");
+        let sim = Sim::build_from(&[("warp_probe.cu", WARP_PROBE)]).unwrap();
+        let (blocks, nt) = (3usize, 64usize);
+        // small integers: every sum is exact in any order
+        let x: Vec<f32> = (0..blocks * nt).map(|i| ((i * 37 + 11) % 23) as f32 - 9.0).collect();
+        let mut y = vec![f32::NAN; blocks * nt * 4];
+        let mut z = vec![-1i32; blocks * nt * 2];
+        let (xp, yp, zp) = (x.as_ptr() as u64, y.as_mut_ptr() as u64, z.as_mut_ptr() as u64);
+        let params = [&xp as *const u64 as *mut c_void, &yp as *const u64 as *mut c_void, &zp as *const u64 as *mut c_void];
+        sim.launch("warp_probe", Launch::dims((blocks as u32, 1, 1), (16, 4, 1)), &params).unwrap();
+        for g in 0..blocks * nt {
+            let (t, lane) = (g % nt, g % 32);
+            let warp = g - lane;
+            let sum: f32 = x[warp..warp + 32].iter().sum();
+            assert_eq!(y[g * 4], sum, "xor butterfly sum at thread {g}");
+            // shfl_down's tree: lane l ends with the sum of lanes l, l + 1, ... that its steps reach;
+            // lane 0 has the warp's sum
+            if lane == 0 {
+                assert_eq!(y[g * 4 + 1], sum, "down-shuffle tree sum at thread {g}");
+            }
+            assert_eq!(y[g * 4 + 2], x[warp + 5], "broadcast of lane 5 at thread {g}");
+            assert_eq!(y[g * 4 + 3], x[warp + (lane ^ 3)], "xor 3 within groups of 8 at thread {g}");
+            assert_eq!(z[g * 2], ((t - lane % 8 + 3) * 7) as i32, "lane 3 of each group of 8 at thread {g}");
+            assert_eq!(z[g * 2 + 1], if lane == 0 { t as i32 } else { t as i32 - 1 }, "up-shuffle at thread {g}");
+        }
+    }
+
     #[test]
     fn kernels_with_barriers_are_found() {
+        // the flash attention's tiled kernels call templates that use barriers and shuffles
+        let a = barrier_kernels(super::super::nvrtc::KERNEL_SOURCES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1);
+        for k in ["flash_attention_forward_d32_f32", "flash_attention_forward_d128_f32", "flash_attention_backward_d64_f32"] {
+            assert!(a.contains(&k.to_string()), "{k}: {a:?}");
+        }
+        assert!(!a.contains(&"flash_attention_backward_dq_f32".to_string()), "{a:?}");
         let b = barrier_kernels(super::super::nvrtc::KERNEL_SOURCES.iter().find(|(n, _)| *n == "reduce.cu").unwrap().1);
         assert!(b.contains(&"reduce_sum_f32".to_string()) && b.contains(&"softmax_rows_f32".to_string()), "{b:?}");
         // elementwise.cu's kernels are all grid-stride over elements, without barriers

@@ -39,6 +39,7 @@ use super::loss::{WeightMode, orw_loss, reward_weights};
 use crate::autograd::ops;
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
+use crate::flow::ode_graph::{graphs_enabled, odeint_graphed, weights_identity};
 use crate::nn::{Forward, VelocityField};
 use crate::optim::{Adam, clip_coef, warmup_lr};
 use crate::reward::{Reward, score_checked};
@@ -175,7 +176,15 @@ pub fn sample_model_with_noise<M: VelocityField>(model: &M, n: usize, solver: &O
     let z = Tensor::philox_normal(&shape, model.device(), DType::F32, noise)?;
     let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| labels.below(k as u64) as usize).collect());
     let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full_on(&[n], t, DType::F32, x.device())?, x, y.as_deref());
-    let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
+    // on a GPU, a fixed-grid solve of an unconditional model replays a CUDA graph (captured on
+    // the second solve for these weights; `flow::ode_graph`); class labels would be uploaded
+    // inside the solve, so class-conditional models solve eagerly
+    let weights = if y.is_none() && graphs_enabled() { weights_identity(model.params().vars().iter().map(|v| v.value()).collect::<Vec<_>>().iter()) } else { None };
+    let (x1, stats) = match weights {
+        Some(w) => odeint_graphed(&mut f, &z, 0.0, 1.0, steps, solver, w),
+        None => odeint(&mut f, &z, 0.0, 1.0, steps, solver),
+    }
+    .context("sampling from the policy")?;
     Ok((x1.to_device(Device::Cpu)?, y, stats))
 }
 

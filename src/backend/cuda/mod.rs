@@ -129,6 +129,7 @@ pub mod conv;
 pub mod f32ops;
 pub mod gemm;
 pub mod gpu;
+pub mod graph;
 pub mod kargs;
 pub mod linalg;
 pub mod nvrtc;
@@ -141,3 +142,4 @@ mod tests;
 pub use storage::CudaStorage;
 
 pub use gpu::{FAIL_ALLOC_VAR, Gpu, GpuBuf, Launch, allow_tf32, gpu, set_allow_tf32};
+pub use graph::{Capture, Graph};

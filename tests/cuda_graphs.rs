@@ -17,6 +17,7 @@ use orwcfm_fast::flow::ode::{OdeSolver, odeint};
 use orwcfm_fast::flow::ode_graph::{clear_sampler_graphs, odeint_graphed, sampler_graph_stats, set_graphs_enabled, weights_identity};
 use orwcfm_fast::nn::{Init, UNetConfig, UNetModel, VelocityField};
 use orwcfm_fast::optim::Adam;
+use orwcfm_fast::orw::step_graph::step_graph_stats;
 use orwcfm_fast::orw::{OrwConfig, Trainer};
 use orwcfm_fast::reward::FnReward;
 use orwcfm_fast::rng::Rng;
@@ -303,15 +304,43 @@ fn the_trainer_with_graphs_samples_and_trains_bitwise_as_without() {
         set_graphs_enabled(None);
         (losses, params)
     };
-    let s0 = sampler_graph_stats();
+    let (s0, t0) = (sampler_graph_stats(), step_graph_stats());
     let with = run(true);
-    let s1 = sampler_graph_stats();
+    let (s1, t1) = (sampler_graph_stats(), step_graph_stats());
     let without = run(false);
-    let s2 = sampler_graph_stats();
+    let (s2, t2) = (sampler_graph_stats(), step_graph_stats());
+    // the training step's pass: the first Adam step copies the weights (the policy shares them:
+    // copy on write), so the slot warms up again at step 1; captured at step 2, replayed at
+    // steps 2 and 3; the first update after the refresh copies them again: warm-up at step 4,
+    // captured and replayed at step 5
+    assert_eq!((t1.captures - t0.captures, t1.replays - t0.replays, t1.invalidated - t0.invalidated, t1.refused - t0.refused), (2, 3, 1, 0), "{t1:?}");
+    assert_eq!(t2, t1, "step graphs were used with graphs off");
     // 6 steps, 2 rounds of 3 solves: per round a warm-up, a capture and a replay; the refresh
     // drops the first round's graph
     assert_eq!((s1.captures - s0.captures, s1.replays - s0.replays, s1.invalidated - s0.invalidated), (2, 2, 1), "{s1:?}");
     assert_eq!(s2, s1, "graphs were used with graphs off");
     assert_eq!(with.0, without.0, "the losses differ");
     assert!(with.1 == without.1, "the trained weights differ");
+}
+
+#[test]
+fn a_model_with_dropout_trains_without_a_step_graph() {
+    let Some((_g, _one)) = gpu("dropout") else { return };
+    let cfg = OrwConfig { learning_rate: 1e-3, warmup_steps: 0, batch_size: 2, steps_per_epoch: 3, num_epochs: 1, ode_steps: 1, seed: 8, dropout: true, ..OrwConfig::default() };
+    let mut c = UNetConfig::new([1, 8, 8], 32, 1);
+    c.channel_mult = Some(vec![1.0, 2.0]);
+    c.attention_resolutions = "4".into();
+    c.dropout = 0.1;
+    let mut m = UNetModel::new(&c, Init::Torch(16)).unwrap();
+    m.to_device(DEV).unwrap();
+    let mut t = Trainer::new(cfg, m).unwrap();
+    let t0 = step_graph_stats();
+    let mean = |x: &Tensor| -> Vec<f32> { x.data().chunks(64).map(|r| r.iter().sum::<f32>() / 64.0).collect() };
+    for _ in 0..3 {
+        assert!(t.train_step(&mut FnReward::new("mean", mean)).unwrap().total_loss.is_finite());
+    }
+    let t1 = step_graph_stats();
+    // the masks' Philox offsets are kernel arguments that move every step: never captured
+    assert_eq!((t1.captures - t0.captures, t1.replays - t0.replays, t1.refused - t0.refused), (0, 0, 0), "{t1:?}");
+    assert!(t1.eager > t0.eager);
 }

@@ -158,8 +158,9 @@ pub fn cached_sampler_graphs() -> usize {
     slots().iter().filter(|s| matches!(s.state, State::Graph { .. })).count()
 }
 
-/// Copy the values of `src` into `dst` (same dtype and length, both on one GPU), on the stream.
-fn copy_values(dst: &Tensor, src: &Tensor) -> Result<()> {
+/// Copy the values of `src` into `dst` (same dtype and length, both on one GPU), on the stream;
+/// `dst` must be a static buffer that no other storage shares.
+pub(crate) fn copy_values(dst: &Tensor, src: &Tensor) -> Result<()> {
     match (dst.storage(), src.storage()) {
         (Storage::Cuda(d), Storage::Cuda(s)) if d.storage_dtype() == s.storage_dtype() && d.elements() == s.elements() => {
             // the static input belongs to its slot alone (no other storage shares it)

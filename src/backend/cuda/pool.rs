@@ -348,4 +348,52 @@ mod tests {
             p.release(x, cx);
         }
     }
+
+    #[test]
+    fn a_capture_is_served_from_the_cache_and_its_blocks_stay_the_graphs_until_it_drops() {
+        let mut p = pool(1 << 30);
+        // the warm-up: two blocks of one class, one of another, cached; one block live across
+        let w: Vec<(u64, usize)> = [4000usize, 4000, 100_000].iter().map(|&s| p.alloc(s).unwrap()).collect();
+        let (pre, cpre) = p.alloc(4000).unwrap();
+        for (ptr, c) in &w {
+            p.release(*ptr, *c);
+        }
+        let calls = p.raw.calls;
+        p.begin_capture(7);
+        let (a, ca) = p.alloc_captured(4000, 7).unwrap();
+        let (b, cb) = p.alloc_captured(100_000, 7).unwrap();
+        p.release_in(a, ca, Some(7)); // freed inside the capture: reused inside it
+        let (a2, ca2) = p.alloc_captured(4000, 7).unwrap();
+        assert_eq!(a2, a, "a block freed in the capture was not reused by it");
+        p.release_in(pre, cpre, Some(7)); // allocated before, freed during: the graph's now
+        // nothing of this class is cached: refused, and the driver was never asked
+        let e = p.alloc_captured(300_000, 7).unwrap_err();
+        assert!(format!("{e}").contains("fresh driver allocation"), "{e}");
+        assert_eq!(p.raw.calls, calls, "the capture reached the driver");
+        p.release_in(a2, ca2, Some(7));
+        assert_eq!(p.stats().bytes_in_graphs, 2 * 512 * 8 + size_class(100_000));
+        // after the capture: eager requests never get the graph's blocks (parked or live)
+        let mut eager = Vec::new();
+        for _ in 0..3 {
+            let (x, cx) = p.alloc(4000).unwrap();
+            assert!(x != a && x != pre && x != b, "eager work got a graph's block");
+            eager.push((x, cx));
+        }
+        for (x, cx) in eager {
+            p.release_in(x, cx, None);
+        }
+        // `b` is still held by a buffer when the graph drops: it returns to the cache when freed
+        p.drop_graph(7);
+        assert_eq!(p.stats().bytes_in_graphs, 0);
+        let cached = p.stats().bytes_cached;
+        p.release_in(b, cb, None);
+        assert_eq!(p.stats().bytes_cached, cached + cb);
+        // and everything is the cache's again: a request of the class is served without the driver
+        let calls = p.raw.calls;
+        let (y, cy) = p.alloc(4000).unwrap();
+        assert_eq!(p.raw.calls, calls);
+        p.release(y, cy);
+        assert_eq!(p.stats().bytes_in_use, 0);
+        drop(p); // Fake::free checks every block once
+    }
 }

@@ -2,4 +2,5 @@
 //! ODE solvers that sample from a velocity field.
 pub mod matchers;
 pub mod ode;
+pub mod ode_graph;
 pub mod ot;

@@ -91,7 +91,7 @@ pub fn odeint(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0
     }
     match solver {
         // the state stays on the tensors' device (and in their dtype)
-        OdeSolver::Euler | OdeSolver::Midpoint | OdeSolver::Rk4 => fixed_grid(f, x0, t0, t1, steps, solver),
+        OdeSolver::Euler | OdeSolver::Midpoint | OdeSolver::Rk4 => fixed_grid(f, x0, t0, t1, steps, solver, true),
         // dopri5's step-size controller runs on host values; the right-hand side gets its
         // states on x0's device
         OdeSolver::Dopri5 { atol, rtol } => {
@@ -188,8 +188,15 @@ fn grid_time(k: usize, steps: usize, t0: f32, t1: f32) -> f32 {
 /// The fixed-grid solvers (torchdiffeq's grid and stage times) with the state on its device:
 /// stages are combined as `y + Σ c_j k_j` (f32 coefficients) by the fused `ode_combine` on the
 /// tensors' backend (the sum in f64, rounded once: on the GPU in one `kernels/fused.cu` launch).
-fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
+///
+/// `check_steps`: whether each state is checked for non-finite values (a host read per step).
+/// Without it nothing is read back, which is what a CUDA graph capture of the solve needs
+/// (`ode_graph.rs`); the caller then checks the final state.
+pub(crate) fn fixed_grid(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver, check_steps: bool) -> Result<(Tensor, OdeStats)> {
     let check = |y: &Tensor, t: f64| -> Result<()> {
+        if !check_steps {
+            return Ok(());
+        }
         let s = Tensor::sum_squares(&[y])?;
         if !s.is_finite() {
             bail!("ODE state became non-finite at t = {t}");

@@ -92,15 +92,26 @@ pub fn orw_loss<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tenso
     if w.len() != b || t.numel() != b {
         bail!("ORW loss: {} weights and {} times for a batch of {b}", w.len(), t.numel());
     }
+    let w = Tensor::from_vec(w.to_vec(), &[b]).to_device(net.device())?;
+    orw_loss_on_device(net, reference, t, xt, ut, y, &w, alpha, fw)
+}
+
+/// [`orw_loss`] with the weights already on the model's device (`[B]` f32): nothing is uploaded
+/// when `t`, `x_t` and `u_t` are there too (a CUDA graph captures it; `step_graph.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn orw_loss_on_device<M: VelocityField>(net: &M, reference: &M, t: &Tensor, xt: &Tensor, ut: &Tensor, y: Option<&[usize]>, w: &Tensor, alpha: f32, fw: &mut Forward) -> Result<OrwLoss> {
+    let b = xt.shape()[0];
+    if w.numel() != b || t.numel() != b {
+        bail!("ORW loss: {} weights and {} times for a batch of {b}", w.numel(), t.numel());
+    }
     // the batch (drawn on the host) goes where the model is: an explicit copy at the edge
     let dev = net.device();
-    let (t, xt, ut) = (&t.to_device(dev)?, &xt.to_device(dev)?, &ut.to_device(dev)?);
+    let (t, xt, ut, w) = (&t.to_device(dev)?, &xt.to_device(dev)?, &ut.to_device(dev)?, &w.to_device(dev)?);
     let v = net.forward(&Var::constant(t.clone()), &Var::constant(xt.clone()), y, fw)?;
     if v.shape() != ut.shape() {
         bail!("model output {:?} does not match the target velocity {:?}", v.shape(), ut.shape());
     }
-    let w = Tensor::from_vec(w.to_vec(), &[b]).to_device(dev)?;
     let v_ref = if alpha != 0.0 { Some(no_grad(|| reference.predict(t, xt, y))?) } else { None };
-    let (total, terms) = fused::orw_loss(&v, ut, &w, v_ref.as_ref(), alpha)?;
+    let (total, terms) = fused::orw_loss(&v, ut, w, v_ref.as_ref(), alpha)?;
     Ok(OrwLoss { total, terms })
 }

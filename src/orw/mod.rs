@@ -3,6 +3,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod run;
+pub mod step_graph;
 pub mod trainer;
 
 pub use config::OrwConfig;

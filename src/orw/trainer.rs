@@ -35,10 +35,11 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::config::OrwConfig;
-use super::loss::{WeightMode, orw_loss, reward_weights};
-use crate::autograd::ops;
+use super::loss::{WeightMode, reward_weights};
+use super::step_graph::{self, StepGraph};
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
+use crate::flow::ode_graph::{graphs_enabled, odeint_graphed, weights_identity};
 use crate::nn::{Forward, VelocityField};
 use crate::optim::{Adam, clip_coef, warmup_lr};
 use crate::reward::{Reward, score_checked};
@@ -150,6 +151,8 @@ pub struct Trainer<M: VelocityField> {
     pub(crate) loss_scale: f32,
     pub(crate) scale_good_steps: u64,
     pub(crate) skipped_steps: u64,
+    /// the device pass of a step as a CUDA graph (`step_graph.rs`)
+    pub(crate) step_graph: StepGraph,
 }
 
 /// f16 loss scaling (as `torch.cuda.amp.GradScaler`): start at 2^16, halve on a non-finite
@@ -175,7 +178,15 @@ pub fn sample_model_with_noise<M: VelocityField>(model: &M, n: usize, solver: &O
     let z = Tensor::philox_normal(&shape, model.device(), DType::F32, noise)?;
     let y: Option<Vec<usize>> = model.num_classes().map(|k| (0..n).map(|_| labels.below(k as u64) as usize).collect());
     let mut f = |t: f32, x: &Tensor| model.predict(&Tensor::full_on(&[n], t, DType::F32, x.device())?, x, y.as_deref());
-    let (x1, stats) = odeint(&mut f, &z, 0.0, 1.0, steps, solver).context("sampling from the policy")?;
+    // on a GPU, a fixed-grid solve of an unconditional model replays a CUDA graph (captured on
+    // the second solve for these weights; `flow::ode_graph`); class labels would be uploaded
+    // inside the solve, so class-conditional models solve eagerly
+    let weights = if y.is_none() && graphs_enabled() { weights_identity(model.params().vars().iter().map(|v| v.value()).collect::<Vec<_>>().iter()) } else { None };
+    let (x1, stats) = match weights {
+        Some(w) => odeint_graphed(&mut f, &z, 0.0, 1.0, steps, solver, w),
+        None => odeint(&mut f, &z, 0.0, 1.0, steps, solver),
+    }
+    .context("sampling from the policy")?;
     Ok((x1.to_device(Device::Cpu)?, y, stats))
 }
 
@@ -276,6 +287,7 @@ impl<M: VelocityField> Trainer<M> {
             loss_scale: 1.0,
             scale_good_steps: 0,
             skipped_steps: 0,
+            step_graph: StepGraph::default(),
         })
     }
 
@@ -443,25 +455,23 @@ impl<M: VelocityField> Trainer<M> {
             work.copy_from(&self.net);
             work.to_precision(self.precision)?;
         }
-        let model = self.work.as_ref().unwrap_or(&self.net);
-        let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.noise.dropout) } else { None } };
-        let loss = orw_loss(model, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w_pair, self.cfg.w2_coefficient, &mut fw)?;
         let scale = self.loss_scale;
-        let grads = {
-            let seed = if scale == 1.0 { &loss.total } else { &ops::mul_scalar(&loss.total, scale)? };
-            let g = seed.backward()?;
-            let gs = model.params().grads(&g)?;
-            // back to f32 (and unscaled) for the master weights
-            gs.iter().map(|t| if scale == 1.0 { t.to_dtype(DType::F32) } else { t.to_dtype(DType::F32)?.mul_scalar(1.0 / scale) }).collect::<Result<Vec<_>>>()?
+        let b = w_pair.len();
+        // the device pass (forward, loss, backward, gradients, the read gathered on the device):
+        // through a CUDA graph for f32 unconditional steps on a GPU (`step_graph.rs`), else eager
+        let graphed = self.work.is_none() && scale == 1.0 && y_pair.is_none() && dev.is_cuda() && graphs_enabled();
+        let (read, grads) = if graphed {
+            let dropout = if self.cfg.dropout { Some(&mut self.noise.dropout) } else { None };
+            self.step_graph.run(&self.net, &self.reference, &fs.t, &fs.xt, &fs.ut, &w_pair, self.cfg.w2_coefficient, dropout)?
+        } else {
+            let model = self.work.as_ref().unwrap_or(&self.net);
+            let mut fw = Forward { dropout_rng: if self.cfg.dropout { Some(&mut self.noise.dropout) } else { None } };
+            let w = Tensor::from_vec(w_pair.clone(), &[b]).to_device(dev)?;
+            step_graph::pass(model, &self.reference, &fs.t, &fs.xt, &fs.ut, y_pair.as_deref(), &w, self.cfg.w2_coefficient, scale, &mut fw)?
         };
         // the step's one host read: the loss, its terms and Σ g² (as an f32 pair), gathered on
         // the device and downloaded together
-        let read = {
-            let sq = Tensor::sum_squares_on_device(&grads.iter().collect::<Vec<_>>())?;
-            // the loss node's terms [fm, w2, total] (f32) and [hi, lo]
-            Tensor::concat(&[loss.terms.clone(), sq], 0)?.values()?
-        };
-        drop(loss);
+        let read = read.values()?;
         let (fm_loss, w2_loss, total) = (read[0], read[1], read[2]);
         let gnorm = (read[3] as f64 + read[4] as f64).sqrt();
         if !total.is_finite() {

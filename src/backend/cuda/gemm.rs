@@ -131,7 +131,7 @@ pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
     }
     let c = op.cublas();
     if g.is_sim() {
-        return super::sim::gemm(&c);
+        return g.sim_gemm(&c); // (recorded instead during a CUDA graph capture)
     }
     let t = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
     let _x = g.exec.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,6 +4,10 @@
 //!
 //! GPUs are opened once per process ([`gpu`]) and live until it exits.
 //!
+//! CUDA graphs: [`Gpu::begin_capture`] (see `graph.rs`). The cuBLAS handle gets a fixed
+//! workspace when the GPU opens (`cublasSetWorkspace_v2`), which is what makes its calls
+//! capturable.
+//!
 //! Testing hook: [`Gpu::fail_alloc_after`] (or `ORWCFM_CUDA_FAIL_ALLOC_AFTER=N` in the
 //! environment when a GPU opens) makes the N-th following allocation fail as out of memory.
 
@@ -14,8 +18,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Context, Result, anyhow, bail};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::gemm::CublasCall;
+use super::graph::{Capture, CaptureState, CudaGraphHandle, GraphExec, SimOp, arg_words, next_graph_id};
 use super::nvrtc;
 use super::pool::{Pool, PoolStats, RawAlloc};
+
+/// The cuBLAS workspace set on the handle (as PyTorch does for Hopper: 32 MiB): with it cuBLAS
+/// never allocates, so its calls can be captured in a CUDA graph.
+pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
 
@@ -136,6 +146,8 @@ pub trait PushStruct {
     fn push<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>);
     /// Its address (a kernel parameter in CUDA's `void**` form).
     fn raw(&self) -> *const std::ffi::c_void;
+    /// Its size in bytes (what a graph capture copies).
+    fn size(&self) -> usize;
 }
 
 impl<T: DeviceRepr> PushStruct for T {
@@ -144,6 +156,9 @@ impl<T: DeviceRepr> PushStruct for T {
     }
     fn raw(&self) -> *const std::ffi::c_void {
         self as *const T as *const std::ffi::c_void
+    }
+    fn size(&self) -> usize {
+        std::mem::size_of::<T>()
     }
 }
 
@@ -185,6 +200,9 @@ pub struct Gpu {
     pub(crate) conv_cache: Mutex<HashMap<(crate::backend::geom::ConvGeom, crate::tensor::DType), Option<super::conv::ConvPlan>>>,
     /// fill every new buffer with NaN (tests: an output element a kernel forgets stays NaN)
     poison: AtomicBool,
+    /// the running graph capture, if any (`graph.rs`)
+    capture: Mutex<Option<CaptureState>>,
+    capturing: AtomicBool,
 }
 
 static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
@@ -266,6 +284,10 @@ impl Gpu {
             cublas_ok(cb::cublasSetStream_v2(blas, stream.cu_stream() as _), "set stream")?;
             let mode = if tf32 { cb::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cb::cublasMath_t::CUBLAS_DEFAULT_MATH };
             cublas_ok(cb::cublasSetMathMode(blas, mode), "set math mode")?;
+            // a fixed workspace (held for the life of the process, as the GPU is): cuBLAS then
+            // allocates nothing per call, which graph capture needs
+            let ws = cudarc::driver::result::malloc_sync(CUBLAS_WORKSPACE_BYTES).map_err(|e| anyhow!("cuBLAS workspace of {CUBLAS_WORKSPACE_BYTES} bytes on cuda:{ordinal}: {e}"))?;
+            cublas_ok(cb::cublasSetWorkspace_v2(blas, ws as *mut std::ffi::c_void, CUBLAS_WORKSPACE_BYTES), "set workspace")?;
         }
         let conv_mode = std::env::var("ORWCFM_CONV").unwrap_or_default();
         let cudnn = if libs.cudnn && conv_mode != "gemm" {
@@ -298,6 +320,8 @@ impl Gpu {
             exec: Mutex::new(()),
             conv_cache: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(std::env::var_os("ORWCFM_CUDA_POISON").is_some()),
+            capture: Mutex::new(None),
+            capturing: AtomicBool::new(false),
         })
     }
 
@@ -318,6 +342,8 @@ impl Gpu {
             exec: Mutex::new(()),
             conv_cache: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(std::env::var_os("ORWCFM_CUDA_POISON").is_some()),
+            capture: Mutex::new(None),
+            capturing: AtomicBool::new(false),
         })
     }
 
@@ -364,6 +390,7 @@ impl Gpu {
 
     /// Wait for all queued work; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
+        self.refuse_in_capture(|| "a stream synchronisation".into())?;
         match self.cuda() {
             Some(c) => c.stream.synchronize().map_err(|e| anyhow!("cuda:{}: {e}", self.ordinal)),
             None => Ok(()),
@@ -373,8 +400,14 @@ impl Gpu {
     /// Uninitialised room for `n` 32-bit words (f32 values; at least one word is reserved). Out
     /// of device memory (after the pool released its cache) is an error.
     pub fn alloc(self: &Arc<Self>, n: usize) -> Result<GpuBuf> {
-        let (ptr, class) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).alloc(n.max(1) * 4).with_context(|| format!("out of memory on cuda:{} ({} bytes requested)", self.ordinal, n.max(1) * 4))?;
-        let b = GpuBuf { gpu: self.clone(), ptr, len: n, class };
+        let (ptr, class) = match self.capturing_here() {
+            Some(id) => {
+                let got = self.pool.lock().unwrap_or_else(|e| e.into_inner()).alloc_captured(n.max(1) * 4, id);
+                got.map_err(|e| self.refused(&format!("{e}")))?
+            }
+            None => self.pool.lock().unwrap_or_else(|e| e.into_inner()).alloc(n.max(1) * 4).with_context(|| format!("out of memory on cuda:{} ({} bytes requested)", self.ordinal, n.max(1) * 4))?,
+        };
+        let b = GpuBuf { gpu: self.clone(), ptr, len: n, class, id: BUF_IDS.fetch_add(1, Ordering::Relaxed) };
         if self.poison.load(Ordering::Relaxed) && n > 0 {
             self.launch_n("fill_f32", n, &[Arg::Ptr(ptr), Arg::F32(f32::NAN), Arg::I64(n as i64)])?;
         }
@@ -404,6 +437,7 @@ impl Gpu {
     /// `ceil(bytes / 4)` words.
     pub fn upload_slice<T: DeviceRepr + bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<GpuBuf> {
         let bytes = std::mem::size_of_val(data);
+        self.refuse_in_capture(|| format!("a host-to-device copy (upload of {bytes} bytes)"))?;
         let b = self.alloc(bytes.div_ceil(4))?;
         if self.is_sim() {
             // SAFETY: `b` holds at least `bytes` bytes of host memory
@@ -437,6 +471,7 @@ impl Gpu {
         if bytes > b.len * 4 {
             bail!("copy from cuda:{}: {bytes} bytes asked of a buffer of {} words", self.ordinal, b.len);
         }
+        self.refuse_in_capture(|| format!("a device-to-host copy (download of {bytes} bytes)"))?;
         if self.is_sim() {
             // SAFETY: `b` holds at least `bytes` bytes of host memory
             unsafe { std::ptr::copy_nonoverlapping(b.ptr as *const u8, out.as_mut_ptr() as *mut u8, bytes) };
@@ -454,6 +489,7 @@ impl Gpu {
     /// buffer holding them (a storage's view; waits for queued work).
     pub fn download_from<T: DeviceRepr + bytemuck::Pod>(&self, ptr: u64, out: &mut [T]) -> Result<()> {
         let bytes = std::mem::size_of_val(out);
+        self.refuse_in_capture(|| format!("a device-to-host copy (download of {bytes} bytes)"))?;
         if self.is_sim() {
             // SAFETY: the caller's view holds at least `bytes` bytes of host memory from `ptr`
             unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr() as *mut u8, bytes) };
@@ -470,33 +506,174 @@ impl Gpu {
     /// A new buffer holding a device copy of the `n` words at `ptr` (in a live buffer).
     pub fn copy_words(self: &Arc<Self>, ptr: u64, n: usize) -> Result<GpuBuf> {
         let out = self.alloc(n)?;
-        if self.is_sim() {
-            // SAFETY: the source view and `out` hold `n` words of host memory
-            unsafe { std::ptr::copy_nonoverlapping(ptr as *const f32, out.ptr as *mut f32, n) };
-            return Ok(out);
-        }
-        if n > 0 {
-            self.bind()?;
-            // SAFETY: both hold `n` words
-            unsafe { cudarc::driver::result::memcpy_dtod_async(out.ptr, ptr, n * 4, self.cu_stream()) }.map_err(|e| anyhow!("device copy on cuda:{}: {e}", self.ordinal))?;
-        }
+        self.copy_into(out.ptr, ptr, n)?;
         Ok(out)
     }
 
     /// A device copy of a buffer.
     pub fn duplicate(self: &Arc<Self>, b: &GpuBuf) -> Result<GpuBuf> {
-        let out = self.alloc(b.len)?;
+        self.copy_words(b.ptr, b.len)
+    }
+
+    /// Copy `n` words from the device address `src` to `dst` (both in live buffers holding them,
+    /// not overlapping), queued on the stream (recorded during a capture).
+    pub fn copy_into(&self, dst: u64, src: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
         if self.is_sim() {
-            // SAFETY: both hold `len` words of host memory
-            unsafe { std::ptr::copy_nonoverlapping(b.ptr as *const f32, out.ptr as *mut f32, b.len) };
-            return Ok(out);
+            if self.record(|| SimOp::Copy { dst, src, bytes: n * 4 }) {
+                return Ok(());
+            }
+            // SAFETY: the caller's views hold `n` words of host memory each
+            unsafe { std::ptr::copy_nonoverlapping(src as *const f32, dst as *mut f32, n) };
+            return Ok(());
         }
-        if b.len > 0 {
-            self.bind()?;
-            // SAFETY: both hold `len` words
-            unsafe { cudarc::driver::result::memcpy_dtod_async(out.ptr, b.ptr, b.len * 4, self.cu_stream()) }.map_err(|e| anyhow!("device copy on cuda:{}: {e}", self.ordinal))?;
+        self.check_capture_thread("a device copy")?;
+        self.bind()?;
+        // SAFETY: both hold `n` words
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, n * 4, self.cu_stream()) }.map_err(|e| anyhow!("device copy on cuda:{}: {e}", self.ordinal))
+    }
+
+    // ------------------------------------------------------------------------ graph capture
+
+    /// Start capturing this thread's work on the stream into a CUDA graph (`graph.rs`): from
+    /// now until [`Capture::end`], launches, GEMMs and device copies are recorded instead of
+    /// run, and allocations are served from the pool's cache (owned by the graph).
+    pub fn begin_capture(self: &Arc<Self>) -> Result<Capture> {
+        let mut st = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        if st.is_some() {
+            bail!("cuda:{} is already capturing a CUDA graph", self.ordinal);
         }
-        Ok(out)
+        let id = next_graph_id();
+        if let Some(c) = self.cuda() {
+            c.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| anyhow!("cuStreamBeginCapture on cuda:{}: {e}", self.ordinal))?;
+        }
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).begin_capture(id);
+        *st = Some(CaptureState { id, thread: std::thread::current().id(), refused: None, ops: Vec::new() });
+        self.capturing.store(true, Ordering::SeqCst);
+        Ok(Capture::new(self.clone(), id))
+    }
+
+    /// Whether a graph capture is running (on any thread).
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(Ordering::SeqCst)
+    }
+
+    /// The id of the capture that this thread is running, if any.
+    pub(crate) fn capturing_here(&self) -> Option<u64> {
+        if !self.capturing.load(Ordering::SeqCst) {
+            return None;
+        }
+        let st = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        st.as_ref().filter(|c| c.thread == std::thread::current().id()).map(|c| c.id)
+    }
+
+    /// Mark the running capture as refused (the first reason is kept) and return the error.
+    fn refused(&self, what: &str) -> anyhow::Error {
+        let mut st = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = st.as_mut()
+            && c.refused.is_none()
+        {
+            c.refused = Some(what.to_string());
+        }
+        anyhow!("{what} during CUDA graph capture on cuda:{}: refused (CUDA would invalidate the capture)", self.ordinal)
+    }
+
+    /// An error when this thread is capturing (or, on a real GPU, when any thread is: the one
+    /// stream is capturing) and `what` is not capturable.
+    fn refuse_in_capture(&self, what: impl FnOnce() -> String) -> Result<()> {
+        if !self.capturing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.is_sim() && self.capturing_here().is_none() {
+            return Ok(());
+        }
+        Err(self.refused(&what()))
+    }
+
+    /// On a real GPU, work queued from another thread than the capturing one would join the
+    /// capture: refused.
+    fn check_capture_thread(&self, what: &str) -> Result<()> {
+        if self.capturing.load(Ordering::SeqCst) && self.capturing_here().is_none() {
+            bail!("{what} on cuda:{} from another thread while a CUDA graph is being captured: refused", self.ordinal);
+        }
+        Ok(())
+    }
+
+    /// Record a simulated operation when this thread is capturing (true), else leave it to run.
+    fn record(&self, op: impl FnOnce() -> SimOp) -> bool {
+        if !self.capturing.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut st = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        match st.as_mut() {
+            Some(c) if c.thread == std::thread::current().id() => {
+                c.ops.push(op());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// End the running capture `id`: the instantiated graph, or the reason it was refused.
+    pub(crate) fn finish_capture(&self, id: u64) -> Result<GraphExec> {
+        let st = {
+            let mut st = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+            if st.as_ref().is_none_or(|c| c.id != id) {
+                bail!("cuda:{}: capture {id} is not running", self.ordinal);
+            }
+            self.capturing.store(false, Ordering::SeqCst);
+            st.take().expect("checked")
+        };
+        let exec = match self.cuda() {
+            Some(c) => {
+                let g = c.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+                match (g, &st.refused) {
+                    (_, Some(why)) => bail!("the CUDA graph capture on cuda:{} was refused: {why}", self.ordinal),
+                    (Err(e), None) => bail!("cuStreamEndCapture/cuGraphInstantiate on cuda:{}: {e}", self.ordinal),
+                    (Ok(None), None) => bail!("cuStreamEndCapture on cuda:{} returned no graph", self.ordinal),
+                    (Ok(Some(g)), None) => GraphExec::Cuda(CudaGraphHandle(g)),
+                }
+            }
+            None => {
+                if let Some(why) = &st.refused {
+                    bail!("the CUDA graph capture on cuda:{} (simulated) was refused: {why}", self.ordinal);
+                }
+                GraphExec::Sim(st.ops)
+            }
+        };
+        Ok(exec)
+    }
+
+    /// Graph `id` (or its abandoned capture) is gone: its memory returns to the cache.
+    pub(crate) fn release_graph_memory(&self, id: u64) {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).drop_graph(id);
+    }
+
+    /// Run one recorded operation of a simulated graph.
+    pub(crate) fn run_sim_op(&self, op: &SimOp) -> Result<()> {
+        let Engine::Sim(sim) = &self.engine else { bail!("a simulated graph on a real GPU") };
+        match op {
+            SimOp::Kernel { name, cfg, args } => {
+                let params: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.as_ptr() as *mut std::ffi::c_void).collect();
+                sim.launch(name, *cfg, &params).with_context(|| format!("replaying {name} on cuda:{} (simulated)", self.ordinal))
+            }
+            SimOp::Gemm(c) => super::sim::gemm(c),
+            SimOp::Copy { dst, src, bytes } => {
+                // SAFETY: recorded from a copy between live buffers, which the graph keeps
+                unsafe { std::ptr::copy_nonoverlapping(*src as *const u8, *dst as *mut u8, *bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    /// A GEMM on the simulated GPU: run by `sim::gemm`, or recorded during a capture.
+    pub(crate) fn sim_gemm(&self, c: &CublasCall) -> Result<()> {
+        if self.record(|| SimOp::Gemm(*c)) {
+            return Ok(());
+        }
+        super::sim::gemm(c)
     }
 
     /// Launch kernel `name` on the stream with the shape `cfg`.
@@ -516,9 +693,18 @@ impl Gpu {
                         Arg::Struct(s) => s.raw() as *mut std::ffi::c_void,
                     })
                     .collect();
+                let sizes = args.iter().map(|a| match a {
+                    Arg::Ptr(_) | Arg::I64(_) => 8,
+                    Arg::F32(_) | Arg::U32(_) => 4,
+                    Arg::Struct(s) => s.size(),
+                });
+                if self.record(|| SimOp::Kernel { name: name.to_string(), cfg, args: params.iter().zip(sizes).map(|(&p, n)| arg_words(p, n)).collect() }) {
+                    return Ok(());
+                }
                 return sim.launch(name, cfg, &params).with_context(|| format!("launching {name} on cuda:{} (simulated)", self.ordinal));
             }
         };
+        self.check_capture_thread(&format!("kernel {name}"))?;
         let f = cuda.funcs.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
         if cfg.shared_bytes > 48 << 10 {
             // past 48 KiB of dynamic shared memory a kernel must opt in (sm_80: up to 163 KiB, sm_90: 227 KiB)
@@ -543,7 +729,7 @@ impl Gpu {
         // SAFETY: the argument list follows the kernel's signature (each wrapper in ops.rs mirrors
         // its kernel's declaration) and every pointer is a live buffer of the sizes passed
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name} on cuda:{}: {e}", self.ordinal))?;
-        if std::env::var_os("ORWCFM_CUDA_SYNC").is_some() {
+        if std::env::var_os("ORWCFM_CUDA_SYNC").is_some() && !self.is_capturing() {
             self.sync().with_context(|| format!("after kernel {name}"))?;
         }
         Ok(())
@@ -562,15 +748,23 @@ impl Gpu {
     }
 }
 
+static BUF_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// `n` f32 values in device memory from the pool; returned to the pool when dropped.
 pub struct GpuBuf {
     gpu: Arc<Gpu>,
     ptr: u64,
     len: usize,
     class: usize,
+    /// unique for the life of the process (an address is reused by later buffers, this is not)
+    id: u64,
 }
 
 impl GpuBuf {
+    /// This buffer's identity: unique in the process, unlike its address once it is freed.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
@@ -589,7 +783,9 @@ impl Drop for GpuBuf {
     fn drop(&mut self) {
         // stream order makes immediate reuse safe: later work on the one stream runs after
         // everything already queued that reads this block
-        self.gpu.pool.lock().unwrap_or_else(|e| e.into_inner()).release(self.ptr, self.class);
+        // (a block freed during a capture, or owned by a live graph, is parked in the graph)
+        let capturing = self.gpu.capturing_here();
+        self.gpu.pool.lock().unwrap_or_else(|e| e.into_inner()).release_in(self.ptr, self.class, capturing);
     }
 }
 

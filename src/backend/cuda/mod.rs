@@ -131,6 +131,7 @@ pub mod f32ops;
 pub mod fused;
 pub mod gemm;
 pub mod gpu;
+pub mod graph;
 pub mod kargs;
 pub mod linalg;
 pub mod nvrtc;
@@ -143,3 +144,4 @@ mod tests;
 pub use storage::CudaStorage;
 
 pub use gpu::{FAIL_ALLOC_VAR, Gpu, GpuBuf, Launch, allow_tf32, gpu, set_allow_tf32};
+pub use graph::{Capture, Graph};

@@ -6,6 +6,14 @@
 //! driver refuses (out of memory) releases every cached block back to it and is tried once more.
 //! The pool is generic over its source of raw memory so that its bookkeeping is tested on the CPU.
 //!
+//! CUDA graph capture ([`Pool::begin_capture`]): while a capture runs, requests never reach the
+//! driver (a capture that would need a fresh block is refused: the driver call would invalidate
+//! it); they are served from blocks the capture itself freed, then from the cache. Every block
+//! handed out or freed during the capture belongs to the graph: it is parked, not cached, when
+//! freed, so eager work never reuses memory that the graph's replays write or read, until the
+//! graph is dropped ([`Pool::drop_graph`]) and its blocks return to the cache. Within the capture,
+//! a block freed and requested again is reused (the graph replays in stream order).
+//!
 //! Testing hook: [`Pool::fail_alloc_after`] makes a chosen later request fail as if the driver
 //! were out of memory (the cache is bypassed, released and the request retried, as for a real
 //! refusal), so that callers' error paths can be exercised without filling a GPU.
@@ -33,6 +41,15 @@ pub struct PoolStats {
     pub bytes_cached: usize,
     /// the most bytes ever obtained from the driver at once
     pub peak_reserved: usize,
+    /// bytes owned by live CUDA graphs (handed out during their capture), in use or parked
+    pub bytes_in_graphs: usize,
+}
+
+/// The memory of one graph: the blocks it owns and, of those, the ones freed (parked) by size class.
+#[derive(Default)]
+struct GraphMem {
+    owned: HashMap<u64, usize>,
+    parked: HashMap<usize, Vec<u64>>,
 }
 
 /// The size class (in bytes) that serves a request of `bytes`.
@@ -53,11 +70,15 @@ pub struct Pool<A: RawAlloc> {
     stats: PoolStats,
     /// requests until an injected out-of-memory failure (1: the next one)
     fail_in: Option<usize>,
+    /// live graphs' memory, by graph id
+    graphs: HashMap<u64, GraphMem>,
+    /// the graph owning each of their blocks
+    owner: HashMap<u64, u64>,
 }
 
 impl<A: RawAlloc> Pool<A> {
     pub fn new(raw: A) -> Self {
-        Pool { raw, free: HashMap::new(), stats: PoolStats::default(), fail_in: None }
+        Pool { raw, free: HashMap::new(), stats: PoolStats::default(), fail_in: None, graphs: HashMap::new(), owner: HashMap::new() }
     }
 
     /// Testing hook: make the `n`-th following request (`Some(1)`: the next one; `Some(0)` counts
@@ -128,7 +149,65 @@ impl<A: RawAlloc> Pool<A> {
         self.free.entry(class).or_default().push(ptr);
     }
 
-    /// Give every cached block back to the driver.
+    /// Start the bookkeeping of graph `id`'s memory (a capture begins).
+    pub fn begin_capture(&mut self, id: u64) {
+        self.graphs.entry(id).or_default();
+    }
+
+    /// A block of at least `bytes` for the capture of graph `id`: a block the capture freed, else
+    /// one from the cache (which then belongs to the graph); never the driver: when neither has
+    /// a block of its size class, the request is refused.
+    pub fn alloc_captured(&mut self, bytes: usize, id: u64) -> Result<(u64, usize)> {
+        let class = size_class(bytes);
+        let Some(gm) = self.graphs.get_mut(&id) else { return Err(anyhow!("no capture {id} is running")) };
+        if let Some(p) = gm.parked.get_mut(&class).and_then(|v| v.pop()) {
+            self.stats.reuses += 1;
+            self.stats.bytes_in_use += class;
+            return Ok((p, class));
+        }
+        let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) else {
+            return Err(anyhow!("a fresh driver allocation of {class} bytes (the cache has no free block of that size class: run the same work once before capturing)"));
+        };
+        gm.owned.insert(p, class);
+        self.owner.insert(p, id);
+        self.stats.reuses += 1;
+        self.stats.bytes_cached -= class;
+        self.stats.bytes_in_use += class;
+        self.stats.bytes_in_graphs += class;
+        Ok((p, class))
+    }
+
+    /// Return a block: parked in its graph when a live graph owns it, or when it is freed during
+    /// the capture of graph `capturing` (work captured earlier may read it); otherwise cached.
+    pub fn release_in(&mut self, ptr: u64, class: usize, capturing: Option<u64>) {
+        let owner = self.owner.get(&ptr).copied().or_else(|| capturing.filter(|id| self.graphs.contains_key(id)));
+        let Some(id) = owner else { return self.release(ptr, class) };
+        let gm = self.graphs.get_mut(&id).expect("a live graph");
+        if gm.owned.insert(ptr, class).is_none() {
+            self.owner.insert(ptr, id);
+            self.stats.bytes_in_graphs += class;
+        }
+        gm.parked.entry(class).or_default().push(ptr);
+        self.stats.bytes_in_use -= class;
+    }
+
+    /// Graph `id` is gone (or its capture abandoned): its parked blocks return to the cache, and
+    /// the ones still held by buffers return to it when those are dropped.
+    pub fn drop_graph(&mut self, id: u64) {
+        let Some(gm) = self.graphs.remove(&id) else { return };
+        for (&p, &class) in &gm.owned {
+            self.owner.remove(&p);
+            self.stats.bytes_in_graphs -= class;
+        }
+        for (class, ptrs) in gm.parked {
+            for p in ptrs {
+                self.stats.bytes_cached += class;
+                self.free.entry(class).or_default().push(p);
+            }
+        }
+    }
+
+    /// Give every cached block back to the driver (graphs' blocks stay).
     pub fn trim(&mut self) {
         for (class, ptrs) in self.free.drain() {
             for p in ptrs {
@@ -141,6 +220,10 @@ impl<A: RawAlloc> Pool<A> {
 
 impl<A: RawAlloc> Drop for Pool<A> {
     fn drop(&mut self) {
+        let ids: Vec<u64> = self.graphs.keys().copied().collect();
+        for id in ids {
+            self.drop_graph(id);
+        }
         self.trim();
     }
 }
@@ -264,5 +347,53 @@ mod tests {
             let (x, cx) = p.alloc(64).unwrap();
             p.release(x, cx);
         }
+    }
+
+    #[test]
+    fn a_capture_is_served_from_the_cache_and_its_blocks_stay_the_graphs_until_it_drops() {
+        let mut p = pool(1 << 30);
+        // the warm-up: two blocks of one class, one of another, cached; one block live across
+        let w: Vec<(u64, usize)> = [4000usize, 4000, 100_000].iter().map(|&s| p.alloc(s).unwrap()).collect();
+        let (pre, cpre) = p.alloc(4000).unwrap();
+        for (ptr, c) in &w {
+            p.release(*ptr, *c);
+        }
+        let calls = p.raw.calls;
+        p.begin_capture(7);
+        let (a, ca) = p.alloc_captured(4000, 7).unwrap();
+        let (b, cb) = p.alloc_captured(100_000, 7).unwrap();
+        p.release_in(a, ca, Some(7)); // freed inside the capture: reused inside it
+        let (a2, ca2) = p.alloc_captured(4000, 7).unwrap();
+        assert_eq!(a2, a, "a block freed in the capture was not reused by it");
+        p.release_in(pre, cpre, Some(7)); // allocated before, freed during: the graph's now
+        // nothing of this class is cached: refused, and the driver was never asked
+        let e = p.alloc_captured(300_000, 7).unwrap_err();
+        assert!(format!("{e}").contains("fresh driver allocation"), "{e}");
+        assert_eq!(p.raw.calls, calls, "the capture reached the driver");
+        p.release_in(a2, ca2, Some(7));
+        assert_eq!(p.stats().bytes_in_graphs, 2 * 512 * 8 + size_class(100_000));
+        // after the capture: eager requests never get the graph's blocks (parked or live)
+        let mut eager = Vec::new();
+        for _ in 0..3 {
+            let (x, cx) = p.alloc(4000).unwrap();
+            assert!(x != a && x != pre && x != b, "eager work got a graph's block");
+            eager.push((x, cx));
+        }
+        for (x, cx) in eager {
+            p.release_in(x, cx, None);
+        }
+        // `b` is still held by a buffer when the graph drops: it returns to the cache when freed
+        p.drop_graph(7);
+        assert_eq!(p.stats().bytes_in_graphs, 0);
+        let cached = p.stats().bytes_cached;
+        p.release_in(b, cb, None);
+        assert_eq!(p.stats().bytes_cached, cached + cb);
+        // and everything is the cache's again: a request of the class is served without the driver
+        let calls = p.raw.calls;
+        let (y, cy) = p.alloc(4000).unwrap();
+        assert_eq!(p.raw.calls, calls);
+        p.release(y, cy);
+        assert_eq!(p.stats().bytes_in_use, 0);
+        drop(p); // Fake::free checks every block once
     }
 }

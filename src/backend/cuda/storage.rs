@@ -86,6 +86,11 @@ impl CudaStorage {
         }
         Ok(self.ptr())
     }
+    /// The identity of this view: (its buffer's unique id, offset, length), for caches of CUDA
+    /// graphs that read it (an address can be reused once freed, the id cannot).
+    pub fn identity(&self) -> (u64, usize, usize) {
+        (self.buf.id(), self.off, self.len)
+    }
     /// Whether two storages are the same view of the same device memory.
     pub fn ptr_eq(&self, o: &CudaStorage) -> bool {
         Arc::ptr_eq(&self.buf, &o.buf) && self.off == o.off && self.len == o.len

@@ -67,7 +67,7 @@ def import_unet():
     try:
         from torchcfm.models.unet.unet import UNetModelWrapper
         return UNetModelWrapper, "package"
-    except ImportError as e:
+    except Exception as e:  # ImportError, or a POT built for another numpy
         reason = repr(e)
     for k in [k for k in sys.modules if k == "torchcfm" or k.startswith("torchcfm.")]:
         del sys.modules[k]
@@ -321,6 +321,12 @@ def main():
             res["torchcfm"] = version("torchcfm")
         except Exception:
             res["torchcfm"] = None
+        cfg = CONFIGS[a.config]
+        torch.manual_seed(0)
+        base = Unet(**cfg)
+        res["params"] = sum(p.numel() for p in base.parameters())
+        base_state = copy.deepcopy(base.state_dict())
+        del base
         r = Runner(a)
         if r.cuda:
             if not torch.cuda.is_available():
@@ -329,12 +335,6 @@ def main():
             res["capability"] = list(torch.cuda.get_device_capability(0))
         else:
             res["device"] = "cpu"
-        cfg = CONFIGS[a.config]
-        torch.manual_seed(0)
-        base = Unet(**cfg)
-        res["params"] = sum(p.numel() for p in base.parameters())
-        base_state = copy.deepcopy(base.state_dict())
-        del base
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
         save()

@@ -109,6 +109,15 @@ say() { echo "$@" | tee -a "$LOG"; }
 [ "$DRY" = 1 ] && { export CUDA_VISIBLE_DEVICES=; say "== dry run: the GPUs are hidden (CUDA_VISIBLE_DEVICES=)"; }
 HAVE_TIMEOUT=1
 command -v timeout >/dev/null 2>&1 || { HAVE_TIMEOUT=0; say "warning: no timeout command: steps run without a limit"; }
+# tmo SECONDS CMD...: CMD under a limit (the setup's commands too: nothing may hang the check)
+tmo() {
+    local s=$1 left=$((DEADLINE - $(date +%s)))
+    shift
+    # never past the budget (the bookkeeping gets 20 s grace)
+    [ "$s" -gt $((left + 20)) ] && s=$((left + 20))
+    [ "$s" -lt 5 ] && s=5
+    if [ "$HAVE_TIMEOUT" = 1 ]; then timeout -k 5 "$s" "$@"; else "$@"; fi
+}
 
 # the binaries: .gpu-bin/ (made by --prepare) when it matches the tree or there is no cargo
 BIN=""
@@ -147,7 +156,7 @@ fi
 # torchcfm for PyTorch: the carried wheels, installed apart from the system's packages
 PY=${TORCH_PYTHON:-python3}
 if ls .gpu-bin/wheels/*.whl >/dev/null 2>&1; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .gpu-bin/wheels/*.whl >> "$LOG" 2>&1; then
+    if tmo 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .gpu-bin/wheels/*.whl >> "$LOG" 2>&1; then
         export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
         say "== torchcfm and POT from .gpu-bin/wheels"
     else
@@ -156,17 +165,17 @@ if ls .gpu-bin/wheels/*.whl >/dev/null 2>&1; then
 fi
 
 if [ -z "${ORWCFM_CUDA_LIB_DIRS:-}" ]; then
-    d=$("$PY" -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null) && export ORWCFM_CUDA_LIB_DIRS="$d"
+    d=$(tmo 20 "$PY" -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null) && export ORWCFM_CUDA_LIB_DIRS="$d"
 fi
 export ORWCFM_KERNEL_CACHE=${ORWCFM_KERNEL_CACHE:-$WORK/kernels}
-DEVNAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+DEVNAME=$(tmo 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+DRIVER=$(tmo 30 nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
 [ "$DRY" = 1 ] && DEVNAME="${DEVNAME:-no-gpu} dry-run"
 export GC_DEVICE=${DEVNAME:-no-gpu} GC_DRIVER=${DRIVER:-} GC_COMMIT=$COMMIT GC_COMMAND=$COMMAND GC_START=$START GC_BUDGET=$BUDGET GC_DRY=$DRY
 say "== $GC_DEVICE, driver ${DRIVER:-none}, commit $COMMIT, budget ${BUDGET}s, results in $OUTDIR"
 SUMMARY=""
 summarize() {
-    SUMMARY=$(python3 scripts/gpu_check_summary.py summary "$STEPS" "$OUTDIR" 2>>"$LOG")
+    SUMMARY=$(tmo 60 python3 scripts/gpu_check_summary.py summary "$STEPS" "$OUTDIR" 2>>"$LOG")
     if [ "$PACK" = 1 ]; then tar -czf "$OUTDIR/steps.tar.gz.tmp" -C "$WORK" steps 2>/dev/null && mv "$OUTDIR/steps.tar.gz.tmp" "$OUTDIR/steps.tar.gz"; fi
 }
 
@@ -177,7 +186,7 @@ step() {
     if [ "${1:-}" = "--result" ]; then result=$2; shift 2; fi
     local left=$((DEADLINE - $(date +%s)))
     if [ "$left" -lt 10 ]; then
-        python3 scripts/gpu_check_summary.py skip "$STEPS" "$name" "the ${BUDGET} s budget was spent before it" 2>>"$LOG"
+        tmo 60 python3 scripts/gpu_check_summary.py skip "$STEPS" "$name" "the ${BUDGET} s budget was spent before it" 2>>"$LOG"
         say "== $name: skipped (budget spent)"
         summarize
         return
@@ -186,7 +195,7 @@ step() {
     if [ -z "${1:-}" ] || { [ "${1#/}" != "$1" ] && [ ! -x "$1" ]; }; then
         echo "error: missing executable '${1:-}' (build it: scripts/gpu-check.sh --prepare)" > "$STEPS/$name.err"
         : > "$STEPS/$name.out"
-        python3 scripts/gpu_check_summary.py step "$STEPS" "$name" 127 0 "$limit" 2>>"$LOG"
+        tmo 60 python3 scripts/gpu_check_summary.py step "$STEPS" "$name" 127 0 "$limit" 2>>"$LOG"
         say "== $name: FAILED (missing executable ${1:-})"
         summarize
         return
@@ -194,20 +203,17 @@ step() {
     say "== $name (limit ${limit}s): $*"
     local t0 t1 rc
     t0=$(date +%s.%N)
-    if [ "$HAVE_TIMEOUT" = 1 ]; then
-        timeout -k 5 "$limit" "$@" > "$STEPS/$name.out" 2> "$STEPS/$name.err"
-    else
-        "$@" > "$STEPS/$name.out" 2> "$STEPS/$name.err"
-    fi
+    tmo "$limit" "$@" > "$STEPS/$name.out" 2> "$STEPS/$name.err"
     rc=$?
     t1=$(date +%s.%N)
-    python3 scripts/gpu_check_summary.py step "$STEPS" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$limit" $result 2>>"$LOG"
+    tmo 60 python3 scripts/gpu_check_summary.py step "$STEPS" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$limit" $result 2>>"$LOG"
     grep -v '^{' "$STEPS/$name.out" | tail -15 | tee -a "$LOG"
     tail -3 "$STEPS/$name.err" | sed 's/^/  stderr: /' | tee -a "$LOG"
     say "   -> exit $rc in $(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s"
     summarize
 }
 
+summarize # a valid summary (everything missing, with why) before the first step
 B=(--unet-config cifar10 --batch 128 --device cuda)
 # 1. the device opens (compiles the kernels into the cache for the later steps) and the libraries
 step devices 120 "$BIN" devices --json

@@ -180,6 +180,12 @@ fn gpu_check_summary_reports_failures_as_nulls_with_reasons() {
     std::fs::write(steps.join("ours_round_bf16.err"), "error: device cuda:0 requested, but no NVIDIA driver library\n").unwrap();
     py(&["step", s, "ours_round_bf16", "1", "0.1", "90"]);
     py(&["skip", s, "torch_compile", "the", "budget", "was", "spent"]);
+    // PyTorch's step writes its own result file (the last JSON line is not the whole result)
+    let res = steps.join("torch_eager.result.json");
+    std::fs::write(&res, r#"{"torch": "2.11.0", "params": 35746307, "libraries": ["/w/libcudnn.so.9", "/t/libcudnn.so.9"], "modes": {"amp_bf16": {"forward_ms": 9.0, "forward_backward_ms": 30.0, "sample_img_s": 100.0, "round_ms": 50.0, "peak_reserved_mb": {"round": 1000.0}}, "f32": {"error": "OutOfMemoryError: boom"}}}"#).unwrap();
+    std::fs::write(steps.join("torch_eager.out"), "{\"not\": \"this\"}\n").unwrap();
+    std::fs::write(steps.join("torch_eager.err"), "").unwrap();
+    py(&["step", s, "torch_eager", "1", "20", "200", res.to_str().unwrap()]);
     let path = py(&["summary", s, d.to_str().unwrap()]);
     assert!(path.ends_with("-test-gpu-9.json"), "{path}");
     let j: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -196,6 +202,14 @@ fn gpu_check_summary_reports_failures_as_nulls_with_reasons() {
     assert!(j["missing"]["sampling_cifar_b128_euler100.pytorch_img_s.compile_bf16"].as_str().unwrap().contains("budget"), "{}", j["missing"]);
     assert_eq!(j["steps"]["torch_compile"]["status"], "skipped");
     assert_eq!(j["libraries"]["ours"][0], "/x/libcublas.so.13");
-    assert!(j["targets"]["sampling_vs_pytorch_amp_eager"]["met"].is_null());
+    // 1234.5 img/s against PyTorch's 100: the sampling target is met; the round is not measured
+    assert_eq!(j["sampling_cifar_b128_euler100"]["pytorch_img_s"]["amp_bf16"], 100.0);
+    assert_eq!(j["unet_cifar_b128"]["pytorch"]["amp_bf16"]["forward_ms"], 9.0);
+    assert!((j["targets"]["sampling_vs_pytorch_amp_eager"]["value"].as_f64().unwrap() - 12.345).abs() < 1e-9);
+    assert_eq!(j["targets"]["sampling_vs_pytorch_amp_eager"]["met"], true);
+    assert!(j["targets"]["round_vs_pytorch_amp_eager"]["met"].is_null());
+    assert!(j["missing"]["unet_cifar_b128.pytorch.f32"].as_str().unwrap().contains("OutOfMemoryError"), "{}", j["missing"]);
+    assert_eq!(j["params"], 35746307);
+    assert_eq!(j["libraries"]["duplicates"]["pytorch"]["libcudnn"].as_array().unwrap().len(), 2);
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -115,12 +115,16 @@ class Runner:
             torch.cuda.synchronize()
 
     def time(self, fn, warmup, iters):
-        """Median ms of `fn` after `warmup` calls, and all the times."""
+        """Median ms of `fn` after `warmup` calls, and all the times; no further call is timed
+        once --max-seconds have passed (warm-up included), at least one is."""
+        start = time.perf_counter()
         for _ in range(warmup):
             fn()
         self.sync()
         ts = []
         for _ in range(iters):
+            if ts and time.perf_counter() - start >= self.a.max_seconds:
+                break
             if self.cuda:
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
@@ -290,6 +294,7 @@ def main():
     ap.add_argument("--sample-iters", type=int, default=3)
     ap.add_argument("--round-iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-seconds", type=float, default=30.0, help="per timed loop: no further call after this")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--alpha", type=float, default=1.0)

@@ -221,17 +221,18 @@ step devices 120 "$BIN" devices --json
 step test_gpu_ops 150 env ORWCFM_REQUIRE_GPU=1 "${TESTBIN[gpu_ops]:-}" --test-threads=1
 # 3. ours: kernels, then bf16 and f32 sampling, round and U-Net
 step ours_kernels 90 "$BIN" bench kernels --device cuda --dtypes f32,bf16 --json
+# (--max-seconds: no further timed run after that, so a slow precision still reports one)
 for p in bf16 f32; do
-    step "ours_sample_$p" 60 "$BIN" bench sample "${B[@]}" --steps 100 --precision "$p" --iters 3 --warmup 1 --json
-    step "ours_round_$p" 90 "$BIN" bench round "${B[@]}" --steps 100 --precision "$p" --iters 3 --warmup 1 --json
+    step "ours_sample_$p" 60 "$BIN" bench sample "${B[@]}" --steps 100 --precision "$p" --iters 3 --warmup 1 --max-seconds 30 --json
+    step "ours_round_$p" 90 "$BIN" bench round "${B[@]}" --steps 100 --precision "$p" --iters 3 --warmup 1 --max-seconds 45 --json
     step "ours_unet_$p" 60 "$BIN" bench unet "${B[@]}" --precision "$p" --iters 10 --warmup 3 --json
 done
 # 4. PyTorch on the same GPU: eager (AMP first), then torch.compile with its own limit
 step torch_eager 200 --result "$STEPS/torch_eager.result.json" env PYTHONUNBUFFERED=1 "$PY" scripts/bench_torch_gpu.py --modes amp_bf16,amp_f16,f32,tf32 --out "$STEPS/torch_eager.result.json"
 step torch_compile 180 --result "$STEPS/torch_compile.result.json" env PYTHONUNBUFFERED=1 "$PY" scripts/bench_torch_gpu.py --modes compile_bf16 --out "$STEPS/torch_compile.result.json"
 # 5. the rest
-step ours_sample_f16 60 "$BIN" bench sample "${B[@]}" --steps 100 --precision f16 --iters 3 --warmup 1 --json
-step ours_round_f16 90 "$BIN" bench round "${B[@]}" --steps 100 --precision f16 --iters 3 --warmup 1 --json
+step ours_sample_f16 60 "$BIN" bench sample "${B[@]}" --steps 100 --precision f16 --iters 3 --warmup 1 --max-seconds 30 --json
+step ours_round_f16 90 "$BIN" bench round "${B[@]}" --steps 100 --precision f16 --iters 3 --warmup 1 --max-seconds 45 --json
 step ours_unet_f16 60 "$BIN" bench unet "${B[@]}" --precision f16 --iters 10 --warmup 3 --json
 step test_nvrtc_kernels 60 env ORWCFM_REQUIRE_NVRTC=1 "${TESTBIN[nvrtc_kernels]:-}" --test-threads=1
 step test_gpu_ops_gemmconv 150 env ORWCFM_REQUIRE_GPU=1 ORWCFM_CONV=gemm "${TESTBIN[gpu_ops]:-}" --test-threads=1

@@ -187,6 +187,9 @@ pub enum BenchCmd {
         iters: usize,
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// Start no further timed run after this many seconds (at least one is timed).
+        #[arg(long)]
+        max_seconds: Option<f64>,
         /// Print a JSON line last: {"img_s": .., "ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
         #[arg(long)]
         json: bool,
@@ -217,6 +220,9 @@ pub enum BenchCmd {
         iters: usize,
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// Start no further timed round after this many seconds (at least one is timed).
+        #[arg(long)]
+        max_seconds: Option<f64>,
         /// Print a JSON line last: {"round_ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
         #[arg(long)]
         json: bool,
@@ -247,9 +253,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
         Cmd::Bench { what } => match what {
             BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json } => crate::commands::bench::run_unet(&unet_config, batch, &device, &precision, iters, warmup, json),
-            BenchCmd::Sample { unet_config, batch, steps, device, precision, iters, warmup, json } => crate::commands::bench::run_sample(&unet_config, batch, steps, &device, &precision, iters, warmup, json),
-            BenchCmd::Round { unet_config, batch, steps, coupling, device, precision, iters, warmup, json } => {
-                crate::commands::bench::run_round(&unet_config, batch, steps, &coupling, &device, &precision, iters, warmup, json)
+            BenchCmd::Sample { unet_config, batch, steps, device, precision, iters, warmup, max_seconds, json } => {
+                crate::commands::bench::run_sample(&unet_config, batch, steps, &device, &precision, iters, warmup, max_seconds, json)
+            }
+            BenchCmd::Round { unet_config, batch, steps, coupling, device, precision, iters, warmup, max_seconds, json } => {
+                crate::commands::bench::run_round(&unet_config, batch, steps, &coupling, &device, &precision, iters, warmup, max_seconds, json)
             }
             BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),
         },

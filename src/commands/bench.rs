@@ -44,7 +44,14 @@ pub fn sync(device: Device) -> Result<()> {
 
 /// Milliseconds per call of `f` on `device`: `warmup` untimed calls, then `repeats` times
 /// (synchronise, `iters` calls, synchronise) — each repeat's time over `iters`. Sorted.
-pub fn time_ms(device: Device, warmup: usize, repeats: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+pub fn time_ms(device: Device, warmup: usize, repeats: usize, iters: usize, f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    time_ms_within(device, warmup, repeats, iters, None, f)
+}
+
+/// [`time_ms`] that starts no further repeat once `max_s` seconds (warm-up included) have
+/// passed; at least one repeat is timed.
+pub fn time_ms_within(device: Device, warmup: usize, repeats: usize, iters: usize, max_s: Option<f64>, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let start = Instant::now();
     if repeats == 0 || iters == 0 {
         bail!("timing needs at least one repeat of one iteration");
     }
@@ -54,6 +61,9 @@ pub fn time_ms(device: Device, warmup: usize, repeats: usize, iters: usize, mut 
     sync(device)?;
     let mut out = Vec::with_capacity(repeats);
     for _ in 0..repeats {
+        if !out.is_empty() && max_s.is_some_and(|m| start.elapsed().as_secs_f64() >= m) {
+            break;
+        }
         let t0 = Instant::now();
         for _ in 0..iters {
             f()?;
@@ -279,7 +289,8 @@ fn model_on(cfg: &UNetConfig, device: Device, precision: DType) -> Result<UNetMo
 
 /// `bench sample`: images per second of the policy sampling (`steps` Euler steps of `batch`
 /// samples from N(0, I), the samples brought back to the host, as a training round draws them).
-pub fn run_sample(cfg: &str, batch: usize, steps: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn run_sample(cfg: &str, batch: usize, steps: usize, device: &str, precision: &str, iters: usize, warmup: usize, max_seconds: Option<f64>, json: bool) -> Result<()> {
     let (dev, precision) = setup(device, precision, batch, iters)?;
     if steps == 0 {
         bail!("--steps must be at least 1");
@@ -289,7 +300,7 @@ pub fn run_sample(cfg: &str, batch: usize, steps: usize, device: &str, precision
     let solver = OdeSolver::Euler;
     let mut rng = Rng::new(0);
     let mut nfe = 0;
-    let ms = time_ms(dev, warmup, iters, 1, || {
+    let ms = time_ms_within(dev, warmup, iters, 1, max_seconds, || {
         let (x, _, st) = sample_model(&model, batch, &solver, steps, &mut rng)?;
         nfe = st.nfe;
         std::hint::black_box(x);
@@ -299,7 +310,7 @@ pub fn run_sample(cfg: &str, batch: usize, steps: usize, device: &str, precision
     let img_s = batch as f64 / (med / 1e3);
     let mut m = common_json(dev)?;
     println!("sampling: U-Net {:?} num_channels {} batch {batch}, {steps} Euler steps ({nfe} evaluations), {precision} on {}, median of {iters}:", cfg.dim, cfg.num_channels, m["on"].as_str().unwrap_or(""));
-    println!("  {med:>10.1} ms per batch, {img_s:.1} images/s, {:.2} ms per step", med / steps as f64);
+    println!("  {med:>10.1} ms per batch, {img_s:.1} images/s, {:.2} ms per step ({} timed)", med / steps as f64, ms.len());
     print_peak(&m);
     if json {
         for (k, v) in [
@@ -342,7 +353,7 @@ pub fn mean_pixel(x: &Tensor) -> Vec<f32> {
 /// (sampling `batch` by `steps` Euler steps from the policy, the reward, weights, pairing, the
 /// weighted FM + W2 loss, backward, clip and Adam) — in ms.
 #[allow(clippy::too_many_arguments)]
-pub fn run_round(cfg: &str, batch: usize, steps: usize, coupling: &str, device: &str, precision: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+pub fn run_round(cfg: &str, batch: usize, steps: usize, coupling: &str, device: &str, precision: &str, iters: usize, warmup: usize, max_seconds: Option<f64>, json: bool) -> Result<()> {
     let (dev, precision) = setup(device, precision, batch, iters)?;
     if steps == 0 {
         bail!("--steps must be at least 1");
@@ -356,7 +367,7 @@ pub fn run_round(cfg: &str, batch: usize, steps: usize, coupling: &str, device: 
     trainer.set_precision(precision)?;
     let mut reward = FnReward::new("mean pixel", mean_pixel);
     let mut nfe = 0;
-    let ms = time_ms(dev, warmup, iters, 1, || {
+    let ms = time_ms_within(dev, warmup, iters, 1, max_seconds, || {
         let m = trainer.train_step(&mut reward)?;
         nfe = m.nfe;
         Ok(())
@@ -369,7 +380,7 @@ pub fn run_round(cfg: &str, batch: usize, steps: usize, coupling: &str, device: 
         ucfg.num_channels,
         m["on"].as_str().unwrap_or("")
     );
-    println!("  {med:>10.1} ms per round");
+    println!("  {med:>10.1} ms per round ({} timed)", ms.len());
     print_peak(&m);
     if json {
         for (k, v) in [
@@ -429,6 +440,14 @@ mod tests {
         assert_eq!(n, 2 + 3 * 4);
         assert_eq!(t.len(), 3);
         assert!(t.windows(2).all(|w| w[0] <= w[1]));
+        // out of time after the warm-up: one repeat is still timed, and no more
+        let mut n = 0;
+        let t = time_ms_within(Device::Cpu, 1, 10, 1, Some(0.0), || {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((n, t.len()), (2, 1));
     }
 
     #[test]

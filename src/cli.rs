@@ -2,19 +2,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
-use crate::autograd::{Var, ops};
 use crate::io::safetensors::{self as st, Out};
-use crate::nn::{Forward, Init, LoadedModel, UNetConfig, UNetModel, VelocityField, load_model, save_model};
-use crate::rng::Rng;
-use crate::tensor::{DType, Device, Tensor};
+use crate::nn::{LoadedModel, VelocityField, load_model, save_model};
+use crate::tensor::{DType, Device};
 // they live with the U-Net config and the utilities; the names stay here for library callers
 pub use crate::nn::config::resolve_config;
 pub use crate::util::check_writable;
+// the benchmarks live in commands::bench; the names stay here for library callers
+pub use crate::commands::bench::{UnetTimings, bench_unet};
 
 #[derive(Parser, Debug)]
 #[command(name = "orwcfm-fast", version, about = "ORW-CFM-W2 reward fine-tuning of Torch-CFM flow-matching U-Nets, in Rust")]
@@ -163,10 +162,74 @@ pub enum BenchCmd {
         /// Untimed warm-up iterations.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// Print a JSON line last: {"forward_ms": .., "forward_backward_ms": ..}.
+        /// Print a JSON line last: {"forward_ms": .., "forward_backward_ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
         #[arg(long)]
         json: bool,
     },
+    /// Sampling throughput: images per second of `--batch` samples by `--steps` Euler steps
+    /// from a U-Net (the policy sampling of a training round, `orw::sample_model`).
+    Sample {
+        /// U-Net config JSON file, or a built-in: `mnist`, `mnist-small` or `cifar10`.
+        #[arg(long, default_value = "cifar10")]
+        unet_config: String,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Euler steps.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, f16 or bf16 (one per run, so that the peak memory is that precision's).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Start no further timed run after this many seconds (at least one is timed).
+        #[arg(long)]
+        max_seconds: Option<f64>,
+        /// Print a JSON line last: {"img_s": .., "ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One ORW-CFM-W2 round in ms, through the trainer `train` runs: sample `--batch` by
+    /// `--steps` Euler steps from the policy, reward (the mean pixel), weights, pairing, the
+    /// weighted FM + W2 loss, backward, clipping and Adam.
+    Round {
+        /// U-Net config JSON file, or a built-in: `mnist`, `mnist-small` or `cifar10`.
+        #[arg(long, default_value = "cifar10")]
+        unet_config: String,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Euler steps of the sampling.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Coupling of noise and samples: independent, or exact-ot (the trainer's default;
+        /// solved on the host).
+        #[arg(long, default_value = "independent")]
+        coupling: String,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, f16 or bf16 (mixed precision as `train --precision`).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Start no further timed round after this many seconds (at least one is timed).
+        #[arg(long)]
+        max_seconds: Option<f64>,
+        /// Print a JSON line last: {"round_ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each fused kernel's time at the U-Net's shapes, with its GB/s or TFLOP/s next to the
+    /// copy bandwidth and GEMM rate measured in the same run.
+    Kernels(crate::commands::bench_kernels::KernelArgs),
 }
 
 /// Run a parsed command line.
@@ -188,7 +251,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { s, reward, target_classes, reference, json } => crate::commands::sample::run_eval(&s, &reward, &target_classes, reference.as_ref(), json),
         Cmd::Pretrain(a) => crate::commands::pretrain::run(&a),
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
-        Cmd::Bench { what: BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json } } => cmd_bench_unet(&unet_config, batch, &device, &precision, iters, warmup, json),
+        Cmd::Bench { what } => match what {
+            BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json } => crate::commands::bench::run_unet(&unet_config, batch, &device, &precision, iters, warmup, json),
+            BenchCmd::Sample { unet_config, batch, steps, device, precision, iters, warmup, max_seconds, json } => {
+                crate::commands::bench::run_sample(&unet_config, batch, steps, &device, &precision, iters, warmup, max_seconds, json)
+            }
+            BenchCmd::Round { unet_config, batch, steps, coupling, device, precision, iters, warmup, max_seconds, json } => {
+                crate::commands::bench::run_round(&unet_config, batch, steps, &coupling, &device, &precision, iters, warmup, max_seconds, json)
+            }
+            BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),
+        },
     }
 }
 
@@ -308,94 +380,13 @@ fn cmd_devices(json: bool) -> Result<()> {
     } else {
         println!("no NVIDIA driver library: no CUDA device");
     }
+    // the files really bound, now that the devices were opened (two copies of one library: a warning)
+    let bound = crate::commands::bench::libraries_report();
+    for l in &bound {
+        println!("bound {l}");
+    }
     if json {
-        println!("{}", serde_json::json!({"driver": libs.driver, "cublas": libs.cublas, "cudnn": libs.cudnn, "nvrtc": libs.nvrtc, "devices": devs}));
-    }
-    Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
-}
-
-/// Timings of one U-Net configuration.
-pub struct UnetTimings {
-    pub forward_ms: f64,
-    pub forward_backward_ms: f64,
-}
-
-/// Time forward (inference) and forward+backward (MSE to a random target, training mode).
-pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, device: Device, precision: DType) -> Result<UnetTimings> {
-    let mut model = UNetModel::new(cfg, Init::Torch(0))?;
-    model.to_device(device)?;
-    model.to_precision(precision)?;
-    let mut rng = Rng::new(1);
-    let [c, h, w] = cfg.dim;
-    let x = Tensor::randn(&[batch, c, h, w], &mut rng).to_device(device)?;
-    let t = Tensor::rand_uniform(&[batch], 0.0, 1.0, &mut rng).to_device(device)?;
-    let target = Tensor::randn(&[batch, cfg.out_channels(), h, w], &mut rng).to_device(device)?;
-    // GPU work is queued: wait for it before reading the clock
-    let sync = || -> Result<()> {
-        if let Device::Cuda(i) = device {
-            crate::backend::cuda::gpu(i)?.sync()?;
-        }
-        Ok(())
-    };
-    sync()?;
-    let y: Option<Vec<usize>> = cfg.class_cond.then(|| (0..batch).map(|i| i % cfg.num_classes).collect());
-    let mut fwd = Vec::new();
-    for i in 0..warmup + iters {
-        let s = Instant::now();
-        let v = model.predict(&t, &x, y.as_deref())?;
-        std::hint::black_box(v);
-        sync()?;
-        if i >= warmup {
-            fwd.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let mut fb = Vec::new();
-    let mut drop = crate::rng::philox::Philox::new(1);
-    for i in 0..warmup + iters {
-        let s = Instant::now();
-        let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), y.as_deref(), &mut Forward { dropout_rng: Some(&mut drop) })?;
-        let loss = ops::mse_loss(&v, &Var::constant(target.clone()))?;
-        let g = loss.backward()?;
-        std::hint::black_box(model.params().grads(&g)?);
-        sync()?;
-        if i >= warmup {
-            fb.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(UnetTimings { forward_ms: median(fwd), forward_backward_ms: median(fb) })
-}
-
-fn cmd_bench_unet(cfg: &str, batch: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
-    let dev = Device::parse(device)?;
-    let precision = DType::parse_precision(precision)?;
-    dev.ensure_available()?;
-    if batch == 0 || iters == 0 {
-        bail!("--batch and --iters must be at least 1");
-    }
-    let cfg = resolve_config(cfg)?;
-    let r = bench_unet(&cfg, batch, iters, warmup, dev, precision)?;
-    let threads = rayon::current_num_threads();
-    let on = match dev {
-        Device::Cpu => format!("cpu ({threads} threads)"),
-        Device::Cuda(i) => {
-            let g = crate::backend::cuda::gpu(i)?;
-            format!("cuda:{i} {} (conv: {}, tf32 {})", g.name, crate::backend::cuda::conv::method(&g), if g.tf32 { "on" } else { "off" })
-        }
-    };
-    println!("U-Net {:?} num_channels {} batch {batch} {precision} on {on}, median of {iters}:", cfg.dim, cfg.num_channels);
-    println!("  forward           {:>10.1} ms", r.forward_ms);
-    println!("  forward+backward  {:>10.1} ms", r.forward_backward_ms);
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"forward_ms": r.forward_ms, "forward_backward_ms": r.forward_backward_ms, "batch": batch, "precision": precision.name(), "device": dev.to_string(), "on": on, "threads": threads})
-        );
+        println!("{}", serde_json::json!({"driver": libs.driver, "cublas": libs.cublas, "cudnn": libs.cudnn, "nvrtc": libs.nvrtc, "devices": devs, "libraries": bound}));
     }
     Ok(())
 }

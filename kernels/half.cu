@@ -1,9 +1,9 @@
 // Native 16-bit (f16/bf16) kernels of the mixed-precision path (src/backend/cuda/conv.rs,
-// linalg.rs): they read and write the 16-bit values directly, so a half-precision convolution or
-// linear layer costs no separate cast passes, with the CPU reference's rounding (half.cuh): the
-// epilogues add in f32 and round once. Compiled at run time by NVRTC; all grid-stride.
+// linalg.rs; their im2col_h16 is conv.cu's): they read and write the 16-bit values directly, so
+// a half-precision convolution or linear layer costs no separate cast passes, with the CPU
+// reference's rounding (half.cuh): the epilogues add in f32 and round once. Compiled at run
+// time by NVRTC; all grid-stride.
 // `bf` selects bfloat16 (1) or IEEE half (0). CPU twins:
-//   im2col_h16          src/backend/cpu/conv.rs  im2col (bit copies: both formats)
 //   bias_round_h16      CpuStorage::linear / conv2d: f32 result (+ bias) rounded once
 //   add_bias_h16        y + bias in f32, rounded (after a cuDNN half convolution)
 //   unary_h16, unary_backward_h16, binary_h16, binary_same_h16
@@ -13,29 +13,6 @@
 #include "common.cuh"
 #include "half.cuh"
 #include "ops.cuh"
-
-// col[((ni*K) + (ci*kh + ki)*kw + kj)*P + oi*wo + oj] = x[ni, ci, oi*stride - pad + ki, oj*stride - pad + kj], 0 outside
-// (as im2col_f32 of conv.cu, on 16-bit values: +0 is the bit pattern 0 in both formats).
-extern "C" __global__ void im2col_h16(const unsigned short* __restrict__ x, unsigned short* __restrict__ col, long long n, long long cin, long long h, long long w, long long kh,
-                                      long long kw, long long stride, long long pad, long long ho, long long wo) {
-    const long long P = ho * wo;
-    const long long total = n * cin * kh * kw * P;
-    GRID_STRIDE(i, total) {
-        long long t = i / wo;
-        const long long oj = i - t * wo;
-        long long q = t / ho;
-        const long long oi = t - q * ho;
-        t = q / kw;
-        const long long kj = q - t * kw;
-        q = t / kh;
-        const long long ki = t - q * kh;
-        const long long yi = oi * stride - pad + ki;
-        const long long xi = oj * stride - pad + kj;
-        unsigned short v = 0;
-        if (yi >= 0 && yi < h && xi >= 0 && xi < w) v = x[(q * h + yi) * w + xi];
-        col[i] = v;
-    }
-}
 
 // out[i] = round(y[i] + bias[(i / s) % c]) for the f32 GEMM output y of n elements (bias may be
 // null: then just the rounding). Linear layers: s = 1, c = outputs; convolutions: s = ho*wo.

@@ -71,10 +71,10 @@ const TESTED: &[(&str, &[&str])] = &[
     ),
     ("optim.cu", &["adam_clip_ema_f32"]),
     ("norm.cu", &["group_norm_forward_f32", "group_norm_backward_input_f32", "group_norm_backward_affine_f32"]),
-    ("conv.cu", &["im2col_f32", "col2im_f32"]),
+    ("conv.cu", &["im2col_f32", "im2col_h16", "col2im_f32"]),
     ("cast.cu", &["cast_f32_to_f16", "cast_f16_to_f32", "cast_f32_to_bf16", "cast_bf16_to_f32", "cast_f32_to_i32", "cast_i32_to_f32", "fill_u32"]),
     ("rng.cu", &["philox_uniform_f32", "philox_normal_f32", "dropout_f32"]),
-    ("half.cu", &["im2col_h16", "bias_round_h16", "add_bias_h16", "unary_h16", "unary_backward_h16", "binary_h16", "binary_same_h16"]),
+    ("half.cu", &["bias_round_h16", "add_bias_h16", "unary_h16", "unary_backward_h16", "binary_h16", "binary_same_h16"]),
     (
         "fused.cu",
         &[
@@ -1063,14 +1063,43 @@ fn conv_kernels_match_the_cpu_backend() {
             c.f32s("col2im_f32", &format!("col2im(Wᵀ·dy) vs conv2d_backward dx, {}", case(sh)), &dx, &want_dx, APPROX);
         }
     }
+    // im2col_h16: the same unfolding of 16-bit values, bit for bit the CPU's f32 im2col of the
+    // widened values (both formats: a copy of their bits)
+    {
+        fn bad(got: &[u16], want: &[u16]) -> (f64, Option<String>) {
+            let b: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+            (b.len() as f64, b.first().map(|&i| format!("{} of {} differ; first at {i}: {:#06x}, want {:#06x}", b.len(), want.len(), got[i], want[i])))
+        }
+        let formats: [(&str, fn(f32) -> u16, fn(u16) -> f32); 2] = [("f16", |x| f16::from_f32(x).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", |x| bf16::from_f32(x).to_bits(), |h| bf16::from_bits(h).to_f32())];
+        type Fold16 = unsafe extern "C" fn(*const u16, *mut u16, I, I, I, I, I, I, I, I, I, I);
+        let k_im2col: Fold16 = lib.k("im2col_h16");
+        for g in [ConvGeom { n: 2, cin: 3, h: 7, w: 6, cout: 4, kh: 3, kw: 3, stride: 1, pad: 1 }, ConvGeom { n: 1, cin: 2, h: 9, w: 8, cout: 3, kh: 3, kw: 3, stride: 2, pad: 1 }] {
+            let kk = g.cin * g.kh * g.kw;
+            let gi = ConvGeom { cout: kk, ..g };
+            let mut eye = vec![0.0f32; kk * kk];
+            (0..kk).for_each(|i| eye[i * kk + i] = 1.0);
+            for (fmt, narrow, widen) in formats {
+                let xh: Vec<u16> = r.normal_vec(g.n * g.cin * g.h * g.w).into_iter().map(narrow).collect();
+                let xw: Vec<f32> = xh.iter().map(|&h| widen(h)).collect();
+                let want: Vec<u16> = conv2d_im2col_forward(&xw, &eye, None, &gi).into_iter().map(narrow).collect();
+                for sh in shapes_n(want.len()) {
+                    let mut col = vec![0xffffu16; want.len()];
+                    let (xp, cp) = (addr(&xh), addr_mut(&mut col));
+                    let a = [g.n, g.cin, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho(), g.wo()].map(|v| v as I);
+                    lib.launch(sh, &|| unsafe { k_im2col(xp as *const u16, cp as *mut u16, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]) });
+                    let (e, p) = bad(&col, &want);
+                    c.record("im2col_h16", &format!("{fmt} {g:?} {sh:?}"), e, 0.0, p);
+                }
+            }
+        }
+    }
     c.finish(&lib);
 }
 
 // ---------------------------------------------------------------- half.cu
 
 /// The 16-bit kernels of the mixed-precision path, bit for bit against the CPU reference's
-/// definition (the `half` crate's rounding of the f32 result): im2col of 16-bit values against
-/// the CPU's f32 im2col of the widened values, and the f32 epilogues (bias, one rounding) in both
+/// definition (the `half` crate's rounding of the f32 result): the f32 epilogues (bias, one rounding) in both
 /// formats, with and without a bias, in the linear (s = 1) and the convolution (s = P) layout.
 #[test]
 fn half_kernels_match_the_cpu_reference_bit_for_bit() {
@@ -1083,29 +1112,6 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
     }
     let formats: [(&str, u32, fn(f32) -> u16, fn(u16) -> f32); 2] =
         [("f16", 0, |x| f16::from_f32(x).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", 1, |x| bf16::from_f32(x).to_bits(), |h| bf16::from_bits(h).to_f32())];
-    // im2col_h16: [x, col, n, cin, h, w, kh, kw, stride, pad, ho, wo]
-    type Fold = unsafe extern "C" fn(*const u16, *mut u16, I, I, I, I, I, I, I, I, I, I);
-    let k_im2col: Fold = lib.k("im2col_h16");
-    for g in [ConvGeom { n: 2, cin: 3, h: 7, w: 6, cout: 4, kh: 3, kw: 3, stride: 1, pad: 1 }, ConvGeom { n: 1, cin: 2, h: 9, w: 8, cout: 3, kh: 3, kw: 3, stride: 2, pad: 1 }] {
-        let (kk, pp) = (g.cin * g.kh * g.kw, g.ho() * g.wo());
-        let gi = ConvGeom { cout: kk, ..g };
-        let mut eye = vec![0.0f32; kk * kk];
-        (0..kk).for_each(|i| eye[i * kk + i] = 1.0);
-        for (fmt, _, narrow, widen) in formats {
-            let xh: Vec<u16> = r.normal_vec(g.n * g.cin * g.h * g.w).into_iter().map(narrow).collect();
-            let xw: Vec<f32> = xh.iter().map(|&h| widen(h)).collect();
-            let want: Vec<u16> = conv2d_im2col_forward(&xw, &eye, None, &gi).into_iter().map(narrow).collect();
-            for sh in shapes_n(want.len()) {
-                let mut col = vec![0xffffu16; want.len()];
-                let (xp, cp) = (addr(&xh), addr_mut(&mut col));
-                let a = [g.n, g.cin, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho(), g.wo()].map(|v| v as I);
-                lib.launch(sh, &|| unsafe { k_im2col(xp as *const u16, cp as *mut u16, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]) });
-                let (e, p) = bad(&col, &want);
-                c.record("im2col_h16", &format!("{fmt} {g:?} {sh:?}"), e, 0.0, p);
-            }
-            let _ = pp;
-        }
-    }
     // bias_round_h16: [y f32, bias f32 | null, out, n, c, s, bf]; add_bias_h16: [y, bias, n, c, s, bf]
     type Round = unsafe extern "C" fn(*const f32, *const f32, *mut u16, I, I, I, u32);
     type AddBias = unsafe extern "C" fn(*mut u16, *const f32, I, I, I, u32);

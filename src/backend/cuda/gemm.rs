@@ -190,57 +190,34 @@ pub fn run_gemm(g: &Gpu, op: &Gemm) -> Result<()> {
         let compute = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
         let (alpha, beta) = (&c.alpha as *const f32 as *const std::ffi::c_void, &c.beta as *const f32 as *const std::ffi::c_void);
-        // SAFETY: as above; with CUBLAS_COMPUTE_32F the scalars are f32
+        // SAFETY: as above; with CUBLAS_COMPUTE_32F the scalars are f32. One strided-batched
+        // call serves a single GEMM too (batch 1, strides unused).
         unsafe {
-            if c.batch == 1 {
-                cb::cublasGemmEx(
-                    g.blas(),
-                    t(c.trans_a),
-                    t(c.trans_b),
-                    c.m as i32,
-                    c.n as i32,
-                    c.k as i32,
-                    alpha,
-                    c.a as *const _,
-                    ab,
-                    c.lda as i32,
-                    c.b as *const _,
-                    ab,
-                    c.ldb as i32,
-                    beta,
-                    c.c as *mut _,
-                    ct,
-                    c.ldc as i32,
-                    compute,
-                    algo,
-                )
-            } else {
-                cb::cublasGemmStridedBatchedEx(
-                    g.blas(),
-                    t(c.trans_a),
-                    t(c.trans_b),
-                    c.m as i32,
-                    c.n as i32,
-                    c.k as i32,
-                    alpha,
-                    c.a as *const _,
-                    ab,
-                    c.lda as i32,
-                    c.stride_a,
-                    c.b as *const _,
-                    ab,
-                    c.ldb as i32,
-                    c.stride_b,
-                    beta,
-                    c.c as *mut _,
-                    ct,
-                    c.ldc as i32,
-                    c.stride_c,
-                    c.batch as i32,
-                    compute,
-                    algo,
-                )
-            }
+            cb::cublasGemmStridedBatchedEx(
+                g.blas(),
+                t(c.trans_a),
+                t(c.trans_b),
+                c.m as i32,
+                c.n as i32,
+                c.k as i32,
+                alpha,
+                c.a as *const _,
+                ab,
+                c.lda as i32,
+                c.stride_a,
+                c.b as *const _,
+                ab,
+                c.ldb as i32,
+                c.stride_b,
+                beta,
+                c.c as *mut _,
+                ct,
+                c.ldc as i32,
+                c.stride_c,
+                c.batch as i32,
+                compute,
+                algo,
+            )
         }
     };
     if s != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {

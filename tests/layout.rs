@@ -63,14 +63,22 @@ fn backends_and_tensors_know_no_autograd_or_models() {
 }
 
 /// No device branch above the backends: code there calls tensor ops and never asks where a
-/// tensor lives (the dispatch is `tensor/storage.rs`'s).
+/// tensor lives (the dispatch is `tensor/storage.rs`'s). One place names a backend's types by
+/// design: a fused node (`autograd/fused/`) implements `tensor::custom::CustomOp`, whose
+/// `cpu_fwd`/`cuda_fwd` methods take that backend's storages and call its kernels (the CPU side
+/// `backend::cpu`, the CUDA side `backend::cuda`); `Storage::Cuda`/`Storage::Cpu` and device
+/// tests stay forbidden there too.
 #[test]
 fn no_device_branches_above_the_backends() {
     for sub in ["autograd", "optim", "flow", "orw", "nn"] {
         for (path, text) in sources(sub) {
+            let custom_op = path.contains("autograd/fused/");
             for (i, l) in text.lines().enumerate() {
                 let code = l.split("//").next().unwrap();
                 for m in ["is_cuda", "on_gpu", "Storage::Cuda", "Storage::Cpu", "backend::cuda"] {
+                    if custom_op && m == "backend::cuda" {
+                        continue;
+                    }
                     assert!(!code.contains(m), "{path}:{}: {l}", i + 1);
                 }
             }

@@ -8,6 +8,7 @@
 
 pub mod arena;
 pub mod custom;
+pub mod graph;
 mod ops;
 mod random;
 pub mod storage;

@@ -55,6 +55,21 @@ __device__ __forceinline__ void attn_offsets(long long bh, long long heads, long
     }
 }
 
+// The slabs of batch*head `bh` in the packed qkv: their element offsets (`attn_offsets`) and
+// q, k, v themselves.
+struct AttnHead {
+    long long oq, ok, ov;
+    const float *q, *k, *v;
+};
+__device__ __forceinline__ AttnHead attn_head(const float* qkv, long long bh, long long heads, long long ch, long long t, long long order) {
+    AttnHead a;
+    attn_offsets(bh, heads, ch, t, order, &a.oq, &a.ok, &a.ov);
+    a.q = qkv + a.oq;
+    a.k = qkv + a.ok;
+    a.v = qkv + a.ov;
+    return a;
+}
+
 // Sum / maximum over the 8 lanes of a row (lanes differing in their low three bits).
 __device__ __forceinline__ float row8_sum(float v) {
     v += __shfl_xor_sync(ATT_FULL_MASK, v, 1);
@@ -93,11 +108,8 @@ __device__ __forceinline__ void flash_fwd(const float* __restrict__ qkv, float* 
     const float sl2 = scale * ATT_LOG2E;
     const float neg_inf = __int_as_float(0xff800000);
     for (long long bh = blockIdx.y; bh < nbh; bh += gridDim.y) {
-        long long oq, ok, ov;
-        attn_offsets(bh, heads, ch, t, order, &oq, &ok, &ov);
-        const float* q = qkv + oq;
-        const float* k = qkv + ok;
-        const float* v = qkv + ov;
+        const AttnHead hd = attn_head(qkv, bh, heads, ch, t, order);
+        const float *q = hd.q, *k = hd.k, *v = hd.v;
         __syncthreads(); // the previous batch*head's output tile has been written out
         for (int e = tid; e < DP * BR; e += ATT_THREADS) {
             const int d = e / BR, i = e % BR;
@@ -256,11 +268,8 @@ __device__ __forceinline__ void flash_bwd(const float* __restrict__ qkv, const f
     const float sl2 = scale * ATT_LOG2E;
     const long long nkt = (t + BC - 1) / BC;
     for (long long bh = blockIdx.y; bh < nbh; bh += gridDim.y) {
-        long long oq, ok, ov;
-        attn_offsets(bh, heads, ch, t, order, &oq, &ok, &ov);
-        const float* q = qkv + oq;
-        const float* k = qkv + ok;
-        const float* v = qkv + ov;
+        const AttnHead hd = attn_head(qkv, bh, heads, ch, t, order);
+        const float *q = hd.q, *k = hd.k, *v = hd.v;
         const float* go = dout + bh * ch * t;
         __syncthreads(); // the previous batch*head is done with K
         for (int e = tid; e < DP * BC; e += ATT_THREADS) {
@@ -378,7 +387,7 @@ __device__ __forceinline__ void flash_bwd(const float* __restrict__ qkv, const f
                     for (int c = 0; c < 4; ++c) dq[a][c] = fmaf(kk, f4(sa, c), dq[a][c]);
                 }
             }
-            float* dqb = nkt == 1 ? dqkv + oq : dqp + (kt * nbh + bh) * ch * t;
+            float* dqb = nkt == 1 ? dqkv + hd.oq : dqp + (kt * nbh + bh) * ch * t;
 #pragma unroll
             for (int a = 0; a < NK; ++a) {
                 const int d = ty + 16 * a;
@@ -389,8 +398,8 @@ __device__ __forceinline__ void flash_bwd(const float* __restrict__ qkv, const f
                 }
             }
         }
-        float* dkb = dqkv + ok;
-        float* dvb = dqkv + ov;
+        float* dkb = dqkv + hd.ok;
+        float* dvb = dqkv + hd.ov;
 #pragma unroll
         for (int a = 0; a < NK; ++a) {
             const int d = ty + 16 * a;

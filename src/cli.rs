@@ -169,27 +169,8 @@ pub enum BenchCmd {
     /// Sampling throughput: images per second of `--batch` samples by `--steps` Euler steps
     /// from a U-Net (the policy sampling of a training round, `orw::sample_model`).
     Sample {
-        /// U-Net config JSON file, or a built-in: `mnist`, `mnist-small` or `cifar10`.
-        #[arg(long, default_value = "cifar10")]
-        unet_config: String,
-        #[arg(long, default_value_t = 128)]
-        batch: usize,
-        /// Euler steps.
-        #[arg(long, default_value_t = 100)]
-        steps: usize,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32, f16 or bf16 (one per run, so that the peak memory is that precision's).
-        #[arg(long, default_value = "f32")]
-        precision: String,
-        #[arg(long, default_value_t = 3)]
-        iters: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Start no further timed run after this many seconds (at least one is timed).
-        #[arg(long)]
-        max_seconds: Option<f64>,
+        #[command(flatten)]
+        run: crate::commands::bench::BenchRunArgs,
         /// Print a JSON line last: {"img_s": .., "ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
         #[arg(long)]
         json: bool,
@@ -198,31 +179,12 @@ pub enum BenchCmd {
     /// `--steps` Euler steps from the policy, reward (the mean pixel), weights, pairing, the
     /// weighted FM + W2 loss, backward, clipping and Adam.
     Round {
-        /// U-Net config JSON file, or a built-in: `mnist`, `mnist-small` or `cifar10`.
-        #[arg(long, default_value = "cifar10")]
-        unet_config: String,
-        #[arg(long, default_value_t = 128)]
-        batch: usize,
-        /// Euler steps of the sampling.
-        #[arg(long, default_value_t = 100)]
-        steps: usize,
+        #[command(flatten)]
+        run: crate::commands::bench::BenchRunArgs,
         /// Coupling of noise and samples: independent, or exact-ot (the trainer's default;
         /// solved on the host).
         #[arg(long, default_value = "independent")]
         coupling: String,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32, f16 or bf16 (mixed precision as `train --precision`).
-        #[arg(long, default_value = "f32")]
-        precision: String,
-        #[arg(long, default_value_t = 3)]
-        iters: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Start no further timed round after this many seconds (at least one is timed).
-        #[arg(long)]
-        max_seconds: Option<f64>,
         /// Print a JSON line last: {"round_ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
         #[arg(long)]
         json: bool,
@@ -253,12 +215,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
         Cmd::Bench { what } => match what {
             BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json } => crate::commands::bench::run_unet(&unet_config, batch, &device, &precision, iters, warmup, json),
-            BenchCmd::Sample { unet_config, batch, steps, device, precision, iters, warmup, max_seconds, json } => {
-                crate::commands::bench::run_sample(&unet_config, batch, steps, &device, &precision, iters, warmup, max_seconds, json)
-            }
-            BenchCmd::Round { unet_config, batch, steps, coupling, device, precision, iters, warmup, max_seconds, json } => {
-                crate::commands::bench::run_round(&unet_config, batch, steps, &coupling, &device, &precision, iters, warmup, max_seconds, json)
-            }
+            BenchCmd::Sample { run, json } => crate::commands::bench::run_sample(&run, json),
+            BenchCmd::Round { run, coupling, json } => crate::commands::bench::run_round(&run, &coupling, json),
             BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),
         },
     }

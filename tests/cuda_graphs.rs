@@ -10,9 +10,11 @@
 //!   are replaced, and fall back to eager solves when the capture is refused;
 //! - the trainer with graphs samples bitwise what it samples without them.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
 
-use orwcfm_fast::backend::cuda::{self, Gpu};
+use std::sync::{Arc, MutexGuard};
+
+use orwcfm_fast::backend::cuda::Gpu;
 use orwcfm_fast::flow::ode::{OdeSolver, odeint};
 use orwcfm_fast::flow::ode_graph::{clear_sampler_graphs, odeint_graphed, sampler_graph_stats, set_graphs_enabled, weights_identity};
 use orwcfm_fast::nn::{Init, UNetConfig, UNetModel, VelocityField};
@@ -25,26 +27,13 @@ use orwcfm_fast::tensor::{DType, Device, Storage, Tensor};
 
 const DEV: Device = Device::Cuda(0);
 
-/// The GPU (simulated without one), one test at a time (the graph counters are process-wide).
+/// The GPU (simulated without one), one test at a time (the graph counters are process-wide),
+/// with the sampler's graphs as the environment says and none cached.
 fn gpu(test: &str) -> Option<(Arc<Gpu>, MutexGuard<'static, ()>)> {
-    static ONE: Mutex<()> = Mutex::new(());
-    let lock = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let g = match cuda::gpu(0) {
-        Ok(g) => g,
-        Err(e) => {
-            assert!(std::env::var_os("ORWCFM_REQUIRE_GPU").is_none(), "ORWCFM_REQUIRE_GPU is set but cuda:0 cannot be opened: {e:#}");
-            if cuda::sim::compiler().is_none() {
-                eprintln!("SKIPPED {test}: no usable GPU ({e:#}) and no C++ compiler for the simulated one");
-                return None;
-            }
-            cuda::sim::enable();
-            cuda::gpu(0).unwrap_or_else(|e| panic!("the simulated GPU: {e:#}"))
-        }
-    };
-    g.set_poison(true);
+    let r = common::gpu(test)?;
     set_graphs_enabled(None);
     clear_sampler_graphs();
-    Some((g, lock))
+    Some(r)
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {

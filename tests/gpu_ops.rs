@@ -11,11 +11,12 @@
 
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
 
+use common::gpu;
 use orwcfm_fast::autograd::{Var, ops};
 use orwcfm_fast::backend::cpu::attention::QkvOrder;
-use orwcfm_fast::backend::cuda::{self, Gpu};
+use orwcfm_fast::backend::cuda;
 use orwcfm_fast::flow::ode::OdeSolver;
 use orwcfm_fast::nn::ParamStore;
 use orwcfm_fast::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
@@ -29,34 +30,6 @@ use orwcfm_fast::tensor::{Device, Storage, Tensor};
 const FWD_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
 const DEV: Device = Device::Cuda(0);
-
-/// The GPU, poisoned (new buffers start as NaN). Without one, the simulated GPU of
-/// `backend::cuda::sim` (the kernels on the CPU through the C++ shim, host memory, the same
-/// launches); without a C++ compiler either, None after saying why the test skips.
-fn gpu(test: &str) -> Option<(Arc<Gpu>, MutexGuard<'static, ()>)> {
-    // one test at a time on the device: the allocator counts are per device, and the simulated
-    // GPU's threads would otherwise crowd each other out
-    static ONE: Mutex<()> = Mutex::new(());
-    let lock = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let g = match cuda::gpu(0) {
-        Ok(g) => g,
-        Err(e) => {
-            assert!(std::env::var_os("ORWCFM_REQUIRE_GPU").is_none(), "ORWCFM_REQUIRE_GPU is set but cuda:0 cannot be opened: {e:#}");
-            if cuda::sim::compiler().is_none() {
-                assert!(std::env::var("ORWCFM_REQUIRE_SHIM").is_err(), "ORWCFM_REQUIRE_SHIM is set but no C++ compiler runs");
-                eprintln!("SKIPPED {test}: no usable GPU ({e:#}) and no C++ compiler for the simulated one");
-                return None;
-            }
-            cuda::sim::enable();
-            cuda::gpu(0).unwrap_or_else(|e| panic!("the simulated GPU: {e:#}"))
-        }
-    };
-    if g.is_sim() {
-        eprintln!("{test}: on the simulated GPU (no GPU here)");
-    }
-    g.set_poison(true);
-    Some((g, lock))
-}
 
 fn rnd(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::randn(shape, rng)

@@ -287,14 +287,50 @@ fn model_on(cfg: &UNetConfig, device: Device, precision: DType) -> Result<UNetMo
     Ok(model)
 }
 
+/// What `bench sample` and `bench round` share: the model, the batch and its sampling, the
+/// device and precision, and the timing.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchRunArgs {
+    /// U-Net config JSON file, or a built-in: `mnist`, `mnist-small` or `cifar10`.
+    #[arg(long, default_value = "cifar10")]
+    pub unet_config: String,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Euler steps of the sampling.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, f16 or bf16 (one per run, so that the peak memory is that precision's; `bench
+    /// round` trains in mixed precision as `train --precision`).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Start no further timed run after this many seconds (at least one is timed).
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+}
+
+impl BenchRunArgs {
+    /// [`setup`], and the check of `--steps`.
+    fn setup(&self) -> Result<(Device, DType)> {
+        let r = setup(&self.device, &self.precision, self.batch, self.iters)?;
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        Ok(r)
+    }
+}
+
 /// `bench sample`: images per second of the policy sampling (`steps` Euler steps of `batch`
 /// samples from N(0, I), the samples brought back to the host, as a training round draws them).
-#[allow(clippy::too_many_arguments)]
-pub fn run_sample(cfg: &str, batch: usize, steps: usize, device: &str, precision: &str, iters: usize, warmup: usize, max_seconds: Option<f64>, json: bool) -> Result<()> {
-    let (dev, precision) = setup(device, precision, batch, iters)?;
-    if steps == 0 {
-        bail!("--steps must be at least 1");
-    }
+pub fn run_sample(a: &BenchRunArgs, json: bool) -> Result<()> {
+    let (dev, precision) = a.setup()?;
+    let &BenchRunArgs { unet_config: ref cfg, batch, steps, iters, warmup, max_seconds, .. } = a;
     let cfg = crate::nn::config::resolve_config(cfg)?;
     let model = model_on(&cfg, dev, precision)?;
     let solver = OdeSolver::Euler;
@@ -352,12 +388,9 @@ pub fn mean_pixel(x: &Tensor) -> Vec<f32> {
 /// `bench round`: one ORW-CFM-W2 round — `Trainer::train_step` with a fresh batch every step
 /// (sampling `batch` by `steps` Euler steps from the policy, the reward, weights, pairing, the
 /// weighted FM + W2 loss, backward, clip and Adam) — in ms.
-#[allow(clippy::too_many_arguments)]
-pub fn run_round(cfg: &str, batch: usize, steps: usize, coupling: &str, device: &str, precision: &str, iters: usize, warmup: usize, max_seconds: Option<f64>, json: bool) -> Result<()> {
-    let (dev, precision) = setup(device, precision, batch, iters)?;
-    if steps == 0 {
-        bail!("--steps must be at least 1");
-    }
+pub fn run_round(a: &BenchRunArgs, coupling: &str, json: bool) -> Result<()> {
+    let (dev, precision) = a.setup()?;
+    let &BenchRunArgs { unet_config: ref cfg, batch, steps, iters, warmup, max_seconds, .. } = a;
     let ucfg = crate::nn::config::resolve_config(cfg)?;
     let model = UNetModel::new(&ucfg, Init::Torch(0))?;
     let params = model.params().count();

@@ -26,13 +26,13 @@
 //!
 //! Off with `ORWCFM_CUDA_GRAPHS=0`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 
 use super::ode::{OdeSolver, OdeStats, fixed_grid};
-use crate::backend::cuda::{Graph, gpu};
+use crate::backend::cuda::{Graph, GraphCounters, GraphStats, gpu};
 use crate::tensor::{DType, Device, Storage, Tensor};
 
 /// The variable that turns the sampler's CUDA graphs off: `0`.
@@ -74,35 +74,14 @@ pub fn weights_identity<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Option<
         .collect()
 }
 
-/// Counters of the sampler's graphs (process-wide).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SamplerGraphStats {
-    /// solves run eagerly by this path (warm-ups and the solves before a capture)
-    pub eager: u64,
-    /// graphs captured
-    pub captures: u64,
-    /// solves done by replaying a graph
-    pub replays: u64,
-    /// captures refused (the slot then samples eagerly)
-    pub refused: u64,
-    /// graphs dropped because their weights changed
-    pub invalidated: u64,
-}
+/// Counters of the sampler's graphs (process-wide): `eager` counts the warm-up solves and the
+/// solves before a capture; a refused capture makes its slot sample eagerly.
+pub type SamplerGraphStats = GraphStats;
 
-static EAGER: AtomicU64 = AtomicU64::new(0);
-static CAPTURES: AtomicU64 = AtomicU64::new(0);
-static REPLAYS: AtomicU64 = AtomicU64::new(0);
-static REFUSED: AtomicU64 = AtomicU64::new(0);
-static INVALIDATED: AtomicU64 = AtomicU64::new(0);
+static COUNTERS: GraphCounters = GraphCounters::new();
 
 pub fn sampler_graph_stats() -> SamplerGraphStats {
-    SamplerGraphStats {
-        eager: EAGER.load(Ordering::Relaxed),
-        captures: CAPTURES.load(Ordering::Relaxed),
-        replays: REPLAYS.load(Ordering::Relaxed),
-        refused: REFUSED.load(Ordering::Relaxed),
-        invalidated: INVALIDATED.load(Ordering::Relaxed),
-    }
+    COUNTERS.stats()
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -204,7 +183,7 @@ pub fn odeint_graphed(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Te
         // new weights: the old graph reads buffers that are no longer the model's; it is
         // dropped here, before anything runs
         if matches!(slot.state, State::Graph { .. }) {
-            INVALIDATED.fetch_add(1, Ordering::Relaxed);
+            COUNTERS.invalidated.fetch_add(1, Ordering::Relaxed);
         }
         slot = Slot { key: slot.key, weights, state: State::New };
     }
@@ -225,7 +204,7 @@ fn solve(slot: &mut Slot, ordinal: usize, f: &mut dyn FnMut(f32, &Tensor) -> Res
     match &slot.state {
         State::New | State::Eager => {
             if matches!(slot.state, State::New) {
-                EAGER.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.eager.fetch_add(1, Ordering::Relaxed);
             }
             let r = fixed_grid(f, x0, t0, t1, steps, solver, true)?;
             if matches!(slot.state, State::New) {
@@ -236,26 +215,21 @@ fn solve(slot: &mut Slot, ordinal: usize, f: &mut dyn FnMut(f32, &Tensor) -> Res
         State::Warm => {
             // eager from the static input, the result read back and dropped: the cache then
             // holds every block the solve needs, and the capture follows at once
-            EAGER.fetch_add(1, Ordering::Relaxed);
+            COUNTERS.eager.fetch_add(1, Ordering::Relaxed);
             let input = Tensor::full_on(x0.shape(), 0.0, x0.dtype(), x0.device())?;
             copy_values(&input, x0)?;
             let (y, stats) = fixed_grid(f, &input, t0, t1, steps, solver, true)?;
             let host = y.to_device(Device::Cpu)?;
             drop(y);
-            let g = gpu(ordinal)?;
-            let captured = (|| -> Result<(Graph, Tensor)> {
-                let cap = g.begin_capture()?;
-                // an error inside drops `cap`: the capture is abandoned
-                let (out, _) = fixed_grid(f, &input, t0, t1, steps, solver, false)?;
-                Ok((cap.end()?, out))
-            })();
+            // an error inside abandons the capture
+            let captured = gpu(ordinal)?.capture(|| Ok(fixed_grid(f, &input, t0, t1, steps, solver, false)?.0));
             slot.state = match captured {
                 Ok((graph, output)) => {
-                    CAPTURES.fetch_add(1, Ordering::Relaxed);
+                    COUNTERS.captures.fetch_add(1, Ordering::Relaxed);
                     State::Graph { graph, input, output }
                 }
                 Err(e) => {
-                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                    COUNTERS.refused.fetch_add(1, Ordering::Relaxed);
                     eprintln!("note: sampling {:?} with {} × {steps} on cuda:{ordinal} without a CUDA graph: {e:#}", slot.key.shape, solver.name());
                     State::Eager
                 }
@@ -270,7 +244,7 @@ fn solve(slot: &mut Slot, ordinal: usize, f: &mut dyn FnMut(f32, &Tensor) -> Res
                 // the eager solve names the time the state went non-finite
                 return fixed_grid(f, x0, t0, t1, steps, solver, true);
             }
-            REPLAYS.fetch_add(1, Ordering::Relaxed);
+            COUNTERS.replays.fetch_add(1, Ordering::Relaxed);
             Ok((y, OdeStats { nfe: nfe(solver, steps), steps, rejected: 0 }))
         }
     }

@@ -27,13 +27,13 @@
 //! want of a cached block (other graphs took some) is retried on a later step (at most
 //! [`RETRIES`] times); any other refusal makes the slot eager.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 
 use super::loss::orw_loss_on_device;
 use crate::autograd::ops;
-use crate::backend::cuda::{Graph, gpu};
+use crate::backend::cuda::{Graph, GraphCounters, GraphStats, gpu};
 use crate::flow::ode_graph::{copy_values, weights_identity};
 use crate::nn::{Forward, VelocityField};
 use crate::rng::philox::Philox;
@@ -63,29 +63,12 @@ pub fn pass<M: VelocityField>(model: &M, reference: &M, t: &Tensor, xt: &Tensor,
 }
 
 /// Counters of the training step's graphs (process-wide).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StepGraphStats {
-    pub eager: u64,
-    pub captures: u64,
-    pub replays: u64,
-    pub refused: u64,
-    pub invalidated: u64,
-}
+pub type StepGraphStats = GraphStats;
 
-static EAGER: AtomicU64 = AtomicU64::new(0);
-static CAPTURES: AtomicU64 = AtomicU64::new(0);
-static REPLAYS: AtomicU64 = AtomicU64::new(0);
-static REFUSED: AtomicU64 = AtomicU64::new(0);
-static INVALIDATED: AtomicU64 = AtomicU64::new(0);
+static COUNTERS: GraphCounters = GraphCounters::new();
 
 pub fn step_graph_stats() -> StepGraphStats {
-    StepGraphStats {
-        eager: EAGER.load(Ordering::Relaxed),
-        captures: CAPTURES.load(Ordering::Relaxed),
-        replays: REPLAYS.load(Ordering::Relaxed),
-        refused: REFUSED.load(Ordering::Relaxed),
-        invalidated: INVALIDATED.load(Ordering::Relaxed),
-    }
+    COUNTERS.stats()
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -140,7 +123,7 @@ impl StepGraph {
             Some(s) if s.0 == key => s,
             slot => {
                 if matches!(slot, Some((_, State::Graph { .. }, _))) {
-                    INVALIDATED.fetch_add(1, Ordering::Relaxed);
+                    COUNTERS.invalidated.fetch_add(1, Ordering::Relaxed);
                 }
                 // the old graph (over buffers that are no longer the weights) dropped first
                 *slot = None;
@@ -150,7 +133,7 @@ impl StepGraph {
         match state {
             State::Eager => eager(dropout),
             State::New => {
-                EAGER.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.eager.fetch_add(1, Ordering::Relaxed);
                 let before = dropout.as_deref().copied();
                 let r = eager(dropout.as_deref_mut())?;
                 *state = if dropout.as_deref().copied() != before {
@@ -168,24 +151,19 @@ impl StepGraph {
                 for (s, x) in inputs.iter().zip([&t, &xt, &ut, &w]) {
                     copy_values(s, x)?;
                 }
-                let g = gpu(ordinal)?;
-                let captured = (|| -> Result<(Graph, (Tensor, Vec<Tensor>))> {
-                    let cap = g.begin_capture()?;
-                    // (no dropout stream: the warm-up showed the forward draws nothing from it)
-                    let out = pass(net, reference, &inputs[0], &inputs[1], &inputs[2], None, &inputs[3], alpha, 1.0, &mut Forward { dropout_rng: None })?;
-                    Ok((cap.end()?, out))
-                })();
+                // (no dropout stream: the warm-up showed the forward draws nothing from it)
+                let captured = gpu(ordinal)?.capture(|| pass(net, reference, &inputs[0], &inputs[1], &inputs[2], None, &inputs[3], alpha, 1.0, &mut Forward { dropout_rng: None }));
                 match captured {
                     Ok((graph, (read, grads))) => {
-                        CAPTURES.fetch_add(1, Ordering::Relaxed);
+                        COUNTERS.captures.fetch_add(1, Ordering::Relaxed);
                         graph.replay()?;
-                        REPLAYS.fetch_add(1, Ordering::Relaxed);
+                        COUNTERS.replays.fetch_add(1, Ordering::Relaxed);
                         let out = (read.clone(), grads.clone());
                         *state = State::Graph { graph, inputs, read, grads };
                         Ok(out)
                     }
                     Err(e) => {
-                        REFUSED.fetch_add(1, Ordering::Relaxed);
+                        COUNTERS.refused.fetch_add(1, Ordering::Relaxed);
                         let msg = format!("{e:#}");
                         if msg.contains("fresh driver allocation") && *retries < RETRIES {
                             *retries += 1;
@@ -203,7 +181,7 @@ impl StepGraph {
                     copy_values(s, x)?;
                 }
                 graph.replay()?;
-                REPLAYS.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.replays.fetch_add(1, Ordering::Relaxed);
                 Ok((read.clone(), grads.clone()))
             }
         }

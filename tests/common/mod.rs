@@ -1,8 +1,11 @@
-//! Shared helpers for the integration tests: reading the PyTorch fixtures.
+//! Shared helpers for the integration tests: reading the PyTorch fixtures, finite differences,
+//! the GPU (or the simulated one) for the GPU tests.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use orwcfm_fast::backend::cuda::{self, Gpu};
 use orwcfm_fast::io::safetensors::{StFile, load};
 use orwcfm_fast::nn::{Init, UNetConfig, UNetModel};
 use orwcfm_fast::tensor::Tensor;
@@ -72,4 +75,33 @@ pub fn finite_difference_errors(inputs: &[Tensor], diff: &[usize], eps: f32, see
         res.push((k, err2.sqrt(), num2.sqrt()));
     }
     res
+}
+
+/// The GPU, poisoned (new buffers start as NaN), one test at a time (per test binary: the
+/// allocator counts are per device, the graph counters process-wide, and the simulated GPU's
+/// threads would otherwise crowd each other out). Without one, the simulated GPU of
+/// `backend::cuda::sim` (the kernels on the CPU through the C++ shim, host memory, the same
+/// launches); without a C++ compiler either, None after saying why the test skips.
+/// `ORWCFM_REQUIRE_GPU` makes a missing GPU fail, `ORWCFM_REQUIRE_SHIM` a missing compiler.
+pub fn gpu(test: &str) -> Option<(Arc<Gpu>, MutexGuard<'static, ()>)> {
+    static ONE: Mutex<()> = Mutex::new(());
+    let lock = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let g = match cuda::gpu(0) {
+        Ok(g) => g,
+        Err(e) => {
+            assert!(std::env::var_os("ORWCFM_REQUIRE_GPU").is_none(), "ORWCFM_REQUIRE_GPU is set but cuda:0 cannot be opened: {e:#}");
+            if cuda::sim::compiler().is_none() {
+                assert!(std::env::var("ORWCFM_REQUIRE_SHIM").is_err(), "ORWCFM_REQUIRE_SHIM is set but no C++ compiler runs");
+                eprintln!("SKIPPED {test}: no usable GPU ({e:#}) and no C++ compiler for the simulated one");
+                return None;
+            }
+            cuda::sim::enable();
+            cuda::gpu(0).unwrap_or_else(|e| panic!("the simulated GPU: {e:#}"))
+        }
+    };
+    if g.is_sim() {
+        eprintln!("{test}: on the simulated GPU (no GPU here)");
+    }
+    g.set_poison(true);
+    Some((g, lock))
 }

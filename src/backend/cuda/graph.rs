@@ -25,6 +25,10 @@
 //! a [`Capture`] without ending it abandons it; either way the GPU is usable afterwards and the
 //! capture's memory returns to the cache.
 //!
+//! The cached graphs of the sampler (`flow::ode_graph`) and of the training step
+//! (`orw::step_graph`) capture through [`Gpu::capture`] and count their slots' events (eager
+//! warm-ups, captures, replays, refusals, invalidations) in a [`GraphCounters`].
+//!
 //! The simulated GPU emulates this: during a capture the capturing thread's kernel launches
 //! (name, shape and a copy of every argument's value), GEMMs and device copies are recorded
 //! instead of run, the same refusals apply, and a replay runs the list in order. Another thread's
@@ -193,6 +197,64 @@ impl Drop for Graph {
 impl std::fmt::Debug for Graph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Graph(cuda:{}, #{})", self.gpu.ordinal, self.id)
+    }
+}
+
+impl Gpu {
+    /// `work` captured as a graph ([`Gpu::begin_capture`], `work`, [`Capture::end`]), with what
+    /// `work` returned (the graph's static outputs); an error from `work` drops the capture,
+    /// which abandons it.
+    pub fn capture<T>(self: &Arc<Self>, work: impl FnOnce() -> Result<T>) -> Result<(Graph, T)> {
+        let cap = self.begin_capture()?;
+        let out = work()?;
+        Ok((cap.end()?, out))
+    }
+}
+
+/// Counters of one family of cached graphs (the sampler's, the training step's): the events of
+/// their slots' protocol (eager warm-up, capture, replay, refusal, invalidation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// steps or solves run eagerly by the graphed path (warm-ups and the runs before a capture)
+    pub eager: u64,
+    /// graphs captured
+    pub captures: u64,
+    /// runs done by replaying a graph
+    pub replays: u64,
+    /// captures refused
+    pub refused: u64,
+    /// graphs dropped because their weights changed
+    pub invalidated: u64,
+}
+
+/// The process-wide counters behind a [`GraphStats`] (one `static` per family).
+pub struct GraphCounters {
+    pub eager: AtomicU64,
+    pub captures: AtomicU64,
+    pub replays: AtomicU64,
+    pub refused: AtomicU64,
+    pub invalidated: AtomicU64,
+}
+
+impl GraphCounters {
+    pub const fn new() -> GraphCounters {
+        GraphCounters { eager: AtomicU64::new(0), captures: AtomicU64::new(0), replays: AtomicU64::new(0), refused: AtomicU64::new(0), invalidated: AtomicU64::new(0) }
+    }
+
+    pub fn stats(&self) -> GraphStats {
+        GraphStats {
+            eager: self.eager.load(Ordering::Relaxed),
+            captures: self.captures.load(Ordering::Relaxed),
+            replays: self.replays.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            invalidated: self.invalidated.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Default for GraphCounters {
+    fn default() -> GraphCounters {
+        GraphCounters::new()
     }
 }
 

@@ -29,11 +29,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::ode::{OdeSolver, OdeStats, fixed_grid};
-use crate::backend::cuda::{Graph, GraphCounters, GraphStats, gpu};
-use crate::tensor::{DType, Device, Storage, Tensor};
+use crate::tensor::graph::{DeviceGraph, GraphCounters, GraphStats, capture, records};
+use crate::tensor::{DType, Device, Tensor};
 
 /// The variable that turns the sampler's CUDA graphs off: `0`.
 pub const GRAPHS_VAR: &str = "ORWCFM_CUDA_GRAPHS";
@@ -66,12 +66,7 @@ pub fn set_graphs_enabled(on: Option<bool>) {
 /// The identity of device tensors (weights): per tensor, its buffer's unique id, offset and
 /// length; `None` when one is not on a GPU.
 pub fn weights_identity<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Option<Vec<(u64, usize, usize)>> {
-    ts.into_iter()
-        .map(|t| match t.storage() {
-            Storage::Cuda(c) => Some(c.identity()),
-            Storage::Cpu(_) => None,
-        })
-        .collect()
+    ts.into_iter().map(Tensor::device_identity).collect()
 }
 
 /// Counters of the sampler's graphs (process-wide): `eager` counts the warm-up solves and the
@@ -86,7 +81,7 @@ pub fn sampler_graph_stats() -> SamplerGraphStats {
 
 #[derive(Clone, Debug, PartialEq)]
 struct SlotKey {
-    gpu: usize,
+    device: Device,
     shape: Vec<usize>,
     dtype: DType,
     solver: &'static str,
@@ -103,7 +98,7 @@ enum State {
     /// one eager solve done (the warm-up)
     Warm,
     Graph {
-        graph: Graph,
+        graph: DeviceGraph,
         /// the static input the graph reads, and the output it writes
         input: Tensor,
         output: Tensor,
@@ -140,13 +135,8 @@ pub fn cached_sampler_graphs() -> usize {
 /// Copy the values of `src` into `dst` (same dtype and length, both on one GPU), on the stream;
 /// `dst` must be a static buffer that no other storage shares.
 pub(crate) fn copy_values(dst: &Tensor, src: &Tensor) -> Result<()> {
-    match (dst.storage(), src.storage()) {
-        (Storage::Cuda(d), Storage::Cuda(s)) if d.storage_dtype() == s.storage_dtype() && d.elements() == s.elements() => {
-            // the static input belongs to its slot alone (no other storage shares it)
-            d.gpu().copy_into(d.ptr(), s.ptr(), crate::backend::cuda::storage::words(s.elements(), s.storage_dtype()))
-        }
-        _ => bail!("sampler graph: the input {:?} {} cannot be copied into the static input {:?} {}", src.shape(), src.dtype(), dst.shape(), dst.dtype()),
-    }
+    // the static input belongs to its slot alone (no other storage shares it)
+    dst.copy_values_from(src).context("a graph's static input")
 }
 
 fn nfe(solver: &OdeSolver, steps: usize) -> usize {
@@ -164,11 +154,14 @@ fn nfe(solver: &OdeSolver, steps: usize) -> usize {
 /// nothing else that changes between solves (no per-solve uploads: those refuse the capture).
 /// The result is bitwise the eager solve's.
 pub fn odeint_graphed(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver, weights: Vec<(u64, usize, usize)>) -> Result<(Tensor, OdeStats)> {
-    let Device::Cuda(ordinal) = x0.device() else { return super::ode::odeint(f, x0, t0, t1, steps, solver) };
+    let device = x0.device();
+    if !records(device) {
+        return super::ode::odeint(f, x0, t0, t1, steps, solver);
+    }
     if matches!(solver, OdeSolver::Dopri5 { .. }) || steps == 0 || !t0.is_finite() || !t1.is_finite() {
         return super::ode::odeint(f, x0, t0, t1, steps, solver);
     }
-    let key = SlotKey { gpu: ordinal, shape: x0.shape().to_vec(), dtype: x0.dtype(), solver: solver.name(), steps, t0: t0.to_bits(), t1: t1.to_bits(), arch: weights.iter().map(|w| w.2).collect() };
+    let key = SlotKey { device, shape: x0.shape().to_vec(), dtype: x0.dtype(), solver: solver.name(), steps, t0: t0.to_bits(), t1: t1.to_bits(), arch: weights.iter().map(|w| w.2).collect() };
     let mut all = slots();
     let mut slot = match all.iter().position(|s| s.key == key) {
         Some(i) => all.remove(i),
@@ -187,20 +180,18 @@ pub fn odeint_graphed(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Te
         }
         slot = Slot { key: slot.key, weights, state: State::New };
     }
-    let out = solve(&mut slot, ordinal, f, x0, t0, t1, steps, solver);
+    let out = solve(&mut slot, f, x0, t0, t1, steps, solver);
     all.push(slot);
     out
 }
 
 /// A device copy of a GPU tensor (the graph's output is overwritten by the next replay).
 fn device_copy(t: &Tensor) -> Result<Tensor> {
-    let Storage::Cuda(c) = t.storage() else { bail!("sampler graph: the output is not on a GPU") };
-    let buf = c.gpu().copy_words(c.ptr(), crate::backend::cuda::storage::words(c.elements(), c.storage_dtype()))?;
-    Ok(Tensor::from_op(Storage::Cuda(crate::backend::cuda::CudaStorage::new(buf, c.elements(), c.storage_dtype())?), t.shape()))
+    t.duplicate_on_device().context("the sampler graph's output")
 }
 
 #[allow(clippy::too_many_arguments)]
-fn solve(slot: &mut Slot, ordinal: usize, f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
+fn solve(slot: &mut Slot, f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     match &slot.state {
         State::New | State::Eager => {
             if matches!(slot.state, State::New) {
@@ -222,7 +213,7 @@ fn solve(slot: &mut Slot, ordinal: usize, f: &mut dyn FnMut(f32, &Tensor) -> Res
             let host = y.to_device(Device::Cpu)?;
             drop(y);
             // an error inside abandons the capture
-            let captured = gpu(ordinal)?.capture(|| Ok(fixed_grid(f, &input, t0, t1, steps, solver, false)?.0));
+            let captured = capture(x0.device(), || Ok(fixed_grid(f, &input, t0, t1, steps, solver, false)?.0));
             slot.state = match captured {
                 Ok((graph, output)) => {
                     COUNTERS.captures.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +221,7 @@ fn solve(slot: &mut Slot, ordinal: usize, f: &mut dyn FnMut(f32, &Tensor) -> Res
                 }
                 Err(e) => {
                     COUNTERS.refused.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("note: sampling {:?} with {} × {steps} on cuda:{ordinal} without a CUDA graph: {e:#}", slot.key.shape, solver.name());
+                    eprintln!("note: sampling {:?} with {} × {steps} on {} without a CUDA graph: {e:#}", slot.key.shape, slot.key.device, solver.name());
                     State::Eager
                 }
             };

@@ -33,11 +33,11 @@ use anyhow::Result;
 
 use super::loss::orw_loss_on_device;
 use crate::autograd::ops;
-use crate::backend::cuda::{Graph, GraphCounters, GraphStats, gpu};
 use crate::flow::ode_graph::{copy_values, weights_identity};
 use crate::nn::{Forward, VelocityField};
 use crate::rng::philox::Philox;
-use crate::tensor::{DType, Device, Tensor};
+use crate::tensor::graph::{DeviceGraph, GraphCounters, GraphStats, capture, records};
+use crate::tensor::{DType, Tensor};
 
 /// Captures refused for want of a cached block retried before a slot gives up.
 pub const RETRIES: u32 = 3;
@@ -83,7 +83,7 @@ enum State {
     New,
     Warm,
     Graph {
-        graph: Graph,
+        graph: DeviceGraph,
         /// t, x_t, u_t, w
         inputs: [Tensor; 4],
         read: Tensor,
@@ -117,7 +117,7 @@ impl StepGraph {
         let w = Tensor::from_vec(w.to_vec(), &[w.len()]).to_device(dev)?;
         let (t, xt, ut) = (t.to_device(dev)?, xt.to_device(dev)?, ut.to_device(dev)?);
         let eager = |dropout: Option<&mut Philox>| pass(net, reference, &t, &xt, &ut, None, &w, alpha, 1.0, &mut Forward { dropout_rng: dropout });
-        let (Device::Cuda(ordinal), Some(n_id), Some(r_id)) = (dev, identity(net), identity(reference)) else { return eager(dropout) };
+        let (true, Some(n_id), Some(r_id)) = (records(dev), identity(net), identity(reference)) else { return eager(dropout) };
         let key = Key { shapes: [t.shape().to_vec(), xt.shape().to_vec(), ut.shape().to_vec(), w.shape().to_vec()], alpha: alpha.to_bits(), net: n_id, reference: r_id };
         let (_, state, retries) = match &mut self.slot {
             Some(s) if s.0 == key => s,
@@ -152,7 +152,7 @@ impl StepGraph {
                     copy_values(s, x)?;
                 }
                 // (no dropout stream: the warm-up showed the forward draws nothing from it)
-                let captured = gpu(ordinal)?.capture(|| pass(net, reference, &inputs[0], &inputs[1], &inputs[2], None, &inputs[3], alpha, 1.0, &mut Forward { dropout_rng: None }));
+                let captured = capture(dev, || pass(net, reference, &inputs[0], &inputs[1], &inputs[2], None, &inputs[3], alpha, 1.0, &mut Forward { dropout_rng: None }));
                 match captured {
                     Ok((graph, (read, grads))) => {
                         COUNTERS.captures.fetch_add(1, Ordering::Relaxed);
@@ -169,7 +169,7 @@ impl StepGraph {
                             *retries += 1;
                             *state = State::New;
                         } else {
-                            eprintln!("note: training steps of {:?} on cuda:{ordinal} run without a CUDA graph: {msg}", xt.shape());
+                            eprintln!("note: training steps of {:?} on {dev} run without a CUDA graph: {msg}", xt.shape());
                             *state = State::Eager;
                         }
                         eager(dropout)

@@ -459,7 +459,7 @@ impl<M: VelocityField> Trainer<M> {
         let b = w_pair.len();
         // the device pass (forward, loss, backward, gradients, the read gathered on the device):
         // through a CUDA graph for f32 unconditional steps on a GPU (`step_graph.rs`), else eager
-        let graphed = self.work.is_none() && scale == 1.0 && y_pair.is_none() && dev.is_cuda() && graphs_enabled();
+        let graphed = self.work.is_none() && scale == 1.0 && y_pair.is_none() && crate::tensor::graph::records(dev) && graphs_enabled();
         let (read, grads) = if graphed {
             let dropout = if self.cfg.dropout { Some(&mut self.noise.dropout) } else { None };
             self.step_graph.run(&self.net, &self.reference, &fs.t, &fs.xt, &fs.ut, &w_pair, self.cfg.w2_coefficient, dropout)?

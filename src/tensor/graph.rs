@@ -3,6 +3,8 @@
 //! replays and moves values into a graph's static buffers without naming a backend. The capture
 //! itself, its memory and what it refuses are `backend::cuda::graph`'s.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{Result, bail};
 
 use super::{Device, Storage, Tensor};
@@ -27,6 +29,11 @@ impl std::fmt::Debug for DeviceGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// Whether work on `device` can be recorded as a graph (CUDA devices).
+pub fn records(device: Device) -> bool {
+    matches!(device, Device::Cuda(_))
 }
 
 /// Record the device work that `f` does on `device` instead of running it, and return the graph
@@ -69,5 +76,52 @@ impl Tensor {
         let Storage::Cuda(c) = self.storage() else { bail!("duplicate_on_device: {:?} is on {}, not a GPU", self.shape(), self.device()) };
         let buf = c.gpu().copy_words(c.ptr(), cuda::storage::words(c.elements(), c.storage_dtype()))?;
         Ok(Tensor::from_op(Storage::Cuda(cuda::CudaStorage::new(buf, c.elements(), c.storage_dtype())?), self.shape()))
+    }
+}
+
+/// Counters of one family of cached graphs (the sampler's, the training step's): the events of
+/// their slots' protocol (eager warm-up, capture, replay, refusal, invalidation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// steps or solves run eagerly by the graphed path (warm-ups and the runs before a capture)
+    pub eager: u64,
+    /// graphs captured
+    pub captures: u64,
+    /// runs done by replaying a graph
+    pub replays: u64,
+    /// captures refused
+    pub refused: u64,
+    /// graphs dropped because their weights changed
+    pub invalidated: u64,
+}
+
+/// The process-wide counters behind a [`GraphStats`] (one `static` per family).
+pub struct GraphCounters {
+    pub eager: AtomicU64,
+    pub captures: AtomicU64,
+    pub replays: AtomicU64,
+    pub refused: AtomicU64,
+    pub invalidated: AtomicU64,
+}
+
+impl GraphCounters {
+    pub const fn new() -> GraphCounters {
+        GraphCounters { eager: AtomicU64::new(0), captures: AtomicU64::new(0), replays: AtomicU64::new(0), refused: AtomicU64::new(0), invalidated: AtomicU64::new(0) }
+    }
+
+    pub fn stats(&self) -> GraphStats {
+        GraphStats {
+            eager: self.eager.load(Ordering::Relaxed),
+            captures: self.captures.load(Ordering::Relaxed),
+            replays: self.replays.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            invalidated: self.invalidated.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Default for GraphCounters {
+    fn default() -> GraphCounters {
+        GraphCounters::new()
     }
 }

@@ -211,53 +211,6 @@ impl Gpu {
     }
 }
 
-/// Counters of one family of cached graphs (the sampler's, the training step's): the events of
-/// their slots' protocol (eager warm-up, capture, replay, refusal, invalidation).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GraphStats {
-    /// steps or solves run eagerly by the graphed path (warm-ups and the runs before a capture)
-    pub eager: u64,
-    /// graphs captured
-    pub captures: u64,
-    /// runs done by replaying a graph
-    pub replays: u64,
-    /// captures refused
-    pub refused: u64,
-    /// graphs dropped because their weights changed
-    pub invalidated: u64,
-}
-
-/// The process-wide counters behind a [`GraphStats`] (one `static` per family).
-pub struct GraphCounters {
-    pub eager: AtomicU64,
-    pub captures: AtomicU64,
-    pub replays: AtomicU64,
-    pub refused: AtomicU64,
-    pub invalidated: AtomicU64,
-}
-
-impl GraphCounters {
-    pub const fn new() -> GraphCounters {
-        GraphCounters { eager: AtomicU64::new(0), captures: AtomicU64::new(0), replays: AtomicU64::new(0), refused: AtomicU64::new(0), invalidated: AtomicU64::new(0) }
-    }
-
-    pub fn stats(&self) -> GraphStats {
-        GraphStats {
-            eager: self.eager.load(Ordering::Relaxed),
-            captures: self.captures.load(Ordering::Relaxed),
-            replays: self.replays.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
-            invalidated: self.invalidated.load(Ordering::Relaxed),
-        }
-    }
-}
-
-impl Default for GraphCounters {
-    fn default() -> GraphCounters {
-        GraphCounters::new()
-    }
-}
-
 /// An argument's value as 8-byte words (a copy: the recording outlives the caller's values).
 pub(crate) fn arg_words(p: *const std::ffi::c_void, bytes: usize) -> Vec<u64> {
     let mut w = vec![0u64; bytes.div_ceil(8).max(1)];

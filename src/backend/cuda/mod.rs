@@ -144,4 +144,4 @@ mod tests;
 pub use storage::CudaStorage;
 
 pub use gpu::{FAIL_ALLOC_VAR, Gpu, GpuBuf, Launch, allow_tf32, gpu, set_allow_tf32};
-pub use graph::{Capture, Graph, GraphCounters, GraphStats};
+pub use graph::{Capture, Graph};

@@ -2,6 +2,7 @@
 // src/backend/cuda/fused.rs). Compiled at run time by NVRTC (src/backend/cuda/nvrtc.rs). CPU twins,
 // with the same f32/f64 roundings (the CPU's exp_f32 polynomial aside: here expf):
 //   group_norm_act_forward_f32          src/backend/cpu/fused/norm_act.rs  group_norm_act_forward
+//   group_norm_act_forward_h16          the same on 16-bit x and y (widened exactly, rounded once)
 //   group_norm_act_backward_f32         src/backend/cpu/fused/norm_act.rs  group_norm_act_backward
 //                                       (dx, dscale, dshift, and the per-(sample, channel) terms of dgamma, dbeta)
 //   group_norm_act_backward_affine_f32  src/backend/cpu/fused/norm_act.rs  group_norm_act_backward (dgamma, dbeta)
@@ -17,6 +18,7 @@
 // quads), scalars otherwise. f32 steps that the CPU does separately use the _rn intrinsics, so no
 // FMA contraction departs from its rounding.
 #include "common.cuh"
+#include "half.cuh"
 
 // V consecutive floats (V = 1 or 4) in registers
 template <int V>
@@ -45,6 +47,30 @@ __device__ __forceinline__ void stv(float* p, const fvec<V>& r) {
         *reinterpret_cast<float4*>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
     } else {
         *p = r.v[0];
+    }
+}
+
+// V consecutive elements from element i of x: f32 (H = 0), or 16-bit values widened exactly
+// (H = 1 f16, H = 2 bf16); and the same stored, rounded once to the 16-bit format.
+template <int V, int H>
+__device__ __forceinline__ fvec<V> ldx(const void* x, long long i) {
+    if constexpr (H == 0) {
+        return ldv<V>((const float*)x + i);
+    } else {
+        fvec<V> r;
+#pragma unroll
+        for (int l = 0; l < V; ++l) r.v[l] = f32_from_h16(((const unsigned short*)x)[i + l], H == 2);
+        return r;
+    }
+}
+
+template <int V, int H>
+__device__ __forceinline__ void stx(void* y, long long i, const fvec<V>& r) {
+    if constexpr (H == 0) {
+        stv<V>((float*)y + i, r);
+    } else {
+#pragma unroll
+        for (int l = 0; l < V; ++l) ((unsigned short*)y)[i + l] = h16_from_f32(r.v[l], H == 2);
     }
 }
 
@@ -96,24 +122,25 @@ __device__ __forceinline__ double slot_sum(double v, unsigned tpc, double* buf) 
 // One (ni, group) block of the forward: mean and biased variance in double (two passes, as
 // norm.rs block_stats), rstd = (float)(1/sqrt(var + eps)); per channel ga = γ·rstd,
 // sh = β − mean·ga, sc1 = 1 + scale, shv = shift; y = act((x·ga + sh)·sc1 + shv).
-template <int V>
-__device__ __forceinline__ void gn_act_forward_block(const float* x, const float* gamma, const float* beta, const float* scale, const float* shift, float* y, float* mean,
+// x and y are f32 (H = 0) or 16-bit (H = 1 f16, H = 2 bf16: widened exactly, y rounded once:
+// bit for bit the f32 kernel between a widening and a rounding cast).
+template <int V, int H>
+__device__ __forceinline__ void gn_act_forward_block(const void* x, const float* gamma, const float* beta, const float* scale, const float* shift, void* y, float* mean,
                                                      float* rstd, long long ng, long long c, long long s, long long groups, float eps, bool silu, double* buf) {
     const long long cpg = c / groups;
     const long long blk = cpg * s;
-    const float* xb = x + ng * blk;
-    float* yb = y + ng * blk;
+    const long long xb = ng * blk;
     const long long nq = blk / V;
     double acc = 0.0;
     for (long long q = threadIdx.x; q < nq; q += blockDim.x) {
-        const fvec<V> v = ldv<V>(xb + q * V);
+        const fvec<V> v = ldx<V, H>(x, xb + q * V);
 #pragma unroll
         for (int l = 0; l < V; ++l) acc += (double)v.v[l];
     }
     const double mu = block_sum(acc, buf) / (double)blk;
     acc = 0.0;
     for (long long q = threadIdx.x; q < nq; q += blockDim.x) {
-        const fvec<V> v = ldv<V>(xb + q * V);
+        const fvec<V> v = ldx<V, H>(x, xb + q * V);
 #pragma unroll
         for (int l = 0; l < V; ++l) {
             const double d = (double)v.v[l] - mu;
@@ -136,16 +163,15 @@ __device__ __forceinline__ void gn_act_forward_block(const float* x, const float
         const float sh = __fsub_rn(beta[ch], __fmul_rn(m, ga));
         const float sc1 = scale != nullptr ? __fadd_rn(1.0f, scale[ni * c + ch]) : 1.0f;
         const float shv = shift != nullptr ? shift[ni * c + ch] : 0.0f;
-        const float* xr = xb + ci * s;
-        float* yr = yb + ci * s;
+        const long long row = xb + ci * s;
         for (long long q = sp.lane; q < sq; q += sp.tpc) {
-            fvec<V> v = ldv<V>(xr + q * V);
+            fvec<V> v = ldx<V, H>(x, row + q * V);
 #pragma unroll
             for (int l = 0; l < V; ++l) {
                 const float a = __fadd_rn(__fmul_rn(__fadd_rn(__fmul_rn(v.v[l], ga), sh), sc1), shv);
                 v.v[l] = silu ? silu_rn(a) : a;
             }
-            stv<V>(yr + q * V, v);
+            stx<V, H>(y, row + q * V, v);
         }
     }
 }
@@ -159,9 +185,27 @@ extern "C" __global__ void group_norm_act_forward_f32(const float* x, const floa
     const bool vec = s % 4 == 0 && aligned16(x) && aligned16(y);
     for (long long ng = blockIdx.x; ng < n * groups; ng += gridDim.x) {
         if (vec) {
-            gn_act_forward_block<4>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
+            gn_act_forward_block<4, 0>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
         } else {
-            gn_act_forward_block<1>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
+            gn_act_forward_block<1, 0>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
+        }
+    }
+}
+
+// The same forward reading and writing 16-bit x and y (bf 1: bfloat16, 0: f16); γ, β, scale,
+// shift and the statistics f32. One pass instead of widen, f32 kernel, round.
+extern "C" __global__ void group_norm_act_forward_h16(const unsigned short* x, const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ scale,
+                                                      const float* __restrict__ shift, unsigned short* y, float* __restrict__ mean, float* __restrict__ rstd, long long n,
+                                                      long long c, long long s, long long groups, float eps, long long silu, unsigned int bf) {
+    __shared__ double buf[1024];
+    const bool vec = s % 4 == 0;
+    for (long long ng = blockIdx.x; ng < n * groups; ng += gridDim.x) {
+        if (bf) {
+            if (vec) gn_act_forward_block<4, 2>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
+            else gn_act_forward_block<1, 2>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
+        } else {
+            if (vec) gn_act_forward_block<4, 1>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
+            else gn_act_forward_block<1, 1>(x, gamma, beta, scale, shift, y, mean, rstd, ng, c, s, groups, eps, silu != 0, buf);
         }
     }
 }

@@ -79,6 +79,7 @@ const TESTED: &[(&str, &[&str])] = &[
         "fused.cu",
         &[
             "group_norm_act_forward_f32",
+            "group_norm_act_forward_h16",
             "group_norm_act_backward_f32",
             "group_norm_act_backward_affine_f32",
             "ode_combine_f32",
@@ -1497,6 +1498,8 @@ fn fused_kernels_match_the_cpu_backend() {
     let kf: GnF = lib.k("group_norm_act_forward_f32");
     let kb: GnB = lib.k("group_norm_act_backward_f32");
     let ka: GnA = lib.k("group_norm_act_backward_affine_f32");
+    type GnH = unsafe extern "C" fn(*const u16, P, P, P, P, *mut u16, M, M, I, I, I, I, f32, I, u32);
+    let kh: GnH = lib.k("group_norm_act_forward_h16");
     let eps = 1e-5f32;
     // (n, c, s, groups, scale-shift, act): scalar rows; float4 rows; one group with blk > 256;
     // 32 groups of 2 channels; one-element channels; 6 channels of 17 quads (several rounds)
@@ -1552,6 +1555,29 @@ fn fused_kernels_match_the_cpu_backend() {
                     c.f32s("group_norm_act_backward_affine_f32", &format!("dgamma, {case}, {sh2:?}"), &dg, &wg.dgamma, tol);
                     c.f32s("group_norm_act_backward_affine_f32", &format!("dbeta, {case}, {sh2:?}"), &db, &wg.dbeta, tol);
                 }
+            }
+        }
+        // group_norm_act_forward_h16: 16-bit x and y, bit for bit the f32 kernel between a
+        // widening and a rounding cast (what the node did before), both formats
+        let formats: [(&str, u32, fn(f32) -> u16, fn(u16) -> f32); 2] =
+            [("f16", 0, |v| f16::from_f32(v).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", 1, |v| bf16::from_f32(v).to_bits(), |h| bf16::from_bits(h).to_f32())];
+        for (fmt, bf, narrow, widen) in formats {
+            let xh: Vec<u16> = x.iter().map(|&v| narrow(v)).collect();
+            let xw: Vec<f32> = xh.iter().map(|&h| widen(h)).collect();
+            let (scp, shp) = if ss { (addr(&scale), addr(&shift)) } else { (0, 0) };
+            for sh in shapes_rows(ng) {
+                let case = format!("{fmt} n {n} c {ch} s {s} groups {groups} ss {ss} {act:?}, {sh:?}");
+                let (mut y32, mut m32, mut r32) = (nan(len), nan(ng), nan(ng));
+                let (xp, gp, bp, yp, mp, rp) = (addr(&xw), addr(&gamma), addr(&beta), addr_mut(&mut y32), addr_mut(&mut m32), addr_mut(&mut r32));
+                lib.launch(sh, &|| unsafe { kf(xp as P, gp as P, bp as P, scp as P, shp as P, yp as M, mp as M, rp as M, n as I, ch as I, s as I, groups as I, eps, silu) });
+                let want: Vec<u16> = y32.iter().map(|&v| narrow(v)).collect();
+                let (mut yh, mut mh, mut rh) = (vec![0xffffu16; len], nan(ng), nan(ng));
+                let (xhp, yhp, mhp, rhp) = (addr(&xh), addr_mut(&mut yh), addr_mut(&mut mh), addr_mut(&mut rh));
+                lib.launch(sh, &|| unsafe { kh(xhp as *const u16, gp as P, bp as P, scp as P, shp as P, yhp as *mut u16, mhp as M, rhp as M, n as I, ch as I, s as I, groups as I, eps, silu, bf) });
+                let bad = (0..len).filter(|&i| yh[i] != want[i]).count();
+                c.record("group_norm_act_forward_h16", &format!("y, {case}"), bad as f64, 0.0, (bad > 0).then(|| format!("{bad} of {len} differ from the rounded f32 kernel")));
+                bitwise(&mut c, "group_norm_act_forward_h16", &format!("mean, {case}"), &mh, &m32);
+                bitwise(&mut c, "group_norm_act_forward_h16", &format!("rstd, {case}"), &rh, &r32);
             }
         }
     }

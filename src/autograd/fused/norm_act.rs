@@ -96,8 +96,9 @@ impl CustomOp for GroupNormAct {
         let shapes: Vec<&[usize]> = xs.iter().map(|p| p.1).collect();
         let g = self.geom(&shapes)?;
         let dt = float_dtype(self.name(), xs)?;
-        let v = cuda_f32s(xs)?;
-        let (y, mean, rstd) = cuda_fused::group_norm_act_forward(&v[0], &v[1], &v[2], v.get(3), v.get(4), &g, self.act == Act::Silu)?;
+        // x read and y written in their dtype (16 bits: one pass); the affine parameters widened
+        let p = cuda_f32s(&xs[1..])?;
+        let (y, mean, rstd) = cuda_fused::group_norm_act_forward(xs[0].0, &p[0], &p[1], p.get(2), p.get(3), &g, self.act == Act::Silu)?;
         let st = vec![g.n * g.groups];
         Ok(CustomFwd { out: (y.to_dtype(dt)?, xs[0].1.to_vec()), aux: Vec::new(), saved: vec![(mean, st.clone()), (rstd, st)] })
     }

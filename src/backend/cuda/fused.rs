@@ -69,7 +69,8 @@ fn gn_check(op: &str, g: &GnGeom, x: &CudaStorage, gamma: &CudaStorage, beta: &C
     if g.groups == 0 || !g.c.is_multiple_of(g.groups) {
         bail!("{op}: {} channels in {} groups", g.c, g.groups);
     }
-    for t in &all {
+    // x may be f16/bf16 in the forward (group_norm_act_forward_h16); the rest f32
+    for t in &all[usize::from(x.storage_dtype().is_half())..] {
         want_f32(t, op)?;
     }
     want_len(x, g.n * g.c * g.s, op, "x")?;
@@ -84,7 +85,9 @@ fn gn_check(op: &str, g: &GnGeom, x: &CudaStorage, gamma: &CudaStorage, beta: &C
 }
 
 /// `act(GN(x) · (1 + scale) + shift)` (CPU: `group_norm_act_forward`): `(y, mean, rstd)`, the
-/// statistics `[N·groups]` f32. One launch.
+/// statistics `[N·groups]` f32. One launch. `x` f32, or f16/bf16 (then `y` too: read and written
+/// as 16 bits by `group_norm_act_forward_h16`, bit for bit the f32 kernel between a widening and
+/// a rounding); the affine parameters f32.
 pub fn group_norm_act_forward(
     x: &CudaStorage,
     gamma: &CudaStorage,
@@ -97,7 +100,8 @@ pub fn group_norm_act_forward(
     let op = "group_norm_act";
     let gpu = gn_check(op, g, x, gamma, beta, scale, shift)?;
     let ng = g.n * g.groups;
-    let (y, mean, rstd) = (f32_out(&gpu, x.elements())?, f32_out(&gpu, ng)?, f32_out(&gpu, ng)?);
+    let dt = x.storage_dtype();
+    let (y, mean, rstd) = (CudaStorage::alloc(&gpu, x.elements(), dt)?, f32_out(&gpu, ng)?, f32_out(&gpu, ng)?);
     if ng == 0 || g.c * g.s == 0 {
         // no elements: the statistics of empty blocks are zeros, as on the CPU
         return Ok((y, CudaStorage::full(&gpu, ng, 0.0, DType::F32)?, CudaStorage::full(&gpu, ng, 0.0, DType::F32)?));
@@ -118,7 +122,11 @@ pub fn group_norm_act_forward(
         Arg::F32(g.eps),
         Arg::I64(silu as i64),
     ];
-    gpu.launch_rows("group_norm_act_forward_f32", ng, &args)?;
+    if dt.is_half() {
+        gpu.launch_rows("group_norm_act_forward_h16", ng, &[&args[..], &[Arg::U32(u32::from(dt == DType::BF16))]].concat())?;
+    } else {
+        gpu.launch_rows("group_norm_act_forward_f32", ng, &args)?;
+    }
     Ok((y, mean, rstd))
 }
 

@@ -257,6 +257,29 @@ fn numel(s: &[usize]) -> usize {
     s.iter().product()
 }
 
+/// The 16-bit formats as the kernels see them: name, the `bf` launch flag, rounding from f32 and
+/// exact widening (the `half` crate's conversions, the CPU reference's).
+const HALF_FORMATS: [(&str, u32, fn(f32) -> u16, fn(u16) -> f32); 2] = [("f16", 0, f16_bits, f16_value), ("bf16", 1, bf16_bits, bf16_value)];
+fn f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+fn f16_value(h: u16) -> f32 {
+    f16::from_bits(h).to_f32()
+}
+fn bf16_bits(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+fn bf16_value(h: u16) -> f32 {
+    bf16::from_bits(h).to_f32()
+}
+
+/// 16-bit outputs against the expected bit patterns: the number that differ (the error a check
+/// records against a tolerance of 0) and the first of them as the problem.
+fn bits16_mismatches(got: &[u16], want: &[u16]) -> (f64, Option<String>) {
+    let b: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+    (b.len() as f64, b.first().map(|&i| format!("{} of {} differ; first at {i}: {:#06x}, want {:#06x}", b.len(), want.len(), got[i], want[i])))
+}
+
 // ---------------------------------------------------------------- comparisons
 
 /// The comparisons of one file's test: every failure is collected, the worst error per kernel
@@ -1067,11 +1090,6 @@ fn conv_kernels_match_the_cpu_backend() {
     // im2col_h16: the same unfolding of 16-bit values, bit for bit the CPU's f32 im2col of the
     // widened values (both formats: a copy of their bits)
     {
-        fn bad(got: &[u16], want: &[u16]) -> (f64, Option<String>) {
-            let b: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
-            (b.len() as f64, b.first().map(|&i| format!("{} of {} differ; first at {i}: {:#06x}, want {:#06x}", b.len(), want.len(), got[i], want[i])))
-        }
-        let formats: [(&str, fn(f32) -> u16, fn(u16) -> f32); 2] = [("f16", |x| f16::from_f32(x).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", |x| bf16::from_f32(x).to_bits(), |h| bf16::from_bits(h).to_f32())];
         type Fold16 = unsafe extern "C" fn(*const u16, *mut u16, I, I, I, I, I, I, I, I, I, I);
         let k_im2col: Fold16 = lib.k("im2col_h16");
         for g in [ConvGeom { n: 2, cin: 3, h: 7, w: 6, cout: 4, kh: 3, kw: 3, stride: 1, pad: 1 }, ConvGeom { n: 1, cin: 2, h: 9, w: 8, cout: 3, kh: 3, kw: 3, stride: 2, pad: 1 }] {
@@ -1079,7 +1097,7 @@ fn conv_kernels_match_the_cpu_backend() {
             let gi = ConvGeom { cout: kk, ..g };
             let mut eye = vec![0.0f32; kk * kk];
             (0..kk).for_each(|i| eye[i * kk + i] = 1.0);
-            for (fmt, narrow, widen) in formats {
+            for (fmt, _, narrow, widen) in HALF_FORMATS {
                 let xh: Vec<u16> = r.normal_vec(g.n * g.cin * g.h * g.w).into_iter().map(narrow).collect();
                 let xw: Vec<f32> = xh.iter().map(|&h| widen(h)).collect();
                 let want: Vec<u16> = conv2d_im2col_forward(&xw, &eye, None, &gi).into_iter().map(narrow).collect();
@@ -1088,7 +1106,7 @@ fn conv_kernels_match_the_cpu_backend() {
                     let (xp, cp) = (addr(&xh), addr_mut(&mut col));
                     let a = [g.n, g.cin, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho(), g.wo()].map(|v| v as I);
                     lib.launch(sh, &|| unsafe { k_im2col(xp as *const u16, cp as *mut u16, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]) });
-                    let (e, p) = bad(&col, &want);
+                    let (e, p) = bits16_mismatches(&col, &want);
                     c.record("im2col_h16", &format!("{fmt} {g:?} {sh:?}"), e, 0.0, p);
                 }
             }
@@ -1107,12 +1125,6 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
     let Some(lib) = Lib::load("half.cu") else { return };
     let mut c = Checks::new("half.cu");
     let mut r = Rng::new(0x5eed_0016);
-    fn bad(got: &[u16], want: &[u16]) -> (f64, Option<String>) {
-        let b: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
-        (b.len() as f64, b.first().map(|&i| format!("{} of {} differ; first at {i}: {:#06x}, want {:#06x}", b.len(), want.len(), got[i], want[i])))
-    }
-    let formats: [(&str, u32, fn(f32) -> u16, fn(u16) -> f32); 2] =
-        [("f16", 0, |x| f16::from_f32(x).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", 1, |x| bf16::from_f32(x).to_bits(), |h| bf16::from_bits(h).to_f32())];
     // bias_round_h16: [y f32, bias f32 | null, out, n, c, s, bf]; add_bias_h16: [y, bias, n, c, s, bf]
     type Round = unsafe extern "C" fn(*const f32, *const f32, *mut u16, I, I, I, u32);
     type AddBias = unsafe extern "C" fn(*mut u16, *const f32, I, I, I, u32);
@@ -1123,14 +1135,14 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
         // values around the formats' rounding points: products of normals, scaled
         let y: Vec<f32> = r.normal_vec(n).into_iter().map(|v| v * 3.7).collect();
         let bias: Vec<f32> = r.normal_vec(ch);
-        for (fmt, bf, narrow, widen) in formats {
+        for (fmt, bf, narrow, widen) in HALF_FORMATS {
             for with_bias in [true, false] {
                 let want: Vec<u16> = (0..n).map(|i| narrow(if with_bias { y[i] + bias[(i / s) % ch] } else { y[i] })).collect();
                 for sh in shapes_n(n) {
                     let mut out = vec![0xffffu16; n];
                     let (yp, bp, op) = (addr(&y), if with_bias { addr(&bias) } else { 0 }, addr_mut(&mut out));
                     lib.launch(sh, &|| unsafe { k_round(yp as P, bp as P, op as *mut u16, n as I, ch as I, s as I, bf) });
-                    let (e, p) = bad(&out, &want);
+                    let (e, p) = bits16_mismatches(&out, &want);
                     c.record("bias_round_h16", &format!("{fmt} bias {with_bias} [{rows}, {ch}, {s}] {sh:?}"), e, 0.0, p);
                 }
             }
@@ -1140,7 +1152,7 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
                 let mut io = yh.clone();
                 let (yp, bp) = (addr_mut(&mut io), addr(&bias));
                 lib.launch(sh, &|| unsafe { k_add(yp as *mut u16, bp as P, n as I, ch as I, s as I, bf) });
-                let (e, p) = bad(&io, &want);
+                let (e, p) = bits16_mismatches(&io, &want);
                 c.record("add_bias_h16", &format!("{fmt} [{rows}, {ch}, {s}] {sh:?}"), e, 0.0, p);
             }
         }
@@ -1173,14 +1185,14 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
             c.record(kernel, case, worst as f64, max_ulp as f64, bad.map(|i| format!("{} ulp at {i}: {:#06x}, want {:#06x}", ulps(got[i], want[i]), got[i], want[i])));
         };
         let n = 777usize;
-        for (fmt, bf, narrow, _) in formats {
+        for (fmt, bf, narrow, _) in HALF_FORMATS {
             let store = |v: &[f32]| -> CpuStorage {
-                if bf == 1 { CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>().into()) } else { CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>().into()) }
+                let h: Vec<u16> = v.iter().map(|&x| narrow(x)).collect();
+                if bf == 1 { CpuStorage::BF16(h.into_iter().map(bf16::from_bits).collect::<Vec<_>>().into()) } else { CpuStorage::F16(h.into_iter().map(f16::from_bits).collect::<Vec<_>>().into()) }
             };
             let xs = store(&scaled(r.normal_vec(n), 3.0));
             let gs = store(&r.normal_vec(n));
             let (xb, gb) = (bits(&xs), bits(&gs));
-            let _ = narrow;
             for op in [UnaryOp::AddScalar, UnaryOp::MulScalar, UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg] {
                 let sc = 0.37f32;
                 let max_ulp = if matches!(op, UnaryOp::Exp | UnaryOp::Silu | UnaryOp::Sigmoid) { 1 } else { 0 };
@@ -1275,10 +1287,7 @@ fn cast_kernels_match_the_half_crate_bit_for_bit() {
     type KF = unsafe extern "C" fn(*const f32, *mut u16, I);
     type KH = unsafe extern "C" fn(*const u16, *mut f32, I);
     // f32 -> f16 / bf16: against f16::from_f32 / bf16::from_f32
-    for (name, to_f32, from_f32) in [
-        ("cast_f32_to_f16", (|h| f16::from_bits(h).to_f32()) as fn(u16) -> f32, (|x| f16::from_f32(x).to_bits()) as fn(f32) -> u16),
-        ("cast_f32_to_bf16", |h| bf16::from_bits(h).to_f32(), |x| bf16::from_f32(x).to_bits()),
-    ] {
+    for (name, to_f32, from_f32) in [("cast_f32_to_f16", f16_value as fn(u16) -> f32, f16_bits as fn(f32) -> u16), ("cast_f32_to_bf16", bf16_value, bf16_bits)] {
         let k: KF = lib.k(name);
         let bits = narrowing_cases(to_f32);
         let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
@@ -1293,7 +1302,7 @@ fn cast_kernels_match_the_half_crate_bit_for_bit() {
         }
     }
     // f16 / bf16 -> f32: every 16-bit pattern, against to_f32 (bits compared: NaN payloads too)
-    for (name, to_f32) in [("cast_f16_to_f32", (|h| f16::from_bits(h).to_f32()) as fn(u16) -> f32), ("cast_bf16_to_f32", |h| bf16::from_bits(h).to_f32())] {
+    for (name, to_f32) in [("cast_f16_to_f32", f16_value as fn(u16) -> f32), ("cast_bf16_to_f32", bf16_value)] {
         let k: KH = lib.k(name);
         // an odd count: the last value is the low half of a word
         let x: Vec<u16> = (0..=u16::MAX).chain([0x3c00]).collect();
@@ -1559,9 +1568,7 @@ fn fused_kernels_match_the_cpu_backend() {
         }
         // group_norm_act_forward_h16: 16-bit x and y, bit for bit the f32 kernel between a
         // widening and a rounding cast (what the node did before), both formats
-        let formats: [(&str, u32, fn(f32) -> u16, fn(u16) -> f32); 2] =
-            [("f16", 0, |v| f16::from_f32(v).to_bits(), |h| f16::from_bits(h).to_f32()), ("bf16", 1, |v| bf16::from_f32(v).to_bits(), |h| bf16::from_bits(h).to_f32())];
-        for (fmt, bf, narrow, widen) in formats {
+        for (fmt, bf, narrow, widen) in HALF_FORMATS {
             let xh: Vec<u16> = x.iter().map(|&v| narrow(v)).collect();
             let xw: Vec<f32> = xh.iter().map(|&h| widen(h)).collect();
             let (scp, shp) = if ss { (addr(&scale), addr(&shift)) } else { (0, 0) };
@@ -1574,8 +1581,8 @@ fn fused_kernels_match_the_cpu_backend() {
                 let (mut yh, mut mh, mut rh) = (vec![0xffffu16; len], nan(ng), nan(ng));
                 let (xhp, yhp, mhp, rhp) = (addr(&xh), addr_mut(&mut yh), addr_mut(&mut mh), addr_mut(&mut rh));
                 lib.launch(sh, &|| unsafe { kh(xhp as *const u16, gp as P, bp as P, scp as P, shp as P, yhp as *mut u16, mhp as M, rhp as M, n as I, ch as I, s as I, groups as I, eps, silu, bf) });
-                let bad = (0..len).filter(|&i| yh[i] != want[i]).count();
-                c.record("group_norm_act_forward_h16", &format!("y, {case}"), bad as f64, 0.0, (bad > 0).then(|| format!("{bad} of {len} differ from the rounded f32 kernel")));
+                let (e, p) = bits16_mismatches(&yh, &want);
+                c.record("group_norm_act_forward_h16", &format!("y (against the rounded f32 kernel), {case}"), e, 0.0, p);
                 bitwise(&mut c, "group_norm_act_forward_h16", &format!("mean, {case}"), &mh, &m32);
                 bitwise(&mut c, "group_norm_act_forward_h16", &format!("rstd, {case}"), &rh, &r32);
             }

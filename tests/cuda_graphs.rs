@@ -16,7 +16,7 @@ use std::sync::{Arc, MutexGuard};
 
 use orwcfm_fast::backend::cuda::Gpu;
 use orwcfm_fast::flow::ode::{OdeSolver, odeint};
-use orwcfm_fast::flow::ode_graph::{clear_sampler_graphs, odeint_graphed, sampler_graph_stats, set_graphs_enabled, weights_identity};
+use orwcfm_fast::flow::ode_graph::{clear_sampler_graphs, odeint_graphed, sampler_graph_stats, set_graphs_enabled};
 use orwcfm_fast::nn::{Init, UNetConfig, UNetModel, VelocityField};
 use orwcfm_fast::optim::Adam;
 use orwcfm_fast::orw::step_graph::step_graph_stats;
@@ -181,7 +181,7 @@ fn model(seed: u64) -> UNetModel {
 }
 
 fn identity(m: &UNetModel) -> Vec<(u64, usize, usize)> {
-    weights_identity(m.params().vars().iter().map(|v| v.value()).collect::<Vec<_>>().iter()).expect("on the GPU")
+    m.params().device_identity().expect("on the GPU")
 }
 
 /// Solve with the graph path and eagerly from the same x0; both results' bits.

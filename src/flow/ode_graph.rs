@@ -63,12 +63,6 @@ pub fn set_graphs_enabled(on: Option<bool>) {
     );
 }
 
-/// The identity of device tensors (weights): per tensor, its buffer's unique id, offset and
-/// length; `None` when one is not on a GPU.
-pub fn weights_identity<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Option<Vec<(u64, usize, usize)>> {
-    ts.into_iter().map(Tensor::device_identity).collect()
-}
-
 /// Counters of the sampler's graphs (process-wide): `eager` counts the warm-up solves and the
 /// solves before a capture; a refused capture makes its slot sample eagerly.
 pub type SamplerGraphStats = GraphStats;
@@ -132,13 +126,6 @@ pub fn cached_sampler_graphs() -> usize {
     slots().iter().filter(|s| matches!(s.state, State::Graph { .. })).count()
 }
 
-/// Copy the values of `src` into `dst` (same dtype and length, both on one GPU), on the stream;
-/// `dst` must be a static buffer that no other storage shares.
-pub(crate) fn copy_values(dst: &Tensor, src: &Tensor) -> Result<()> {
-    // the static input belongs to its slot alone (no other storage shares it)
-    dst.copy_values_from(src).context("a graph's static input")
-}
-
 fn nfe(solver: &OdeSolver, steps: usize) -> usize {
     steps
         * match solver {
@@ -150,7 +137,7 @@ fn nfe(solver: &OdeSolver, steps: usize) -> usize {
 
 /// [`super::ode::odeint`] for a fixed-grid solver on a GPU, through a CUDA graph where possible
 /// (see the module docs). `weights` is the identity of every device buffer that `f` reads
-/// besides its input ([`weights_identity`] of the model's parameters); `f` must depend on
+/// besides its input (`ParamStore::device_identity` of the model's parameters); `f` must depend on
 /// nothing else that changes between solves (no per-solve uploads: those refuse the capture).
 /// The result is bitwise the eager solve's.
 pub fn odeint_graphed(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver, weights: Vec<(u64, usize, usize)>) -> Result<(Tensor, OdeStats)> {
@@ -185,11 +172,6 @@ pub fn odeint_graphed(f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Te
     out
 }
 
-/// A device copy of a GPU tensor (the graph's output is overwritten by the next replay).
-fn device_copy(t: &Tensor) -> Result<Tensor> {
-    t.duplicate_on_device().context("the sampler graph's output")
-}
-
 #[allow(clippy::too_many_arguments)]
 fn solve(slot: &mut Slot, f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0: &Tensor, t0: f32, t1: f32, steps: usize, solver: &OdeSolver) -> Result<(Tensor, OdeStats)> {
     match &slot.state {
@@ -208,7 +190,7 @@ fn solve(slot: &mut Slot, f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0:
             // holds every block the solve needs, and the capture follows at once
             COUNTERS.eager.fetch_add(1, Ordering::Relaxed);
             let input = Tensor::full_on(x0.shape(), 0.0, x0.dtype(), x0.device())?;
-            copy_values(&input, x0)?;
+            input.copy_values_from(x0)?;
             let (y, stats) = fixed_grid(f, &input, t0, t1, steps, solver, true)?;
             let host = y.to_device(Device::Cpu)?;
             drop(y);
@@ -228,9 +210,11 @@ fn solve(slot: &mut Slot, f: &mut dyn FnMut(f32, &Tensor) -> Result<Tensor>, x0:
             Ok((host.to_device(x0.device())?, stats))
         }
         State::Graph { graph, input, output } => {
-            copy_values(input, x0)?;
+            // the static input belongs to its slot alone (no other storage shares it)
+            input.copy_values_from(x0)?;
             graph.replay().context("replaying the sampler's CUDA graph")?;
-            let y = device_copy(output)?;
+            // a copy: the next replay overwrites the static output
+            let y = output.duplicate_on_device()?;
             if !Tensor::sum_squares(&[&y])?.is_finite() {
                 // the eager solve names the time the state went non-finite
                 return fixed_grid(f, x0, t0, t1, steps, solver, true);

@@ -164,6 +164,12 @@ impl ParamStore {
         self.vars.first().map(|v| v.value().dtype()).unwrap_or(crate::tensor::DType::F32)
     }
 
+    /// The identity of the device memory holding each parameter (`Tensor::device_identity`),
+    /// which a CUDA graph recorded on the weights depends on; `None` when one is on the host.
+    pub fn device_identity(&self) -> Option<Vec<(u64, usize, usize)>> {
+        self.vars.iter().map(|v| v.value().device_identity()).collect()
+    }
+
     /// The device of the parameters (the first one's; the CPU for an empty store).
     pub fn device(&self) -> crate::tensor::Device {
         self.vars.first().map(|v| v.value().device()).unwrap_or(crate::tensor::Device::Cpu)

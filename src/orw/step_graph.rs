@@ -33,7 +33,6 @@ use anyhow::Result;
 
 use super::loss::orw_loss_on_device;
 use crate::autograd::ops;
-use crate::flow::ode_graph::{copy_values, weights_identity};
 use crate::nn::{Forward, VelocityField};
 use crate::rng::philox::Philox;
 use crate::tensor::graph::{DeviceGraph, GraphCounters, GraphStats, capture, records};
@@ -98,10 +97,6 @@ pub struct StepGraph {
     slot: Option<(Key, State, u32)>,
 }
 
-fn identity<M: VelocityField>(m: &M) -> Option<Vec<(u64, usize, usize)>> {
-    weights_identity(m.params().vars().iter().map(|v| v.value()).collect::<Vec<_>>().iter())
-}
-
 impl StepGraph {
     /// Drop the graph (its memory returns to the pool's cache).
     pub fn clear(&mut self) {
@@ -117,7 +112,7 @@ impl StepGraph {
         let w = Tensor::from_vec(w.to_vec(), &[w.len()]).to_device(dev)?;
         let (t, xt, ut) = (t.to_device(dev)?, xt.to_device(dev)?, ut.to_device(dev)?);
         let eager = |dropout: Option<&mut Philox>| pass(net, reference, &t, &xt, &ut, None, &w, alpha, 1.0, &mut Forward { dropout_rng: dropout });
-        let (true, Some(n_id), Some(r_id)) = (records(dev), identity(net), identity(reference)) else { return eager(dropout) };
+        let (true, Some(n_id), Some(r_id)) = (records(dev), net.params().device_identity(), reference.params().device_identity()) else { return eager(dropout) };
         let key = Key { shapes: [t.shape().to_vec(), xt.shape().to_vec(), ut.shape().to_vec(), w.shape().to_vec()], alpha: alpha.to_bits(), net: n_id, reference: r_id };
         let (_, state, retries) = match &mut self.slot {
             Some(s) if s.0 == key => s,
@@ -149,7 +144,7 @@ impl StepGraph {
                 let [a, b, c, d] = inputs;
                 let inputs = [a?, b?, c?, d?];
                 for (s, x) in inputs.iter().zip([&t, &xt, &ut, &w]) {
-                    copy_values(s, x)?;
+                    s.copy_values_from(x)?;
                 }
                 // (no dropout stream: the warm-up showed the forward draws nothing from it)
                 let captured = capture(dev, || pass(net, reference, &inputs[0], &inputs[1], &inputs[2], None, &inputs[3], alpha, 1.0, &mut Forward { dropout_rng: None }));
@@ -178,7 +173,7 @@ impl StepGraph {
             }
             State::Graph { graph, inputs, read, grads } => {
                 for (s, x) in inputs.iter().zip([&t, &xt, &ut, &w]) {
-                    copy_values(s, x)?;
+                    s.copy_values_from(x)?;
                 }
                 graph.replay()?;
                 COUNTERS.replays.fetch_add(1, Ordering::Relaxed);

@@ -39,7 +39,7 @@ use super::loss::{WeightMode, reward_weights};
 use super::step_graph::{self, StepGraph};
 use crate::flow::matchers::{FlowMatcher, FlowSample};
 use crate::flow::ode::{OdeSolver, OdeStats, odeint};
-use crate::flow::ode_graph::{graphs_enabled, odeint_graphed, weights_identity};
+use crate::flow::ode_graph::{graphs_enabled, odeint_graphed};
 use crate::nn::{Forward, VelocityField};
 use crate::optim::{Adam, clip_coef, warmup_lr};
 use crate::reward::{Reward, score_checked};
@@ -181,7 +181,7 @@ pub fn sample_model_with_noise<M: VelocityField>(model: &M, n: usize, solver: &O
     // on a GPU, a fixed-grid solve of an unconditional model replays a CUDA graph (captured on
     // the second solve for these weights; `flow::ode_graph`); class labels would be uploaded
     // inside the solve, so class-conditional models solve eagerly
-    let weights = if y.is_none() && graphs_enabled() { weights_identity(model.params().vars().iter().map(|v| v.value()).collect::<Vec<_>>().iter()) } else { None };
+    let weights = if y.is_none() && graphs_enabled() { model.params().device_identity() } else { None };
     let (x1, stats) = match weights {
         Some(w) => odeint_graphed(&mut f, &z, 0.0, 1.0, steps, solver, w),
         None => odeint(&mut f, &z, 0.0, 1.0, steps, solver),

@@ -173,6 +173,8 @@ struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<String, CudaFunction>,
+    /// per kernel, the dynamic shared memory past 48 KiB it has been allowed (set once, not per launch)
+    shared_opt_in: Mutex<HashMap<String, u32>>,
     blas: Handle<cudarc::cublas::sys::cublasHandle_t>,
     cudnn: Option<Handle<cudarc::cudnn::sys::cudnnHandle_t>>,
 }
@@ -315,7 +317,7 @@ impl Gpu {
             arch,
             tf32,
             kernels_cached: all_cached,
-            engine: Engine::Cuda(Cuda { ctx, stream, funcs, blas: Handle(blas), cudnn }),
+            engine: Engine::Cuda(Cuda { ctx, stream, funcs, shared_opt_in: Mutex::new(HashMap::new()), blas: Handle(blas), cudnn }),
             pool,
             exec: Mutex::new(()),
             conv_cache: Mutex::new(HashMap::new()),
@@ -707,10 +709,15 @@ impl Gpu {
         self.check_capture_thread(&format!("kernel {name}"))?;
         let f = cuda.funcs.get(name).ok_or_else(|| anyhow!("kernel {name} is not in kernels/*.cu"))?;
         if cfg.shared_bytes > 48 << 10 {
-            // past 48 KiB of dynamic shared memory a kernel must opt in (sm_80: up to 163 KiB, sm_90: 227 KiB)
-            use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_bytes as i32)
-                .map_err(|e| anyhow!("launching {name} on cuda:{}: {} bytes of shared memory refused: {e}", self.ordinal, cfg.shared_bytes))?;
+            // past 48 KiB of dynamic shared memory a kernel must opt in (sm_80: up to 163 KiB,
+            // sm_90: 227 KiB); once per kernel and size, not on every launch
+            let mut allowed = cuda.shared_opt_in.lock().unwrap_or_else(|e| e.into_inner());
+            if allowed.get(name).is_none_or(|&b| b < cfg.shared_bytes) {
+                use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_bytes as i32)
+                    .map_err(|e| anyhow!("launching {name} on cuda:{}: {} bytes of shared memory refused: {e}", self.ordinal, cfg.shared_bytes))?;
+                allowed.insert(name.to_string(), cfg.shared_bytes);
+            }
         }
         let mut b = cuda.stream.launch_builder(f);
         for a in args {

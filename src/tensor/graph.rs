@@ -43,10 +43,8 @@ pub fn records(device: Device) -> bool {
 /// devices record.
 pub fn capture<R>(device: Device, f: impl FnOnce() -> Result<R>) -> Result<(DeviceGraph, R)> {
     let Device::Cuda(ordinal) = device else { bail!("graph capture needs a CUDA device, not {device}") };
-    let cap = cuda::gpu(ordinal)?.begin_capture()?;
-    // an error inside drops `cap`: the capture is abandoned
-    let r = f()?;
-    Ok((DeviceGraph(cap.end()?), r))
+    let (graph, r) = cuda::gpu(ordinal)?.capture(f)?;
+    Ok((DeviceGraph(graph), r))
 }
 
 impl Tensor {

@@ -8,6 +8,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod fused;
 pub mod gemm;
+pub mod isa;
 pub mod norm;
 pub mod simd;
 pub mod winograd;

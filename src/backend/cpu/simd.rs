@@ -1,6 +1,6 @@
 //! Vectorised transcendental kernels: `exp` (Cephes-style, ≈1 ulp), softmax rows, SiLU and
-//! sigmoid. Each loop is written so LLVM vectorises it, and is compiled twice: once for the
-//! baseline target and once with AVX2+FMA, picked at run time.
+//! sigmoid. Each loop is written so LLVM vectorises it, and is compiled three times (AVX-512,
+//! AVX2+FMA, baseline) and picked by [`super::isa::level`].
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -49,29 +49,9 @@ fn sigmoid_f32(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
-macro_rules! dispatch {
-    ($(#[$m:meta])* $name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
-        $(#[$m])*
-        pub fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports the features the function was compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
-dispatch! {
+crate::multiversion! {
     /// In place softmax of one row, `x ← exp(x − max) / Σ`.
-    softmax_inplace(x: &mut [f32]) {
+    pub fn softmax_inplace(x: &mut [f32]) {
         let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         for v in x.iter_mut() {
             *v = exp_f32(*v - m);
@@ -83,9 +63,9 @@ dispatch! {
     }
 }
 
-dispatch! {
+crate::multiversion! {
     /// Softmax backward of one row, in place: `g ← y ⊙ (g − Σ g⊙y)`.
-    softmax_backward_inplace(y: &[f32], g: &mut [f32]) {
+    pub fn softmax_backward_inplace(y: &[f32], g: &mut [f32]) {
         let mut acc = [0.0f32; 8];
         let (yc, gc) = (y.chunks_exact(8), g.chunks_exact(8));
         let (yr, gr) = (yc.remainder(), gc.remainder());
@@ -104,18 +84,18 @@ dispatch! {
     }
 }
 
-dispatch! {
+crate::multiversion! {
     /// `y = x · σ(x)`.
-    silu(x: &[f32], y: &mut [f32]) {
+    pub fn silu(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
             *o = v * sigmoid_f32(v);
         }
     }
 }
 
-dispatch! {
+crate::multiversion! {
     /// `dx = dy · σ(x)(1 + x(1 − σ(x)))`.
-    silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    pub fn silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
             let s = sigmoid_f32(v);
             *o = g * s * (1.0 + v * (1.0 - s));
@@ -123,9 +103,9 @@ dispatch! {
     }
 }
 
-dispatch! {
+crate::multiversion! {
     /// `y = σ(x)`.
-    sigmoid(x: &[f32], y: &mut [f32]) {
+    pub fn sigmoid(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
             *o = sigmoid_f32(v);
         }

@@ -14,30 +14,11 @@
 //! Every reduction runs in a fixed order (per-block partial sums added sequentially), so results
 //! do not depend on the number of rayon threads.
 
-/// A function whose body is compiled twice, for the baseline target and with AVX2+FMA, and
-/// picked at run time (as in `simd.rs`; Rust does not contract `a·b + c` into an FMA, so both
-/// versions round identically).
+/// A function whose body is compiled for each instruction-set level and picked at run time
+/// ([`crate::multiversion`]; Rust does not contract `a·b + c` into an FMA, so every level rounds
+/// identically).
 macro_rules! dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports the features the function was compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
+    ($($t:tt)*) => { crate::multiversion! { $($t)* } };
 }
 
 pub mod attention;

@@ -165,6 +165,11 @@ pub enum BenchCmd {
         /// Print a JSON line last: {"forward_ms": .., "forward_backward_ms": .., "peak_memory_mb": .., "libraries": [..], ..}.
         #[arg(long)]
         json: bool,
+        /// After the timed runs, run `--iters` more of each pass with the CPU profiler on and
+        /// print where the time went per op class and op (ms per iteration, calls, page faults;
+        /// CPU only). With --json the table is in the JSON too.
+        #[arg(long)]
+        profile: bool,
     },
     /// Sampling throughput: images per second of `--batch` samples by `--steps` Euler steps
     /// from a U-Net (the policy sampling of a training round, `orw::sample_model`).
@@ -214,7 +219,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Pretrain(a) => crate::commands::pretrain::run(&a),
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
         Cmd::Bench { what } => match what {
-            BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json } => crate::commands::bench::run_unet(&unet_config, batch, &device, &precision, iters, warmup, json),
+            BenchCmd::Unet { unet_config, batch, device, precision, iters, warmup, json, profile } => crate::commands::bench::run_unet(&unet_config, batch, &device, &precision, iters, warmup, json, profile),
             BenchCmd::Sample { run, json } => crate::commands::bench::run_sample(&run, json),
             BenchCmd::Round { run, coupling, json } => crate::commands::bench::run_round(&run, &coupling, json),
             BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),

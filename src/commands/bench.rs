@@ -228,6 +228,17 @@ pub struct UnetTimings {
 
 /// Time forward (inference) and forward+backward (MSE to a random target, training mode).
 pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, device: Device, precision: DType) -> Result<UnetTimings> {
+    let (t, _) = bench_unet_profiled(cfg, batch, iters, warmup, device, precision, false)?;
+    Ok(t)
+}
+
+/// Per-iteration profile of one pass: (wall ms per iteration, the profiler's rows).
+pub type PassProfile = (f64, Vec<crate::backend::cpu::profile::Row>);
+
+/// [`bench_unet`], and with `profile` (CPU) `iters` more iterations of each pass under the
+/// profiler: the forward's and the forward+backward's tables.
+pub fn bench_unet_profiled(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, device: Device, precision: DType, profile: bool) -> Result<(UnetTimings, Option<[PassProfile; 2]>)> {
+    use crate::backend::cpu::profile as prof;
     let mut model = UNetModel::new(cfg, Init::Torch(0))?;
     model.to_device(device)?;
     model.to_precision(precision)?;
@@ -237,36 +248,96 @@ pub fn bench_unet(cfg: &UNetConfig, batch: usize, iters: usize, warmup: usize, d
     let t = Tensor::rand_uniform(&[batch], 0.0, 1.0, &mut rng).to_device(device)?;
     let target = Tensor::randn(&[batch, cfg.out_channels(), h, w], &mut rng).to_device(device)?;
     let y: Option<Vec<usize>> = cfg.class_cond.then(|| (0..batch).map(|i| i % cfg.num_classes).collect());
-    let fwd = time_ms(device, warmup, iters, 1, || {
+    let mut fwd_once = || -> Result<()> {
         std::hint::black_box(model.predict(&t, &x, y.as_deref())?);
         Ok(())
-    })?;
+    };
+    let fwd = time_ms(device, warmup, iters, 1, &mut fwd_once)?;
+    let profiled = |f: &mut dyn FnMut() -> Result<()>| -> Result<PassProfile> {
+        prof::reset();
+        prof::enable(true);
+        let t0 = std::time::Instant::now();
+        let r = (0..iters).try_for_each(|_| f());
+        let wall = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        prof::enable(false);
+        r?;
+        Ok((wall, prof::take()))
+    };
+    let fwd_prof = if profile && device == Device::Cpu { Some(profiled(&mut fwd_once)?) } else { None };
     let mut drop = crate::rng::philox::Philox::new(1);
-    let fb = time_ms(device, warmup, iters, 1, || {
+    let mut fb_once = || -> Result<()> {
         let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), y.as_deref(), &mut Forward { dropout_rng: Some(&mut drop) })?;
         let loss = ops::mse_loss(&v, &Var::constant(target.clone()))?;
         let g = loss.backward()?;
         std::hint::black_box(model.params().grads(&g)?);
         Ok(())
-    })?;
-    Ok(UnetTimings { forward_ms: median(fwd), forward_backward_ms: median(fb) })
+    };
+    let fb = time_ms(device, warmup, iters, 1, &mut fb_once)?;
+    let fb_prof = if profile && device == Device::Cpu { Some(profiled(&mut fb_once)?) } else { None };
+    let timings = UnetTimings { forward_ms: median(fwd), forward_backward_ms: median(fb) };
+    Ok((timings, fwd_prof.zip(fb_prof).map(|(a, b)| [a, b])))
+}
+
+/// Print one pass's profile: per op class, then per op and detail; returns it as JSON.
+fn print_profile(label: &str, (wall, rows): &PassProfile, iters: usize) -> Value {
+    use crate::backend::cpu::profile::class_of;
+    let per = |ns: u64| ns as f64 / 1e6 / iters as f64;
+    let ops: Vec<_> = rows.iter().filter(|r| !r.detail).collect();
+    let in_ops: f64 = ops.iter().map(|r| per(r.stat.ns)).sum();
+    let mut classes: Vec<(&str, f64, f64)> = Vec::new();
+    for r in &ops {
+        let c = class_of(&r.name);
+        match classes.iter_mut().find(|x| x.0 == c) {
+            Some(x) => {
+                x.1 += per(r.stat.ns);
+                x.2 += r.stat.faults as f64 / iters as f64;
+            }
+            None => classes.push((c, per(r.stat.ns), r.stat.faults as f64 / iters as f64)),
+        }
+    }
+    classes.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let outside = (wall - in_ops).max(0.0);
+    println!("\n{label}: {wall:.1} ms per iteration (profiled run), {in_ops:.1} ms inside ops");
+    println!("  {:<52} {:>9} {:>6} {:>12}", "op class", "ms/iter", "%", "faults/iter");
+    for (c, ms, f) in &classes {
+        println!("  {c:<52} {ms:>9.1} {:>6.1} {f:>12.0}", 100.0 * ms / wall);
+    }
+    println!("  {:<52} {outside:>9.1} {:>6.1}", "outside ops (tape, autograd bookkeeping, frees)", 100.0 * outside / wall);
+    println!("  {:<52} {:>9} {:>6} {:>12}", "op / detail", "ms/iter", "calls", "faults/iter");
+    for r in rows {
+        let name = if r.detail { format!("  · {}", r.name) } else { r.name.clone() };
+        println!("  {name:<52} {:>9.2} {:>6} {:>12.0}", per(r.stat.ns), r.stat.calls / iters as u64, r.stat.faults as f64 / iters as f64);
+    }
+    json!({
+        "wall_ms": wall,
+        "in_ops_ms": in_ops,
+        "classes": classes.iter().map(|(c, ms, f)| json!({"class": c, "ms": ms, "faults": f})).collect::<Vec<_>>(),
+        "rows": rows.iter().map(|r| json!({"name": r.name, "detail": r.detail, "ms": per(r.stat.ns), "calls": r.stat.calls as f64 / iters as f64, "faults": r.stat.faults as f64 / iters as f64})).collect::<Vec<_>>(),
+    })
 }
 
 /// `bench unet`.
-pub fn run_unet(cfg: &str, batch: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+pub fn run_unet(cfg: &str, batch: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool, profile: bool) -> Result<()> {
     let (dev, precision) = setup(device, precision, batch, iters)?;
+    if profile && dev != Device::Cpu {
+        bail!("--profile times CPU ops; on {dev} the kernels run asynchronously (use bench kernels)");
+    }
     let cfg = crate::nn::config::resolve_config(cfg)?;
-    let r = bench_unet(&cfg, batch, iters, warmup, dev, precision)?;
+    let (r, prof) = bench_unet_profiled(&cfg, batch, iters, warmup, dev, precision, profile)?;
     let mut m = common_json(dev)?;
     println!("U-Net {:?} num_channels {} batch {batch} {precision} on {}, median of {iters}:", cfg.dim, cfg.num_channels, m["on"].as_str().unwrap_or(""));
     println!("  forward           {:>10.1} ms", r.forward_ms);
     println!("  forward+backward  {:>10.1} ms", r.forward_backward_ms);
     print_peak(&m);
+    let prof_json = prof.map(|[f, fb]| json!({"forward": print_profile("forward", &f, iters), "forward_backward": print_profile("forward+backward", &fb, iters)}));
     if json {
         for (k, v) in
             [("forward_ms", json!(r.forward_ms)), ("forward_backward_ms", json!(r.forward_backward_ms)), ("batch", json!(batch)), ("precision", json!(precision.name())), ("threads", json!(rayon::current_num_threads()))]
         {
             m.insert(k.into(), v);
+        }
+        if let Some(p) = prof_json {
+            m.insert("profile".into(), p);
         }
         println!("{}", Value::Object(m));
     }

@@ -32,7 +32,7 @@ macro_rules! on_backend {
     ($op:expr, [$($x:ident),+], $body:expr) => {{
         same_device($op, &[$(&$x),+])?;
         match ($($x),+,) {
-            ($(Storage::Cpu($x)),+,) => { let r = $body; r.map(|v| v.into_storage()) }
+            ($(Storage::Cpu($x)),+,) => { let _p = crate::backend::cpu::profile::scope($op); let r = $body; r.map(|v| v.into_storage()) }
             ($(Storage::Cuda($x)),+,) => { let r = $body; r.map(|v| v.into_storage()) }
             #[allow(unreachable_patterns)]
             _ => unreachable!("same_device checked the devices"),
@@ -209,6 +209,7 @@ impl Storage {
         same_device("concat", &all)?;
         match all[0] {
             Storage::Cpu(_) => {
+                let _p = crate::backend::cpu::profile::scope("concat");
                 let ps: Vec<(&CpuStorage, &[usize])> = parts.iter().map(|(s, sh)| (if let Storage::Cpu(c) = s { c } else { unreachable!() }, *sh)).collect();
                 Ok(Storage::Cpu(CpuStorage::concat(&ps, axis)?))
             }
@@ -394,7 +395,11 @@ impl Storage {
         }
         same_device(op.name(), &all)?;
         match all[0] {
-            Storage::Cpu(_) => op.cpu_fwd(&backend_args(xs, some_cpu), need)?.try_map(|(s, sh)| Ok((Storage::Cpu(s), sh))),
+            Storage::Cpu(_) => {
+                let _p = crate::backend::cpu::profile::scope(op.name());
+                op.cpu_fwd(&backend_args(xs, some_cpu), need)?
+            }
+            .try_map(|(s, sh)| Ok((Storage::Cpu(s), sh))),
             Storage::Cuda(_) => op.cuda_fwd(&backend_args(xs, some_cuda), need)?.try_map(|(s, sh)| Ok((Storage::Cuda(s), sh))),
         }
     }
@@ -404,7 +409,10 @@ impl Storage {
         all.push(g.0);
         same_device(op.name(), &all)?;
         Ok(match g.0 {
-            Storage::Cpu(gc) => op.cpu_bwd(&backend_args(xs, some_cpu), &backend_args(saved, some_cpu), (gc, g.1), need)?.into_iter().map(|d| d.map(Storage::Cpu)).collect(),
+            Storage::Cpu(gc) => {
+                let _p = crate::backend::cpu::profile::enabled().then(|| crate::backend::cpu::profile::scope(&format!("{} backward", op.name())));
+                op.cpu_bwd(&backend_args(xs, some_cpu), &backend_args(saved, some_cpu), (gc, g.1), need)?.into_iter().map(|d| d.map(Storage::Cpu)).collect()
+            }
             Storage::Cuda(gc) => op.cuda_bwd(&backend_args(xs, some_cuda), &backend_args(saved, some_cuda), (gc, g.1), need)?.into_iter().map(|d| d.map(Storage::Cuda)).collect(),
         })
     }

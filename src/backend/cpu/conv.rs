@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{Mat, sgemm, threads_for};
+use super::profile::detail;
 use super::winograd;
 
 /// Geometry of one conv2d call (also the key of the GPU's per-shape convolution plans).
@@ -128,9 +129,11 @@ fn for_each_image<F: Fn(usize, &mut [f32]) + Sync + Send>(out: &mut [f32], per: 
 /// through Winograd F(2×2, 3×3), the rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
+        let _p = detail("conv fwd: winograd");
         let u = winograd::transform_weights(w, g.cout, g.cin);
         return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
+    let _p = detail(if g.pointwise() { "conv fwd: 1x1 gemm" } else { "conv fwd: im2col+gemm" });
     conv2d_im2col_forward(x, w, b, g)
 }
 
@@ -163,9 +166,13 @@ pub fn conv2d_im2col_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGe
 pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
         let db = bias_grad(dy, g);
-        let dw = winograd::conv3x3_weight_grad(x, dy, g.n, g.cin, g.h, g.w, g.cout);
+        let dw = {
+            let _p = detail("conv dw: winograd");
+            winograd::conv3x3_weight_grad(x, dy, g.n, g.cin, g.h, g.w, g.cout)
+        };
         // the input gradient is the convolution of dy with the flipped, transposed kernel
         let dx = need_dx.then(|| {
+            let _p = detail("conv dx: winograd");
             let u = winograd::transform_weights(&winograd::flip_transpose(w, g.cout, g.cin), g.cin, g.cout);
             winograd::conv3x3(dy, &u, None, g.n, g.cout, g.h, g.w, g.cin)
         });
@@ -205,6 +212,8 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
             });
         }
     };
+    let kind = if g.pointwise() { "1x1 gemm" } else { "im2col+gemm" };
+    let p = detail(&format!("conv dw: {kind}"));
     let dw = if threads == 1 && g.n > 1 {
         super::par_accumulate(g.n, g.cout * k, dw_of)
     } else {
@@ -214,7 +223,9 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
         }
         acc
     };
+    drop(p);
     let dx = need_dx.then(|| {
+        let _p = detail(&format!("conv dx: {kind}"));
         let per = g.cin * g.h * g.w;
         let mut dx = vec![0.0f32; g.n * per];
         for_each_image(&mut dx, per, g.n, |i, dxi| {

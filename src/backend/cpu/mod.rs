@@ -10,6 +10,7 @@ pub mod fused;
 pub mod gemm;
 pub mod isa;
 pub mod norm;
+pub mod profile;
 pub mod simd;
 pub mod winograd;
 

@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{Mat, sgemm};
+use super::profile::detail;
 
 /// Whether a conv geometry uses this path: 3×3, stride 1, pad 1, and at least 64 channels in and
 /// out (below that the transforms cost more than the GEMM work they save; measured with
@@ -18,6 +19,7 @@ pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout
 
 /// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[16][cout][cin]`.
 pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let _p = detail("winograd: weight transform");
     let plane = cout * cin;
     let mut u = vec![0.0f32; 16 * plane];
     let up = SyncPtr(u.as_mut_ptr());
@@ -92,14 +94,19 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
             let (m, rest) = rest.split_at_mut(16 * cout * np);
             let (d, rest) = rest.split_at_mut(4 * wp);
             let (t, tt) = rest.split_at_mut(4 * wp);
+            let p = detail("winograd fwd: input transform (cpu time)");
             input_transform(x, &Geo { cin, h, w, th, tw, wp }, row0, nrows, v, d, t);
+            drop(p);
             // M[ξ] = U[ξ] · V[ξ]
+            let p = detail("winograd fwd: 16 gemms (cpu time)");
             for xi in 0..16 {
                 let uu = &u[xi * cout * cin..(xi + 1) * cout * cin];
                 let vv = &v[xi * cin * np..(xi + 1) * cin * np];
                 sgemm(cout, np, cin, Mat::rm(uu, cin), Mat::rm(vv, np), &mut m[xi * cout * np..(xi + 1) * cout * np], np, false, 1.0, 1);
             }
+            drop(p);
             // output transform Y = Aᵀ M A, vectorised over the block's tiles
+            let _p = detail("winograd fwd: output transform (cpu time)");
             for co in 0..cout {
                 let bias = b.map_or(0.0, |b| b[co]);
                 let mrow = |xi: usize| &m[(xi * cout + co) * np..(xi * cout + co + 1) * np];
@@ -182,7 +189,10 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
             let (v, rest) = sc[..need].split_at_mut(16 * cin * np);
             let (dm, rest) = rest.split_at_mut(16 * cout * np);
             let (d, t) = rest.split_at_mut(4 * wp);
+            let p = detail("winograd dw: input transform (cpu time)");
             input_transform(x, &geo, row0, nrows, v, d, t);
+            drop(p);
+            let p = detail("winograd dw: dy transform (cpu time)");
             // dM = A dY Aᵀ for every 2×2 output-gradient tile (zero outside the image)
             for co in 0..cout {
                 for lr in 0..nrows {
@@ -206,6 +216,8 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
                     }
                 }
             }
+            drop(p);
+            let _p = detail("winograd dw: 16 gemms (cpu time)");
             for xi in 0..16 {
                 let a = &dm[xi * cout * np..(xi + 1) * cout * np];
                 let bv = &v[xi * cin * np..(xi + 1) * cin * np];

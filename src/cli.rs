@@ -311,6 +311,8 @@ fn cmd_convert(ckpt: &Path, out: &Path, key: Option<&str>, cfg: Option<&Path>, d
 
 fn cmd_devices(json: bool) -> Result<()> {
     use crate::backend::cuda;
+    let cpu = crate::commands::bench::cpu_isa_json();
+    println!("cpu: {}", crate::commands::bench::cpu_isa_line());
     let libs = cuda::libraries();
     for p in cuda::preload_lib_dirs() {
         println!("loaded {}", p.display());
@@ -349,7 +351,7 @@ fn cmd_devices(json: bool) -> Result<()> {
         println!("bound {l}");
     }
     if json {
-        println!("{}", serde_json::json!({"driver": libs.driver, "cublas": libs.cublas, "cudnn": libs.cudnn, "nvrtc": libs.nvrtc, "devices": devs, "libraries": bound}));
+        println!("{}", serde_json::json!({"cpu": cpu, "driver": libs.driver, "cublas": libs.cublas, "cudnn": libs.cudnn, "nvrtc": libs.nvrtc, "devices": devs, "libraries": bound}));
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use crate::autograd::{Var, ops};
+use crate::backend::cpu::isa as cpu_isa;
 use crate::flow::ode::OdeSolver;
 use crate::nn::{Forward, Init, UNetConfig, UNetModel, VelocityField};
 use crate::orw::{OrwConfig, Trainer, sample_model};
@@ -158,7 +159,12 @@ pub fn describe_device(device: Device) -> Result<(String, Value)> {
                 .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
                 .unwrap_or_else(|| std::env::consts::ARCH.to_string());
             let isa = cpu_features();
-            (format!("cpu {model} ({threads} threads; {})", isa.join(" ")), json!({"kind": "cpu", "model": model, "threads": threads, "isa": isa}))
+            let level = cpu_isa::level();
+            let mut info = json!({"kind": "cpu", "model": model, "threads": threads, "isa": isa});
+            if let (Value::Object(m), Value::Object(l)) = (&mut info, cpu_isa_json()) {
+                m.extend(l);
+            }
+            (format!("cpu {model} ({threads} threads; {} kernels, {}; {})", level.name(), isa_chosen_by(), isa.join(" ")), info)
         }
         Device::Cuda(i) => {
             let g = crate::backend::cuda::gpu(i)?;
@@ -169,6 +175,33 @@ pub fn describe_device(device: Device) -> Result<(String, Value)> {
             )
         }
     })
+}
+
+/// How the CPU kernels' level was chosen: `detected` (the best this CPU runs), or
+/// `lowered by ORWCFM_CPU_ISA=..`.
+pub fn isa_chosen_by() -> String {
+    let (level, best) = (cpu_isa::level(), cpu_isa::detected());
+    if level < best { format!("lowered by {}={} from {best}", cpu_isa::ENV, std::env::var(cpu_isa::ENV).unwrap_or_default().trim()) } else { "detected".to_string() }
+}
+
+/// The CPU kernels' instruction-set level as JSON fields: `isa_level` (in use), `isa_detected`
+/// (the best this CPU runs), `isa_chosen_by` (`detected` or `ORWCFM_CPU_ISA`), `isa_levels`
+/// (every level this CPU can run, plainest first).
+pub fn cpu_isa_json() -> Value {
+    let (level, best) = (cpu_isa::level(), cpu_isa::detected());
+    json!({
+        "isa_level": level.name(),
+        "isa_detected": best.name(),
+        "isa_chosen_by": if level < best { cpu_isa::ENV } else { "detected" },
+        "isa_levels": cpu_isa::Isa::ALL.iter().filter(|l| l.supported()).map(|l| l.name()).collect::<Vec<_>>(),
+    })
+}
+
+/// The level in words, for `devices`: `avx512 (AVX-512 ..), detected; this CPU runs scalar, avx2, avx512`.
+pub fn cpu_isa_line() -> String {
+    let level = cpu_isa::level();
+    let all: Vec<&str> = cpu_isa::Isa::ALL.iter().filter(|l| l.supported()).map(|l| l.name()).collect();
+    format!("kernels at {level} ({}), {}; best detected {}; this CPU runs {} ({} lowers it)", level.describe(), isa_chosen_by(), cpu_isa::detected(), all.join(", "), cpu_isa::ENV)
 }
 
 /// The SIMD extensions this CPU has that the CPU backend can use.
@@ -184,6 +217,9 @@ fn cpu_features() -> Vec<&'static str> {
             ("fma", std::arch::is_x86_feature_detected!("fma")),
             ("f16c", std::arch::is_x86_feature_detected!("f16c")),
             ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            ("avx512bw", std::arch::is_x86_feature_detected!("avx512bw")),
+            ("avx512dq", std::arch::is_x86_feature_detected!("avx512dq")),
+            ("avx512vl", std::arch::is_x86_feature_detected!("avx512vl")),
         ] {
             if on {
                 f.push(name);

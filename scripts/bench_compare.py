@@ -1,12 +1,23 @@
 #!/usr/bin/env python3
 """Time orwcfm-fast and PyTorch/torchcfm on the CPU, interleaved, on the same shapes and threads.
 
-  python3 scripts/bench_compare.py --torch-python /path/to/venv/bin/python [--rounds 3] [--threads 2]
+  python3 scripts/bench_compare.py --torch-python /path/to/venv/bin/python [--rounds 3] [--threads 2] \\
+      [--isa avx512,avx2,scalar] [--only mnist,cifar,round]
 
-Each round runs, one after the other: ours MNIST, PyTorch MNIST, ours CIFAR-10, PyTorch CIFAR-10
-(each its own process: 2 warm-up + --iters timed iterations, median). Interleaving spreads any
-background load over both. Prints a Markdown table of the medians over rounds and ratios
-(ours / PyTorch; below 1 means faster), and writes bench/cpu_compare.json (--out).
+Cases (each its own process, so that its peak memory is its own):
+  mnist   U-Net forward and forward+backward, torchcfm's MNIST config, batch --batch-mnist (32)
+  cifar   the same, torchcfm's CIFAR-10 recipe, batch --batch-cifar (4)
+  round   one ORW-CFM-W2 round on the MNIST config: --round-batch (32) samples by --round-steps (20)
+          Euler steps from the policy, then one gradient step (weighted FM + W2 against the frozen
+          reference, clip 1.0, Adam): `orwcfm-fast bench round --coupling independent` against
+          `scripts/bench_torch_cpu.py --round`, which does the same step for step
+Each round of the benchmark runs, for every case, ours once per --isa level (ORWCFM_CPU_ISA; default:
+the detected level only), then PyTorch; interleaving spreads any background load over both. Each
+process times a warm-up (2 for the U-Net passes, 1 round) then --iters (--round-iters) iterations
+and reports their median; the table has the median over rounds of those, and the peak memory: the
+process's peak resident set (ours: VmHWM; PyTorch: ru_maxrss), the largest over rounds, in MiB.
+Ratios are ours / PyTorch (below 1: faster, smaller). The JSON (--out, default bench/cpu_compare.json)
+records the CPU model and its SIMD flags, the commit, the levels and every measurement.
 """
 import argparse
 import json
@@ -15,60 +26,134 @@ import platform
 import statistics
 import subprocess
 
-CONFIGS = {"mnist": ("mnist", "--batch-mnist"), "cifar": ("cifar10", "--batch-cifar")}
+# case -> (our --unet-config, the PyTorch script's batch flag)
+UNET_CASES = {"mnist": ("mnist", "--batch-mnist"), "cifar": ("cifar10", "--batch-cifar")}
+CASES = list(UNET_CASES) + ["round"]
 
 
 def last_json(out):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def run_json(cmd, env=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return last_json(p.stdout)
+
+
+def env_without_isa():
+    e = dict(os.environ)
+    e.pop("ORWCFM_CPU_ISA", None)
+    return e
+
+
+def cpu_info():
+    """The CPU's model name and the SIMD flags that matter here, from /proc/cpuinfo."""
+    model, flags = platform.machine(), []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == platform.machine():
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f in ("avx", "avx2", "fma", "f16c") or f.startswith("avx512") or f.startswith("amx"))
+    except OSError:
+        pass
+    return model, flags
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--torch-python", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed U-Net passes per process")
+    ap.add_argument("--round-iters", type=int, default=None, help="timed ORW-CFM-W2 rounds per process (default: --iters)")
     ap.add_argument("--batch-mnist", type=int, default=32)
     ap.add_argument("--batch-cifar", type=int, default=4)
+    ap.add_argument("--round-batch", type=int, default=32)
+    ap.add_argument("--round-steps", type=int, default=20)
     ap.add_argument("--bin", default="target/release/orwcfm-fast")
-    ap.add_argument("--only", choices=list(CONFIGS), default=None)
+    ap.add_argument("--only", default=",".join(CASES), help=f"comma list of cases ({', '.join(CASES)})")
+    ap.add_argument("--isa", default=None, help="comma list of our CPU levels to run (scalar, avx2, avx512); default: the detected one")
     ap.add_argument("--out", default="bench/cpu_compare.json")
     a = ap.parse_args()
-    batches = {"mnist": a.batch_mnist, "cifar": a.batch_cifar}
-    names = [a.only] if a.only else list(CONFIGS)
-    res = {k: {"ours": {"f": [], "fb": []}, "torch": {"f": [], "fb": []}} for k in names}
-    torch_version = None
+    round_iters = a.round_iters or a.iters
+    cases = [c for c in a.only.split(",") if c]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        ap.error(f"unknown cases {bad} (known: {CASES})")
+    cpu_json = run_json([a.bin, "devices", "--json"], env_without_isa())["cpu"]
+    detected, supported = cpu_json["isa_detected"], cpu_json["isa_levels"]
+    levels = [l.strip() for l in a.isa.split(",") if l.strip()] if a.isa else [detected]
+    bad = [l for l in levels if l not in supported]
+    if bad:
+        ap.error(f"levels {bad}: this CPU runs {supported}")
+    batches = {"mnist": a.batch_mnist, "cifar": a.batch_cifar, "round": a.round_batch}
+    passes = {"mnist": ["forward", "forward_backward"], "cifar": ["forward", "forward_backward"], "round": ["round"]}
+    ours = {c: {l: {**{p: [] for p in passes[c]}, "peak": []} for l in levels} for c in cases}
+    torch = {c: {**{p: [] for p in passes[c]}, "peak": []} for c in cases}
+    torch_version, torch_busy = None, False
     for r in range(a.rounds):
-        for name in names:
-            ours_cfg, batch_flag = CONFIGS[name]
-            o = last_json(subprocess.run([a.bin, "--threads", str(a.threads), "bench", "unet", "--unet-config", ours_cfg,
-                                          "--batch", str(batches[name]), "--iters", str(a.iters), "--json"],
-                                         check=True, capture_output=True, text=True).stdout)
-            res[name]["ours"]["f"].append(o["forward_ms"])
-            res[name]["ours"]["fb"].append(o["forward_backward_ms"])
-            t = last_json(subprocess.run([a.torch_python, "scripts/bench_torch_cpu.py", "--threads", str(a.threads), "--only", name,
-                                          batch_flag, str(batches[name]), "--iters", str(a.iters), "--json"],
-                                         check=True, capture_output=True, text=True).stdout)
+        for c in cases:
+            for level in levels:
+                env = env_without_isa()
+                env["ORWCFM_CPU_ISA"] = level
+                if c == "round":
+                    cmd = [a.bin, "--threads", str(a.threads), "bench", "round", "--unet-config", "mnist", "--batch", str(a.round_batch),
+                           "--steps", str(a.round_steps), "--iters", str(round_iters), "--warmup", "1", "--coupling", "independent", "--json"]
+                else:
+                    cmd = [a.bin, "--threads", str(a.threads), "bench", "unet", "--unet-config", UNET_CASES[c][0], "--batch", str(batches[c]),
+                           "--iters", str(a.iters), "--json"]
+                o = run_json(cmd, env)
+                ran = o["device_info"].get("isa_level")
+                if ran != level:
+                    raise SystemExit(f"asked for {level}, ours ran at {ran}")
+                for p in passes[c]:
+                    ours[c][level][p].append(o[f"{p}_ms"])
+                ours[c][level]["peak"].append(o["peak_memory_mb"])
+            if c == "round":
+                cmd = [a.torch_python, "scripts/bench_torch_cpu.py", "--threads", str(a.threads), "--round", "--round-batch", str(a.round_batch),
+                       "--steps", str(a.round_steps), "--iters", str(round_iters), "--warmup-round", "1", "--json"]
+            else:
+                cmd = [a.torch_python, "scripts/bench_torch_cpu.py", "--threads", str(a.threads), "--only", c, UNET_CASES[c][1], str(batches[c]),
+                       "--iters", str(a.iters), "--json"]
+            t = run_json(cmd)
             torch_version = t["torch"]
-            res[name]["torch"]["f"].append(t[name]["forward_ms"])
-            res[name]["torch"]["fb"].append(t[name]["forward_backward_ms"])
-            print(f"round {r + 1} {name}: ours {o['forward_ms']:.0f}/{o['forward_backward_ms']:.0f} ms, "
-                  f"torch {t[name]['forward_ms']:.0f}/{t[name]['forward_backward_ms']:.0f} ms", flush=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-    summary = {"cpu": cpu, "nproc": os.cpu_count(), "threads": a.threads, "torch": torch_version, "rounds": a.rounds,
-               "iters": a.iters, "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-               "results": {}}
-    print(f"\n{cpu}, {a.threads} threads, torch {torch_version}; median over {a.rounds} rounds of per-process medians of {a.iters}\n")
-    print("| model | batch | pass | orwcfm-fast ms | PyTorch ms | ratio |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        for key, label in (("f", "forward"), ("fb", "forward+backward")):
-            ours = statistics.median(res[name]["ours"][key])
-            th = statistics.median(res[name]["torch"][key])
-            summary["results"][f"{name}_{label}"] = {"batch": batches[name], "ours_ms": ours, "torch_ms": th, "ratio": ours / th,
-                                                       "ours_all": res[name]["ours"][key], "torch_all": res[name]["torch"][key]}
-            print(f"| {name} | {batches[name]} | {label} | {ours:.0f} | {th:.0f} | {ours / th:.2f} |")
-    os.makedirs("bench", exist_ok=True)
+            torch_busy = torch_busy or t.get("rustc_running", False)
+            for p in passes[c]:
+                torch[c][p].append(t[c][f"{p}_ms"])
+            torch[c]["peak"].append(t["peak_rss_mb"])
+            torch[c].setdefault("rss_after_import", []).append(t.get("rss_after_import_mb"))
+            ours_s = ", ".join(f"{l} " + "/".join(f"{ours[c][l][p][-1]:.0f}" for p in passes[c]) + f" ms {ours[c][l]['peak'][-1]:.0f} MiB" for l in levels)
+            torch_s = "/".join(f"{torch[c][p][-1]:.0f}" for p in passes[c]) + f" ms {torch[c]['peak'][-1]:.0f} MiB"
+            print(f"round {r + 1} {c}: ours {ours_s}; torch {torch_s}", flush=True)
+    model, flags = cpu_info()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
+    summary = {"cpu": model, "cpu_flags": flags, "nproc": os.cpu_count(), "threads": a.threads, "torch": torch_version, "rounds": a.rounds,
+               "iters": a.iters, "round_iters": round_iters, "round_steps": a.round_steps, "commit": commit, "dirty": dirty,
+               "isa_detected": detected, "levels": levels, "loadavg_1m_end": round(os.getloadavg()[0], 2),
+               "torch_saw_rustc": torch_busy, "peak_memory": "process peak resident set, MiB (ours VmHWM, PyTorch ru_maxrss)", "results": {}}
+    print(f"\n{model} ({' '.join(flags)}), {a.threads} threads, torch {torch_version}, commit {commit}{' (dirty)' if dirty else ''}; "
+          f"median over {a.rounds} rounds of per-process medians of {a.iters} ({round_iters} rounds); peak memory: largest over rounds\n")
+    print("| model | batch | pass | ISA | orwcfm-fast ms | PyTorch ms | ratio | ours MiB | PyTorch MiB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    labels = {"forward": "forward", "forward_backward": "forward+backward", "round": f"ORW-CFM-W2 round ({a.round_steps} Euler steps + 1 step)"}
+    for c in cases:
+        th_peak = max(torch[c]["peak"])
+        for p in passes[c]:
+            th = statistics.median(torch[c][p])
+            for level in levels:
+                o = statistics.median(ours[c][level][p])
+                o_peak = max(ours[c][level]["peak"])
+                summary["results"][f"{c}_{p}_{level}"] = {
+                    "case": c, "pass": p, "isa": level, "batch": batches[c], "ours_ms": o, "torch_ms": th, "ratio": o / th,
+                    "ours_peak_mb": o_peak, "torch_peak_mb": th_peak, "peak_ratio": o_peak / th_peak,
+                    "ours_all": ours[c][level][p], "torch_all": torch[c][p], "ours_peak_all": ours[c][level]["peak"], "torch_peak_all": torch[c]["peak"],
+                    "torch_rss_after_import_mb": torch[c].get("rss_after_import")}
+                print(f"| {'mnist' if c == 'round' else c} | {batches[c]} | {labels[p]} | {level} | {o:.0f} | {th:.0f} | {o / th:.2f} | {o_peak:.0f} | {th_peak:.0f} | {o_peak / th_peak:.2f} |")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(summary, fh, indent=1)
 

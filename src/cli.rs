@@ -111,8 +111,9 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: crate::commands::classifier::ClassifierCmd,
     },
-    /// The NVIDIA libraries this machine can load and its CUDA devices (ORWCFM_CUDA_LIB_DIRS adds
-    /// library folders, e.g. a Python environment's site-packages/nvidia).
+    /// The CPU kernels' instruction-set level (ORWCFM_CPU_ISA=avx2|scalar lowers it), the NVIDIA
+    /// libraries this machine can load and its CUDA devices (ORWCFM_CUDA_LIB_DIRS adds library
+    /// folders, e.g. a Python environment's site-packages/nvidia).
     Devices {
         /// Print a JSON line last.
         #[arg(long)]

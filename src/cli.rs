@@ -202,6 +202,7 @@ pub enum BenchCmd {
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    crate::backend::cpu::tune_allocator();
     if let Some(n) = cli.threads {
         if n == 0 {
             bail!("--threads must be at least 1");

@@ -166,14 +166,53 @@ fn check_p(p: f32) {
     assert!((0.0..=1.0).contains(&p), "dropout probability {p} is not in [0, 1]");
 }
 
+/// Philox blocks computed together, one per SIMD lane.
+const LANES: usize = 16;
+
+crate::multiversion! {
+    /// [`philox4x32_10`] of the `LANES` consecutive blocks from `b0` (wrapping), word-major:
+    /// `out[w][l]` is word `w` of block `b0 + l`. The same integer arithmetic, in SIMD lanes.
+    fn philox_lanes(key: [u32; 2], b0: u64, out: &mut [[u32; LANES]; 4]) {
+        let (mut c0, mut c1, mut c2, mut c3) = ([0u32; LANES], [0u32; LANES], [0u32; LANES], [0u32; LANES]);
+        for l in 0..LANES {
+            let b = b0.wrapping_add(l as u64);
+            c0[l] = b as u32;
+            c1[l] = (b >> 32) as u32;
+        }
+        let mut k = key;
+        for r in 0..10 {
+            if r > 0 {
+                k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+            }
+            for l in 0..LANES {
+                let p0 = M0 as u64 * c0[l] as u64;
+                let p1 = M1 as u64 * c2[l] as u64;
+                let n0 = (p1 >> 32) as u32 ^ c1[l] ^ k[0];
+                let n2 = (p0 >> 32) as u32 ^ c3[l] ^ k[1];
+                c0[l] = n0;
+                c1[l] = p1 as u32;
+                c2[l] = n2;
+                c3[l] = p0 as u32;
+            }
+        }
+        *out = [c0, c1, c2, c3];
+    }
+}
+
 /// Run `f(first, block bits, out[first..first + 4])` for every block of a draw at `offset` into
 /// `out` (the last slice may be shorter), in parallel for long draws; tasks start on blocks, so
 /// the result does not depend on how the work is split.
 fn for_blocks(seed: u64, offset: u64, out: &mut [f32], f: impl Fn(usize, [u32; 4], &mut [f32]) + Sync) {
+    let k = key(seed);
     let run = |start: usize, part: &mut [f32]| {
         let b0 = offset.wrapping_add((start / PER_BLOCK) as u64);
-        for (j, o) in part.chunks_mut(PER_BLOCK).enumerate() {
-            f(start + j * PER_BLOCK, block(seed, b0.wrapping_add(j as u64)), o);
+        let mut bits = [[0u32; LANES]; 4];
+        for (g, group) in part.chunks_mut(PER_BLOCK * LANES).enumerate() {
+            let gb = b0.wrapping_add((g * LANES) as u64);
+            philox_lanes(k, gb, &mut bits);
+            for (j, o) in group.chunks_mut(PER_BLOCK).enumerate() {
+                f(start + (g * LANES + j) * PER_BLOCK, [bits[0][j], bits[1][j], bits[2][j], bits[3][j]], o);
+            }
         }
     };
     if out.len() < PAR_MIN {
@@ -331,6 +370,18 @@ mod tests {
     fn random123_known_answers() {
         assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
         assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
+    }
+
+    #[test]
+    fn lanes_match_the_scalar_generator() {
+        let mut bits = [[0u32; LANES]; 4];
+        for (seed, b0) in [(0u64, 0u64), (0xDEAD_BEEF_0123_4567, u64::MAX - 5), (7, 1 << 40)] {
+            philox_lanes(key(seed), b0, &mut bits);
+            for l in 0..LANES {
+                let want = block(seed, b0.wrapping_add(l as u64));
+                assert_eq!([bits[0][l], bits[1][l], bits[2][l], bits[3][l]], want, "seed {seed} block {b0}+{l}");
+            }
+        }
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn for_each_image<F: Fn(usize, &mut [f32]) + Sync + Send>(out: &mut [f32], per: 
 /// `y[n, cout, ho, wo] = w ⋆ x + b`, `w: [cout, cin, kh, kw]`. 3×3 stride-1 pad-1 convolutions go
 /// through Winograd F(2×2, 3×3), the rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
-    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
+    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.h, g.w) {
         let _p = detail("conv fwd: winograd");
         let u = winograd::transform_weights(w, g.cout, g.cin);
         return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
@@ -164,7 +164,7 @@ pub fn conv2d_im2col_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGe
 
 /// Gradients of conv2d: `(dx, dw, db)` from `dy`. Uses Winograd where [`conv2d_forward`] does.
 pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout) {
+    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.h, g.w) {
         let db = bias_grad(dy, g);
         let dw = {
             let _p = detail("conv dw: winograd");
@@ -173,7 +173,7 @@ pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: 
         // the input gradient is the convolution of dy with the flipped, transposed kernel
         let dx = need_dx.then(|| {
             let _p = detail("conv dx: winograd");
-            let u = winograd::transform_weights(&winograd::flip_transpose(w, g.cout, g.cin), g.cin, g.cout);
+            let u = winograd::transform_weights_flipped(w, g.cout, g.cin);
             winograd::conv3x3(dy, &u, None, g.n, g.cout, g.h, g.w, g.cin)
         });
         return (dx, dw, db);

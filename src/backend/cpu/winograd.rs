@@ -8,43 +8,96 @@ use rayon::prelude::*;
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
 
-/// Whether a conv geometry uses this path: 3×3, stride 1, pad 1, and at least 64 channels in and
+/// Images smaller than this (8×8, 7×7, 4×4) go through im2col + GEMM: their few tiles per
+/// weight leave the weight transform (16 floats written per 9 read, for every channel pair) as
+/// costly as the GEMM work it saves. Measured on the CIFAR-10 U-Net at batch 4 (2 threads,
+/// AVX-512): 8×8 and 4×4 by im2col took the forward from 235 to 205 ms, forward+backward from
+/// 805 to 710 ms.
+pub const MIN_PIXELS: usize = 100;
+
+/// Whether a conv geometry uses this path: 3×3, stride 1, pad 1, at least 64 channels in and
 /// out (below that the transforms cost more than the GEMM work they save; measured with
-/// `cargo bench --bench kernels -- conv2d`). `ORWCFM_NO_WINOGRAD=1` turns the path off.
-pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize) -> bool {
+/// `cargo bench --bench kernels -- conv2d`) and at least [`MIN_PIXELS`] pixels.
+/// `ORWCFM_NO_WINOGRAD=1` turns the path off.
+pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize, h: usize, w: usize) -> bool {
     static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let disabled = *DISABLED.get_or_init(|| std::env::var_os("ORWCFM_NO_WINOGRAD").is_some());
-    kh == 3 && kw == 3 && stride == 1 && pad == 1 && cin.min(cout) >= 64 && !disabled
+    kh == 3 && kw == 3 && stride == 1 && pad == 1 && cin.min(cout) >= 64 && h * w >= MIN_PIXELS && !disabled
 }
 
-/// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[16][cout][cin]`.
-pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let _p = detail("winograd: weight transform");
-    let plane = cout * cin;
-    let mut u = vec![0.0f32; 16 * plane];
-    let up = SyncPtr(u.as_mut_ptr());
-    (0..plane).into_par_iter().for_each(|oc| {
-        let up = &up;
-        let g = &w[oc * 9..oc * 9 + 9];
-        // tmp = G g (4×3)
-        let mut t = [[0.0f32; 3]; 4];
+/// Kernels transformed together, one per SIMD lane.
+const KL: usize = 16;
+
+crate::multiversion! {
+    /// `G g Gᵀ` of `KL` 3×3 kernels at once (taps `g[row-major tap][lane]`, outputs `u[ξ = 4i + j][lane]`).
+    fn kernel_transform_lanes(g: &[[f32; KL]; 9], u: &mut [[f32; KL]; 16]) {
+        let mut t = [[[0.0f32; KL]; 3]; 4];
         for j in 0..3 {
-            let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-            t[0][j] = g0;
-            t[1][j] = 0.5 * (g0 + g1 + g2);
-            t[2][j] = 0.5 * (g0 - g1 + g2);
-            t[3][j] = g2;
+            for l in 0..KL {
+                let (g0, g1, g2) = (g[j][l], g[3 + j][l], g[6 + j][l]);
+                t[0][j][l] = g0;
+                t[1][j][l] = 0.5 * (g0 + g1 + g2);
+                t[2][j][l] = 0.5 * (g0 - g1 + g2);
+                t[3][j][l] = g2;
+            }
         }
         for i in 0..4 {
-            let (a, b, c) = (t[i][0], t[i][1], t[i][2]);
-            let row = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-            for j in 0..4 {
-                // SAFETY: slot (ξ, oc) is written only by the task for oc.
-                unsafe { *up.0.add((i * 4 + j) * plane + oc) = row[j] };
+            for l in 0..KL {
+                let (a, b, c) = (t[i][0][l], t[i][1][l], t[i][2][l]);
+                u[i * 4][l] = a;
+                u[i * 4 + 1][l] = 0.5 * (a + b + c);
+                u[i * 4 + 2][l] = 0.5 * (a - b + c);
+                u[i * 4 + 3][l] = c;
+            }
+        }
+    }
+}
+
+/// `u[16][rows][cols]` with `u[ξ][r][c] = (G k(r, c) Gᵀ)[ξ]`: one task per block of rows,
+/// `KL` kernels per step (gathered lane-major, transformed in SIMD, stored as 16 runs).
+fn transform_into(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9] + Sync) -> Vec<f32> {
+    let _p = detail("winograd: weight transform");
+    let plane = rows * cols;
+    let mut u = vec![0.0f32; 16 * plane];
+    let up = SyncPtr(u.as_mut_ptr());
+    let per = (4096 / cols.max(1)).max(1);
+    (0..rows.div_ceil(per)).into_par_iter().for_each(|blk| {
+        let up = &up;
+        let (mut g, mut t) = ([[0.0f32; KL]; 9], [[0.0f32; KL]; 16]);
+        for r in blk * per..((blk + 1) * per).min(rows) {
+            for c0 in (0..cols).step_by(KL) {
+                let nl = KL.min(cols - c0);
+                for l in 0..nl {
+                    let taps = k(r, c0 + l);
+                    for (tap, &v) in g.iter_mut().zip(&taps) {
+                        tap[l] = v;
+                    }
+                }
+                kernel_transform_lanes(&g, &mut t);
+                for (xi, tv) in t.iter().enumerate() {
+                    // SAFETY: row r of every plane is written only by the task that owns r.
+                    unsafe { std::ptr::copy_nonoverlapping(tv.as_ptr(), up.0.add(xi * plane + r * cols + c0), nl) };
+                }
             }
         }
     });
     u
+}
+
+/// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[16][cout][cin]`.
+pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
+    transform_into(cout, cin, |co, ci| w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9].try_into().expect("9 taps"))
+}
+
+/// The transformed kernel of the input gradient, `transform_weights(flip_transpose(w))` without
+/// the intermediate: `u[16][cin][cout]` of the kernels `w'[ci][co] = flip(w[co][ci])`.
+pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
+    transform_into(cin, cout, |ci, co| {
+        let s = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
+        std::array::from_fn(|k| s[8 - k])
+    })
 }
 
 /// The kernel for the input gradient: `w'[ci][co] = flip(w[co][ci])`.
@@ -73,10 +126,10 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
     }
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th; // tile rows over the batch
-    let pb = (BLOCK_BYTES / (64 * (cin + cout))).clamp(16, 512);
+    let pb = (block_bytes() / (64 * (cin + cout))).clamp(16, 512);
     let rb = (pb / tw).clamp(1, rows);
     let blocks = rows.div_ceil(rb);
-    let wp = 2 * tw + 2; // padded row width: input columns −1 ..= 2·tw
+    let wp = 2 * (tw.next_multiple_of(VL) + 1); // scratch rows: even/odd input columns, padded to whole vectors
     let mut y = vec![0.0f32; n * cout * h * w];
     let yp = SyncPtr(y.as_mut_ptr());
     (0..blocks).into_par_iter().for_each(|blk| {
@@ -95,7 +148,7 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
             let (d, rest) = rest.split_at_mut(4 * wp);
             let (t, tt) = rest.split_at_mut(4 * wp);
             let p = detail("winograd fwd: input transform (cpu time)");
-            input_transform(x, &Geo { cin, h, w, th, tw, wp }, row0, nrows, v, d, t);
+            input_transform(x, &Geo { cin, h, w, th, tw }, row0, nrows, v, d, t);
             drop(p);
             // M[ξ] = U[ξ] · V[ξ]
             let p = detail("winograd fwd: 16 gemms (cpu time)");
@@ -171,11 +224,11 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th;
     // the tiles are the GEMM reduction here: larger blocks keep k large and the accumulators few
-    let pb = (8 * BLOCK_BYTES / (64 * (cin + cout))).clamp(256, 4096);
+    let pb = (4 * block_bytes() / (64 * (cin + cout))).clamp(256, 4096);
     let rb = (pb / tw).clamp(1, rows).min(rows.div_ceil(rayon::current_num_threads()));
     let blocks = rows.div_ceil(rb);
-    let wp = 2 * tw + 2;
-    let geo = Geo { cin, h, w, th, tw, wp };
+    let wp = 2 * (tw.next_multiple_of(VL) + 1);
+    let geo = Geo { cin, h, w, th, tw };
     let process = |du: &mut [f32], blk: usize| {
         let row0 = blk * rb;
         let nrows = rb.min(rows - row0);
@@ -194,26 +247,23 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
             drop(p);
             let p = detail("winograd dw: dy transform (cpu time)");
             // dM = A dY Aᵀ for every 2×2 output-gradient tile (zero outside the image)
+            let twp = tw.next_multiple_of(VL);
+            let ys = &mut t[..4 * twp];
             for co in 0..cout {
                 for lr in 0..nrows {
                     let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
                     let base = (img * cout + co) * h * w;
-                    for tj in 0..tw {
-                        let at = |a: usize, b: usize| -> f32 {
-                            let (r, c) = (2 * ti + a, 2 * tj + b);
-                            if r < h && c < w { dy[base + r * w + c] } else { 0.0 }
-                        };
-                        let (y00, y01, y10, y11) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-                        // rows of A·dY: [y0, y0+y1, y0−y1, −y1]
-                        let rws = [[y00, y01], [y00 + y10, y01 + y11], [y00 - y10, y01 - y11], [-y10, -y11]];
-                        let p = lr * tw + tj;
-                        for (i, r) in rws.iter().enumerate() {
-                            let cols = [r[0], r[0] + r[1], r[0] - r[1], -r[1]];
-                            for (j, &val) in cols.iter().enumerate() {
-                                dm[((i * 4 + j) * cout + co) * np + p] = val;
-                            }
+                    for a in 0..2 {
+                        let (e, o) = ys[2 * a * twp..(2 * a + 2) * twp].split_at_mut(twp);
+                        let r = 2 * ti + a;
+                        if r < h {
+                            split_row(&dy[base + r * w..base + (r + 1) * w], e, o);
+                        } else {
+                            e.fill(0.0);
+                            o.fill(0.0);
                         }
                     }
+                    dy_tile_row(ys, twp, tw, dm, (co * np + lr * tw, cout * np));
                 }
             }
             drop(p);
@@ -255,46 +305,140 @@ struct Geo {
     w: usize,
     th: usize,
     tw: usize,
-    wp: usize,
+}
+
+/// Tiles per vector step of the transforms: a fixed width, so that each step is one SIMD
+/// operation whatever the image width (loops over a run-time `tw` of 8 or 16 tiles would stay
+/// scalar: too short for LLVM's vector loop).
+const VL: usize = 8;
+type Lanes = [f32; VL];
+
+#[inline(always)]
+fn lanes(s: &[f32], at: usize) -> Lanes {
+    s[at..at + VL].try_into().expect("a whole vector")
 }
 
 /// `V[ξ][c][p] = (Bᵀ d B)[ξ]` for the 4×4 input patches of the tile rows `row0 .. row0+nrows`
-/// (`v` is `[16][cin][nrows·tw]`; `d`, `t` are scratch of `4·wp`).
+/// (`v` is `[16][cin][nrows·tw]`; `d`, `t` are scratch of `4·wp` with `wp = 2·(⌈tw⌉₈ + 1)`). The
+/// four input rows of a tile row are split into even and odd columns first, so that every later
+/// step is a fixed-width vector operation over 8 tiles.
 fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, v: &mut [f32], d: &mut [f32], t: &mut [f32]) {
-    let Geo { cin, h, w, th, tw, wp } = *g;
+    let Geo { cin, h, w, th, tw, .. } = *g;
     let np = nrows * tw;
+    let l = tw.next_multiple_of(VL) + 1; // even/odd columns of a padded row: input columns −1 ..
     for lr in 0..nrows {
         let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
         for c in 0..cin {
             let xc = &x[(img * cin + c) * h * w..(img * cin + c + 1) * h * w];
             for a in 0..4 {
-                let dr = &mut d[a * wp..(a + 1) * wp];
+                let (de, dodd) = d[2 * a * l..(2 * a + 2) * l].split_at_mut(l);
                 let r = (2 * ti + a) as isize - 1;
-                dr.fill(0.0);
                 if r >= 0 && r < h as isize {
-                    dr[1..1 + w].copy_from_slice(&xc[r as usize * w..(r as usize + 1) * w]);
+                    split_padded_row(&xc[r as usize * w..(r as usize + 1) * w], de, dodd);
+                } else {
+                    de.fill(0.0);
+                    dodd.fill(0.0);
                 }
             }
-            let (d0, d1, d2, d3) = (&d[0..wp], &d[wp..2 * wp], &d[2 * wp..3 * wp], &d[3 * wp..4 * wp]);
-            let (t0, rest) = t.split_at_mut(wp);
-            let (t1, rest) = rest.split_at_mut(wp);
-            let (t2, t3) = rest.split_at_mut(wp);
-            for j in 0..wp {
+            input_tile_row(&d[..8 * l], &mut t[..8 * l], l, tw, v, (c * np + lr * tw, cin * np));
+        }
+    }
+}
+
+/// `even[j] = x[2j]`, `odd[j] = x[2j + 1]` (zero past the row's end).
+fn split_row(x: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    even.fill(0.0);
+    odd.fill(0.0);
+    let pairs = x.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    for (j, p) in pairs.enumerate() {
+        even[j] = p[0];
+        odd[j] = p[1];
+    }
+    if let Some(v) = last {
+        even[x.len() / 2] = v;
+    }
+}
+
+/// `even[j] = x[2j − 1]`, `odd[j] = x[2j]` (zero outside the row): the padded row's even and
+/// odd columns.
+fn split_padded_row(x: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    even.fill(0.0);
+    odd.fill(0.0);
+    let pairs = x.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    for (j, p) in pairs.enumerate() {
+        odd[j] = p[0];
+        even[j + 1] = p[1];
+    }
+    if let Some(v) = last {
+        odd[x.len() / 2] = v;
+    }
+}
+
+crate::multiversion! {
+    /// One output-gradient channel's tile row, `ys = [row 0 even | row 0 odd | row 1 even |
+    /// row 1 odd]` (each `twp ≥ ⌈tw⌉₈`, zero past `tw`): writes `A dY Aᵀ` to
+    /// `dm[base + ξ·stride + tj]` for the 16 `ξ`, 8 tiles per step.
+    fn dy_tile_row(ys: &[f32], twp: usize, tw: usize, dm: &mut [f32], at: (usize, usize)) {
+        let (base, stride) = at;
+        for c0 in (0..tw).step_by(VL) {
+            let n = VL.min(tw - c0);
+            let (y00, y01, y10, y11) = (lanes(ys, c0), lanes(ys, twp + c0), lanes(ys, 2 * twp + c0), lanes(ys, 3 * twp + c0));
+            // rows of A·dY, each a pair (a_i, b_i) over the tile's two columns
+            let rows: [(Lanes, Lanes); 4] = [
+                (y00, y01),
+                (std::array::from_fn(|k| y00[k] + y10[k]), std::array::from_fn(|k| y01[k] + y11[k])),
+                (std::array::from_fn(|k| y00[k] - y10[k]), std::array::from_fn(|k| y01[k] - y11[k])),
+                (std::array::from_fn(|k| -y10[k]), std::array::from_fn(|k| -y11[k])),
+            ];
+            for (i, (a, b)) in rows.iter().enumerate() {
+                let outs: [Lanes; 4] = [*a, std::array::from_fn(|k| a[k] + b[k]), std::array::from_fn(|k| a[k] - b[k]), std::array::from_fn(|k| -b[k])];
+                for (j, r) in outs.iter().enumerate() {
+                    let o = base + (i * 4 + j) * stride + c0;
+                    dm[o..o + n].copy_from_slice(&r[..n]);
+                }
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// One channel's tile row: `d` holds the 4 padded input rows as `[row][even | odd][l]`
+    /// (`l ≥ ⌈tw⌉₈ + 1`, zero-padded); writes `v[base + ξ·stride + tj]` for the 16 `ξ`
+    /// (`at = (base, stride)`), 8 tiles per step.
+    fn input_tile_row(d: &[f32], t: &mut [f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usize)) {
+        let (base, stride) = at;
+        let row = |k: usize, odd: usize| &d[(2 * k + odd) * l..(2 * k + odd + 1) * l];
+        // t = Bᵀ d down the columns: t0 = d0 − d2, t1 = d1 + d2, t2 = d2 − d1, t3 = d1 − d3
+        for odd in 0..2 {
+            let (d0, d1, d2, d3) = (row(0, odd), row(1, odd), row(2, odd), row(3, odd));
+            let (t0, rest) = t[odd * 4 * l..(odd + 1) * 4 * l].split_at_mut(l);
+            let (t1, rest) = rest.split_at_mut(l);
+            let (t2, t3) = rest.split_at_mut(l);
+            for j in 0..l {
                 t0[j] = d0[j] - d2[j];
                 t1[j] = d1[j] + d2[j];
                 t2[j] = d2[j] - d1[j];
                 t3[j] = d1[j] - d3[j];
             }
-            for (i, ti_row) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-                let o = lr * tw;
-                let base = (i * 4 * cin + c) * np + o;
-                let stride = cin * np;
-                for tj in 0..tw {
-                    let q = &ti_row[2 * tj..2 * tj + 4];
-                    v[base + tj] = q[0] - q[2];
-                    v[base + stride + tj] = q[1] + q[2];
-                    v[base + 2 * stride + tj] = q[2] - q[1];
-                    v[base + 3 * stride + tj] = q[1] - q[3];
+        }
+        // then along the rows, tile tj reading columns (e[tj], o[tj], e[tj+1], o[tj+1])
+        for i in 0..4 {
+            let te = &t[i * l..(i + 1) * l];
+            let to = &t[(4 + i) * l..(5 + i) * l];
+            for c0 in (0..tw).step_by(VL) {
+                let n = VL.min(tw - c0);
+                let (e0, e1, o0, o1) = (lanes(te, c0), lanes(te, c0 + 1), lanes(to, c0), lanes(to, c0 + 1));
+                let outs: [Lanes; 4] = [
+                    std::array::from_fn(|k| e0[k] - e1[k]),
+                    std::array::from_fn(|k| o0[k] + e1[k]),
+                    std::array::from_fn(|k| e1[k] - o0[k]),
+                    std::array::from_fn(|k| o0[k] - o1[k]),
+                ];
+                for (j, r) in outs.iter().enumerate() {
+                    let o = base + (i * 4 + j) * stride + c0;
+                    v[o..o + n].copy_from_slice(&r[..n]);
                 }
             }
         }
@@ -302,7 +446,10 @@ fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, v: &mut [f32],
 }
 
 /// Target size of one block's transformed input plus products.
-const BLOCK_BYTES: usize = 1 << 20;
+fn block_bytes() -> usize {
+    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *B.get_or_init(|| std::env::var("WBLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(2 << 20))
+}
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -336,6 +483,7 @@ mod tests {
             let e = crate::util::rel_err(&dw, &dw_want);
             assert!(e < 1e-5, "dw {n} {cin} {h} {w} {cout}: {e:e}");
             let dx = conv3x3(&dy, &transform_weights(&flip_transpose(&wt, cout, cin), cin, cout), None, n, cout, h, w, cin);
+            assert_eq!(transform_weights_flipped(&wt, cout, cin), transform_weights(&flip_transpose(&wt, cout, cin), cin, cout));
             let e = crate::util::rel_err(&dx, &dx_want.unwrap());
             assert!(e < 1e-5, "dx {n} {cin} {h} {w} {cout}: {e:e}");
         }

@@ -247,25 +247,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
             drop(p);
             let p = detail("winograd dw: dy transform (cpu time)");
             // dM = A dY Aᵀ for every 2×2 output-gradient tile (zero outside the image)
-            let twp = tw.next_multiple_of(VL);
-            let ys = &mut t[..4 * twp];
-            for co in 0..cout {
-                for lr in 0..nrows {
-                    let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
-                    let base = (img * cout + co) * h * w;
-                    for a in 0..2 {
-                        let (e, o) = ys[2 * a * twp..(2 * a + 2) * twp].split_at_mut(twp);
-                        let r = 2 * ti + a;
-                        if r < h {
-                            split_row(&dy[base + r * w..base + (r + 1) * w], e, o);
-                        } else {
-                            e.fill(0.0);
-                            o.fill(0.0);
-                        }
-                    }
-                    dy_tile_row(ys, twp, tw, dm, (co * np + lr * tw, cout * np));
-                }
-            }
+            dy_transform(dy, &Geo { cin: cout, ..geo }, row0, nrows, dm, t);
             drop(p);
             let _p = detail("winograd dw: 16 gemms (cpu time)");
             for xi in 0..16 {
@@ -299,12 +281,76 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
 }
 
 /// Sizes shared by the transforms.
+#[derive(Clone, Copy)]
 struct Geo {
     cin: usize,
     h: usize,
     w: usize,
     th: usize,
     tw: usize,
+}
+
+crate::multiversion! {
+    /// `V[ξ][c][p] = (Bᵀ d B)[ξ]` for the 4×4 input patches of the tile rows `row0 .. row0+nrows`
+    /// (`v` is `[16][cin][nrows·tw]`; `d`, `t` are scratch of `8·(⌈tw⌉₈ + 1)`). The four input
+    /// rows of a tile row are split into even and odd columns first, so that every later step is
+    /// a fixed-width vector operation over 8 tiles.
+    fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, v: &mut [f32], d: &mut [f32], t: &mut [f32]) {
+        let Geo { cin, h, w, th, tw } = *g;
+        let np = nrows * tw;
+        let l = tw.next_multiple_of(VL) + 1; // even/odd columns of a padded row: input columns −1 ..
+        // channel by channel, so that each channel's rows are read in order (and the rows two
+        // tile rows share come from cache) and each ξ's outputs are written in one run
+        for c in 0..cin {
+            for lr in 0..nrows {
+                let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
+                let xc = &x[(img * cin + c) * h * w..(img * cin + c + 1) * h * w];
+                for a in 0..4 {
+                    let (de, dodd) = d[2 * a * l..(2 * a + 2) * l].split_at_mut(l);
+                    let r = (2 * ti + a) as isize - 1;
+                    if r >= 0 && r < h as isize {
+                        // padded column k is input column k − 1: even padded columns are the
+                        // odd input columns, shifted by one
+                        de[0] = 0.0;
+                        deinterleave(&xc[r as usize * w..(r as usize + 1) * w], dodd, &mut de[1..]);
+                    } else {
+                        de.fill(0.0);
+                        dodd.fill(0.0);
+                    }
+                }
+                input_tile_row(&d[..8 * l], &mut t[..8 * l], l, tw, v, (c * np + lr * tw, cin * np));
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// `dM[ξ][co][p] = (A dY_p Aᵀ)[ξ]` for the 2×2 output-gradient tiles of the tile rows
+    /// `row0 .. row0+nrows` (`g.cin` is the gradient's channel count; zero outside the image;
+    /// `t` is scratch of `4·⌈tw⌉₈`).
+    fn dy_transform(dy: &[f32], g: &Geo, row0: usize, nrows: usize, dm: &mut [f32], t: &mut [f32]) {
+        let Geo { cin: cout, h, w, th, tw } = *g;
+        let np = nrows * tw;
+        let twp = tw.next_multiple_of(VL);
+        let ys = &mut t[..4 * twp];
+        for co in 0..cout {
+            for lr in 0..nrows {
+                let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
+                let base = (img * cout + co) * h * w;
+                for a in 0..2 {
+                    let (e, o) = ys[2 * a * twp..(2 * a + 2) * twp].split_at_mut(twp);
+                    let r = 2 * ti + a;
+                    if r < h {
+                        deinterleave(&dy[base + r * w..base + (r + 1) * w], e, o);
+                    } else {
+                        e.fill(0.0);
+                        o.fill(0.0);
+                    }
+                }
+                dy_tile_row(ys, twp, tw, dm, (co * np + lr * tw, cout * np));
+            }
+        }
+    }
 }
 
 /// Tiles per vector step of the transforms: a fixed width, so that each step is one SIMD
@@ -318,128 +364,94 @@ fn lanes(s: &[f32], at: usize) -> Lanes {
     s[at..at + VL].try_into().expect("a whole vector")
 }
 
-/// `V[ξ][c][p] = (Bᵀ d B)[ξ]` for the 4×4 input patches of the tile rows `row0 .. row0+nrows`
-/// (`v` is `[16][cin][nrows·tw]`; `d`, `t` are scratch of `4·wp` with `wp = 2·(⌈tw⌉₈ + 1)`). The
-/// four input rows of a tile row are split into even and odd columns first, so that every later
-/// step is a fixed-width vector operation over 8 tiles.
-fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, v: &mut [f32], d: &mut [f32], t: &mut [f32]) {
-    let Geo { cin, h, w, th, tw, .. } = *g;
-    let np = nrows * tw;
-    let l = tw.next_multiple_of(VL) + 1; // even/odd columns of a padded row: input columns −1 ..
-    for lr in 0..nrows {
-        let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
-        for c in 0..cin {
-            let xc = &x[(img * cin + c) * h * w..(img * cin + c + 1) * h * w];
-            for a in 0..4 {
-                let (de, dodd) = d[2 * a * l..(2 * a + 2) * l].split_at_mut(l);
-                let r = (2 * ti + a) as isize - 1;
-                if r >= 0 && r < h as isize {
-                    split_padded_row(&xc[r as usize * w..(r as usize + 1) * w], de, dodd);
-                } else {
-                    de.fill(0.0);
-                    dodd.fill(0.0);
-                }
-            }
-            input_tile_row(&d[..8 * l], &mut t[..8 * l], l, tw, v, (c * np + lr * tw, cin * np));
+/// `dst[at..at + n] = r[..n]`, a whole-vector store when `n` is the full width.
+#[inline(always)]
+fn store(dst: &mut [f32], at: usize, r: &Lanes, n: usize) {
+    if n == VL {
+        dst[at..at + VL].copy_from_slice(r);
+    } else {
+        for k in 0..n {
+            dst[at + k] = r[k];
         }
     }
 }
 
-/// `even[j] = x[2j]`, `odd[j] = x[2j + 1]` (zero past the row's end).
-fn split_row(x: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    even.fill(0.0);
-    odd.fill(0.0);
-    let pairs = x.chunks_exact(2);
-    let last = pairs.remainder().first().copied();
-    for (j, p) in pairs.enumerate() {
-        even[j] = p[0];
-        odd[j] = p[1];
+/// `even[j] = x[2j]`, `odd[j] = x[2j + 1]`, 8 pairs per step, and zero after the row's end up
+/// to the slices' ends.
+#[inline(always)]
+fn deinterleave(x: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let mut chunks = x.chunks_exact(2 * VL);
+    let mut j = 0;
+    for c in &mut chunks {
+        let c: &[f32; 2 * VL] = c.try_into().expect("a whole chunk");
+        let (e, o): (Lanes, Lanes) = (std::array::from_fn(|k| c[2 * k]), std::array::from_fn(|k| c[2 * k + 1]));
+        even[j..j + VL].copy_from_slice(&e);
+        odd[j..j + VL].copy_from_slice(&o);
+        j += VL;
     }
-    if let Some(v) = last {
-        even[x.len() / 2] = v;
+    let rest = chunks.remainder();
+    for (k, &v) in rest.iter().enumerate() {
+        if k % 2 == 0 {
+            even[j + k / 2] = v;
+        } else {
+            odd[j + k / 2] = v;
+        }
     }
+    even[j + rest.len().div_ceil(2)..].fill(0.0);
+    odd[j + rest.len() / 2..].fill(0.0);
 }
 
-/// `even[j] = x[2j − 1]`, `odd[j] = x[2j]` (zero outside the row): the padded row's even and
-/// odd columns.
-fn split_padded_row(x: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    even.fill(0.0);
-    odd.fill(0.0);
-    let pairs = x.chunks_exact(2);
-    let last = pairs.remainder().first().copied();
-    for (j, p) in pairs.enumerate() {
-        odd[j] = p[0];
-        even[j + 1] = p[1];
-    }
-    if let Some(v) = last {
-        odd[x.len() / 2] = v;
-    }
-}
-
-crate::multiversion! {
-    /// One output-gradient channel's tile row, `ys = [row 0 even | row 0 odd | row 1 even |
-    /// row 1 odd]` (each `twp ≥ ⌈tw⌉₈`, zero past `tw`): writes `A dY Aᵀ` to
-    /// `dm[base + ξ·stride + tj]` for the 16 `ξ`, 8 tiles per step.
-    fn dy_tile_row(ys: &[f32], twp: usize, tw: usize, dm: &mut [f32], at: (usize, usize)) {
-        let (base, stride) = at;
-        for c0 in (0..tw).step_by(VL) {
-            let n = VL.min(tw - c0);
-            let (y00, y01, y10, y11) = (lanes(ys, c0), lanes(ys, twp + c0), lanes(ys, 2 * twp + c0), lanes(ys, 3 * twp + c0));
-            // rows of A·dY, each a pair (a_i, b_i) over the tile's two columns
-            let rows: [(Lanes, Lanes); 4] = [
-                (y00, y01),
-                (std::array::from_fn(|k| y00[k] + y10[k]), std::array::from_fn(|k| y01[k] + y11[k])),
-                (std::array::from_fn(|k| y00[k] - y10[k]), std::array::from_fn(|k| y01[k] - y11[k])),
-                (std::array::from_fn(|k| -y10[k]), std::array::from_fn(|k| -y11[k])),
-            ];
-            for (i, (a, b)) in rows.iter().enumerate() {
-                let outs: [Lanes; 4] = [*a, std::array::from_fn(|k| a[k] + b[k]), std::array::from_fn(|k| a[k] - b[k]), std::array::from_fn(|k| -b[k])];
-                for (j, r) in outs.iter().enumerate() {
-                    let o = base + (i * 4 + j) * stride + c0;
-                    dm[o..o + n].copy_from_slice(&r[..n]);
-                }
+/// One output-gradient channel's tile row, `ys = [row 0 even | row 0 odd | row 1 even | row 1
+/// odd]` (each `twp ≥ ⌈tw⌉₈`, zero past `tw`): writes `A dY Aᵀ` to `dm[base + ξ·stride + tj]`
+/// for the 16 `ξ`, 8 tiles per step.
+#[inline(always)]
+fn dy_tile_row(ys: &[f32], twp: usize, tw: usize, dm: &mut [f32], at: (usize, usize)) {
+    let (base, stride) = at;
+    for c0 in (0..tw).step_by(VL) {
+        let n = VL.min(tw - c0);
+        let (y00, y01, y10, y11) = (lanes(ys, c0), lanes(ys, twp + c0), lanes(ys, 2 * twp + c0), lanes(ys, 3 * twp + c0));
+        // rows of A·dY, each a pair (a_i, b_i) over the tile's two columns
+        let rows: [(Lanes, Lanes); 4] = [
+            (y00, y01),
+            (std::array::from_fn(|k| y00[k] + y10[k]), std::array::from_fn(|k| y01[k] + y11[k])),
+            (std::array::from_fn(|k| y00[k] - y10[k]), std::array::from_fn(|k| y01[k] - y11[k])),
+            (std::array::from_fn(|k| -y10[k]), std::array::from_fn(|k| -y11[k])),
+        ];
+        for (i, (a, b)) in rows.iter().enumerate() {
+            let outs: [Lanes; 4] = [*a, std::array::from_fn(|k| a[k] + b[k]), std::array::from_fn(|k| a[k] - b[k]), std::array::from_fn(|k| -b[k])];
+            for (j, r) in outs.iter().enumerate() {
+                store(dm, base + (i * 4 + j) * stride + c0, r, n);
             }
         }
     }
 }
 
-crate::multiversion! {
-    /// One channel's tile row: `d` holds the 4 padded input rows as `[row][even | odd][l]`
-    /// (`l ≥ ⌈tw⌉₈ + 1`, zero-padded); writes `v[base + ξ·stride + tj]` for the 16 `ξ`
-    /// (`at = (base, stride)`), 8 tiles per step.
-    fn input_tile_row(d: &[f32], t: &mut [f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usize)) {
-        let (base, stride) = at;
-        let row = |k: usize, odd: usize| &d[(2 * k + odd) * l..(2 * k + odd + 1) * l];
-        // t = Bᵀ d down the columns: t0 = d0 − d2, t1 = d1 + d2, t2 = d2 − d1, t3 = d1 − d3
-        for odd in 0..2 {
-            let (d0, d1, d2, d3) = (row(0, odd), row(1, odd), row(2, odd), row(3, odd));
-            let (t0, rest) = t[odd * 4 * l..(odd + 1) * 4 * l].split_at_mut(l);
-            let (t1, rest) = rest.split_at_mut(l);
-            let (t2, t3) = rest.split_at_mut(l);
-            for j in 0..l {
-                t0[j] = d0[j] - d2[j];
-                t1[j] = d1[j] + d2[j];
-                t2[j] = d2[j] - d1[j];
-                t3[j] = d1[j] - d3[j];
-            }
+/// One channel's tile row: `d` holds the 4 padded input rows as `[row][even | odd][l]` (`l ≥
+/// ⌈tw⌉₈ + 1`, zero-padded); writes `v[base + ξ·stride + tj]` for the 16 `ξ` (`at = (base,
+/// stride)`), 8 tiles per step, in registers.
+#[inline(always)]
+fn input_tile_row(d: &[f32], _t: &mut [f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usize)) {
+    let (base, stride) = at;
+    let sub = |a: Lanes, b: Lanes| -> Lanes { std::array::from_fn(|k| a[k] - b[k]) };
+    let add = |a: Lanes, b: Lanes| -> Lanes { std::array::from_fn(|k| a[k] + b[k]) };
+    for c0 in (0..tw).step_by(VL) {
+        let n = VL.min(tw - c0);
+        // column j of tile tj is padded column 2tj + j: even[tj], odd[tj], even[tj+1], odd[tj+1]
+        let col = |k: usize, j: usize| lanes(d, (2 * k + (j & 1)) * l + c0 + j / 2);
+        let mut t = [[[0.0f32; VL]; 4]; 4]; // t[i][j]: row i of Bᵀ d, column j
+        for j in 0..4 {
+            let (d0, d1, d2, d3) = (col(0, j), col(1, j), col(2, j), col(3, j));
+            // t = Bᵀ d down column j: t0 = d0 − d2, t1 = d1 + d2, t2 = d2 − d1, t3 = d1 − d3
+            t[0][j] = sub(d0, d2);
+            t[1][j] = add(d1, d2);
+            t[2][j] = sub(d2, d1);
+            t[3][j] = sub(d1, d3);
         }
-        // then along the rows, tile tj reading columns (e[tj], o[tj], e[tj+1], o[tj+1])
-        for i in 0..4 {
-            let te = &t[i * l..(i + 1) * l];
-            let to = &t[(4 + i) * l..(5 + i) * l];
-            for c0 in (0..tw).step_by(VL) {
-                let n = VL.min(tw - c0);
-                let (e0, e1, o0, o1) = (lanes(te, c0), lanes(te, c0 + 1), lanes(to, c0), lanes(to, c0 + 1));
-                let outs: [Lanes; 4] = [
-                    std::array::from_fn(|k| e0[k] - e1[k]),
-                    std::array::from_fn(|k| o0[k] + e1[k]),
-                    std::array::from_fn(|k| e1[k] - o0[k]),
-                    std::array::from_fn(|k| o0[k] - o1[k]),
-                ];
-                for (j, r) in outs.iter().enumerate() {
-                    let o = base + (i * 4 + j) * stride + c0;
-                    v[o..o + n].copy_from_slice(&r[..n]);
-                }
+        // then along the rows: v[4i + ·] = (t_i0 − t_i2, t_i1 + t_i2, t_i2 − t_i1, t_i1 − t_i3)
+        for (i, r) in t.iter().enumerate() {
+            let outs = [sub(r[0], r[2]), add(r[1], r[2]), sub(r[2], r[1]), sub(r[1], r[3])];
+            for (j, o) in outs.iter().enumerate() {
+                store(v, base + (i * 4 + j) * stride + c0, o, n);
             }
         }
     }

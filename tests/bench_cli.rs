@@ -213,3 +213,30 @@ fn gpu_check_summary_reports_failures_as_nulls_with_reasons() {
     assert_eq!(j["libraries"]["duplicates"]["pytorch"]["libcudnn"].as_array().unwrap().len(), 2);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `bench unet --profile` accounts for the time of the ops it ran: per-class and per-op rows,
+/// convolutions present, classes summing to the time inside ops, which is at most the wall time.
+#[test]
+fn unet_profile_accounts_for_the_ops() {
+    let o = run_env(&["bench", "unet", "--unet-config", "mnist-small", "--batch", "2", "--iters", "2", "--warmup", "1", "--profile", "--json"], &[]);
+    let j = last_json(&o);
+    common(&j, "cpu");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("op class") && text.contains("conv2d"), "{text}");
+    for pass in ["forward", "forward_backward"] {
+        let p = &j["profile"][pass];
+        let (wall, in_ops) = (num(p, "wall_ms"), num(p, "in_ops_ms"));
+        assert!(in_ops > 0.0 && in_ops <= wall * 1.01, "{pass}: {p}");
+        let classes = p["classes"].as_array().unwrap();
+        let sum: f64 = classes.iter().map(|c| num(c, "ms")).sum();
+        assert!((sum - in_ops).abs() < 1e-6 * in_ops.max(1.0) + 1e-9, "{pass}: classes {sum} vs {in_ops}");
+        assert!(classes.iter().any(|c| c["class"] == "convolution forward" && num(c, "ms") > 0.0), "{pass}: {p}");
+        let rows = p["rows"].as_array().unwrap();
+        assert!(rows.iter().any(|r| r["name"] == "conv2d" && r["detail"] == false && num(r, "calls") >= 1.0), "{pass}");
+    }
+    let fb = j["profile"]["forward_backward"]["classes"].as_array().unwrap();
+    assert!(fb.iter().any(|c| c["class"] == "convolution backward (dx + dw)"), "{fb:?}");
+    // on a GPU the kernels are asynchronous: the flag is refused there
+    let o = run_env(&["bench", "unet", "--unet-config", "mnist-small", "--batch", "1", "--iters", "1", "--profile", "--device", "cuda"], &[("ORWCFM_SIMULATED_GPU", "1")]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--profile"), "{}", String::from_utf8_lossy(&o.stderr));
+}

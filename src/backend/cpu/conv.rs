@@ -329,8 +329,7 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
             });
         }
     };
-    let kind = if g.pointwise() { "1x1 gemm" } else { "im2col+gemm" };
-    let p = detail(&format!("conv dw: {kind}"));
+    let p = detail(if g.pointwise() { "conv dw: 1x1 gemm" } else { "conv dw: im2col+gemm" });
     let dw = if threads == 1 && g.n > 1 {
         super::par_accumulate(g.n, g.cout * k, dw_of)
     } else {
@@ -342,7 +341,7 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
     };
     drop(p);
     let dx = need_dx.then(|| {
-        let _p = detail(&format!("conv dx: {kind}"));
+        let _p = detail(if g.pointwise() { "conv dx: 1x1 gemm" } else { "conv dx: im2col+gemm" });
         let per = g.cin * g.h * g.w;
         let mut dx = vec![0.0f32; g.n * per];
         for_each_image(&mut dx, per, g.n, |i, dxi| {

@@ -136,12 +136,20 @@ level_gemm!(gemm_avx2, gemm_common::simd::V3, gemm_f32::microkernel::fma::f32, 8
 #[cfg(target_arch = "x86_64")]
 level_gemm!(gemm_avx512, gemm_common::simd::V4, gemm_f32::microkernel::avx512f::f32, 16);
 
+/// The GEMM of `level`, or of the next level down whose SIMD token the gemm crate's own CPU
+/// check grants (it asks for the same features as [`isa::detected`]; the fallback only guards a
+/// CPU mask where the two could disagree, so that the GEMM never panics).
 fn kernel(level: Isa) -> GemmFn {
     #[cfg(target_arch = "x86_64")]
-    match level {
-        Isa::Avx512 => gemm_avx512,
-        Isa::Avx2 => gemm_avx2,
-        Isa::Scalar => gemm_scalar,
+    {
+        use gemm_common::simd::{MixedSimd, V3, V4};
+        let v4 = || <V4 as MixedSimd<f32, f32, f32, f32>>::try_new().is_some();
+        let v3 = || <V3 as MixedSimd<f32, f32, f32, f32>>::try_new().is_some();
+        match level {
+            Isa::Avx512 if v4() => gemm_avx512,
+            Isa::Avx512 | Isa::Avx2 if v3() => gemm_avx2,
+            _ => gemm_scalar,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -18,8 +18,9 @@ pub mod winograd;
 /// above its mmap threshold (128 KiB, rising only as such blocks are freed) with fresh `mmap`s
 /// and trims the heap top, so every step's activations would page-fault in anew (measured with
 /// `bench unet --profile`: tens of thousands of faults per CIFAR-10 training step). Blocks of
-/// up to 32 MiB (glibc's ceiling) now come from the heap, which is never trimmed; the peak
-/// resident size stays the peak of live memory. Called once by the CLI; a no-op off glibc.
+/// up to 32 MiB (glibc's ceiling) now come from the heap, which is never trimmed: the resident
+/// size stays at its peak (live memory at its peak plus the heap's fragmentation; the CIFAR-10
+/// step's peak went from 521 to about 525 MiB). Called once by the CLI; a no-op off glibc.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

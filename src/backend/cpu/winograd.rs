@@ -90,29 +90,14 @@ pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     transform_into(cout, cin, |co, ci| w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9].try_into().expect("9 taps"))
 }
 
-/// The transformed kernel of the input gradient, `transform_weights(flip_transpose(w))` without
-/// the intermediate: `u[16][cin][cout]` of the kernels `w'[ci][co] = flip(w[co][ci])`.
+/// The transformed kernel of the input gradient, `transform_weights` of the flipped, transposed
+/// kernel without forming it: `u[16][cin][cout]` of the kernels `w'[ci][co] = flip(w[co][ci])`.
 pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
     transform_into(cin, cout, |ci, co| {
         let s = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
         std::array::from_fn(|k| s[8 - k])
     })
-}
-
-/// The kernel for the input gradient: `w'[ci][co] = flip(w[co][ci])`.
-pub fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; w.len()];
-    for co in 0..cout {
-        for ci in 0..cin {
-            let src = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
-            let dst = &mut out[(ci * cout + co) * 9..(ci * cout + co) * 9 + 9];
-            for k in 0..9 {
-                dst[k] = src[8 - k];
-            }
-        }
-    }
-    out
 }
 
 /// `y[n, cout, h, w] = conv3x3(x, w) + b` (stride 1, pad 1) with pre-transformed weights `u`.
@@ -126,7 +111,7 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
     }
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th; // tile rows over the batch
-    let pb = (block_bytes() / (64 * (cin + cout))).clamp(16, 512);
+    let pb = (BLOCK_BYTES / (64 * (cin + cout))).clamp(16, 512);
     let rb = (pb / tw).clamp(1, rows);
     let blocks = rows.div_ceil(rb);
     let wp = 2 * (tw.next_multiple_of(VL) + 1); // scratch rows: even/odd input columns, padded to whole vectors
@@ -139,16 +124,15 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
         let np = nrows * tw;
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let need = 16 * (cin + cout) * np + 8 * wp + 12 * np;
+            let need = 16 * (cin + cout) * np + 4 * wp + 12 * np;
             if sc.len() < need {
                 sc.resize(need, 0.0);
             }
             let (v, rest) = sc[..need].split_at_mut(16 * cin * np);
             let (m, rest) = rest.split_at_mut(16 * cout * np);
-            let (d, rest) = rest.split_at_mut(4 * wp);
-            let (t, tt) = rest.split_at_mut(4 * wp);
+            let (d, tt) = rest.split_at_mut(4 * wp);
             let p = detail("winograd fwd: input transform (cpu time)");
-            input_transform(x, &Geo { cin, h, w, th, tw }, row0, nrows, v, d, t);
+            input_transform(x, &Geo { cin, h, w, th, tw }, row0, nrows, v, d);
             drop(p);
             // M[ξ] = U[ξ] · V[ξ]
             let p = detail("winograd fwd: 16 gemms (cpu time)");
@@ -224,7 +208,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th;
     // the tiles are the GEMM reduction here: larger blocks keep k large and the accumulators few
-    let pb = (4 * block_bytes() / (64 * (cin + cout))).clamp(256, 4096);
+    let pb = (4 * BLOCK_BYTES / (64 * (cin + cout))).clamp(256, 4096);
     let rb = (pb / tw).clamp(1, rows).min(rows.div_ceil(rayon::current_num_threads()));
     let blocks = rows.div_ceil(rb);
     let wp = 2 * (tw.next_multiple_of(VL) + 1);
@@ -243,7 +227,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
             let (dm, rest) = rest.split_at_mut(16 * cout * np);
             let (d, t) = rest.split_at_mut(4 * wp);
             let p = detail("winograd dw: input transform (cpu time)");
-            input_transform(x, &geo, row0, nrows, v, d, t);
+            input_transform(x, &geo, row0, nrows, v, d);
             drop(p);
             let p = detail("winograd dw: dy transform (cpu time)");
             // dM = A dY Aᵀ for every 2×2 output-gradient tile (zero outside the image)
@@ -292,10 +276,10 @@ struct Geo {
 
 crate::multiversion! {
     /// `V[ξ][c][p] = (Bᵀ d B)[ξ]` for the 4×4 input patches of the tile rows `row0 .. row0+nrows`
-    /// (`v` is `[16][cin][nrows·tw]`; `d`, `t` are scratch of `8·(⌈tw⌉₈ + 1)`). The four input
+    /// (`v` is `[16][cin][nrows·tw]`; `d` is scratch of `8·(⌈tw⌉₈ + 1)`). The four input
     /// rows of a tile row are split into even and odd columns first, so that every later step is
     /// a fixed-width vector operation over 8 tiles.
-    fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, v: &mut [f32], d: &mut [f32], t: &mut [f32]) {
+    fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, v: &mut [f32], d: &mut [f32]) {
         let Geo { cin, h, w, th, tw } = *g;
         let np = nrows * tw;
         let l = tw.next_multiple_of(VL) + 1; // even/odd columns of a padded row: input columns −1 ..
@@ -318,7 +302,7 @@ crate::multiversion! {
                         dodd.fill(0.0);
                     }
                 }
-                input_tile_row(&d[..8 * l], &mut t[..8 * l], l, tw, v, (c * np + lr * tw, cin * np));
+                input_tile_row(&d[..8 * l], l, tw, v, (c * np + lr * tw, cin * np));
             }
         }
     }
@@ -432,7 +416,7 @@ fn dy_tile_row(ys: &[f32], twp: usize, tw: usize, dm: &mut [f32], at: (usize, us
 /// ⌈tw⌉₈ + 1`, zero-padded); writes `v[base + ξ·stride + tj]` for the 16 `ξ` (`at = (base,
 /// stride)`), 8 tiles per step, in registers.
 #[inline(always)]
-fn input_tile_row(d: &[f32], _t: &mut [f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usize)) {
+fn input_tile_row(d: &[f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usize)) {
     let (base, stride) = at;
     let sub = |a: Lanes, b: Lanes| -> Lanes { std::array::from_fn(|k| a[k] - b[k]) };
     let add = |a: Lanes, b: Lanes| -> Lanes { std::array::from_fn(|k| a[k] + b[k]) };
@@ -462,9 +446,7 @@ fn input_tile_row(d: &[f32], _t: &mut [f32], l: usize, tw: usize, v: &mut [f32],
 /// Target size of one forward block's transformed input plus products (2 MiB: 1 MiB kept the
 /// 256-channel blocks at 32 tiles, whose GEMMs ran on the narrow edge micro-kernels; measured
 /// 205 -> 195 ms on the CIFAR-10 forward at batch 4; 4 MiB was no better).
-fn block_bytes() -> usize {
-    2 << 20
-}
+const BLOCK_BYTES: usize = 2 << 20;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -479,6 +461,22 @@ unsafe impl Send for SyncPtr {}
 mod tests {
     use super::*;
     use crate::backend::cpu::conv::{ConvGeom, conv2d_im2col_forward};
+    /// The input gradient's kernel, `w'[ci][co] = flip(w[co][ci])`: the reference for
+    /// [`transform_weights_flipped`].
+    fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; w.len()];
+        for co in 0..cout {
+            for ci in 0..cin {
+                let src = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
+                let dst = &mut out[(ci * cout + co) * 9..(ci * cout + co) * 9 + 9];
+                for k in 0..9 {
+                    dst[k] = src[8 - k];
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn matches_im2col_conv() {
         let mut r = crate::rng::Rng::new(11);

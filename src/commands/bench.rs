@@ -193,14 +193,14 @@ pub fn cpu_isa_json() -> Value {
         "isa_level": level.name(),
         "isa_detected": best.name(),
         "isa_chosen_by": if level < best { cpu_isa::ENV } else { "detected" },
-        "isa_levels": cpu_isa::Isa::ALL.iter().filter(|l| l.supported()).map(|l| l.name()).collect::<Vec<_>>(),
+        "isa_levels": cpu_isa::Isa::runnable().map(|l| l.name()).collect::<Vec<_>>(),
     })
 }
 
 /// The level in words, for `devices`: `avx512 (AVX-512 ..), detected; this CPU runs scalar, avx2, avx512`.
 pub fn cpu_isa_line() -> String {
     let level = cpu_isa::level();
-    let all: Vec<&str> = cpu_isa::Isa::ALL.iter().filter(|l| l.supported()).map(|l| l.name()).collect();
+    let all: Vec<&str> = cpu_isa::Isa::runnable().map(|l| l.name()).collect();
     format!("kernels at {level} ({}), {}; best detected {}; this CPU runs {} ({} lowers it)", level.describe(), isa_chosen_by(), cpu_isa::detected(), all.join(", "), cpu_isa::ENV)
 }
 

@@ -36,6 +36,19 @@ fn check_extent(m: &Mat, rows: usize, cols: usize, what: &str) {
 /// `c[m×n] = (accumulate ? c : 0) + alpha · a[m×k] · b[k×n]`, `c` row-major with leading dim `ldc`.
 /// `threads > 1` lets the GEMM itself run on the rayon pool.
 pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, accumulate: bool, alpha: f32, threads: usize) {
+    static KERNEL: std::sync::OnceLock<GemmFn> = std::sync::OnceLock::new();
+    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    gemm_with(*KERNEL.get_or_init(|| kernel(isa::level())), m, n, k, a, b, c, ldc, accumulate, alpha, par);
+}
+
+/// [`sgemm`] at a given level (for tests that compare the levels; the level must be supported).
+pub fn sgemm_at(level: Isa, m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, accumulate: bool, alpha: f32) {
+    assert!(level.supported(), "sgemm_at: the CPU does not support {level}");
+    gemm_with(kernel(level), m, n, k, a, b, c, ldc, accumulate, alpha, Parallelism::None);
+}
+
+/// [`sgemm`] with the level's driver `f` (from [`kernel`], so one this CPU runs).
+fn gemm_with(f: GemmFn, m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, accumulate: bool, alpha: f32, par: Parallelism) {
     if m == 0 || n == 0 {
         return;
     }
@@ -50,10 +63,9 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: u
     }
     check_extent(&a, m, k, "lhs");
     check_extent(&b, k, n, "rhs");
-    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: extents are checked above; the driver reads lhs/rhs and writes dst inside them,
-    // and `level()` never names a level the CPU lacks.
-    unsafe { run(kernel(isa::level()), m, n, k, a, b, c, ldc, accumulate, alpha, par) }
+    // and `kernel` only returns a driver this CPU runs.
+    unsafe { run(f, m, n, k, a, b, c, ldc, accumulate, alpha, par) }
 }
 
 /// `c = a·b` row-major, handed to the driver as the column-major `cᵀ = bᵀ·aᵀ` (its
@@ -138,7 +150,7 @@ level_gemm!(gemm_avx512, gemm_common::simd::V4, gemm_f32::microkernel::avx512f::
 
 /// The GEMM of `level`, or of the next level down whose SIMD token the gemm crate's own CPU
 /// check grants (it asks for the same features as [`isa::detected`]; the fallback only guards a
-/// CPU mask where the two could disagree, so that the GEMM never panics).
+/// CPU mask where the two could disagree, so that the GEMM never panics). `sgemm` asks once.
 fn kernel(level: Isa) -> GemmFn {
     #[cfg(target_arch = "x86_64")]
     {
@@ -156,16 +168,6 @@ fn kernel(level: Isa) -> GemmFn {
         let _ = level;
         gemm_scalar
     }
-}
-
-/// [`sgemm`] at a given level (for tests that compare the levels; the level must be supported).
-pub fn sgemm_at(level: Isa, m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, accumulate: bool, alpha: f32) {
-    assert!(level.supported(), "sgemm_at: the CPU does not support {level}");
-    assert!(m > 0 && n > 0 && k > 0 && ldc >= n && c.len() >= (m - 1) * ldc + n);
-    check_extent(&a, m, k, "lhs");
-    check_extent(&b, k, n, "rhs");
-    // SAFETY: as in `sgemm`.
-    unsafe { run(kernel(level), m, n, k, a, b, c, ldc, accumulate, alpha, Parallelism::None) }
 }
 
 /// Threads worth giving one GEMM of this size when nothing else runs in parallel.
@@ -196,7 +198,7 @@ mod tests {
             }
         }
         // every level the CPU has gives the same product to rounding
-        for level in Isa::ALL.into_iter().filter(|l| l.supported()) {
+        for level in Isa::runnable() {
             let mut c2 = c0.clone();
             sgemm_at(level, m, n, k, Mat::rm(&a, k), Mat::rm_t(&bt, k), &mut c2, n, true, 0.5);
             assert!(crate::util::rel_err(&c2, &c) < 1e-6, "{level}");

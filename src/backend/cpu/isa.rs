@@ -53,6 +53,11 @@ impl Isa {
     pub fn supported(self) -> bool {
         self <= detected()
     }
+
+    /// Every level this CPU runs, plainest first.
+    pub fn runnable() -> impl Iterator<Item = Isa> {
+        Isa::ALL.into_iter().filter(|l| l.supported())
+    }
 }
 
 impl std::fmt::Display for Isa {

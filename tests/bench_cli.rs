@@ -3,6 +3,9 @@
 //! check reads; `devices --json` lists the bound libraries; `scripts/gpu-check.sh` parses and its
 //! bookkeeping turns failed and skipped steps into nulls with reasons.
 
+mod common;
+use common::last_json;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -15,12 +18,6 @@ fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().unwrap()
-}
-
-fn last_json(o: &Output) -> Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "exit {:?}\nstdout: {out}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stderr));
-    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 fn num(j: &Value, k: &str) -> f64 {

@@ -5,6 +5,9 @@
 //! a child process (this test binary, re-run with `ORWCFM_CPU_ISA` set), since the level is
 //! picked once per process.
 
+mod common;
+use common::last_json;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -22,12 +25,6 @@ fn cli(args: &[&str], level: Option<&str>) -> Output {
         c.env(isa::ENV, l);
     }
     c.output().unwrap()
-}
-
-fn last_json(o: &Output) -> Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "exit {:?}\nstdout: {out}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stderr));
-    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 fn devices_cpu(level: Option<&str>) -> Value {

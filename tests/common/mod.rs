@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Output;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use orwcfm_fast::backend::cuda::{self, Gpu};
@@ -104,4 +105,11 @@ pub fn gpu(test: &str) -> Option<(Arc<Gpu>, MutexGuard<'static, ()>)> {
     }
     g.set_poison(true);
     Some((g, lock))
+}
+
+/// The JSON line a successful command printed last (the command's failure is the assertion).
+pub fn last_json(o: &Output) -> serde_json::Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "exit {:?}\nstdout: {out}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
 }

@@ -69,3 +69,84 @@ fn pretrain_a_tiny_unet_and_reject_mismatched_data() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("[3, 32, 32]") && e.contains("[1, 28, 28]"), "{e}");
 }
+
+/// `pretrain --resume` continues a run bit for bit: 8 steps straight equal 4 steps, a
+/// checkpoint, and 4 more from it (dropout on, and a pass over the 500 digits ends in between,
+/// so that the data order, the noise and the dropout streams all cross the checkpoint).
+#[test]
+fn pretrain_resume_continues_bit_for_bit() {
+    let d = tmpdir("pretrain-resume");
+    let cfg = d.join("tiny.json");
+    std::fs::write(&cfg, r#"{"dim":[1,28,28],"num_channels":32,"num_res_blocks":1,"channel_mult":[1,2],"attention_resolutions":"7","dropout":0.1}"#).unwrap();
+    let c = cfg.to_str().unwrap();
+    let (full, part) = (d.join("full.safetensors"), d.join("part.safetensors"));
+    let args = |out: &PathBuf, steps: &str| -> Vec<String> {
+        [
+            "--threads",
+            "2",
+            "pretrain",
+            "--data",
+            "mnist5k:heldout",
+            "--unet-config",
+            c,
+            "--batch",
+            "96",
+            "--warmup",
+            "2",
+            "--lr",
+            "1e-3",
+            "--ema-decay",
+            "0.9",
+            "--save-every",
+            "4",
+            "--log-every",
+            "1",
+            "--steps",
+            steps,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let go = |v: Vec<String>| {
+        let v: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        let o = run(&v);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let straight = go(args(&full, "8"));
+    go(args(&part, "4"));
+    assert!(d.join("part.pretrain").join("state.json").is_file(), "no checkpoint beside --out");
+    let mut resumed_args = args(&part, "8");
+    resumed_args.push("--resume".into());
+    let resumed = go(resumed_args);
+    assert!(resumed.contains("resuming at step 4"), "{resumed}");
+    // the same losses after the checkpoint, and the same weights at the end
+    let loss_at = |text: &str, step: &str| text.lines().find(|l| l.starts_with(&format!("step {step:>7}/"))).map(|l| l.split_whitespace().nth(3).unwrap().to_string());
+    for step in ["5", "6", "7", "8"] {
+        assert_eq!(loss_at(&straight, step), loss_at(&resumed, step), "loss at step {step}:\n{straight}\n{resumed}");
+    }
+    for (a, b) in [(full.clone(), part.clone()), (d.join("full.net.safetensors"), d.join("part.net.safetensors"))] {
+        let (fa, fb) = (orwcfm_fast::io::safetensors::load(&a).unwrap(), orwcfm_fast::io::safetensors::load(&b).unwrap());
+        assert_eq!(fa.tensors.len(), fb.tensors.len());
+        for ((na, ta), (nb, tb)) in fa.tensors.iter().zip(&fb.tensors) {
+            assert_eq!(na, nb);
+            assert!(ta.data().iter().zip(tb.data()).all(|(x, y)| x.to_bits() == y.to_bits()), "{na} differs after resuming");
+        }
+    }
+    // a changed setting is refused, naming it
+    let mut bad = args(&part, "12");
+    bad.push("--resume".into());
+    let i = bad.iter().position(|s| s == "--lr").unwrap();
+    bad[i + 1] = "2e-3".into();
+    let v: Vec<&str> = bad.iter().map(|s| s.as_str()).collect();
+    let o = run(&v);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--lr"), "{e}");
+    // and so is a resume without a checkpoint
+    let o = run(&["pretrain", "--data", "mnist5k:heldout", "--unet-config", c, "--resume", "--out", d.join("none.safetensors").to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("no checkpoint"), "{e}");
+}

@@ -9,7 +9,7 @@ use crate::flow::ode::OdeSolver;
 use crate::io::image::save_grid;
 use crate::nn::{Init, UNetModel, VelocityField};
 use crate::orw::sample_model;
-use crate::pretrain::{PretrainConfig, net_path, pretrain};
+use crate::pretrain::{PretrainConfig, Resumed, checkpoint_dir, net_path, pretrain, resume};
 use crate::rng::Rng;
 
 /// Flags of `pretrain`.
@@ -46,9 +46,13 @@ pub struct PretrainArgs {
     pub sigma: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Save every N steps (0: at the end only).
+    /// Save the weights and a checkpoint (<stem>.pretrain/ beside --out) every N steps (0: at the end only).
     #[arg(long, default_value_t = 1000)]
     pub save_every: u64,
+    /// Continue the run that writes --out from its checkpoint (<stem>.pretrain/) up to --steps;
+    /// every other setting must be the run's. Continues bit for bit on the same thread count.
+    #[arg(long)]
+    pub resume: bool,
     /// Print a line every N steps.
     #[arg(long, default_value_t = 50)]
     pub log_every: u64,
@@ -59,10 +63,9 @@ pub struct PretrainArgs {
 
 pub fn run(a: &PretrainArgs) -> Result<()> {
     let data = crate::data::open(&a.data)?;
-    let model = match &a.init {
-        Some(p) => UNetModel::load_file(p, None)?,
-        None => UNetModel::new(&crate::nn::config::resolve_config(&a.unet_config)?, Init::Torch(a.seed))?,
-    };
+    if a.resume && a.init.is_some() {
+        anyhow::bail!("--init and --resume exclude each other: a resumed run continues from its checkpoint's weights");
+    }
     if let Some(g) = &a.grid {
         crate::plot::check_out(g)?;
     }
@@ -79,19 +82,38 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
         seed: a.seed,
         save_every: a.save_every,
     };
+    let (model, ema, start) = if a.resume {
+        let Resumed { net, ema, state } = resume::<UNetModel>(&a.out, &cfg, &data)?;
+        let want = crate::nn::config::resolve_config(&a.unet_config)?;
+        if net.config() != &want {
+            anyhow::bail!("--resume: the checkpoint's U-Net config is {}, not that of --unet-config {}", net.config().to_json(), a.unet_config);
+        }
+        (net, ema, Some(state))
+    } else {
+        let model = match &a.init {
+            Some(p) => UNetModel::load_file(p, None)?,
+            None => UNetModel::new(&crate::nn::config::resolve_config(&a.unet_config)?, Init::Torch(a.seed))?,
+        };
+        let ema = model.clone();
+        (model, ema, None)
+    };
+    let from = start.as_ref().map_or(0, |s| s.step());
     println!("pretrain: {} images from {}, {} parameters, {} steps of {}", data.len(), data.source, model.params().count(), a.steps, a.batch);
+    if let Some(s) = &start {
+        println!("resuming at step {} from {}", s.step(), checkpoint_dir(&a.out).display());
+    }
     println!("config: {}", serde_json::to_string(&cfg)?);
-    let ema = model.clone();
     let t0 = Instant::now();
     let (mut acc, mut k) = (0.0f64, 0u64);
     let every = a.log_every.max(1);
-    pretrain(&model, &ema, &data, &cfg, Some(&a.out), &mut |s| {
+    pretrain(&model, &ema, &data, &cfg, Some(&a.out), start, &mut |s| {
         acc += s.loss as f64;
         k += 1;
         if s.step % every == 0 || s.step == cfg.steps {
             let el = t0.elapsed().as_secs_f64();
-            let eta = el / s.step as f64 * (cfg.steps - s.step) as f64;
-            println!("step {:>7}/{}  loss {:.5}  grad_norm {:.3}  lr {:.2e}  {:.2} s/step  eta {:.0} s", s.step, cfg.steps, acc / k as f64, s.grad_norm, s.lr, el / s.step as f64, eta);
+            let per = el / (s.step - from) as f64;
+            let eta = per * (cfg.steps - s.step) as f64;
+            println!("step {:>7}/{}  loss {:.5}  grad_norm {:.3}  lr {:.2e}  {:.2} s/step  eta {:.0} s", s.step, cfg.steps, acc / k as f64, s.grad_norm, s.lr, per, eta);
             acc = 0.0;
             k = 0;
         }

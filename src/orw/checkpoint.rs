@@ -32,13 +32,15 @@ pub const FORMAT: &str = "orwcfm-fast/orw-checkpoint/2";
 /// Version 1 drew noise and dropout masks on the host with xoshiro (`rng.dropout`, no `philox`).
 const FORMAT_V1: &str = "orwcfm-fast/orw-checkpoint/1";
 
-fn rng_json(r: &Rng) -> Value {
+/// An [`Rng`]'s state as JSON (exact: the spare normal as raw bits).
+pub(crate) fn rng_json(r: &Rng) -> Value {
     let (s, spare) = r.state();
     // the spare normal as raw bits, so that it survives the round trip exactly
     json!({ "s": s.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(), "spare_bits": spare.map(f32::to_bits) })
 }
 
-fn rng_from_json(v: &Value) -> Result<Rng> {
+/// The inverse of [`rng_json`].
+pub(crate) fn rng_from_json(v: &Value) -> Result<Rng> {
     let s = v["s"].as_array().ok_or_else(|| anyhow!("RNG state has no 's'"))?;
     if s.len() != 4 {
         bail!("RNG state needs 4 words, has {}", s.len());

@@ -100,6 +100,16 @@ pub enum Cmd {
         /// A reference model: also report the W2 distance between the two sample sets.
         #[arg(long)]
         reference: Option<String>,
+        /// Classifier of the reward and the feature metrics (default: the bundled MNIST digits).
+        #[arg(long)]
+        classifier: Option<String>,
+        /// Real images for the Fréchet distances (a --data spec; default: the bundled held-out
+        /// digits for 1×28×28 models; none: off).
+        #[arg(long)]
+        real_data: Option<String>,
+        /// Real images giving those distances' floor (default: the bundled training digits).
+        #[arg(long)]
+        real_floor_data: Option<String>,
         /// Print a JSON line last.
         #[arg(long)]
         json: bool,
@@ -217,7 +227,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Devices { json } => cmd_devices(json),
         Cmd::Train(a) => crate::commands::train::run(&a),
         Cmd::Sample { s, grid, out } => crate::commands::sample::run_sample(&s, grid.as_ref(), out.as_ref()),
-        Cmd::Eval { s, reward, target_classes, reference, json } => crate::commands::sample::run_eval(&s, &reward, &target_classes, reference.as_ref(), json),
+        Cmd::Eval { s, reward, target_classes, reference, classifier, real_data, real_floor_data, json } => {
+            let metrics = crate::commands::sample::EvalMetrics { classifier, real_data, real_floor_data };
+            crate::commands::sample::run_eval(&s, &reward, &target_classes, reference.as_ref(), &metrics, json)
+        }
         Cmd::Pretrain(a) => crate::commands::pretrain::run(&a),
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
         Cmd::Bench { what } => match what {

@@ -42,7 +42,23 @@ fn sample_and_eval_the_bundled_model() {
     let o = run(&["eval", "-n", "8", "--steps", "2", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j = last_json(&o);
-    for k in ["reward_mean", "diversity_pixel", "diversity_feature", "class_entropy_bits", "target_fraction", "class_histogram"] {
+    for k in [
+        "reward_mean",
+        "diversity_pixel",
+        "diversity_feature",
+        "class_entropy_bits",
+        "target_fraction",
+        "class_histogram",
+        "vendi",
+        "confidence",
+        "class_shares",
+        "min_target_share",
+        "fd_real",
+        "fd_real_target",
+        "fd_floor",
+        "fd_floor_target",
+        "vendi_real",
+    ] {
         assert!(!j[k].is_null(), "eval lacks {k}: {j}");
     }
     assert_eq!(j["class_histogram"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum::<u64>(), 8);

@@ -39,6 +39,13 @@ pub struct ProductConfig {
     pub eval_every: u64,
     /// Samples per evaluation.
     pub eval_samples: usize,
+    /// Real images the evaluations' Fréchet distances are measured against (a `--data` spec;
+    /// default: the bundled held-out digits for 1×28×28 models, nothing otherwise; `none`: off).
+    pub real_data: Option<String>,
+    /// Other real images that give the floor of those distances at the evaluation's sample count
+    /// (default: the bundled training digits with the bundled held-out ones; else a subset of
+    /// `real_data` itself).
+    pub real_floor_data: Option<String>,
     /// Save a PNG grid of samples every this many epochs (and at the start and the end).
     pub grid_every: u64,
     pub grid_samples: usize,
@@ -65,6 +72,8 @@ impl Default for ProductConfig {
             jpeg_quality: 95,
             eval_every: 2,
             eval_samples: 128,
+            real_data: None,
+            real_floor_data: None,
             grid_every: 5,
             grid_samples: 64,
             device: "cpu".into(),

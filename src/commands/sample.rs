@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde_json::Map;
 
 use super::runconfig::resolve;
-use super::train::{build_reward, evaluate, load_base};
+use super::train::{build_real, build_reward, evaluate, load_base};
 use crate::flow::ode::OdeSolver;
 use crate::io::image::save_grid;
 use crate::io::safetensors::{self as st, Out};
@@ -119,15 +119,29 @@ pub fn run_sample(a: &SamplerArgs, grid: Option<&PathBuf>, out: Option<&PathBuf>
     Ok(())
 }
 
-/// Reward and diversity of a model's samples (and their distance to a reference model's).
-pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], reference: Option<&String>, json: bool) -> Result<()> {
+/// `eval`'s metrics options: the classifier and the real images (`train`'s keys of those names).
+#[derive(Debug, Default)]
+pub struct EvalMetrics {
+    pub classifier: Option<String>,
+    pub real_data: Option<String>,
+    pub real_floor_data: Option<String>,
+}
+
+/// Reward, quality and diversity of a model's samples (and their distance to a reference model's).
+pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], reference: Option<&String>, metrics: &EvalMetrics, json: bool) -> Result<()> {
     a.validate()?;
     let model = model_of(a)?;
     let mut flags = Map::new();
     flags.insert("reward".into(), reward.into());
     flags.insert("target_classes".into(), serde_json::to_value(target_classes)?);
+    for (k, v) in [("classifier", &metrics.classifier), ("real_data", &metrics.real_data), ("real_floor_data", &metrics.real_floor_data)] {
+        if let Some(v) = v {
+            flags.insert(k.into(), v.clone().into());
+        }
+    }
     let (_, prod) = resolve(None, flags)?;
     let (mut r, cls, targets) = build_reward(&prod, &model.sample_shape())?;
+    let real = build_real(&prod, cls.as_ref(), &targets, &model.sample_shape())?;
     let solver = OdeSolver::parse(&a.solver, a.atol, a.rtol)?;
     let refx = match reference {
         Some(p) => {
@@ -144,16 +158,19 @@ pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], referen
                 device: a.device.clone(),
                 precision: a.precision.clone(),
             })?;
-            Some(evaluate(&m, a.num, &solver, a.steps, a.seed ^ 0x2EF, r.as_mut(), None, None)?.0)
+            Some(evaluate(&m, a.num, &solver, a.steps, a.seed ^ 0x2EF, r.as_mut(), None, None, None)?.0)
         }
         None => None,
     };
-    let (_, s) = evaluate(&model, a.num, &solver, a.steps, a.seed, r.as_mut(), cls.as_ref().map(|c| (c, targets.as_slice())), refx.as_ref())?;
+    let (_, s) = evaluate(&model, a.num, &solver, a.steps, a.seed, r.as_mut(), cls.as_ref().map(|c| (c, targets.as_slice())), refx.as_ref(), real.as_ref())?;
     for (k, v) in s.scalars() {
         println!("{k:<20} {v:.5}");
     }
     if let Some(h) = &s.class_histogram {
         println!("class histogram      {h:?}");
+    }
+    if let Some(r) = &real {
+        println!("real images          {}", r.source);
     }
     if json {
         println!("{}", serde_json::to_string(&s)?);

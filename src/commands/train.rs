@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 use super::runconfig::{ProductConfig, read_toml, resolve, to_toml};
-use crate::eval::{SampleStats, sample_stats};
+use crate::eval::{RealSet, SampleStats, sample_stats};
 use crate::flow::ode::OdeSolver;
 use crate::io::image::save_grid;
 use crate::io::safetensors::write_atomic;
@@ -122,6 +122,10 @@ flags! {
         /// Evaluate every N epochs.
         eval_every: u64,
         eval_samples: usize,
+        /// Real images for the Fréchet distances (a --data spec; default: the bundled held-out digits for 1×28×28 models; none: off).
+        real_data: String,
+        /// Real images giving those distances' floor (default: the bundled training digits).
+        real_floor_data: String,
         /// Sample grid every N epochs.
         grid_every: u64,
         grid_samples: usize,
@@ -256,6 +260,35 @@ pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box
     })
 }
 
+/// The real images of the evaluations' Fréchet distances (see `real_data`): `None` without a
+/// metrics classifier, or when `real_data` is `none`, or left unset for a model that does not
+/// make 1×28×28 digits.
+pub fn build_real(prod: &ProductConfig, classifier: Option<&Classifier>, targets: &[usize], sample_shape: &[usize]) -> Result<Option<RealSet>> {
+    let digits = sample_shape == [1, 28, 28];
+    let (reference, floor) = match prod.real_data.as_deref() {
+        Some("none") => return Ok(None),
+        Some(r) => (r.to_string(), prod.real_floor_data.clone()),
+        None if digits => ("mnist5k:heldout".to_string(), Some(prod.real_floor_data.clone().unwrap_or_else(|| "mnist5k:train".into()))),
+        None => return Ok(None),
+    };
+    let Some(c) = classifier else {
+        if prod.real_data.is_some() {
+            bail!("real_data needs a classifier whose features the distances are measured in (set classifier)");
+        }
+        return Ok(None);
+    };
+    let open = |spec: &str| -> Result<crate::data::Dataset> {
+        let ds = crate::data::open(spec).with_context(|| format!("real_data {spec}"))?;
+        if ds.sample_shape()[..] != *sample_shape {
+            bail!("the real images {} are {:?}, the model's samples {sample_shape:?}", ds.source, ds.sample_shape());
+        }
+        Ok(ds)
+    };
+    let r = open(&reference)?;
+    let f = floor.as_deref().map(open).transpose()?;
+    Ok(Some(RealSet::new(c, &r, f.as_ref(), targets)?))
+}
+
 /// Samples, rewards and statistics of `model` with a fixed noise seed.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
@@ -267,11 +300,12 @@ pub fn evaluate(
     reward: &mut dyn Reward,
     classifier: Option<(&Classifier, &[usize])>,
     reference: Option<&Tensor>,
+    real: Option<&RealSet>,
 ) -> Result<(Tensor, SampleStats)> {
     let mut rng = Rng::new(seed ^ 0xE7A1_5EED);
     let (x, y, _) = sample_model(model, n, solver, steps, &mut rng)?;
     let r = score_checked(reward, &x, y.as_deref())?;
-    let s = sample_stats(&x, &r, classifier, reference)?;
+    let s = sample_stats(&x, &r, classifier, reference, real)?;
     Ok((x, s))
 }
 
@@ -282,6 +316,16 @@ fn fmt_stats(s: &SampleStats) -> String {
     }
     if let Some(e) = s.class_entropy_bits {
         t += &format!("  class entropy {e:.2} bits");
+    }
+    if let Some(v) = s.vendi {
+        t += &format!("  vendi {v:.1}");
+    }
+    if let Some(f) = s.fd_real_target.or(s.fd_real) {
+        let floor = if s.fd_real_target.is_some() { s.fd_floor_target } else { s.fd_floor };
+        t += &format!("  FD to real{} {f:.2}", if s.fd_real_target.is_some() { " targets" } else { "" });
+        if let Some(fl) = floor {
+            t += &format!(" (floor {fl:.2})");
+        }
     }
     if let Some(w) = s.w2_to_reference {
         t += &format!("  W2 to ref {w:.3}");
@@ -300,6 +344,8 @@ struct TrainUi<'a> {
     cls: Option<(&'a Classifier, &'a [usize])>,
     /// The reference model's samples, for the W2 distance.
     ref_x: &'a Tensor,
+    /// Real images for the Fréchet distances.
+    real: Option<&'a RealSet>,
     run_dir: &'a Path,
     stop: Arc<AtomicBool>,
     last: Option<StepMetrics>,
@@ -319,14 +365,14 @@ impl TrainHooks<UNetModel> for TrainUi<'_> {
         let ep = tr.epoch();
         let done = tr.finished();
         if prod.eval_every > 0 && (ep.is_multiple_of(prod.eval_every) || done) {
-            let (_, s) = evaluate(tr.net(), prod.eval_samples, self.solver, orw.ode_steps, orw.seed, reward, self.cls, Some(self.ref_x))?;
+            let (_, s) = evaluate(tr.net(), prod.eval_samples, self.solver, orw.ode_steps, orw.seed, reward, self.cls, Some(self.ref_x), self.real)?;
             let sc = s.scalars();
             self.log.log_eval(m.step, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
             self.bar.println(&format!("epoch {ep}: {}", fmt_stats(&s)));
             self.final_stats = Some(s);
         }
         if prod.grid_every > 0 && (ep.is_multiple_of(prod.grid_every) || done) {
-            let (gx, _) = evaluate(tr.net(), prod.grid_samples, self.solver, orw.ode_steps, orw.seed ^ 1, reward, None, None)?;
+            let (gx, _) = evaluate(tr.net(), prod.grid_samples, self.solver, orw.ode_steps, orw.seed ^ 1, reward, None, None, None)?;
             save_grid(&self.run_dir.join(format!("samples_step{:08}.png", m.step)), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
         }
         Ok(())
@@ -411,6 +457,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let total = orw.total_steps();
     let solver = orw.solver()?;
     let cls = classifier.as_ref().map(|c| (c, targets.as_slice()));
+    let real = build_real(&prod, classifier.as_ref(), &targets, &shape)?;
     let t0 = Instant::now();
     let quiet = prod.quiet;
     let say = |s: &str| {
@@ -434,7 +481,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
 
     // the reference model's samples: the starting point of every comparison
     // (its own noise: W2 between two independent sample sets, as `eval --reference` measures it)
-    let (ref_x, initial) = evaluate(tr.reference(), prod.eval_samples, &solver, orw.ode_steps, orw.seed ^ 0x2EF, reward.as_mut(), cls, None)?;
+    let (ref_x, initial) = evaluate(tr.reference(), prod.eval_samples, &solver, orw.ode_steps, orw.seed ^ 0x2EF, reward.as_mut(), cls, None, real.as_ref())?;
     let initial_file = run_dir.join("eval_initial.json");
     let initial: SampleStats = if resume_from.is_some() && initial_file.is_file() {
         serde_json::from_str(&std::fs::read_to_string(&initial_file)?).unwrap_or(initial)
@@ -442,7 +489,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         write_atomic(&initial_file, serde_json::to_string_pretty(&initial)?.as_bytes())?;
         let sc: Vec<(String, f32)> = initial.scalars();
         log.log_eval(0, &sc.iter().map(|(k, v)| (k.as_str(), *v as f64)).collect::<Vec<_>>())?;
-        let (gx, _) = evaluate(tr.reference(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None)?;
+        let (gx, _) = evaluate(tr.reference(), prod.grid_samples, &solver, orw.ode_steps, orw.seed ^ 1, reward.as_mut(), None, None, None)?;
         save_grid(&run_dir.join("samples_step00000000.png"), &gx, (prod.grid_samples as f64).sqrt().ceil() as usize)?;
         initial
     };
@@ -454,7 +501,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         // a second handler cannot be installed in the same process (tests): ignore that error
         let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
     }
-    let mut hooks = TrainUi { log, bar: Progress::new(total, start_step, quiet), prod: &prod, solver: &solver, cls, ref_x: &ref_x, run_dir: &run_dir, stop, last: None, final_stats: None };
+    let mut hooks = TrainUi { log, bar: Progress::new(total, start_step, quiet), prod: &prod, solver: &solver, cls, ref_x: &ref_x, real: real.as_ref(), run_dir: &run_dir, stop, last: None, final_stats: None };
     let end = tr.run(reward.as_mut(), None, &mut hooks);
     hooks.bar.finish();
     let end = match end {
@@ -478,14 +525,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let TrainUi { mut log, last, final_stats, .. } = hooks;
     let fin = match final_stats {
         Some(s) => s,
-        None => evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x))?.1,
+        None => evaluate(tr.net(), prod.eval_samples, &solver, orw.ode_steps, orw.seed, reward.as_mut(), cls, Some(&ref_x), real.as_ref())?.1,
     };
     log.flush()?;
     let plots = plot_metrics(&run_dir).unwrap_or_else(|e| {
         eprintln!("warning: plots not drawn: {e:#}");
         Vec::new()
     });
-    let summary = json!({
+    let mut summary = json!({
         "run_dir": run_dir.display().to_string(),
         "reward": reward.name(),
         "steps": tr.step(),
@@ -512,6 +559,30 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         "checkpoint": ck.display().to_string(),
         "plots": plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
     });
+    // quality against real images and diversity (a second object: one json! this size
+    // exceeds the macro's recursion limit)
+    let quality = json!({
+        "vendi_initial": initial.vendi,
+        "vendi_final": fin.vendi,
+        "confidence_initial": initial.confidence,
+        "confidence_final": fin.confidence,
+        "class_shares_initial": initial.class_shares,
+        "class_shares_final": fin.class_shares,
+        "min_target_share_initial": initial.min_target_share,
+        "min_target_share_final": fin.min_target_share,
+        "fd_real_initial": initial.fd_real,
+        "fd_real_final": fin.fd_real,
+        "fd_real_target_initial": initial.fd_real_target,
+        "fd_real_target_final": fin.fd_real_target,
+        "fd_floor": fin.fd_floor,
+        "fd_floor_target": fin.fd_floor_target,
+        "vendi_real": fin.vendi_real,
+        "vendi_real_target": fin.vendi_real_target,
+        "real_data": real.as_ref().map(|r| r.source.clone()),
+    });
+    if let (Some(m), Value::Object(q)) = (summary.as_object_mut(), quality) {
+        m.extend(q);
+    }
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("reference: {}", fmt_stats(&initial));
     println!("final:     {}", fmt_stats(&fin));

@@ -76,6 +76,9 @@ pub enum Cmd {
     /// ORW-CFM-W2 fine-tuning toward a reward. With no arguments: the bundled MNIST U-Net toward
     /// even digits (bundled classifier), about 10 minutes on 2 CPU cores.
     Train(crate::commands::train::TrainArgs),
+    /// One `train` run per α (and τ): a table and a figure of reward, FD to real images, Vendi
+    /// score and class entropy against α (the reward–diversity frontier).
+    Sweep(crate::commands::sweep::SweepArgs),
     /// Draw samples of a model by its ODE to a PNG grid and/or safetensors.
     Sample {
         #[command(flatten)]
@@ -226,6 +229,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Toy2d(a) => crate::toy2d::run_cli(&a),
         Cmd::Devices { json } => cmd_devices(json),
         Cmd::Train(a) => crate::commands::train::run(&a),
+        Cmd::Sweep(a) => crate::commands::sweep::run(&a),
         Cmd::Sample { s, grid, out } => crate::commands::sample::run_sample(&s, grid.as_ref(), out.as_ref()),
         Cmd::Eval { s, reward, target_classes, reference, classifier, real_data, real_floor_data, json } => {
             let metrics = crate::commands::sample::EvalMetrics { classifier, real_data, real_floor_data };

@@ -137,3 +137,52 @@ pub fn frontier(path: &Path, title: &str, x_label: &str, y_label: &str, points: 
     root.present().map_err(pe)?;
     Ok(())
 }
+
+/// One panel of [`panels`]: lines over the shared x positions, and horizontal reference lines
+/// (drawn dashed, e.g. the pre-trained model's value or the real-data floor).
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<Series>,
+    pub refs: Vec<(String, f64)>,
+}
+
+/// A grid of panels (`cols` wide) sharing categorical x positions `0, 1, ..` named by `x_labels`
+/// (e.g. the α values of a sweep, evenly spaced whatever their values).
+pub fn panels(path: &Path, title: &str, x_label: &str, x_labels: &[String], panels: &[Panel], cols: usize) -> Result<()> {
+    check_out(path)?;
+    init_font();
+    let cols = cols.max(1);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root = BitMapBackend::new(path, (460 * cols as u32, 340 * rows as u32 + 40)).into_drawing_area();
+    root.fill(&WHITE).map_err(pe)?;
+    let root = root.titled(title, (FONT, 22)).map_err(pe)?;
+    let nx = x_labels.len().max(1);
+    for (area, p) in root.split_evenly((rows, cols)).iter().zip(panels) {
+        let yr = span(p.series.iter().flat_map(|s| s.points.iter().map(|q| q.1)).chain(p.refs.iter().map(|r| r.1)));
+        let mut chart = ChartBuilder::on(area).caption(&p.title, (FONT, 16)).margin(10).x_label_area_size(38).y_label_area_size(55).build_cartesian_2d(-0.3..(nx as f64 - 0.7), yr.0..yr.1).map_err(pe)?;
+        let fmt = |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < x_labels.len() { x_labels[i as usize].clone() } else { String::new() }
+        };
+        chart.configure_mesh().x_desc(x_label).x_labels(nx).x_label_formatter(&fmt).label_style((FONT, 13)).draw().map_err(pe)?;
+        for (i, (name, v)) in p.refs.iter().enumerate() {
+            let c = PALETTE[(7 - i) % PALETTE.len()];
+            chart
+                .draw_series(DashedLineSeries::new([(-0.3, *v), (nx as f64 - 0.7, *v)], 6, 4, c.stroke_width(2)))
+                .map_err(pe)?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        }
+        for (i, s) in p.series.iter().enumerate() {
+            let c = PALETTE[i % PALETTE.len()];
+            let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|q| q.1.is_finite()).collect();
+            chart.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2))).map_err(pe)?.label(s.name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            chart.draw_series(pts.iter().map(|&q| Circle::new(q, 4, c.filled()))).map_err(pe)?;
+        }
+        if p.series.len() + p.refs.len() > 1 {
+            chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 12)).draw().map_err(pe)?;
+        }
+    }
+    root.present().map_err(pe)?;
+    Ok(())
+}

@@ -166,3 +166,63 @@ fn pretrain_resume_continues_bit_for_bit() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("no checkpoint"), "{e}");
 }
+
+/// `sweep`: one run per α, the table, JSON, CSV and figure, a finished run kept on a second
+/// call, and the keys the sweep sets refused as flags.
+#[test]
+fn sweep_runs_one_experiment_per_alpha_and_tabulates_them() {
+    let d = tmpdir("sweep");
+    let out = d.join("sw");
+    let args = [
+        "sweep",
+        "--alphas",
+        "0,3",
+        "--num-epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--learning-rate",
+        "1e-3",
+        "--eval-samples",
+        "16",
+        "--grid-samples",
+        "4",
+        "--ode-steps",
+        "2",
+        "--sample-batch",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let runs = j["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!((runs[0]["alpha"].as_f64(), runs[1]["alpha"].as_f64()), (Some(0.0), Some(3.0)));
+    for r in runs {
+        for k in ["reward", "fd_real_target", "vendi", "class_entropy_bits", "min_target_share", "w2_to_reference"] {
+            assert!(r[k].is_number(), "{k} missing in {r}");
+        }
+        assert!(std::path::Path::new(r["run_dir"].as_str().unwrap()).join("summary.json").is_file());
+    }
+    // each run trained with its own α, and α changed the outcome
+    for (r, a) in runs.iter().zip(["0", "3"]) {
+        let toml = std::fs::read_to_string(std::path::Path::new(r["run_dir"].as_str().unwrap()).join("config.toml")).unwrap();
+        assert!(toml.lines().any(|l| l.replace(' ', "") == format!("w2_coefficient={a}.0") || l.replace(' ', "") == format!("w2_coefficient={a}")), "{toml}");
+    }
+    assert_ne!(runs[0]["reward"], runs[1]["reward"]);
+    assert!(j["base"]["fd_floor_target"].is_number());
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert_eq!(md.lines().count(), 5, "{md}"); // header, rule, base, two runs
+    assert_eq!(std::fs::read_to_string(out.join("sweep.csv")).unwrap().lines().count(), 3);
+    assert_eq!(&std::fs::read(out.join("sweep.png")).unwrap()[..4], b"\x89PNG");
+    // a second call keeps the finished runs
+    let o = run(&args);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).matches("finished before, kept").count() == 2, "{}", String::from_utf8_lossy(&o.stdout));
+    let o = run(&["sweep", "--w2-coefficient", "1", "--out", out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--w2-coefficient") && e.contains("--alphas"), "{e}");
+}

@@ -6,4 +6,5 @@ pub mod classifier;
 pub mod pretrain;
 pub mod runconfig;
 pub mod sample;
+pub mod sweep;
 pub mod train;

@@ -31,7 +31,7 @@ use crate::tensor::{Device, Tensor};
 macro_rules! flags {
     (values { $( $(#[doc = $doc:expr])* $name:ident : $ty:ty ),* $(,)? } switches { $( $(#[doc = $sdoc:expr])* $sname:ident ),* $(,)? }) => {
         /// Flags of `train`; each overrides the config key of the same name.
-        #[derive(clap::Args, Debug, Default)]
+        #[derive(clap::Args, Clone, Debug, Default)]
         pub struct TrainFlags {
             $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
             // a switch alone means true; `--dropout false` turns one off

@@ -1,6 +1,6 @@
 //! The README states facts the code defines: they are checked here so the two cannot drift.
 
-use orwcfm_fast::commands::runconfig::{ProductConfig, preset};
+use orwcfm_fast::commands::runconfig::{preset, resolve};
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
@@ -25,7 +25,8 @@ fn num_after(text: &str, from: &str, key: &str) -> f64 {
 #[test]
 fn the_preset_paragraph_states_the_presets_values() {
     let p = paragraph(&readme(), "**How the preset differs from the full-size setting.**");
-    let (m, prod) = (preset("mnist-even").unwrap(), ProductConfig::default());
+    let (m, prod) = resolve(None, serde_json::Map::new()).unwrap();
+    assert_eq!(m, preset("mnist-even").unwrap());
     let mnist = "mnist-even uses";
     assert_eq!(num_after(&p, mnist, "lr ") as f32, m.learning_rate, "mnist-even learning_rate");
     assert_eq!(num_after(&p, mnist, "with ") as u64, m.warmup_steps, "mnist-even warmup_steps");
@@ -34,6 +35,7 @@ fn the_preset_paragraph_states_the_presets_values() {
     assert!(p[p.find(mnist).unwrap()..].contains(&format!("`{}` weights", m.weight_mode)), "mnist-even weight_mode {}", m.weight_mode);
     assert!(p[p.find(mnist).unwrap()..].contains(&format!("{} coupling", m.coupling)), "mnist-even coupling {}", m.coupling);
     assert_eq!(num_after(&p, mnist, "coupling, ") as usize, m.ode_steps, "mnist-even ode_steps");
+    assert!(p[p.find(mnist).unwrap()..].contains(&format!("steps of the {} solver", m.ode_solver)), "mnist-even ode_solver {}", m.ode_solver);
     assert_eq!(num_after(&p, mnist, "batches of ") as usize, m.batch_size, "mnist-even batch_size");
     assert_eq!(num_after(&p, mnist, "used for ") as usize, m.sample_reuse, "mnist-even sample_reuse");
     assert_eq!(num_after(&p, mnist, "(`sample_reuse`), ") as u64, m.num_epochs, "mnist-even num_epochs");

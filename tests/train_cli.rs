@@ -200,7 +200,7 @@ fn config_toml_writes_short_floats_that_read_back_exactly() {
     orw.ode_atol = 1e-7;
     let prod = ProductConfig { reward_timeout: 0.1 + 0.2, ..ProductConfig::default() };
     let text = to_toml(&orw, &prod).unwrap();
-    for want in ["learning_rate = 0.0004", "w2_coefficient = 0.2", "temperature = 3.0", "sigma = 0.1", "ema_decay = 0.9999", "grad_clip = 0.33333334", "ode_atol = 0.0000001", "reward_timeout = 0.30000000000000004"] {
+    for want in ["learning_rate = 0.0004", "w2_coefficient = 0.2", "temperature = 6.0", "sigma = 0.1", "ema_decay = 0.9999", "grad_clip = 0.33333334", "ode_atol = 0.0000001", "reward_timeout = 0.30000000000000004"] {
         assert!(text.lines().any(|l| l == want), "config.toml lacks '{want}':\n{text}");
     }
     let p = d.join("config.toml");
@@ -244,4 +244,23 @@ fn a_gpu_out_of_memory_mid_run_keeps_the_last_good_checkpoint() {
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(std::fs::read_to_string(r.join("checkpoints/latest")).unwrap().trim(), "step-00000008");
     assert_eq!(steps(&r), (1..=8).collect::<Vec<u64>>(), "every step logged once across the failure");
+}
+
+/// The default experiment's direction in the time a test can take: the mnist-even preset's first
+/// 4 epochs (32 of its 64 steps), evaluated on 256 samples. The share of even digits rises, the
+/// Fréchet distance to the real even digits falls below the base model's, the samples stay
+/// confident digits of every even class.
+#[test]
+fn the_default_experiment_raises_even_digits_and_keeps_them_real() {
+    let d = tmpdir("default");
+    let o = run(&with(Vec::new(), &["train", "--savedir", d.to_str().unwrap(), "--run-name", "r", "--num-epochs", "4", "--eval-samples", "256", "--eval-every", "4", "--grid-every", "0", "--quiet"]));
+    assert!(o.status.success(), "{}", err(&o));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("r").join("summary.json")).unwrap()).unwrap();
+    let g = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {s}"));
+    let (f0, f1) = (g("target_fraction_initial"), g("target_fraction_final"));
+    assert!(f0 < 0.6 && f1 > f0 + 0.2, "even share {f0} -> {f1}");
+    let (d0, d1) = (g("fd_real_target_initial"), g("fd_real_target_final"));
+    assert!(d1 < 0.8 * d0, "FD to real even digits {d0} -> {d1}");
+    assert!(g("min_target_share_final") >= 0.05, "{}", s["class_shares_final"]);
+    assert!(g("confidence_final") > 0.8, "confidence {}", g("confidence_final"));
 }

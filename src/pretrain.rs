@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 use crate::autograd::{Var, ops};
 use crate::data::Dataset;
 use crate::flow::matchers::{FlowMatcher, MatcherKind};
-use crate::io::safetensors::{self as st, Out, write_atomic};
+use crate::io::safetensors::write_atomic;
 use crate::nn::{Forward, VelocityField};
 use crate::optim::{Adam, clip_coef, grad_norm, warmup_lr};
-use crate::orw::checkpoint::{rng_from_json, rng_json};
+use crate::orw::checkpoint::{load_adam_moments, rng_from_json, rng_json, save_adam_moments};
 use crate::rng::Rng;
 use crate::rng::philox::Philox;
 use crate::tensor::Tensor;
@@ -133,17 +133,7 @@ fn save_checkpoint<M: VelocityField>(out: &Path, net: &M, ema: &M, s: &TrainStat
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     net.save_file(&tmp.join("net.safetensors"))?;
     ema.save_file(&tmp.join("ema.safetensors"))?;
-    let names = net.params().names();
-    if !s.adam.exp_avg.is_empty() {
-        let mut outs: Vec<(String, Out)> = Vec::new();
-        for (n, m) in names.iter().zip(&s.adam.exp_avg) {
-            outs.push((format!("exp_avg.{n}"), Out::F(m)));
-        }
-        for (n, v) in names.iter().zip(&s.adam.exp_avg_sq) {
-            outs.push((format!("exp_avg_sq.{n}"), Out::F(v)));
-        }
-        st::save(&tmp.join("optimizer.safetensors"), &outs, crate::tensor::DType::F32, &Default::default())?;
-    }
+    save_adam_moments(&tmp.join("optimizer.safetensors"), &s.adam, net.params().names())?;
     let state = json!({
         "format": FORMAT,
         "producer": format!("orwcfm-fast {}", env!("CARGO_PKG_VERSION")),
@@ -198,18 +188,8 @@ pub fn resume<M: VelocityField>(out: &Path, cfg: &PretrainConfig, data: &Dataset
     adam.step = u("adam_step")?;
     let op = dir.join("optimizer.safetensors");
     if adam.step > 0 {
-        let of = st::load(&op)?;
-        let names = net.params().names().to_vec();
         let shapes: Vec<Vec<usize>> = net.params().vars().iter().map(|v| v.shape()).collect();
-        let get = |prefix: &str, n: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = of.get(&format!("{prefix}.{n}")).ok_or_else(|| anyhow!("{} lacks {prefix}.{n}", op.display()))?;
-            if t.shape() != shape {
-                bail!("optimizer state {prefix}.{n} has shape {:?}, the parameter {:?}", t.shape(), shape);
-            }
-            Ok(t.clone())
-        };
-        adam.exp_avg = names.iter().zip(&shapes).map(|(n, s)| get("exp_avg", n, s)).collect::<Result<_>>()?;
-        adam.exp_avg_sq = names.iter().zip(&shapes).map(|(n, s)| get("exp_avg_sq", n, s)).collect::<Result<_>>()?;
+        (adam.exp_avg, adam.exp_avg_sq) = load_adam_moments(&op, net.params().names(), &shapes)?;
     }
     let order: Vec<usize> = serde_json::from_value(state["order"].clone()).with_context(|| format!("{}: order", sp.display()))?;
     if let Some(&bad) = order.iter().find(|&&i| i >= data.len()) {

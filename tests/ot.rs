@@ -1,17 +1,15 @@
 //! Exact OT pairing (src/flow/ot.rs): the assignment solver against brute force, SciPy and POT,
 //! the batch pairing, plan sampling, and timing at n = 1024.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
+use common::{bits_f64, fixture_path};
 use orwcfm_fast::flow::ot::*;
 use orwcfm_fast::io::safetensors::load;
 use orwcfm_fast::rng::Rng;
 use orwcfm_fast::tensor::Tensor;
-
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
 
 fn total(cost: &[f64], n: usize, perm: &[usize]) -> f64 {
     perm.iter().enumerate().map(|(i, &j)| cost[i * n + j]).sum()
@@ -117,11 +115,6 @@ fn sq_euclidean_cost_is_exact_on_small_inputs() {
             assert!(close(c[i * m + j], want, 1e-14));
         }
     }
-}
-
-fn bits_f64(v: &[i64]) -> f64 {
-    assert_eq!(v.len(), 1);
-    f64::from_bits(v[0] as u64)
 }
 
 #[test]

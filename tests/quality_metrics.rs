@@ -4,16 +4,11 @@
 
 mod common;
 
-use common::fixture_path;
+use common::{bits_f64, fixture_path};
 use orwcfm_fast::data::{Split, bundled_mnist};
 use orwcfm_fast::eval::quality::{frechet_distance, vendi_score};
 use orwcfm_fast::eval::{RealSet, sample_stats};
 use orwcfm_fast::io::safetensors::load;
-
-fn bits_f64(v: &[i64]) -> f64 {
-    assert_eq!(v.len(), 1);
-    f64::from_bits(v[0] as u64)
-}
 
 #[test]
 fn frechet_distance_matches_scipy() {

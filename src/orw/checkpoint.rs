@@ -39,6 +39,37 @@ pub(crate) fn rng_json(r: &Rng) -> Value {
     json!({ "s": s.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(), "spare_bits": spare.map(f32::to_bits) })
 }
 
+/// Adam's moments as `optimizer.safetensors` (`exp_avg.<param>`, `exp_avg_sq.<param>`; nothing
+/// before the first step).
+pub(crate) fn save_adam_moments(path: &Path, adam: &crate::optim::Adam, names: &[String]) -> Result<()> {
+    if adam.exp_avg.is_empty() {
+        return Ok(());
+    }
+    let mut outs: Vec<(String, Out)> = Vec::new();
+    for (n, m) in names.iter().zip(&adam.exp_avg) {
+        outs.push((format!("exp_avg.{n}"), Out::F(m)));
+    }
+    for (n, v) in names.iter().zip(&adam.exp_avg_sq) {
+        outs.push((format!("exp_avg_sq.{n}"), Out::F(v)));
+    }
+    st::save(path, &outs, DType::F32, &HashMap::new())
+}
+
+/// The moments [`save_adam_moments`] wrote, checked against the parameters' names and shapes.
+pub(crate) fn load_adam_moments(path: &Path, names: &[String], shapes: &[Vec<usize>]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let of = st::load(path)?;
+    let get = |prefix: &str, n: &str, shape: &[usize]| -> Result<Tensor> {
+        let t = of.get(&format!("{prefix}.{n}")).ok_or_else(|| anyhow!("{} lacks {prefix}.{n}", path.display()))?;
+        if t.shape() != shape {
+            bail!("optimizer state {prefix}.{n} has shape {:?}, the parameter {:?}", t.shape(), shape);
+        }
+        Ok(t.clone())
+    };
+    let m = names.iter().zip(shapes).map(|(n, s)| get("exp_avg", n, s)).collect::<Result<_>>()?;
+    let v = names.iter().zip(shapes).map(|(n, s)| get("exp_avg_sq", n, s)).collect::<Result<_>>()?;
+    Ok((m, v))
+}
+
 /// The inverse of [`rng_json`].
 pub(crate) fn rng_from_json(v: &Value) -> Result<Rng> {
     let s = v["s"].as_array().ok_or_else(|| anyhow!("RNG state has no 's'"))?;
@@ -146,18 +177,8 @@ impl<M: VelocityField> Trainer<M> {
         if let Some(e) = &self.ema {
             e.save_file(&dir.join("ema.safetensors"))?;
         }
-        let names = self.net.params().names();
         let meta = HashMap::new();
-        if !self.adam.exp_avg.is_empty() {
-            let mut outs: Vec<(String, Out)> = Vec::new();
-            for (n, m) in names.iter().zip(&self.adam.exp_avg) {
-                outs.push((format!("exp_avg.{n}"), Out::F(m)));
-            }
-            for (n, v) in names.iter().zip(&self.adam.exp_avg_sq) {
-                outs.push((format!("exp_avg_sq.{n}"), Out::F(v)));
-            }
-            st::save(&dir.join("optimizer.safetensors"), &outs, DType::F32, &meta)?;
-        }
+        save_adam_moments(&dir.join("optimizer.safetensors"), &self.adam, self.net.params().names())?;
         // samples of the current policy not yet used up
         let mut shape = vec![self.pool.r.len()];
         shape.extend(self.net.sample_shape());
@@ -255,18 +276,8 @@ impl<M: VelocityField> Trainer<M> {
         (tr.adam.lr, tr.adam.beta1, tr.adam.beta2, tr.adam.eps, tr.adam.weight_decay) = (f("lr")?, f("beta1")?, f("beta2")?, f("eps")?, f("weight_decay")?);
         let op = ck.join("optimizer.safetensors");
         if op.is_file() {
-            let of = st::load(&op)?;
-            let names = tr.net.params().names().to_vec();
-            let get = |prefix: &str, n: &str, shape: &[usize]| -> Result<Tensor> {
-                let t = of.get(&format!("{prefix}.{n}")).ok_or_else(|| anyhow!("optimizer.safetensors lacks {prefix}.{n}"))?;
-                if t.shape() != shape {
-                    bail!("optimizer state {prefix}.{n} has shape {:?}, the parameter {:?}", t.shape(), shape);
-                }
-                Ok(t.clone())
-            };
             let shapes: Vec<Vec<usize>> = tr.net.params().vars().iter().map(|v| v.shape()).collect();
-            tr.adam.exp_avg = names.iter().zip(&shapes).map(|(n, s)| get("exp_avg", n, s)).collect::<Result<_>>()?;
-            tr.adam.exp_avg_sq = names.iter().zip(&shapes).map(|(n, s)| get("exp_avg_sq", n, s)).collect::<Result<_>>()?;
+            (tr.adam.exp_avg, tr.adam.exp_avg_sq) = load_adam_moments(&op, tr.net.params().names(), &shapes)?;
         } else if tr.adam.step > 0 {
             bail!("{} is missing although the optimizer has taken {} steps", op.display(), tr.adam.step);
         }

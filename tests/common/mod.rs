@@ -15,6 +15,12 @@ pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// A float64 a fixture script stored as the bit pattern of one int64.
+pub fn bits_f64(v: &[i64]) -> f64 {
+    assert_eq!(v.len(), 1);
+    f64::from_bits(v[0] as u64)
+}
+
 /// A U-Net fixture made by scripts/export_fixtures.py.
 pub struct UnetFixture {
     pub file: StFile,

@@ -320,9 +320,14 @@ fn fmt_stats(s: &SampleStats) -> String {
     if let Some(v) = s.vendi {
         t += &format!("  vendi {v:.1}");
     }
-    if let Some(f) = s.fd_real_target.or(s.fd_real) {
-        let floor = if s.fd_real_target.is_some() { s.fd_floor_target } else { s.fd_floor };
-        t += &format!("  FD to real{} {f:.2}", if s.fd_real_target.is_some() { " targets" } else { "" });
+    // the distance to the target classes' real images when there is one, else to all of them
+    let fd = match (s.fd_real_target, s.fd_real) {
+        (Some(f), _) => Some((" targets", f, s.fd_floor_target)),
+        (None, Some(f)) => Some(("", f, s.fd_floor)),
+        (None, None) => None,
+    };
+    if let Some((what, f, floor)) = fd {
+        t += &format!("  FD to real{what} {f:.2}");
         if let Some(fl) = floor {
             t += &format!(" (floor {fl:.2})");
         }

@@ -154,7 +154,7 @@ impl SampleStats {
 /// The floor figures of a [`RealSet`] at one sample count.
 #[derive(Clone, Copy)]
 struct Floor {
-    fd: Option<f32>,
+    fd: f32,
     fd_target: Option<f32>,
     vendi: f32,
     vendi_target: Option<f32>,
@@ -226,7 +226,7 @@ impl RealSet {
         let a = pick((0..total).collect(), 0xF100);
         let na = a.len() / d;
         let (m, s) = mean_cov(&a, na, d);
-        let fd = Some(frechet_from_stats(&m, &s, &self.all.0, &self.all.1, d) as f32);
+        let fd = frechet_from_stats(&m, &s, &self.all.0, &self.all.1, d) as f32;
         let tpool: Vec<usize> = labels.as_ref().map(|l| (0..total).filter(|&i| self.targets.contains(&l[i])).collect()).unwrap_or_default();
         let (fd_target, vendi_target) = if tpool.len() >= 2 {
             let t = pick(tpool, 0xF101);
@@ -284,7 +284,8 @@ pub fn sample_stats(x: &Tensor, rewards: &[f32], classifier: Option<(&Classifier
                 s.fd_real = Some(frechet_from_stats(&m, &cv, &r.all.0, &r.all.1, d) as f32);
                 s.fd_real_target = r.target.as_ref().map(|(m2, s2)| frechet_from_stats(&m, &cv, m2, s2, d) as f32);
                 let f = r.floor(n);
-                (s.fd_floor, s.fd_floor_target, s.vendi_real, s.vendi_real_target) = (f.fd, f.fd_target.filter(|_| r.target.is_some()), Some(f.vendi), f.vendi_target);
+                // fd_target is None when the reference has no target-class images
+                (s.fd_floor, s.fd_floor_target, s.vendi_real, s.vendi_real_target) = (Some(f.fd), f.fd_target, Some(f.vendi), f.vendi_target);
             }
         }
     }

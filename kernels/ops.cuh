@@ -2,7 +2,7 @@
 // ones (half.cu, which widen, apply the same f32 arithmetic and round once). Pasted in by
 // `nvrtc::expand_headers`. CPU twins: src/backend/cpu/elementwise.rs, simd.rs, autograd/ops.rs.
 
-// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x
+// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x, 8 gelu (erf)
 __device__ __forceinline__ float unary_apply(long long op, float s, float v) {
     switch (op) {
         case 0: return v + s;
@@ -12,6 +12,7 @@ __device__ __forceinline__ float unary_apply(long long op, float s, float v) {
         case 4: return v * v;
         case 5: return v / (1.0f + expf(-v));
         case 6: return 1.0f / (1.0f + expf(-v));
+        case 8: return 0.5f * v * erfcf(-v * 0.70710678118654752f);
         default: return -v;
     }
 }
@@ -28,6 +29,11 @@ __device__ __forceinline__ float unary_grad(long long op, float gv, float x, flo
         }
         case 6: return gv * y * (1.0f - y);
         case 7: return -gv;
+        case 8: {
+            // Φ(x) + x·φ(x)
+            float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
+            return gv * (cdf + x * 0.39894228040143268f * expf(-0.5f * x * x));
+        }
         // 0 (x+s): the gradient passes through. 1 (x·s) has no case: its gradient is the unary
         // op 1 of g, which is what the host launches.
         default: return gv;

@@ -117,6 +117,9 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Score a file of samples (x [N,C,H,W] in [-1, 1]) with any reward: classifier, clip, JPEG,
+    /// target image or an external program. Check a reward on your own images before a long run.
+    Score(crate::commands::score::ScoreArgs),
     /// Train a base U-Net by flow matching on a dataset (torchcfm's recipe: Adam, warm-up, clip, EMA).
     Pretrain(crate::commands::pretrain::PretrainArgs),
     /// Train or evaluate the CNN classifier behind the `classifier` reward.
@@ -235,6 +238,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let metrics = crate::commands::sample::EvalMetrics { classifier, real_data, real_floor_data };
             crate::commands::sample::run_eval(&s, &reward, &target_classes, reference.as_ref(), &metrics, json)
         }
+        Cmd::Score(a) => crate::commands::score::run(&a),
         Cmd::Pretrain(a) => crate::commands::pretrain::run(&a),
         Cmd::Classifier { cmd } => crate::commands::classifier::run(&cmd),
         Cmd::Bench { what } => match what {

@@ -79,6 +79,10 @@ fn unary(x: &Var, name: &'static str, op: UnaryOp) -> Result<Var> {
 pub fn silu(x: &Var) -> Result<Var> {
     unary(x, "silu", UnaryOp::Silu)
 }
+/// `x·Φ(x)`, the exact GELU (PyTorch's default `gelu`).
+pub fn gelu(x: &Var) -> Result<Var> {
+    unary(x, "gelu", UnaryOp::Gelu)
+}
 /// Logistic sigmoid.
 pub fn sigmoid(x: &Var) -> Result<Var> {
     unary(x, "sigmoid", UnaryOp::Sigmoid)

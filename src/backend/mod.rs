@@ -41,6 +41,8 @@ pub enum UnaryOp {
     Silu = 5,
     Sigmoid = 6,
     Neg = 7,
+    /// `x·Φ(x)` with the exact (erf) normal CDF: PyTorch's `gelu`, Hugging Face's `"gelu"`.
+    Gelu = 8,
 }
 
 /// The distribution of a counter-based random draw (Philox4x32-10, the layout of

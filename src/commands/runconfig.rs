@@ -18,10 +18,15 @@ pub struct ProductConfig {
     pub preset: String,
     /// U-Net config for `ref_path` weights that carry none (JSON file or mnist, mnist-small, cifar10).
     pub unet_config: Option<String>,
-    /// classifier, jpeg-compressibility, jpeg-incompressibility, target-image or external.
+    /// classifier, clip, jpeg-compressibility, jpeg-incompressibility, target-image or external.
     pub reward: String,
     /// Target classes of the classifier reward.
     pub target_classes: Vec<usize>,
+    /// The CLIP reward's model: a Hugging Face CLIP folder (config.json, model.safetensors,
+    /// tokenizer.json or vocab.json + merges.txt).
+    pub clip_model: Option<String>,
+    /// prob-diff (p(prompt 0) − p(prompt 1), the reference's), cosine or logit.
+    pub clip_mode: String,
     /// Classifier reward: log of the probability mass instead of the mass.
     pub reward_log: bool,
     /// The classifier of the `classifier` reward and the feature metrics (default: the bundled
@@ -64,6 +69,8 @@ impl Default for ProductConfig {
             unet_config: None,
             reward: "classifier".into(),
             target_classes: vec![0, 2, 4, 6, 8],
+            clip_model: None,
+            clip_mode: "prob-diff".into(),
             reward_log: false,
             classifier: None,
             reward_command: Vec::new(),

@@ -139,8 +139,8 @@ pub fn run_eval(a: &SamplerArgs, reward: &str, target_classes: &[usize], referen
             flags.insert(k.into(), v.clone().into());
         }
     }
-    let (_, prod) = resolve(None, flags)?;
-    let (mut r, cls, targets) = build_reward(&prod, &model.sample_shape())?;
+    let (orw, prod) = resolve(None, flags)?;
+    let (mut r, cls, targets) = build_reward(&prod, &orw.text_prompts, &model.sample_shape())?;
     let real = build_real(&prod, cls.as_ref(), &targets, &model.sample_shape())?;
     let solver = OdeSolver::parse(&a.solver, a.atol, a.rtol)?;
     let refx = match reference {

@@ -20,6 +20,7 @@ use crate::logging::{MetricsLog, Progress, plot_metrics};
 use crate::nn::{Classifier, UNetModel, VelocityField};
 use crate::orw::{OrwConfig, StepMetrics, TrainHooks, Trainer, sample_model};
 use crate::reward::classifier::ClassifierReward;
+use crate::reward::clip::{ClipMode, ClipReward};
 use crate::reward::external::ExternalReward;
 use crate::reward::jpeg::JpegReward;
 use crate::reward::target::TargetImageReward;
@@ -69,7 +70,7 @@ flags! {
         grad_clip: f32,
         /// Samples per gradient step.
         batch_size: usize,
-        /// Text prompts (kept for the CLIP reward; comma-separated).
+        /// Text prompts of the CLIP reward (comma-separated; prompt 0 is rewarded).
         text_prompts: String,
         /// Parent folder of run folders.
         savedir: String,
@@ -106,8 +107,12 @@ flags! {
         keep_checkpoints: usize,
         /// U-Net config for ref_path weights that carry none.
         unet_config: String,
-        /// classifier, jpeg-compressibility, jpeg-incompressibility, target-image or external.
+        /// classifier, clip, jpeg-compressibility, jpeg-incompressibility, target-image or external.
         reward: String,
+        /// CLIP reward: a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer.json or vocab.json + merges.txt).
+        clip_model: String,
+        /// CLIP reward: prob-diff (p(prompt 0) − p(prompt 1) over the prompts' softmax), cosine or logit.
+        clip_mode: String,
         /// Target classes of the classifier reward (comma-separated).
         target_classes: String,
         /// Classifier for the reward and the feature metrics (default: bundled MNIST digits).
@@ -217,7 +222,7 @@ pub fn load_classifier(prod: &ProductConfig) -> Result<Classifier> {
 
 /// Build the reward named in the config; also returns the classifier used for metrics (if any
 /// fits the samples) and the reward's target classes.
-pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box<dyn Reward>, Option<Classifier>, Vec<usize>)> {
+pub fn build_reward(prod: &ProductConfig, prompts: &[String], sample_shape: &[usize]) -> Result<(Box<dyn Reward>, Option<Classifier>, Vec<usize>)> {
     let fits = |c: &Classifier| {
         let k = c.config();
         sample_shape == [k.in_channels, k.image_size, k.image_size]
@@ -232,6 +237,16 @@ pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box
             }
             let r = ClassifierReward::new(c.clone(), prod.target_classes.clone(), prod.reward_log)?;
             (Box::new(r), Some(c), prod.target_classes.clone())
+        }
+        "clip" => {
+            let dir = prod.clip_model.as_ref().context("the clip reward needs clip_model (--clip-model DIR: a Hugging Face CLIP folder; see the README)")?;
+            let mode = ClipMode::parse(&prod.clip_mode)?;
+            if !(sample_shape.len() == 3 && (sample_shape[0] == 1 || sample_shape[0] == 3)) {
+                bail!("the clip reward scores images [1 or 3, H, W]; the model makes {sample_shape:?}");
+            }
+            let device = Device::parse(&prod.device)?;
+            let r = ClipReward::from_dir(Path::new(dir), device, prompts.to_vec(), mode)?;
+            (Box::new(r), metrics_classifier(), Vec::new())
         }
         "jpeg-compressibility" | "jpeg-incompressibility" => {
             let mut r = if prod.reward == "jpeg-compressibility" { JpegReward::compressibility() } else { JpegReward::incompressibility() };
@@ -253,7 +268,7 @@ pub fn build_reward(prod: &ProductConfig, sample_shape: &[usize]) -> Result<(Box
             (Box::new(r), metrics_classifier(), Vec::new())
         }
         other => {
-            let names = ["classifier", "jpeg-compressibility", "jpeg-incompressibility", "target-image", "external"];
+            let names = ["classifier", "clip", "jpeg-compressibility", "jpeg-incompressibility", "target-image", "external"];
             let hint = crate::util::nearest(other, names).map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default();
             bail!("unknown reward '{other}'{hint}; valid: {}", names.join(", "))
         }
@@ -454,7 +469,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     tr.set_precision(crate::tensor::DType::parse_precision(&prod.precision)?)?;
     let run_dir = tr.run_dir().expect("the trainer has a run folder").to_path_buf();
     let shape = tr.net().sample_shape();
-    let (mut reward, classifier, targets) = build_reward(&prod, &shape)?;
+    let (mut reward, classifier, targets) = build_reward(&prod, &orw.text_prompts, &shape)?;
     orw = tr.config().clone();
     write_atomic(&run_dir.join("config.toml"), to_toml(&orw, &prod)?.as_bytes())?;
     let start_step = tr.step();

@@ -4,6 +4,7 @@
 //! sample) and stops with a message otherwise.
 
 pub mod classifier;
+pub mod clip;
 pub mod external;
 pub mod jpeg;
 pub mod target;

@@ -186,6 +186,7 @@ pub fn unary_f32(x: &[f32], op: UnaryOp, s: f32) -> Vec<f32> {
         UnaryOp::Neg => ew::map(x, |v| -v),
         UnaryOp::Silu => par_slices(x, simd::silu),
         UnaryOp::Sigmoid => par_slices(x, simd::sigmoid),
+        UnaryOp::Gelu => ew::map(x, |v| v * ew::normal_cdf(v)),
     }
 }
 
@@ -199,6 +200,7 @@ pub fn unary_backward_f32(op: UnaryOp, g: &[f32], x: &[f32], y: &[f32], s: f32) 
         UnaryOp::Square => ew::zip_map(g, x, |g, x| g * (2.0 * x)),
         UnaryOp::Neg => ew::map(g, |v| -v),
         UnaryOp::Sigmoid => ew::zip_map(g, y, |g, y| g * y * (1.0 - y)),
+        UnaryOp::Gelu => ew::zip_map(g, x, |g, x| g * (ew::normal_cdf(x) + x * 0.398_942_3 * (-0.5 * x * x).exp())),
         UnaryOp::Silu => {
             let mut dx = vec![0.0f32; g.len()];
             if dx.len() >= 2 * PAR_MIN {

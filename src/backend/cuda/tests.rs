@@ -184,11 +184,21 @@ fn elementwise_ops_match_the_cpu() {
         // a leading broadcast axis and a scalar
         let s1 = randn(&mut r, 1, d);
         check!(&g, format!("{d} binary Mul by a scalar"), Tol::Ulp, vec![a.clone(), s1], |x| Ok(vec![x[0].binary(&sa, &x[1], &[], &so, BinaryOp::Mul)?]));
-        for (op, s) in [(UnaryOp::AddScalar, 0.37), (UnaryOp::MulScalar, -1.7), (UnaryOp::Exp, 0.0), (UnaryOp::Relu, 0.0), (UnaryOp::Square, 0.0), (UnaryOp::Silu, 0.0), (UnaryOp::Sigmoid, 0.0), (UnaryOp::Neg, 0.0)] {
+        for (op, s) in [
+            (UnaryOp::AddScalar, 0.37),
+            (UnaryOp::MulScalar, -1.7),
+            (UnaryOp::Exp, 0.0),
+            (UnaryOp::Relu, 0.0),
+            (UnaryOp::Square, 0.0),
+            (UnaryOp::Silu, 0.0),
+            (UnaryOp::Sigmoid, 0.0),
+            (UnaryOp::Neg, 0.0),
+            (UnaryOp::Gelu, 0.0),
+        ] {
             check!(&g, format!("{d} unary {op:?}"), Tol::Ulp, vec![a.clone()], |x| Ok(vec![x[0].unary(op, s)?]));
         }
         let gy = randn(&mut r, a.len(), d);
-        for op in [UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg] {
+        for op in [UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg, UnaryOp::Gelu] {
             check!(&g, format!("{d} unary_backward {op:?}"), Tol::Ulp, vec![gy.clone(), a.clone()], |x| {
                 let y = x[1].unary(op, 0.0)?;
                 Ok(vec![x[0].unary_backward(op, &x[1], &y)?])

@@ -211,6 +211,30 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The CLIP reward's cost: median ms to score `--batch` images of `--image` pixels
+    /// (processor + image tower + similarities), as in a training round.
+    Clip {
+        /// A Hugging Face CLIP folder; default: random weights of `--arch`.
+        #[arg(long)]
+        clip_model: Option<String>,
+        /// vit-b-32, vit-b-16, vit-l-14 or vit-l-14-336 (random weights) when no folder is given.
+        #[arg(long, default_value = "vit-b-32")]
+        arch: String,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Side of the square input images (CIFAR-10: 32).
+        #[arg(long, default_value_t = 32)]
+        image: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Print a JSON line last: {"ms": .., "ms_per_image": .., "peak_memory_mb": .., ..}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Each fused kernel's time at the U-Net's shapes, with its GB/s or TFLOP/s next to the
     /// copy bandwidth and GEMM rate measured in the same run.
     Kernels(crate::commands::bench_kernels::KernelArgs),
@@ -246,6 +270,7 @@ pub fn run(cli: Cli) -> Result<()> {
             BenchCmd::Sample { run, json } => crate::commands::bench::run_sample(&run, json),
             BenchCmd::Round { run, coupling, json } => crate::commands::bench::run_round(&run, &coupling, json),
             BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),
+            BenchCmd::Clip { clip_model, arch, batch, image, device, iters, warmup, json } => crate::commands::bench::run_clip(clip_model.as_deref(), &arch, batch, image, &device, iters, warmup, json),
         },
     }
 }

@@ -386,6 +386,56 @@ fn print_peak(m: &serde_json::Map<String, Value>) {
     }
 }
 
+/// `bench clip`: the CLIP reward on `batch` random images `[3, image, image]` in [-1, 1].
+pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, device: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+    use crate::nn::clip::{ClipConfig, ClipModel};
+    use crate::reward::Reward;
+    use crate::reward::clip::{ClipMode, ClipReward};
+    let dev = Device::parse(device)?;
+    dev.ensure_available()?;
+    if batch == 0 || image == 0 {
+        bail!("bench clip needs --batch and --image of at least 1");
+    }
+    let model = match dir {
+        Some(d) => ClipModel::from_dir(std::path::Path::new(d), dev)?,
+        None => ClipModel::random(ClipConfig::builtin(arch)?, 0, dev)?,
+    };
+    let what = dir.map(|d| d.to_string()).unwrap_or_else(|| format!("{arch} (random weights)"));
+    let c = model.config.clone();
+    let t0 = Instant::now();
+    let mut r = ClipReward::new(model, vec!["An image of dog".into(), "Not an image of dog".into()], ClipMode::ProbDiff)?;
+    let text_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut rng = crate::rng::Rng::new(1);
+    let x = Tensor::rand_uniform(&[batch, 3, image, image], -1.0, 1.0, &mut rng);
+    let ms = time_ms_within(dev, warmup, iters, 1, None, || {
+        r.score(&x, None)?;
+        Ok(())
+    })?;
+    let med = median(ms.clone());
+    let mut m = common_json(dev)?;
+    println!(
+        "CLIP reward {what}: {} {}×{} patches of {}, vision width {} × {} layers; {batch} images {image}×{image} → {}×{}, on {}, median of {iters}:",
+        if c.vision.act == crate::nn::clip::Act::QuickGelu { "quick_gelu" } else { "gelu" },
+        c.image_size / c.patch_size,
+        c.image_size / c.patch_size,
+        c.patch_size,
+        c.vision.hidden,
+        c.vision.layers,
+        c.image_size,
+        c.image_size,
+        m["on"].as_str().unwrap_or("")
+    );
+    println!("  {med:>10.1} ms per batch ({:.2} ms per image); the prompts' embeddings once: {text_ms:.1} ms", med / batch as f64);
+    print_peak(&m);
+    if json {
+        for (k, v) in [("what", json!(what)), ("batch", json!(batch)), ("image", json!(image)), ("ms", json!(med)), ("ms_all", json!(ms)), ("ms_per_image", json!(med / batch as f64)), ("text_ms", json!(text_ms))] {
+            m.insert(k.into(), v);
+        }
+        println!("{}", Value::Object(m));
+    }
+    Ok(())
+}
+
 /// The U-Net of `cfg` (PyTorch's default init, seed 0) on `device` in `precision`.
 fn model_on(cfg: &UNetConfig, device: Device, precision: DType) -> Result<UNetModel> {
     let mut model = UNetModel::new(cfg, Init::Torch(0))?;

@@ -129,6 +129,20 @@ impl ClipConfig {
         Ok(c)
     }
 
+    /// OpenAI's published architectures by name: `vit-b-32`, `vit-b-16`, `vit-l-14`
+    /// (`vit-l-14-336`), for benchmarks with random weights.
+    pub fn builtin(name: &str) -> Result<Self> {
+        let t = |h, f, l, n| TowerConfig { hidden: h, intermediate: f, layers: l, heads: n, act: Act::QuickGelu, eps: 1e-5 };
+        let (vision, text, image_size, patch_size, projection_dim) = match name {
+            "vit-b-32" => (t(768, 3072, 12, 12), t(512, 2048, 12, 8), 224, 32, 512),
+            "vit-b-16" => (t(768, 3072, 12, 12), t(512, 2048, 12, 8), 224, 16, 512),
+            "vit-l-14" => (t(1024, 4096, 24, 16), t(768, 3072, 12, 12), 224, 14, 768),
+            "vit-l-14-336" => (t(1024, 4096, 24, 16), t(768, 3072, 12, 12), 336, 14, 768),
+            _ => bail!("unknown CLIP architecture '{name}' (vit-b-32, vit-b-16, vit-l-14, vit-l-14-336)"),
+        };
+        Ok(ClipConfig { text, vision, vocab_size: 49408, max_positions: 77, eos_token_id: 49407, image_size, patch_size, channels: 3, projection_dim })
+    }
+
     fn grid(&self) -> usize {
         self.image_size / self.patch_size
     }
@@ -190,7 +204,7 @@ pub struct ClipProcessor {
 }
 
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 impl ClipProcessor {
     /// CLIP's processor for `size × size` models.
@@ -393,13 +407,37 @@ impl ClipModel {
         for (n, s) in config.param_shapes() {
             params.add(n, Tensor::zeros(&s));
         }
-        let mut tensors = Vec::new();
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for f in weight_files(dir)? {
             let raw = crate::io::model::read_weights(&f, None).with_context(|| format!("reading {}", f.display()))?;
             // the position_ids buffers older checkpoints carry are not parameters
             tensors.extend(raw.tensors.into_iter().filter(|(n, _)| !n.ends_with("embeddings.position_ids")));
         }
         params.load_strict(tensors).with_context(|| format!("loading the CLIP weights of {}", dir.display()))?;
+        Self::assemble(config, processor, tokenizer, params, device, dir)
+    }
+
+    /// A model of `config` with random weights (N(0, 0.02²), LayerNorms at 1 and 0) and a
+    /// byte-level tokenizer without merges: for benchmarks, no files needed.
+    pub fn random(config: ClipConfig, seed: u64, device: Device) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut params = ParamStore::new();
+        for (n, s) in config.param_shapes() {
+            let t = if n.contains("norm") || n.contains("layrnorm") {
+                Tensor::full(&s, if n.ends_with(".weight") { 1.0 } else { 0.0 })
+            } else if n == "logit_scale" {
+                Tensor::full(&s, 100f32.ln())
+            } else {
+                Tensor::randn(&s, &mut rng).mul_scalar(0.02)?
+            };
+            params.add(n, t);
+        }
+        let processor = ClipProcessor::default_for(config.image_size);
+        let tokenizer = ClipTokenizer::bytes_only(config.max_positions)?;
+        Self::assemble(config, processor, tokenizer, params, device, Path::new("(random weights)"))
+    }
+
+    fn assemble(config: ClipConfig, processor: ClipProcessor, tokenizer: ClipTokenizer, params: ParamStore, device: Device, dir: &Path) -> Result<Self> {
         params.to_device(device)?;
         let get = |n: &str| -> Tensor { params.get(n).expect("declared parameter").value() };
         let blocks = |prefix: &str, t: &TowerConfig| -> Result<Vec<Block>> {
@@ -641,6 +679,16 @@ mod tests {
             for c in 0..7 {
                 assert!((m[r * 7 + c] - if r == c { 1.0 } else { 0.0 }).abs() < 1e-7);
             }
+        }
+    }
+
+    #[test]
+    fn gelu_matches_erf_values() {
+        // x·Φ(x) at points where Φ is known to 10 digits (scipy.stats.norm.cdf)
+        for (x, cdf) in [(-3.0f32, 0.001_349_898_0f64), (-1.0, 0.158_655_253_9), (0.0, 0.5), (0.5, 0.691_462_461_3), (2.0, 0.977_249_868_1)] {
+            let y = Tensor::from_vec(vec![x], &[1]).unary(UnaryOp::Gelu, 0.0).unwrap().item() as f64;
+            let want = x as f64 * cdf;
+            assert!((y - want).abs() <= 1e-6 * want.abs().max(1e-3), "gelu({x}) = {y}, want {want}");
         }
     }
 

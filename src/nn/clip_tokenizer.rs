@@ -62,6 +62,19 @@ impl ClipTokenizer {
         Ok(ClipTokenizer { vocab, ranks, bytes: byte_chars(), pattern, whitespace, bos, eos, max_len })
     }
 
+    /// The 512 byte tokens and the two special ones, no merges (benchmarks of random models).
+    pub fn bytes_only(max_len: usize) -> Result<Self> {
+        let mut vocab = HashMap::new();
+        let bc = byte_chars();
+        for (i, c) in bc.iter().enumerate() {
+            vocab.insert(c.to_string(), i as u32);
+            vocab.insert(format!("{c}</w>"), 256 + i as u32);
+        }
+        vocab.insert(BOS.into(), 512);
+        vocab.insert(EOS.into(), 513);
+        Self::new(vocab, Vec::new(), max_len)
+    }
+
     /// From a Hugging Face folder: `tokenizer.json`, else `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path, max_len: usize) -> Result<Self> {
         let tj = dir.join("tokenizer.json");

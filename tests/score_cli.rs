@@ -1,0 +1,147 @@
+//! `orwcfm-fast score` on files of samples, and `train --reward clip` end to end on a torchcfm
+//! checkpoint with the small random CLIP of `tests/fixtures/clip` (see `clip_parity.rs`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixture_path, last_json};
+use orwcfm_fast::io::safetensors::{Out, load, save};
+use orwcfm_fast::tensor::{DType, Tensor};
+use orwcfm_fast::util::rel_err;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("orwcfm-score-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orwcfm-fast")).args(args).output().unwrap()
+}
+
+fn write_x(path: &Path, name: &str, x: &Tensor) {
+    save(path, &[(name.to_string(), Out::F(x))], DType::F32, &HashMap::new()).unwrap();
+}
+
+fn rewards(o: &Output) -> Vec<f32> {
+    last_json(o)["rewards"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn score_clip_equals_transformers_reference_in_every_mode() {
+    let d = tmpdir("clip");
+    let f = load(&fixture_path("clip/parity.safetensors")).unwrap();
+    let x = f.get("a_x").unwrap().clone();
+    let input = d.join("x.safetensors");
+    write_x(&input, "x", &x);
+    let dir = fixture_path("clip/tiny_a");
+    for (mode, key) in [("prob-diff", "a_prob_diff"), ("cosine", "a_cosine"), ("logit", "a_logit")] {
+        let o = run(&["score", "--reward", "clip", "--clip-model", dir.to_str().unwrap(), "--clip-mode", mode, "--text-prompts", "An image of dog,Not an image of dog", "--input", input.to_str().unwrap(), "--json"]);
+        let r = rewards(&o);
+        let want = f.get(key).unwrap();
+        let e = rel_err(&r, want.data());
+        assert!(e < 1e-4, "{mode}: rel err {e:.2e}: {r:?} vs {:?}", want.data());
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains(&format!("clip-{mode}[An image of dog | Not an image of dog]")), "{text}");
+    }
+    // the default prompts are the reference's
+    let o = run(&["score", "--reward", "clip", "--clip-model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--json"]);
+    let e = rel_err(&rewards(&o), f.get("a_prob_diff").unwrap().data());
+    assert!(e < 1e-4, "default prompts: rel err {e:.2e}");
+}
+
+#[test]
+fn score_classifier_on_real_digits_separates_even_from_odd() {
+    let d = tmpdir("cls");
+    let ds = orwcfm_fast::data::open("mnist5k:heldout").unwrap();
+    let idx: Vec<usize> = (0..200).collect();
+    let (x, y) = ds.batch(&idx);
+    let y = y.unwrap();
+    let input = d.join("digits.safetensors");
+    write_x(&input, "x", &x);
+    let o = run(&["score", "--reward", "classifier", "--target-classes", "0,2,4,6,8", "--input", input.to_str().unwrap(), "--json"]);
+    let r = rewards(&o);
+    assert_eq!(r.len(), 200);
+    let mean = |even: bool| {
+        let v: Vec<f32> = r.iter().zip(&y).filter(|(_, c)| (**c % 2 == 0) == even).map(|(v, _)| *v).collect();
+        v.iter().sum::<f32>() / v.len() as f32
+    };
+    assert!(mean(true) > 0.9 && mean(false) < 0.1, "even {} odd {}", mean(true), mean(false));
+    // without --json: one line per sample and a summary
+    let o = run(&["score", "--input", input.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(text.lines().count() >= 201 && text.contains("200 samples"), "{text}");
+    // the JPEG reward runs on the same file
+    let o = run(&["score", "--reward", "jpeg-compressibility", "--input", input.to_str().unwrap(), "--json"]);
+    assert!(rewards(&o).iter().all(|v| v.is_finite() && *v < 0.0));
+}
+
+#[test]
+fn score_names_what_is_missing() {
+    let d = tmpdir("errors");
+    let t = Tensor::zeros(&[2, 3, 8, 8]);
+    let input = d.join("s.safetensors");
+    write_x(&input, "samples", &t);
+    let o = run(&["score", "--reward", "jpeg-compressibility", "--input", input.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("no float tensor 'x'") && e.contains("samples"), "{e}");
+    let o = run(&["score", "--reward", "clip", "--key", "samples", "--input", input.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("clip_model"), "{e}");
+    let o = run(&["score", "--reward", "clip", "--clip-model", "/nonexistent/clip", "--key", "samples", "--input", input.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("/nonexistent/clip") && e.contains("config.json") && e.contains("model.safetensors"), "{e}");
+    let o = run(&["score", "--reward", "clip", "--clip-model", fixture_path("clip/tiny_a").to_str().unwrap(), "--clip-mode", "probdiff", "--key", "samples", "--input", input.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("prob-diff"), "{e}");
+}
+
+#[test]
+fn train_with_the_clip_reward_on_a_torchcfm_checkpoint() {
+    let d = tmpdir("train");
+    let clip = fixture_path("clip/tiny_a");
+    let ckpt = fixture_path("tiny_ckpt.pt");
+    let o = run(&[
+        "train",
+        "--ref-path",
+        ckpt.to_str().unwrap(),
+        "--reward",
+        "clip",
+        "--clip-model",
+        clip.to_str().unwrap(),
+        "--text-prompts",
+        "An image of dog,Not an image of dog",
+        "--savedir",
+        d.to_str().unwrap(),
+        "--run-name",
+        "dog",
+        "--num-epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--sample-batch",
+        "8",
+        "--steps-per-epoch",
+        "2",
+        "--ode-steps",
+        "2",
+        "--eval-samples",
+        "8",
+        "--grid-samples",
+        "4",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("dog/summary.json")).unwrap()).unwrap();
+    assert!(s["reward"].as_str().unwrap().starts_with("clip-prob-diff"), "{s}");
+    for k in ["reward_mean_initial", "reward_mean_final"] {
+        let v = s[k].as_f64().unwrap();
+        assert!(v.is_finite() && v.abs() <= 1.0, "{k} = {v}");
+    }
+    assert_eq!(s["steps"].as_u64(), Some(2));
+}

@@ -41,7 +41,7 @@ extern "C" __global__ void axpby_f32(float a, const float* x, float b, float* y,
     GRID_STRIDE(i, n) y[i] = y[i] * b + a * x[i];
 }
 
-// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x, 8 gelu (ops.cuh: unary_apply)
+// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x, 8 gelu, 9 quick_gelu (ops.cuh: unary_apply)
 extern "C" __global__ void unary_f32(long long op, float s, const float* x, float* y, long long n) {
     GRID_STRIDE(i, n) y[i] = unary_apply(op, s, x[i]);
 }

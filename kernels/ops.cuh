@@ -2,7 +2,7 @@
 // ones (half.cu, which widen, apply the same f32 arithmetic and round once). Pasted in by
 // `nvrtc::expand_headers`. CPU twins: src/backend/cpu/elementwise.rs, simd.rs, autograd/ops.rs.
 
-// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x, 8 gelu (erf)
+// op: 0 x+s, 1 x·s, 2 exp, 3 relu, 4 x², 5 silu, 6 sigmoid, 7 −x, 8 gelu (erf), 9 quick_gelu
 __device__ __forceinline__ float unary_apply(long long op, float s, float v) {
     switch (op) {
         case 0: return v + s;
@@ -13,6 +13,7 @@ __device__ __forceinline__ float unary_apply(long long op, float s, float v) {
         case 5: return v / (1.0f + expf(-v));
         case 6: return 1.0f / (1.0f + expf(-v));
         case 8: return 0.5f * v * erfcf(-v * 0.70710678118654752f);
+        case 9: return v / (1.0f + expf(-1.702f * v));
         default: return -v;
     }
 }
@@ -33,6 +34,10 @@ __device__ __forceinline__ float unary_grad(long long op, float gv, float x, flo
             // Φ(x) + x·φ(x)
             float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
             return gv * (cdf + x * 0.39894228040143268f * expf(-0.5f * x * x));
+        }
+        case 9: {
+            float sg = 1.0f / (1.0f + expf(-1.702f * x));
+            return gv * (sg * (1.0f + 1.702f * x * (1.0f - sg)));
         }
         // 0 (x+s): the gradient passes through. 1 (x·s) has no case: its gradient is the unary
         // op 1 of g, which is what the host launches.

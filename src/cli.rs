@@ -227,6 +227,9 @@ pub enum BenchCmd {
         image: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// f32, f16 or bf16: the towers' matrix products (autocast-style).
+        #[arg(long, default_value = "f32")]
+        precision: String,
         #[arg(long, default_value_t = 3)]
         iters: usize,
         #[arg(long, default_value_t = 1)]
@@ -234,6 +237,9 @@ pub enum BenchCmd {
         /// Print a JSON line last: {"ms": .., "ms_per_image": .., "peak_memory_mb": .., ..}.
         #[arg(long)]
         json: bool,
+        /// After the timed runs, one more under the CPU profiler: time per op class and op.
+        #[arg(long)]
+        profile: bool,
     },
     /// Each fused kernel's time at the U-Net's shapes, with its GB/s or TFLOP/s next to the
     /// copy bandwidth and GEMM rate measured in the same run.
@@ -270,7 +276,9 @@ pub fn run(cli: Cli) -> Result<()> {
             BenchCmd::Sample { run, json } => crate::commands::bench::run_sample(&run, json),
             BenchCmd::Round { run, coupling, json } => crate::commands::bench::run_round(&run, &coupling, json),
             BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),
-            BenchCmd::Clip { clip_model, arch, batch, image, device, iters, warmup, json } => crate::commands::bench::run_clip(clip_model.as_deref(), &arch, batch, image, &device, iters, warmup, json),
+            BenchCmd::Clip { clip_model, arch, batch, image, device, precision, iters, warmup, json, profile } => {
+                crate::commands::bench::run_clip(clip_model.as_deref(), &arch, batch, image, &device, &precision, iters, warmup, json, profile)
+            }
         },
     }
 }

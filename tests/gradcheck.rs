@@ -42,6 +42,7 @@ fn activations() {
     check("silu", vec![r(&[3, 7], 11)], |v| silu(&v[0]).unwrap());
     check("sigmoid", vec![r(&[3, 7], 12)], |v| sigmoid(&v[0]).unwrap());
     check("gelu", vec![r(&[3, 7], 13)], |v| gelu(&v[0]).unwrap());
+    check("quick_gelu", vec![r(&[3, 7], 14)], |v| quick_gelu(&v[0]).unwrap());
     check("exp", vec![r(&[3, 7], 13)], |v| exp(&v[0]).unwrap());
     // keep values away from the kink at 0
     let x = Tensor::from_vec(r(&[3, 7], 14).data().iter().map(|&v| if v.abs() < 0.1 { v + 0.3 } else { v }).collect(), &[3, 7]);

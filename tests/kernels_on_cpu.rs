@@ -535,7 +535,7 @@ fn elementwise_kernels_match_the_cpu_backend() {
         let x = scaled(r.normal_vec(n), 3.0);
         let g = r.normal_vec(n);
         let s = 0.7f32;
-        for op in 0..9i64 {
+        for op in 0..10i64 {
             let xv = Var::param(t(&x, &[n]));
             let y = match op {
                 0 => ops::add_scalar(&xv, s).unwrap(),
@@ -546,12 +546,13 @@ fn elementwise_kernels_match_the_cpu_backend() {
                 5 => ops::silu(&xv).unwrap(),
                 6 => ops::sigmoid(&xv).unwrap(),
                 8 => ops::gelu(&xv).unwrap(),
+                9 => ops::quick_gelu(&xv).unwrap(),
                 // Neg is launched for sub's gradient of b: −g
                 _ => ops::sub(&cst(&vec![0.0; n], &[n]), &xv).unwrap(),
             };
             let want = if op == 7 { y.backward_with(t(&x, &[n])).unwrap().get(&xv).unwrap().to_vec() } else { y.value().to_vec() };
             let sc = if op <= 1 { s } else { 0.0 };
-            let tol = if op == 5 || op == 6 || op == 8 { APPROX } else { EXACT };
+            let tol = if op == 5 || op == 6 || op == 8 || op == 9 { APPROX } else { EXACT };
             for sh in shapes_n(n) {
                 let mut out = nan(n);
                 let (xp, op_) = (addr(&x), addr_mut(&mut out));
@@ -560,10 +561,10 @@ fn elementwise_kernels_match_the_cpu_backend() {
             }
             // the host launches unary_backward for AddScalar's grad (identity), Exp, Relu,
             // Square (through ops::unary), Silu and Sigmoid; Neg (7) is checked too
-            if [0, 2, 3, 4, 5, 6, 7, 8].contains(&op) {
+            if [0, 2, 3, 4, 5, 6, 7, 8, 9].contains(&op) {
                 let want_g = y.backward_with(t(&g, &[n])).unwrap().get(&xv).unwrap().to_vec();
                 let yv = y.value().to_vec();
-                let tol = if op == 5 || op == 8 { APPROX } else { EXACT };
+                let tol = if op == 5 || op == 8 || op == 9 { APPROX } else { EXACT };
                 for sh in shapes_n(n) {
                     let mut dx = nan(n);
                     let (gp, xp, yp, dp) = (addr(&g), addr(&x), addr(&yv), addr_mut(&mut dx));
@@ -1194,9 +1195,9 @@ fn half_kernels_match_the_cpu_reference_bit_for_bit() {
             let xs = store(&scaled(r.normal_vec(n), 3.0));
             let gs = store(&r.normal_vec(n));
             let (xb, gb) = (bits(&xs), bits(&gs));
-            for op in [UnaryOp::AddScalar, UnaryOp::MulScalar, UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg, UnaryOp::Gelu] {
+            for op in [UnaryOp::AddScalar, UnaryOp::MulScalar, UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg, UnaryOp::Gelu, UnaryOp::QuickGelu] {
                 let sc = 0.37f32;
-                let max_ulp = if matches!(op, UnaryOp::Exp | UnaryOp::Silu | UnaryOp::Sigmoid | UnaryOp::Gelu) { 1 } else { 0 };
+                let max_ulp = if matches!(op, UnaryOp::Exp | UnaryOp::Silu | UnaryOp::Sigmoid | UnaryOp::Gelu | UnaryOp::QuickGelu) { 1 } else { 0 };
                 let ys = xs.unary(op, sc).unwrap();
                 let want_y = bits(&ys);
                 let yb = want_y.clone();

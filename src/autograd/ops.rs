@@ -83,6 +83,10 @@ pub fn silu(x: &Var) -> Result<Var> {
 pub fn gelu(x: &Var) -> Result<Var> {
     unary(x, "gelu", UnaryOp::Gelu)
 }
+/// `x·σ(1.702·x)`, CLIP's QuickGELU.
+pub fn quick_gelu(x: &Var) -> Result<Var> {
+    unary(x, "quick_gelu", UnaryOp::QuickGelu)
+}
 /// Logistic sigmoid.
 pub fn sigmoid(x: &Var) -> Result<Var> {
     unary(x, "sigmoid", UnaryOp::Sigmoid)

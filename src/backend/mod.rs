@@ -43,6 +43,8 @@ pub enum UnaryOp {
     Neg = 7,
     /// `x·Φ(x)` with the exact (erf) normal CDF: PyTorch's `gelu`, Hugging Face's `"gelu"`.
     Gelu = 8,
+    /// `x·σ(1.702·x)`: OpenAI CLIP's `quick_gelu`.
+    QuickGelu = 9,
 }
 
 /// The distribution of a counter-based random draw (Philox4x32-10, the layout of

@@ -387,7 +387,7 @@ fn print_peak(m: &serde_json::Map<String, Value>) {
 }
 
 /// `bench clip`: the CLIP reward on `batch` random images `[3, image, image]` in [-1, 1].
-pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, device: &str, iters: usize, warmup: usize, json: bool) -> Result<()> {
+pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool, profile: bool) -> Result<()> {
     use crate::nn::clip::{ClipConfig, ClipModel};
     use crate::reward::Reward;
     use crate::reward::clip::{ClipMode, ClipReward};
@@ -396,10 +396,12 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
     if batch == 0 || image == 0 {
         bail!("bench clip needs --batch and --image of at least 1");
     }
-    let model = match dir {
+    let mut model = match dir {
         Some(d) => ClipModel::from_dir(std::path::Path::new(d), dev)?,
         None => ClipModel::random(ClipConfig::builtin(arch)?, 0, dev)?,
     };
+    let precision = DType::parse_precision(precision)?;
+    model.to_precision(precision)?;
     let what = dir.map(|d| d.to_string()).unwrap_or_else(|| format!("{arch} (random weights)"));
     let c = model.config.clone();
     let t0 = Instant::now();
@@ -414,7 +416,7 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
     let med = median(ms.clone());
     let mut m = common_json(dev)?;
     println!(
-        "CLIP reward {what}: {} {}×{} patches of {}, vision width {} × {} layers; {batch} images {image}×{image} → {}×{}, on {}, median of {iters}:",
+        "CLIP reward {what}: {} {}×{} patches of {}, vision width {} × {} layers; {batch} images {image}×{image} → {}×{}, {precision} on {}, median of {iters}:",
         if c.vision.act == crate::nn::clip::Act::QuickGelu { "quick_gelu" } else { "gelu" },
         c.image_size / c.patch_size,
         c.image_size / c.patch_size,
@@ -427,8 +429,28 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
     );
     println!("  {med:>10.1} ms per batch ({:.2} ms per image); the prompts' embeddings once: {text_ms:.1} ms", med / batch as f64);
     print_peak(&m);
+    if profile && dev == Device::Cpu {
+        use crate::backend::cpu::profile as prof;
+        prof::reset();
+        prof::enable(true);
+        let t0 = Instant::now();
+        let res = r.score(&x, None);
+        let wall = t0.elapsed().as_secs_f64() * 1e3;
+        prof::enable(false);
+        res?;
+        m.insert("profile".into(), print_profile("CLIP reward", &(wall, prof::take()), 1));
+    }
     if json {
-        for (k, v) in [("what", json!(what)), ("batch", json!(batch)), ("image", json!(image)), ("ms", json!(med)), ("ms_all", json!(ms)), ("ms_per_image", json!(med / batch as f64)), ("text_ms", json!(text_ms))] {
+        for (k, v) in [
+            ("what", json!(what)),
+            ("precision", json!(precision.name())),
+            ("batch", json!(batch)),
+            ("image", json!(image)),
+            ("ms", json!(med)),
+            ("ms_all", json!(ms)),
+            ("ms_per_image", json!(med / batch as f64)),
+            ("text_ms", json!(text_ms)),
+        ] {
             m.insert(k.into(), v);
         }
         println!("{}", Value::Object(m));

@@ -245,7 +245,10 @@ pub fn build_reward(prod: &ProductConfig, prompts: &[String], sample_shape: &[us
                 bail!("the clip reward scores images [1 or 3, H, W]; the model makes {sample_shape:?}");
             }
             let device = Device::parse(&prod.device)?;
-            let r = ClipReward::from_dir(Path::new(dir), device, prompts.to_vec(), mode)?;
+            let mut model = crate::nn::ClipModel::from_dir(Path::new(dir), device)?;
+            // the towers follow the run's precision (autocast-style: matrix products in it)
+            model.to_precision(crate::tensor::DType::parse_precision(&prod.precision)?)?;
+            let r = ClipReward::new(model, prompts.to_vec(), mode)?;
             (Box::new(r), metrics_classifier(), Vec::new())
         }
         "jpeg-compressibility" | "jpeg-incompressibility" => {

@@ -28,7 +28,7 @@ use serde_json::Value;
 use super::clip_tokenizer::ClipTokenizer;
 use super::params::ParamStore;
 use crate::backend::{QkvOrder, UnaryOp};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 /// The activation of a tower's MLP (`hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,6 +349,10 @@ pub struct ClipModel {
     text_blocks: Vec<Block>,
     vision_blocks: Vec<Block>,
     device: Device,
+    /// The matrix products' dtype ([`ClipModel::to_precision`]).
+    dtype: DType,
+    /// The non-block weights of the matrix products in `dtype` (empty in f32).
+    half: Vec<(String, Tensor)>,
     pub dir: PathBuf,
 }
 
@@ -439,6 +443,38 @@ impl ClipModel {
 
     fn assemble(config: ClipConfig, processor: ClipProcessor, tokenizer: ClipTokenizer, params: ParamStore, device: Device, dir: &Path) -> Result<Self> {
         params.to_device(device)?;
+        let (text_blocks, vision_blocks) = Self::blocks(&config, &params)?;
+        Ok(ClipModel { config, processor, tokenizer, params, text_blocks, vision_blocks, device, dtype: DType::F32, half: Vec::new(), dir: dir.to_path_buf() })
+    }
+
+    /// Run the towers' matrix products in `dtype` (f32, f16 or bf16), as PyTorch's autocast
+    /// does: the linear layers' weights, inputs and outputs (attention included) in it, GEMMs
+    /// accumulating in f32; the residual stream, the LayerNorms, the embeddings, the processor,
+    /// `logit_scale` and the similarities stay f32.
+    pub fn to_precision(&mut self, dtype: DType) -> Result<()> {
+        let (mut t, mut v) = Self::blocks(&self.config, &self.params)?;
+        for b in t.iter_mut().chain(v.iter_mut()) {
+            for p in [&mut b.qkv, &mut b.out, &mut b.fc1, &mut b.fc2] {
+                *p = (p.0.to_dtype(dtype)?, p.1.to_dtype(dtype)?);
+            }
+        }
+        self.text_blocks = t;
+        self.vision_blocks = v;
+        self.half = ["vision_model.embeddings.patch_embedding.weight", "visual_projection.weight", "text_projection.weight"].iter().map(|n| Ok((n.to_string(), self.p(n).to_dtype(dtype)?))).collect::<Result<_>>()?;
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// A parameter in the matrix products' dtype.
+    fn pd(&self, n: &str) -> Tensor {
+        self.half.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone()).unwrap_or_else(|| self.p(n))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn blocks(config: &ClipConfig, params: &ParamStore) -> Result<(Vec<Block>, Vec<Block>)> {
         let get = |n: &str| -> Tensor { params.get(n).expect("declared parameter").value() };
         let blocks = |prefix: &str, t: &TowerConfig| -> Result<Vec<Block>> {
             (0..t.layers)
@@ -457,9 +493,7 @@ impl ClipModel {
                 })
                 .collect()
         };
-        let text_blocks = blocks("text_model", &config.text)?;
-        let vision_blocks = blocks("vision_model", &config.vision)?;
-        Ok(ClipModel { config, processor, tokenizer, params, text_blocks, vision_blocks, device, dir: dir.to_path_buf() })
+        Ok((blocks("text_model", &config.text)?, blocks("vision_model", &config.vision)?))
     }
 
     pub fn device(&self) -> Device {
@@ -487,7 +521,7 @@ impl ClipModel {
         if cn != 3 {
             bail!("CLIP vision towers with {cn} channels are not supported (3 expected)");
         }
-        let x = x.to_device(self.device)?.to_dtype(crate::tensor::DType::F32)?;
+        let x = x.to_device(self.device)?.to_dtype(DType::F32)?;
         let x = if s[1] == 1 { x.broadcast_to(&[b, 3, h, w])? } else { x };
         let x = clamp01(&x.add_scalar(1.0)?.mul_scalar(0.5)?)?;
         let p = &self.processor;
@@ -527,7 +561,7 @@ impl ClipModel {
 
     fn act(&self, x: &Tensor, a: Act) -> Result<Tensor> {
         match a {
-            Act::QuickGelu => x.mul(&x.mul_scalar(1.702)?.unary(UnaryOp::Sigmoid, 0.0)?),
+            Act::QuickGelu => x.unary(UnaryOp::QuickGelu, 0.0),
             Act::Gelu => x.unary(UnaryOp::Gelu, 0.0),
             // 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)(x + 0.044715 x³)
             Act::GeluTanh => {
@@ -547,14 +581,14 @@ impl ClipModel {
 
     /// One pre-LN block on `x [B·T, D]`.
     fn block(&self, x: &Tensor, blk: &Block, t: &TowerConfig, b: usize, len: usize, causal: bool) -> Result<Tensor> {
-        let d = t.hidden;
-        let h = Self::layer_norm(x, &blk.ln1, t.eps)?;
+        let (d, dt) = (t.hidden, self.dtype);
+        let h = Self::layer_norm(x, &blk.ln1, t.eps)?.to_dtype(dt)?;
         let qkv = h.linear(&blk.qkv.0, Some(&blk.qkv.1))?;
         let a = if causal { self.causal_attention(&qkv, b, len, t.heads, d)? } else { Self::attention(&qkv, b, len, t.heads, d)? };
-        let x = x.add(&a.linear(&blk.out.0, Some(&blk.out.1))?)?;
-        let h = Self::layer_norm(&x, &blk.ln2, t.eps)?;
+        let x = x.add(&a.linear(&blk.out.0, Some(&blk.out.1))?.to_dtype(DType::F32)?)?;
+        let h = Self::layer_norm(&x, &blk.ln2, t.eps)?.to_dtype(dt)?;
         let m = self.act(&h.linear(&blk.fc1.0, Some(&blk.fc1.1))?, t.act)?.linear(&blk.fc2.0, Some(&blk.fc2.1))?;
-        x.add(&m)
+        x.add(&m.to_dtype(DType::F32)?)
     }
 
     /// Softmax attention of `qkv [B·T, 3·D]` (the engine's QKV kernel) → `[B·T, D]`.
@@ -572,10 +606,10 @@ impl ClipModel {
         let mut mask = vec![0.0f32; len * len];
         for i in 0..len {
             for j in i + 1..len {
-                mask[i * len + j] = f32::MIN;
+                mask[i * len + j] = if self.dtype == DType::F32 { f32::MIN } else { -3e4 };
             }
         }
-        let mask = Tensor::from_vec(mask, &[len, len]).to_device(self.device)?;
+        let mask = Tensor::from_vec(mask, &[len, len]).to_dtype(self.dtype)?.to_device(self.device)?;
         let mut rows = Vec::with_capacity(b);
         for bi in 0..b {
             let s = qkv.narrow(0, bi * len, len)?;
@@ -599,12 +633,13 @@ impl ClipModel {
         if s.len() != 4 || s[1] != c.channels || s[2] != c.image_size || s[3] != c.image_size {
             bail!("the vision tower takes [B, {}, {}, {}] pixels, got {s:?}", c.channels, c.image_size, c.image_size);
         }
+        let pixels = pixels.to_dtype(self.dtype)?;
         let (b, p, g, d) = (s[0], c.patch_size, c.grid(), c.vision.hidden);
         let n = g * g;
         // the patch convolution as one GEMM: [B·g², C·p²] · Wᵀ
         let cols = pixels.reshape(&[b, c.channels, g, p, g, p])?.permute(&[0, 2, 4, 1, 3, 5])?.reshape(&[b * n, c.channels * p * p])?;
-        let w = self.p("vision_model.embeddings.patch_embedding.weight").reshape(&[d, c.channels * p * p])?;
-        let patches = cols.linear(&w, None)?.reshape(&[b, n, d])?;
+        let w = self.pd("vision_model.embeddings.patch_embedding.weight").reshape(&[d, c.channels * p * p])?;
+        let patches = cols.linear(&w, None)?.to_dtype(DType::F32)?.reshape(&[b, n, d])?;
         let cls = self.p("vision_model.embeddings.class_embedding").reshape(&[1, 1, d])?.broadcast_to(&[b, 1, d])?;
         let tokens = Tensor::concat(&[cls, patches], 1)?.add(&self.p("vision_model.embeddings.position_embedding.weight").reshape(&[1, n + 1, d])?)?;
         let mut x = Self::layer_norm(&tokens.reshape(&[b * (n + 1), d])?, &(self.p("vision_model.pre_layrnorm.weight"), self.p("vision_model.pre_layrnorm.bias")), c.vision.eps)?;
@@ -613,7 +648,7 @@ impl ClipModel {
         }
         let first = x.reshape(&[b, n + 1, d])?.narrow(1, 0, 1)?.reshape(&[b, d])?;
         let pooled = Self::layer_norm(&first, &(self.p("vision_model.post_layernorm.weight"), self.p("vision_model.post_layernorm.bias")), c.vision.eps)?;
-        pooled.linear(&self.p("visual_projection.weight"), None)
+        pooled.to_dtype(self.dtype)?.linear(&self.pd("visual_projection.weight"), None)?.to_dtype(DType::F32)
     }
 
     /// Projected text embeddings `[N, projection_dim]` (not normalised) of token sequences.
@@ -642,7 +677,7 @@ impl ClipModel {
         }
         let h = Tensor::concat(&pooled, 0)?;
         let h = Self::layer_norm(&h, &(self.p("text_model.final_layer_norm.weight"), self.p("text_model.final_layer_norm.bias")), c.text.eps)?;
-        h.linear(&self.p("text_projection.weight"), None)
+        h.to_dtype(self.dtype)?.linear(&self.pd("text_projection.weight"), None)?.to_dtype(DType::F32)
     }
 
     /// Projected text embeddings of prompts (tokenized, truncated to the context).

@@ -104,6 +104,15 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
+    /// `y = x · σ(1.702·x)` (CLIP's QuickGELU).
+    pub fn quick_gelu(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * sigmoid_f32(1.702 * v);
+        }
+    }
+}
+
+crate::multiversion! {
     /// `y = σ(x)`.
     pub fn sigmoid(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {

@@ -187,6 +187,7 @@ pub fn unary_f32(x: &[f32], op: UnaryOp, s: f32) -> Vec<f32> {
         UnaryOp::Silu => par_slices(x, simd::silu),
         UnaryOp::Sigmoid => par_slices(x, simd::sigmoid),
         UnaryOp::Gelu => ew::map(x, |v| v * ew::normal_cdf(v)),
+        UnaryOp::QuickGelu => par_slices(x, simd::quick_gelu),
     }
 }
 
@@ -201,6 +202,10 @@ pub fn unary_backward_f32(op: UnaryOp, g: &[f32], x: &[f32], y: &[f32], s: f32) 
         UnaryOp::Neg => ew::map(g, |v| -v),
         UnaryOp::Sigmoid => ew::zip_map(g, y, |g, y| g * y * (1.0 - y)),
         UnaryOp::Gelu => ew::zip_map(g, x, |g, x| g * (ew::normal_cdf(x) + x * 0.398_942_3 * (-0.5 * x * x).exp())),
+        UnaryOp::QuickGelu => ew::zip_map(g, x, |g, x| {
+            let s = 1.0 / (1.0 + (-1.702 * x).exp());
+            g * s * (1.0 + 1.702 * x * (1.0 - s))
+        }),
         UnaryOp::Silu => {
             let mut dx = vec![0.0f32; g.len()];
             if dx.len() >= 2 * PAR_MIN {

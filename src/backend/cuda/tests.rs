@@ -194,11 +194,12 @@ fn elementwise_ops_match_the_cpu() {
             (UnaryOp::Sigmoid, 0.0),
             (UnaryOp::Neg, 0.0),
             (UnaryOp::Gelu, 0.0),
+            (UnaryOp::QuickGelu, 0.0),
         ] {
             check!(&g, format!("{d} unary {op:?}"), Tol::Ulp, vec![a.clone()], |x| Ok(vec![x[0].unary(op, s)?]));
         }
         let gy = randn(&mut r, a.len(), d);
-        for op in [UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg, UnaryOp::Gelu] {
+        for op in [UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Neg, UnaryOp::Gelu, UnaryOp::QuickGelu] {
             check!(&g, format!("{d} unary_backward {op:?}"), Tol::Ulp, vec![gy.clone(), a.clone()], |x| {
                 let y = x[1].unary(op, 0.0)?;
                 Ok(vec![x[0].unary_backward(op, &x[1], &y)?])

@@ -59,11 +59,11 @@ fn a_run_writes_every_output() {
     let text = std::fs::read_to_string(r.join("config.toml")).unwrap();
     let resolved: toml::Table = toml::from_str(&text).unwrap();
     // f32 keys are written with their shortest decimal
-    assert!(text.lines().any(|l| l == "learning_rate = 0.001") && text.lines().any(|l| l == "w2_coefficient = 0.2"), "{text}");
+    assert!(text.lines().any(|l| l == "learning_rate = 0.001") && text.lines().any(|l| l == "w2_coefficient = 0.15"), "{text}");
     assert_eq!(resolved["learning_rate"].as_float().unwrap() as f32, 0.001);
     assert_eq!(resolved["temperature"].as_float().unwrap(), 1.5);
     assert_eq!(resolved["batch_size"].as_integer(), Some(4));
-    assert_eq!(resolved["w2_coefficient"].as_float().unwrap() as f32, 0.2, "from the mnist-even preset");
+    assert_eq!(resolved["w2_coefficient"].as_float().unwrap() as f32, 0.15, "from the mnist-even preset");
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("summary.json")).unwrap()).unwrap();
     for k in ["reward_mean_initial", "reward_mean_final", "diversity_initial", "diversity_final", "wall_time_s", "device", "target_fraction_final"] {
         assert!(!s[k].is_null(), "summary.json lacks {k}");
@@ -200,7 +200,7 @@ fn config_toml_writes_short_floats_that_read_back_exactly() {
     orw.ode_atol = 1e-7;
     let prod = ProductConfig { reward_timeout: 0.1 + 0.2, ..ProductConfig::default() };
     let text = to_toml(&orw, &prod).unwrap();
-    for want in ["learning_rate = 0.0004", "w2_coefficient = 0.2", "temperature = 6.0", "sigma = 0.1", "ema_decay = 0.9999", "grad_clip = 0.33333334", "ode_atol = 0.0000001", "reward_timeout = 0.30000000000000004"] {
+    for want in ["learning_rate = 0.0004", "w2_coefficient = 0.15", "temperature = 6.0", "sigma = 0.1", "ema_decay = 0.9999", "grad_clip = 0.33333334", "ode_atol = 0.0000001", "reward_timeout = 0.30000000000000004"] {
         assert!(text.lines().any(|l| l == want), "config.toml lacks '{want}':\n{text}");
     }
     let p = d.join("config.toml");

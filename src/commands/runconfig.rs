@@ -114,7 +114,7 @@ pub fn preset(name: &str) -> Result<OrwConfig> {
         "mnist-even" => Ok(OrwConfig {
             learning_rate: 4e-4,
             warmup_steps: 10,
-            w2_coefficient: 0.2,
+            w2_coefficient: 0.15,
             temperature: 6.0,
             grad_clip: 1.0,
             batch_size: 64,

@@ -144,4 +144,43 @@ fn train_with_the_clip_reward_on_a_torchcfm_checkpoint() {
         assert!(v.is_finite() && v.abs() <= 1.0, "{k} = {v}");
     }
     assert_eq!(s["steps"].as_u64(), Some(2));
+    // an RGB U-Net of CIFAR-10's shape (a small torchcfm config, random weights)
+    let cfg = orwcfm_fast::nn::UNetConfig::from_json_str(r#"{"dim":[3,32,32],"num_channels":32,"num_res_blocks":1,"channel_mult":[1,2],"attention_resolutions":"16"}"#).unwrap();
+    let m = orwcfm_fast::nn::UNetModel::new(&cfg, orwcfm_fast::nn::Init::Torch(3)).unwrap();
+    let rgb = d.join("rgb.safetensors");
+    orwcfm_fast::nn::save_model(&m, &rgb, DType::F32).unwrap();
+    let o = run(&[
+        "train",
+        "--ref-path",
+        rgb.to_str().unwrap(),
+        "--reward",
+        "clip",
+        "--clip-model",
+        clip.to_str().unwrap(),
+        "--clip-mode",
+        "cosine",
+        "--savedir",
+        d.to_str().unwrap(),
+        "--run-name",
+        "rgb",
+        "--num-epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--sample-batch",
+        "8",
+        "--steps-per-epoch",
+        "2",
+        "--ode-steps",
+        "2",
+        "--eval-samples",
+        "8",
+        "--grid-samples",
+        "4",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("rgb/summary.json")).unwrap()).unwrap();
+    assert!(s["reward"].as_str().unwrap().starts_with("clip-cosine"), "{s}");
+    assert!(s["reward_mean_final"].as_f64().unwrap().abs() <= 1.0);
 }

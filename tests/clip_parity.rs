@@ -204,6 +204,30 @@ fn half_precision_towers_on_the_gpu() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// transformers 5's `CLIPProcessor.save_pretrained` writes `processor_config.json` (the image
+/// processor under `image_processor`) instead of `preprocessor_config.json`: its settings apply.
+#[test]
+fn processor_config_json_is_read() {
+    let d = std::env::temp_dir().join(format!("orwcfm_clip_proc_{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors", "vocab.json", "merges.txt"] {
+        std::fs::copy(dir_a().join(f), d.join(f)).unwrap();
+    }
+    let pc = serde_json::json!({"image_processor": {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3}, "processor_class": "CLIPProcessor"});
+    std::fs::write(d.join("processor_config.json"), pc.to_string()).unwrap();
+    let model = ClipModel::from_dir(&d, Device::Cpu).unwrap();
+    let f = fx();
+    let got = model.preprocess(f.get("a_x").unwrap()).unwrap();
+    // the fixture's pixels used CLIP's mean/std: back to [0, 1], then to mean 0.5, std 0.5
+    let (mean, std) = ([0.481_454_66f32, 0.457_827_5, 0.408_210_73], [0.268_629_54f32, 0.261_302_6, 0.275_777_1]);
+    let px = f.get("a_pixels").unwrap();
+    let hw = 32 * 32;
+    let want: Vec<f32> = px.data().iter().enumerate().map(|(i, &v)| (v * std[(i / hw) % 3] + mean[(i / hw) % 3] - 0.5) / 0.5).collect();
+    let e = rel_err(got.data(), &want);
+    assert!(e < 1e-5, "pixels under processor_config.json: rel err {e:.2e}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn prob_diff_is_the_softmax_difference_and_prompt_order_matters() {
     let model = ClipModel::from_dir(&dir_a(), Device::Cpu).unwrap();

@@ -4,7 +4,7 @@
 //! A model folder holds `config.json` (a `CLIPModel` config: `text_config`, `vision_config`,
 //! `projection_dim`), the weights (`model.safetensors`, a sharded `model.safetensors.index.json`
 //! or `pytorch_model.bin`), the tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`) and
-//! optionally `preprocessor_config.json`. Parameters keep the checkpoint's names and are loaded
+//! optionally `preprocessor_config.json` (or `processor_config.json`'s `image_processor`). Parameters keep the checkpoint's names and are loaded
 //! strictly: a missing, unexpected or misshapen key is an error that names it.
 //!
 //! What the towers compute, as `transformers`' `CLIPModel` does:
@@ -396,10 +396,16 @@ impl ClipModel {
         }
         let cv: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?).with_context(|| format!("{} is not JSON", cfg_path.display()))?;
         let config = ClipConfig::from_json(&cv).with_context(|| format!("in {}", cfg_path.display()))?;
-        let pp = dir.join("preprocessor_config.json");
+        // preprocessor_config.json, or the image_processor entry of the processor_config.json
+        // that transformers 5's CLIPProcessor.save_pretrained writes
+        let read_json = |p: &Path| -> Result<Value> { serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not JSON", p.display())) };
+        let (pp, proc_all) = (dir.join("preprocessor_config.json"), dir.join("processor_config.json"));
         let processor = if pp.is_file() {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&pp)?).with_context(|| format!("{} is not JSON", pp.display()))?;
-            ClipProcessor::from_json(&v, config.image_size).with_context(|| format!("in {}", pp.display()))?
+            ClipProcessor::from_json(&read_json(&pp)?, config.image_size).with_context(|| format!("in {}", pp.display()))?
+        } else if proc_all.is_file()
+            && let Some(ip) = read_json(&proc_all)?.get("image_processor").filter(|v| v.is_object())
+        {
+            ClipProcessor::from_json(ip, config.image_size).with_context(|| format!("in {} (image_processor)", proc_all.display()))?
         } else {
             ClipProcessor::default_for(config.image_size)
         };

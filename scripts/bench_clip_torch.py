@@ -8,11 +8,13 @@ A random CLIPModel of OpenAI's ViT-B/32 architecture (the same shapes as `--arch
 per batch: images in [-1, 1] to [0, 1], bicubic resize to 224 (torch's antialiased bicubic, the
 GPU-friendly stand-in for the processor's PIL resize), CLIP's mean/std, get_image_features, the
 cosine with the two prompts' embeddings (computed once), logit scale, softmax, p0 − p1. Prints a
-JSON line last: {"ms": median ms per batch, "ms_per_image", "torch", "threads", ...}.
+JSON line last: {"ms": median ms per batch, "ms_per_image", "torch", "threads", "peak_memory_mb"
+(the process's ru_maxrss), ...}.
 """
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 
@@ -78,7 +80,7 @@ def main():
         ms.append((time.perf_counter() - t) * 1e3)
     med = statistics.median(ms)
     print(f"PyTorch {torch.__version__} CLIP reward ViT-B/32 (random weights): {a.batch} images {a.image}x{a.image} -> 224, {a.device} {a.dtype}, {a.threads} threads: {med:.1f} ms per batch ({med / a.batch:.2f} ms per image)")
-    print(json.dumps({"ms": med, "ms_all": ms, "ms_per_image": med / a.batch, "batch": a.batch, "torch": torch.__version__, "threads": a.threads, "device": a.device, "dtype": a.dtype, "cpu": platform.processor()}))
+    print(json.dumps({"ms": med, "ms_all": ms, "ms_per_image": med / a.batch, "batch": a.batch, "torch": torch.__version__, "threads": a.threads, "device": a.device, "dtype": a.dtype, "cpu": platform.processor(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

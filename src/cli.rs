@@ -230,6 +230,9 @@ pub enum BenchCmd {
         /// f32, f16 or bf16: the towers' matrix products (autocast-style).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// Images per pass through the image tower (default: the reward's; 0: the whole batch).
+        #[arg(long)]
+        chunk: Option<usize>,
         #[arg(long, default_value_t = 3)]
         iters: usize,
         #[arg(long, default_value_t = 1)]
@@ -276,8 +279,8 @@ pub fn run(cli: Cli) -> Result<()> {
             BenchCmd::Sample { run, json } => crate::commands::bench::run_sample(&run, json),
             BenchCmd::Round { run, coupling, json } => crate::commands::bench::run_round(&run, &coupling, json),
             BenchCmd::Kernels(a) => crate::commands::bench_kernels::run(&a),
-            BenchCmd::Clip { clip_model, arch, batch, image, device, precision, iters, warmup, json, profile } => {
-                crate::commands::bench::run_clip(clip_model.as_deref(), &arch, batch, image, &device, &precision, iters, warmup, json, profile)
+            BenchCmd::Clip { clip_model, arch, batch, image, device, precision, chunk, iters, warmup, json, profile } => {
+                crate::commands::bench::run_clip(clip_model.as_deref(), &arch, batch, image, &device, &precision, chunk, iters, warmup, json, profile)
             }
         },
     }

@@ -387,7 +387,7 @@ fn print_peak(m: &serde_json::Map<String, Value>) {
 }
 
 /// `bench clip`: the CLIP reward on `batch` random images `[3, image, image]` in [-1, 1].
-pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, device: &str, precision: &str, iters: usize, warmup: usize, json: bool, profile: bool) -> Result<()> {
+pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, device: &str, precision: &str, chunk: Option<usize>, iters: usize, warmup: usize, json: bool, profile: bool) -> Result<()> {
     use crate::nn::clip::{ClipConfig, ClipModel};
     use crate::reward::Reward;
     use crate::reward::clip::{ClipMode, ClipReward};
@@ -407,6 +407,9 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
     let t0 = Instant::now();
     let mut r = ClipReward::new(model, vec!["An image of dog".into(), "Not an image of dog".into()], ClipMode::ProbDiff)?;
     let text_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(c) = chunk {
+        r.chunk = if c == 0 { batch } else { c };
+    }
     let mut rng = crate::rng::Rng::new(1);
     let x = Tensor::rand_uniform(&[batch, 3, image, image], -1.0, 1.0, &mut rng);
     let ms = time_ms_within(dev, warmup, iters, 1, None, || {
@@ -427,7 +430,7 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
         c.image_size,
         m["on"].as_str().unwrap_or("")
     );
-    println!("  {med:>10.1} ms per batch ({:.2} ms per image); the prompts' embeddings once: {text_ms:.1} ms", med / batch as f64);
+    println!("  {med:>10.1} ms per batch ({:.2} ms per image, {} images per pass); the prompts' embeddings once: {text_ms:.1} ms", med / batch as f64, r.chunk);
     print_peak(&m);
     if profile && dev == Device::Cpu {
         use crate::backend::cpu::profile as prof;
@@ -449,6 +452,7 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
             ("ms", json!(med)),
             ("ms_all", json!(ms)),
             ("ms_per_image", json!(med / batch as f64)),
+            ("chunk", json!(r.chunk)),
             ("text_ms", json!(text_ms)),
         ] {
             m.insert(k.into(), v);

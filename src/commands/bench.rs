@@ -419,8 +419,8 @@ pub fn run_clip(dir: Option<&str>, arch: &str, batch: usize, image: usize, devic
     let med = median(ms.clone());
     let mut m = common_json(dev)?;
     println!(
-        "CLIP reward {what}: {} {}×{} patches of {}, vision width {} × {} layers; {batch} images {image}×{image} → {}×{}, {precision} on {}, median of {iters}:",
-        if c.vision.act == crate::nn::clip::Act::QuickGelu { "quick_gelu" } else { "gelu" },
+        "CLIP reward {what}: {:?} {}×{} patches of {}, vision width {} × {} layers; {batch} images {image}×{image} → {}×{}, {precision} on {}, median of {iters}:",
+        c.vision.act,
         c.image_size / c.patch_size,
         c.image_size / c.patch_size,
         c.patch_size,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 use super::runconfig::{read_toml, resolve};
-use super::train::build_reward;
+use super::train::{build_reward, listify};
 use crate::reward::score_checked;
 
 /// `score`'s arguments: the input file and the reward with its options (`train`'s keys).
@@ -69,25 +69,26 @@ impl ScoreArgs {
     fn overrides(&self) -> Result<Map<String, Value>> {
         let mut m = Map::new();
         m.insert("reward".into(), self.reward.clone().into());
-        let split = |s: &str, sep: char| -> Vec<String> { s.split(sep).map(|p| p.trim()).filter(|p| !p.is_empty()).map(String::from).collect() };
-        if let Some(t) = &self.target_classes {
-            let v = split(t, ',').iter().map(|p| p.parse::<u64>().with_context(|| format!("--target-classes: '{p}' is not a class index"))).collect::<Result<Vec<_>>>()?;
-            m.insert("target_classes".into(), json!(v));
-        }
         if self.reward_log {
             m.insert("reward_log".into(), true.into());
         }
-        for (k, v) in [("classifier", &self.classifier), ("clip_model", &self.clip_model), ("clip_mode", &self.clip_mode), ("target_image", &self.target_image), ("device", &self.device)] {
+        // the list keys as given on the command line, split as train's flags are (listify)
+        let strings = [
+            ("classifier", &self.classifier),
+            ("clip_model", &self.clip_model),
+            ("clip_mode", &self.clip_mode),
+            ("target_image", &self.target_image),
+            ("device", &self.device),
+            ("target_classes", &self.target_classes),
+            ("text_prompts", &self.text_prompts),
+            ("reward_command", &self.reward_command),
+        ];
+        for (k, v) in strings {
             if let Some(v) = v {
                 m.insert(k.into(), v.clone().into());
             }
         }
-        if let Some(p) = &self.text_prompts {
-            m.insert("text_prompts".into(), json!(split(p, ',')));
-        }
-        if let Some(c) = &self.reward_command {
-            m.insert("reward_command".into(), json!(split(c, ' ')));
-        }
+        listify(&mut m)?;
         if let Some(q) = self.jpeg_quality {
             m.insert("jpeg_quality".into(), q.into());
         }

@@ -172,7 +172,7 @@ pub struct TrainArgs {
 }
 
 /// Flags whose config value is a list, given comma- or space-separated on the command line.
-fn listify(m: &mut Map<String, Value>) -> Result<()> {
+pub(crate) fn listify(m: &mut Map<String, Value>) -> Result<()> {
     for (k, sep) in [("text_prompts", ','), ("target_classes", ','), ("reward_command", ' ')] {
         if let Some(Value::String(s)) = m.get(k).cloned() {
             let parts: Vec<&str> = s.split(sep).map(|p| p.trim()).filter(|p| !p.is_empty()).collect();

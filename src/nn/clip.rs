@@ -356,6 +356,11 @@ pub struct ClipModel {
     pub dir: PathBuf,
 }
 
+/// A JSON file of the model folder, with its path in the errors.
+pub(crate) fn read_json(p: &Path) -> Result<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not JSON", p.display()))
+}
+
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -363,7 +368,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?).with_context(|| format!("{} is not JSON", index.display()))?;
+        let v = read_json(&index)?;
         let map = v["weight_map"].as_object().with_context(|| format!("{} has no weight_map", index.display()))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for f in map.values().filter_map(|f| f.as_str()) {
@@ -394,11 +399,10 @@ impl ClipModel {
         if !cfg_path.is_file() {
             bail!("no config.json in CLIP model folder {} (it needs config.json, model.safetensors and tokenizer.json or vocab.json + merges.txt)", dir.display());
         }
-        let cv: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?).with_context(|| format!("{} is not JSON", cfg_path.display()))?;
+        let cv = read_json(&cfg_path)?;
         let config = ClipConfig::from_json(&cv).with_context(|| format!("in {}", cfg_path.display()))?;
         // preprocessor_config.json, or the image_processor entry of the processor_config.json
         // that transformers 5's CLIPProcessor.save_pretrained writes
-        let read_json = |p: &Path| -> Result<Value> { serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not JSON", p.display())) };
         let (pp, proc_all) = (dir.join("preprocessor_config.json"), dir.join("processor_config.json"));
         let processor = if pp.is_file() {
             ClipProcessor::from_json(&read_json(&pp)?, config.image_size).with_context(|| format!("in {}", pp.display()))?
@@ -585,12 +589,16 @@ impl ClipModel {
         x4.group_norm(&p.0, &p.1, &g)?.0.reshape(&s)
     }
 
-    /// One pre-LN block on `x [B·T, D]`.
-    fn block(&self, x: &Tensor, blk: &Block, t: &TowerConfig, b: usize, len: usize, causal: bool) -> Result<Tensor> {
+    /// One pre-LN block on `x [B·T, D]`; `mask` (the text tower's, one sequence) makes the
+    /// attention causal.
+    fn block(&self, x: &Tensor, blk: &Block, t: &TowerConfig, b: usize, len: usize, mask: Option<&Tensor>) -> Result<Tensor> {
         let (d, dt) = (t.hidden, self.dtype);
         let h = Self::layer_norm(x, &blk.ln1, t.eps)?.to_dtype(dt)?;
         let qkv = h.linear(&blk.qkv.0, Some(&blk.qkv.1))?;
-        let a = if causal { self.causal_attention(&qkv, b, len, t.heads, d)? } else { Self::attention(&qkv, b, len, t.heads, d)? };
+        let a = match mask {
+            Some(m) => Self::masked_attention(&qkv, m, t.heads, d)?,
+            None => Self::attention(&qkv, b, len, t.heads, d)?,
+        };
         let x = x.add(&a.linear(&blk.out.0, Some(&blk.out.1))?.to_dtype(DType::F32)?)?;
         let h = Self::layer_norm(&x, &blk.ln2, t.eps)?.to_dtype(dt)?;
         let m = self.act(&h.linear(&blk.fc1.0, Some(&blk.fc1.1))?, t.act)?.linear(&blk.fc2.0, Some(&blk.fc2.1))?;
@@ -605,31 +613,31 @@ impl ClipModel {
         o.permute(&[0, 2, 1])?.reshape(&[b * len, d])
     }
 
-    /// Causal attention, one sequence and head at a time (the text tower runs once per run).
-    fn causal_attention(&self, qkv: &Tensor, b: usize, len: usize, heads: usize, d: usize) -> Result<Tensor> {
-        let hd = d / heads;
-        let scale = 1.0 / (hd as f32).sqrt();
+    /// The additive causal mask `[len, len]` in the activations' dtype, on the model's device.
+    fn causal_mask(&self, len: usize) -> Result<Tensor> {
         let mut mask = vec![0.0f32; len * len];
         for i in 0..len {
             for j in i + 1..len {
                 mask[i * len + j] = if self.dtype == DType::F32 { f32::MIN } else { -3e4 };
             }
         }
-        let mask = Tensor::from_vec(mask, &[len, len]).to_dtype(self.dtype)?.to_device(self.device)?;
-        let mut rows = Vec::with_capacity(b);
-        for bi in 0..b {
-            let s = qkv.narrow(0, bi * len, len)?;
-            let mut outs = Vec::with_capacity(heads);
-            for h in 0..heads {
-                let q = s.narrow(1, h * hd, hd)?;
-                let k = s.narrow(1, d + h * hd, hd)?;
-                let v = s.narrow(1, 2 * d + h * hd, hd)?;
-                let p = q.matmul_t(false, &k, true, scale)?.add(&mask)?.softmax()?;
-                outs.push(p.matmul(&v)?);
-            }
-            rows.push(Tensor::concat(&outs, 1)?);
-        }
-        Tensor::concat(&rows, 0)
+        Tensor::from_vec(mask, &[len, len]).to_dtype(self.dtype)?.to_device(self.device)
+    }
+
+    /// Attention of one sequence's `qkv [T, 3·D]` under an additive `mask [T, T]`, a head at a
+    /// time (the text tower runs once per run).
+    fn masked_attention(qkv: &Tensor, mask: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+        let hd = d / heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let outs = (0..heads)
+            .map(|h| {
+                let q = qkv.narrow(1, h * hd, hd)?;
+                let k = qkv.narrow(1, d + h * hd, hd)?;
+                let v = qkv.narrow(1, 2 * d + h * hd, hd)?;
+                q.matmul_t(false, &k, true, scale)?.add(mask)?.softmax()?.matmul(&v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::concat(&outs, 1)
     }
 
     /// Projected image embeddings `[B, projection_dim]` (not normalised) of processed pixels.
@@ -650,7 +658,7 @@ impl ClipModel {
         let tokens = Tensor::concat(&[cls, patches], 1)?.add(&self.p("vision_model.embeddings.position_embedding.weight").reshape(&[1, n + 1, d])?)?;
         let mut x = Self::layer_norm(&tokens.reshape(&[b * (n + 1), d])?, &(self.p("vision_model.pre_layrnorm.weight"), self.p("vision_model.pre_layrnorm.bias")), c.vision.eps)?;
         for blk in &self.vision_blocks {
-            x = self.block(&x, blk, &c.vision, b, n + 1, false)?;
+            x = self.block(&x, blk, &c.vision, b, n + 1, None)?;
         }
         let first = x.reshape(&[b, n + 1, d])?.narrow(1, 0, 1)?.reshape(&[b, d])?;
         let pooled = Self::layer_norm(&first, &(self.p("vision_model.post_layernorm.weight"), self.p("vision_model.post_layernorm.bias")), c.vision.eps)?;
@@ -673,8 +681,9 @@ impl ClipModel {
             let tok = self.p("text_model.embeddings.token_embedding.weight").index_rows(&idx)?;
             let pos = self.p("text_model.embeddings.position_embedding.weight").narrow(0, 0, len)?;
             let mut x = tok.add(&pos)?;
+            let mask = self.causal_mask(len)?;
             for blk in &self.text_blocks {
-                x = self.block(&x, blk, &c.text, 1, len, true)?;
+                x = self.block(&x, blk, &c.text, 1, len, Some(&mask))?;
             }
             // transformers: eos_token_id 2 (legacy configs) pools at the highest id, else at the
             // first eos_token_id (position 0 when there is none)

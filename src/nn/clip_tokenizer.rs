@@ -15,6 +15,8 @@ use regex::Regex;
 use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
+use super::clip::read_json;
+
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 
@@ -80,7 +82,7 @@ impl ClipTokenizer {
         let tj = dir.join("tokenizer.json");
         let (vj, mt) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if tj.is_file() {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&tj).with_context(|| format!("cannot read {}", tj.display()))?).with_context(|| format!("{} is not JSON", tj.display()))?;
+            let v = read_json(&tj)?;
             let model = &v["model"];
             if model["type"].as_str().is_some_and(|t| t != "BPE") {
                 bail!("{}: a {} tokenizer, CLIP's is BPE", tj.display(), model["type"]);
@@ -100,7 +102,7 @@ impl ClipTokenizer {
             return Self::new(vocab, merges, max_len);
         }
         if vj.is_file() && mt.is_file() {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&vj).with_context(|| format!("cannot read {}", vj.display()))?).with_context(|| format!("{} is not JSON", vj.display()))?;
+            let v = read_json(&vj)?;
             let vocab = parse_vocab(&v).with_context(|| format!("in {}", vj.display()))?;
             let text = std::fs::read_to_string(&mt).with_context(|| format!("cannot read {}", mt.display()))?;
             let merges = text.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).map(split_merge).collect::<Result<Vec<_>>>().with_context(|| format!("in {}", mt.display()))?;

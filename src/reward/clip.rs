@@ -8,13 +8,11 @@
 //! - `cosine`: `cos[b, 0]`;
 //! - `logit`: `logits[b, 0]`.
 
-use std::path::Path;
-
 use anyhow::{Result, bail};
 
 use super::Reward;
 use crate::nn::clip::{ClipModel, normalize_rows};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::Tensor;
 
 /// How the reward reads CLIP's similarities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,11 +80,6 @@ impl ClipReward {
         let scale = model.logit_scale()?;
         let chunk = default_chunk(&model);
         Ok(ClipReward { model, prompts, text, scale, mode, chunk })
-    }
-
-    /// Load the model folder onto `device`.
-    pub fn from_dir(dir: &Path, device: Device, prompts: Vec<String>, mode: ClipMode) -> Result<Self> {
-        Self::new(ClipModel::from_dir(dir, device)?, prompts, mode)
     }
 
     pub fn model(&self) -> &ClipModel {

@@ -2,7 +2,16 @@
 //! tensors (a model's parameters) can be zero-copy views of one flat arena.
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+/// Source of [`Buf`] stamps: every creation and every write takes the next one, so no two
+/// contents ever share a stamp.
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
+
+fn next_stamp() -> u64 {
+    NEXT_STAMP.fetch_add(1, Ordering::Relaxed)
+}
 
 /// `len` values from `off` of a shared vector. Reading yields just the view; writing
 /// ([`Buf::make_mut`]) is in place when this is the vector's only holder, and otherwise copies
@@ -12,13 +21,31 @@ pub struct Buf<T> {
     data: Arc<Vec<T>>,
     off: usize,
     len: usize,
+    /// Names these values: a new stamp on creation and on every [`Buf::make_mut`]; clones and
+    /// views keep it (they see the same values, and nobody writes while they share them).
+    stamp: u64,
+}
+
+/// What [`Buf::key`] returns: equal keys mean equal values, for as long as the process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufKey {
+    stamp: u64,
+    off: usize,
+    len: usize,
+}
+
+impl BufKey {
+    /// Whether both name the same range of their vectors (whatever the values).
+    pub fn same_range(&self, o: &BufKey) -> bool {
+        self.off == o.off && self.len == o.len
+    }
 }
 
 impl<T: Clone> Buf<T> {
     /// The whole of `v`.
     pub fn new(v: Vec<T>) -> Self {
         let len = v.len();
-        Buf { data: Arc::new(v), off: 0, len }
+        Buf { data: Arc::new(v), off: 0, len, stamp: next_stamp() }
     }
     pub fn as_slice(&self) -> &[T] {
         &self.data[self.off..self.off + self.len]
@@ -29,13 +56,27 @@ impl<T: Clone> Buf<T> {
         if Arc::get_mut(&mut self.data).is_none() {
             *self = Buf::new(self.as_slice().to_vec());
         }
+        self.stamp = next_stamp();
         let (off, len) = (self.off, self.len);
         let d = Arc::get_mut(&mut self.data).expect("unique after the copy");
         &mut d[off..off + len]
     }
     /// `[off, off + len)` of this view, sharing its memory; `None` when out of range.
     pub fn view(&self, off: usize, len: usize) -> Option<Self> {
-        (off.checked_add(len)? <= self.len).then(|| Buf { data: self.data.clone(), off: self.off + off, len })
+        (off.checked_add(len)? <= self.len).then(|| Buf { data: self.data.clone(), off: self.off + off, len, stamp: self.stamp })
+    }
+    /// A key for caches of values derived from this view (a convolution's transformed kernel):
+    /// two views with equal keys hold equal values. A write through [`Buf::make_mut`] (in place
+    /// only while no other `Buf` shares the memory) gives the writer a new key; a vector freed
+    /// and another allocated at its address get different stamps.
+    pub fn key(&self) -> BufKey {
+        BufKey { stamp: self.stamp, off: self.off, len: self.len }
+    }
+    /// The shared vector, without keeping it alive: a cache entry derived from this view can
+    /// tell that its source is gone ([`Weak::strong_count`] 0) or is the same memory written
+    /// since ([`Weak::ptr_eq`] with a newer key).
+    pub fn weak(&self) -> Weak<Vec<T>> {
+        Arc::downgrade(&self.data)
     }
     /// The values, without a copy when this is the vector's only holder and views all of it.
     pub fn into_vec(self) -> Vec<T> {
@@ -81,6 +122,27 @@ mod tests {
         assert_eq!(arena[2], 2.0, "the arena is unchanged");
         assert!(!a.is_view_of(&arena, 2, 3) && b.is_view_of(&arena, 5, 5));
         assert!(arena.view(8, 3).is_none());
+    }
+
+    #[test]
+    fn keys_change_with_every_write_and_only_then() {
+        let mut a = Buf::new(vec![1.0f32; 8]);
+        let k0 = a.key();
+        let c = a.clone();
+        assert_eq!(c.key(), k0, "a clone holds the same values");
+        assert_ne!(a.view(2, 3).unwrap().key(), k0, "another range");
+        assert_eq!(a.view(2, 3).unwrap().key(), a.view(2, 3).unwrap().key());
+        drop(c);
+        let p = a.as_ptr();
+        a.make_mut()[0] = 2.0;
+        assert_eq!(a.as_ptr(), p, "written in place");
+        assert_ne!(a.key(), k0, "a write in place renames the values");
+        let k1 = a.key();
+        let shared = a.clone();
+        a.make_mut()[1] = 3.0;
+        assert_ne!(a.key(), k1, "a copy on write too");
+        assert_eq!(shared.key(), k1, "the other holder still sees the old values");
+        assert_ne!(Buf::new(vec![1.0f32; 8]).key(), Buf::new(vec![1.0f32; 8]).key(), "every vector its own");
     }
 
     #[test]

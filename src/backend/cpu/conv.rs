@@ -138,9 +138,15 @@ fn for_each_image<F: Fn(usize, &mut [f32]) + Sync + Send>(out: &mut [f32], per: 
 /// `y[n, cout, ho, wo] = w ⋆ x + b`, `w: [cout, cin, kh, kw]`. 3×3 stride-1 pad-1 convolutions go
 /// through Winograd F(2×2, 3×3), the rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    conv2d_forward_cached(x, w, None, b, g)
+}
+
+/// [`conv2d_forward`] with the buffer that holds `w`'s values: Winograd's transformed kernel is
+/// then cached for the next call with the same values ([`winograd::transform_weights_cached`]).
+pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Buf<f32>>, b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.h, g.w) {
         let _p = detail("conv fwd: winograd");
-        let u = winograd::transform_weights(w, g.cout, g.cin);
+        let u = winograd::transform_weights_cached(w_buf, w, g.cout, g.cin);
         return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
     if batched(g) {

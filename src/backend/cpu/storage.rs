@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::attention::{qkv_attention_backward, qkv_attention_forward};
 use super::buf::Buf;
-use super::conv::{conv2d_backward, conv2d_forward};
+use super::conv::{conv2d_backward, conv2d_forward_cached};
 use super::elementwise as ew;
 use super::gemm::{Mat, sgemm, threads_for};
 use super::norm::{group_norm_backward, group_norm_forward};
@@ -466,7 +466,12 @@ impl BackendStorage for CpuStorage {
     fn conv2d(&self, w: &Self, bias: Option<&Self>, g: &ConvGeom) -> Result<Self> {
         same_dtype("conv2d", &[self, w])?;
         let bv = bias.map(|b| b.f32s());
-        Ok(self.out(conv2d_forward(&self.float("conv2d")?, &w.f32s(), bv.as_deref(), g)))
+        // f32 weights are their own buffer, whose stamp keys the kernel cache
+        let w_buf = match w {
+            CpuStorage::F32(b) => Some(b),
+            _ => None,
+        };
+        Ok(self.out(conv2d_forward_cached(&self.float("conv2d")?, &w.f32s(), w_buf, bv.as_deref(), g)))
     }
     fn conv2d_backward(&self, w: &Self, dy: &Self, g: &ConvGeom, need_dx: bool) -> Result<(Option<Self>, Self, Self)> {
         same_dtype("conv2d_backward", &[self, w, dy])?;

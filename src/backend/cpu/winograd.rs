@@ -5,6 +5,10 @@
 
 use rayon::prelude::*;
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use super::buf::{Buf, BufKey};
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
 
@@ -88,6 +92,111 @@ fn transform_into(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9]
 pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
     transform_into(cout, cin, |co, ci| w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9].try_into().expect("9 taps"))
+}
+
+/// The transformed kernels of weights met more than once (sampling runs the same frozen weights
+/// at every ODE step; a training step's weights are met once and are not kept). Keyed by
+/// [`BufKey`], which changes with every write, so an entry can never be stale. An entry goes when
+/// its weights are freed or written (both seen at the next insertion), or, oldest first, once the
+/// cache holds [`KERNEL_CACHE_BYTES`].
+struct KernelCache {
+    kept: Vec<Kept>,
+    /// Keys met once, newest last (at most [`SEEN_KEYS`]).
+    seen: VecDeque<(BufKey, usize, usize)>,
+}
+
+struct Kept {
+    key: (BufKey, usize, usize),
+    /// The weights' memory, to drop the entry once it is freed or holds newer values.
+    source: Weak<Vec<f32>>,
+    u: Arc<Vec<f32>>,
+}
+
+impl Kept {
+    /// Whether this entry came from the same range of the same memory as `key` (any values).
+    fn same_view(&self, source: &Weak<Vec<f32>>, key: &BufKey) -> bool {
+        self.source.ptr_eq(source) && self.key.0.same_range(key)
+    }
+}
+
+/// The most the cache of transformed kernels holds (the CIFAR-10 U-Net's 3×3 kernels at 32×32
+/// and 16×16 take about 70 MiB per model).
+pub const KERNEL_CACHE_BYTES: usize = 256 << 20;
+const SEEN_KEYS: usize = 1024;
+
+static KERNEL_CACHE: Mutex<KernelCache> = Mutex::new(KernelCache { kept: Vec::new(), seen: VecDeque::new() });
+
+fn kernel_cache() -> std::sync::MutexGuard<'static, KernelCache> {
+    KERNEL_CACHE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether kernels are cached: on unless `ORWCFM_CPU_KERNEL_CACHE=0` (read once), so that both
+/// can be measured with one binary.
+pub fn kernel_cache_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ORWCFM_CPU_KERNEL_CACHE").map_or(true, |v| v != "0"))
+}
+
+/// [`transform_weights`] of the values of `w` (`buf`'s, when given), from the cache when they
+/// were met before.
+pub fn transform_weights_cached(buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Arc<Vec<f32>> {
+    let Some(buf) = buf.filter(|_| kernel_cache_enabled()) else {
+        return Arc::new(transform_weights(w, cout, cin));
+    };
+    let k = (buf.key(), cout, cin);
+    let keep = {
+        let mut c = kernel_cache();
+        if let Some(e) = c.kept.iter().find(|e| e.key == k) {
+            return e.u.clone();
+        }
+        match c.seen.iter().position(|s| *s == k) {
+            Some(i) => {
+                c.seen.remove(i);
+                true
+            }
+            None => {
+                if c.seen.len() == SEEN_KEYS {
+                    c.seen.pop_front();
+                }
+                c.seen.push_back(k);
+                false
+            }
+        }
+    };
+    // transformed outside the lock (in parallel)
+    let u = Arc::new(transform_weights(w, cout, cin));
+    let size = u.len() * 4;
+    if keep && size <= KERNEL_CACHE_BYTES {
+        let source = buf.weak();
+        let mut c = kernel_cache();
+        // drop what is dead: freed weights, and older values of this same view
+        c.kept.retain(|e| e.source.strong_count() > 0 && !e.same_view(&source, &k.0));
+        let mut bytes = c.bytes();
+        while bytes + size > KERNEL_CACHE_BYTES && !c.kept.is_empty() {
+            bytes -= c.kept.remove(0).u.len() * 4;
+        }
+        c.kept.push(Kept { key: k, source, u: u.clone() });
+    }
+    u
+}
+
+impl KernelCache {
+    fn bytes(&self) -> usize {
+        self.kept.iter().map(|e| e.u.len() * 4).sum()
+    }
+}
+
+/// Bytes held by the cache of transformed kernels.
+#[cfg(test)]
+fn kernel_cache_bytes() -> usize {
+    kernel_cache().bytes()
+}
+
+/// Kernels the cache holds for the view `buf` (any of its values): at most one.
+#[cfg(test)]
+fn kernel_cache_entries_for(buf: &Buf<f32>) -> usize {
+    let (w, key) = (buf.weak(), buf.key());
+    kernel_cache().kept.iter().filter(|e| e.same_view(&w, &key)).count()
 }
 
 /// The transformed kernel of the input gradient, `transform_weights` of the flipped, transposed
@@ -500,5 +609,72 @@ mod tests {
             let e = crate::util::rel_err(&dx, &dx_want.unwrap());
             assert!(e < 1e-5, "dx {n} {cin} {h} {w} {cout}: {e:e}");
         }
+    }
+
+    /// The cached kernel is the kernel of the values the convolution is given: repeated calls hit
+    /// the cache (the weight transform is skipped), and a write to the weights in place, a copy
+    /// on write, a new tensor of equal shape or an arena view are each transformed afresh.
+    #[test]
+    fn cached_kernels_follow_every_write_to_the_weights() {
+        use crate::tensor::Tensor;
+        let mut r = crate::rng::Rng::new(5);
+        let (n, cin, h, w, cout) = (2, 64, 10, 10, 64);
+        let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
+        assert!(applies(3, 3, 1, 1, cin, cout, h, w), "the geometry must take the Winograd path");
+        let x = Tensor::from_vec(r.normal_vec(n * cin * h * w), &[n, cin, h, w]);
+        let check = |wt: &Tensor, what: &str| {
+            let want = conv2d_im2col_forward(x.data(), wt.data(), None, &g);
+            for call in 0..3 {
+                let got = x.conv2d(wt, None, 1, 1).unwrap();
+                let e = crate::util::rel_err(got.data(), &want);
+                assert!(e < 1e-6, "{what}, call {call}: {e:e}");
+            }
+        };
+        let mut wt = Tensor::from_vec(r.normal_vec(cout * cin * 9), &[cout, cin, 3, 3]);
+        check(&wt, "fresh weights");
+        if kernel_cache_enabled() {
+            assert!(kernel_cache_bytes() >= cout * cin * 16 * 4, "weights met three times are kept");
+        }
+        // in place: the only holder writes one tap
+        wt.data_mut()[7] += 1.0;
+        check(&wt, "after a write in place");
+        // updates of every value, as optimiser steps do: each is transformed afresh, and the
+        // kernels of the older values are dropped, not piled up
+        let buf = |t: &Tensor| match t.storage() {
+            crate::tensor::Storage::Cpu(super::super::storage::CpuStorage::F32(b)) => b.clone(),
+            _ => unreachable!("f32 on the CPU"),
+        };
+        for step in 0..4 {
+            for v in wt.data_mut() {
+                *v *= 0.9;
+            }
+            check(&wt, "after a whole update");
+            if kernel_cache_enabled() {
+                assert_eq!(kernel_cache_entries_for(&buf(&wt)), 1, "step {step}: one kernel per view");
+            }
+        }
+        // copy on write: another holder keeps the old values, this one writes
+        let old = wt.clone();
+        wt.data_mut()[0] = -3.0;
+        check(&wt, "after a copy on write");
+        check(&old, "the other holder");
+        // equal shape, other values
+        check(&Tensor::from_vec(r.normal_vec(cout * cin * 9), &[cout, cin, 3, 3]), "another tensor");
+        // views of one arena at two offsets
+        let mut arena = Tensor::from_vec(r.normal_vec(2 * cout * cin * 9), &[2 * cout * cin * 9]);
+        for round in 0..2 {
+            for part in 0..2 {
+                let v = arena.view(part * cout * cin * 9, &[cout, cin, 3, 3]).unwrap();
+                assert!(v.is_view_of(&arena, part * cout * cin * 9));
+                check(&v, "an arena view");
+            }
+            // the views are gone: the arena is written in place, as the optimiser's step does
+            if round == 0 {
+                for v in arena.data_mut() {
+                    *v -= 0.01;
+                }
+            }
+        }
+        assert!(kernel_cache_bytes() <= KERNEL_CACHE_BYTES);
     }
 }

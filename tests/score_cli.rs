@@ -66,6 +66,20 @@ fn score_classifier_on_real_digits_separates_even_from_odd() {
     let o = run(&["score", "--reward", "classifier", "--target-classes", "0,2,4,6,8", "--input", input.to_str().unwrap(), "--json"]);
     let r = rewards(&o);
     assert_eq!(r.len(), 200);
+    // `top` is 1 exactly where the classifier's top class is even, which the probabilities of
+    // every class, scored one class at a time, say independently
+    let top = rewards(&run(&["score", "--classifier-mode", "top", "--input", input.to_str().unwrap(), "--json"]));
+    let per_class: Vec<Vec<f32>> = (0..10).map(|c| rewards(&run(&["score", "--target-classes", &c.to_string(), "--input", input.to_str().unwrap(), "--json"]))).collect();
+    for (i, t) in top.iter().enumerate() {
+        let best = (0..10).fold(0, |b, c| if per_class[c][i] > per_class[b][i] { c } else { b });
+        assert_eq!(*t, if best % 2 == 0 { 1.0 } else { 0.0 }, "sample {i}");
+    }
+    let agree = top.iter().zip(&y).filter(|(t, c)| (**t == 1.0) == (**c % 2 == 0)).count();
+    assert!(agree >= 190, "top-class reward agrees with the labels on {agree}/200");
+    let logr = rewards(&run(&["score", "--classifier-mode", "log", "--input", input.to_str().unwrap(), "--json"]));
+    for (l, p) in logr.iter().zip(&r) {
+        assert!((l - p.max(1e-6).ln()).abs() < 1e-5, "log {l} prob {p}");
+    }
     let mean = |even: bool| {
         let v: Vec<f32> = r.iter().zip(&y).filter(|(_, c)| (**c % 2 == 0) == even).map(|(v, _)| *v).collect();
         v.iter().sum::<f32>() / v.len() as f32

@@ -212,6 +212,25 @@ fn config_toml_writes_short_floats_that_read_back_exactly() {
     }
 }
 
+/// The classifier reward reads the probability mass unless a file or a flag says otherwise; the
+/// `reward_log` boolean of older run folders reads as it did; a bad mode is refused before any work.
+#[test]
+fn the_classifier_mode_comes_from_the_preset_a_file_or_a_legacy_key() {
+    use orwcfm_fast::commands::runconfig::resolve;
+    use serde_json::{Map, Value, json};
+    let obj = |v: Value| -> Map<String, Value> { v.as_object().unwrap().clone() };
+    let mode = |file: Option<Value>, flags: Value| resolve(file.map(obj), obj(flags)).map(|(_, p)| p.classifier_mode);
+    assert_eq!(mode(None, json!({})).unwrap(), "prob");
+    assert_eq!(mode(None, json!({"classifier_mode": "top"})).unwrap(), "top");
+    assert_eq!(mode(Some(json!({"classifier_mode": "log"})), json!({})).unwrap(), "log");
+    assert_eq!(mode(Some(json!({"classifier_mode": "log"})), json!({"classifier_mode": "prob"})).unwrap(), "prob");
+    assert_eq!(mode(Some(json!({"reward_log": true})), json!({})).unwrap(), "log");
+    assert_eq!(mode(Some(json!({"reward_log": false})), json!({})).unwrap(), "prob");
+    assert_eq!(mode(Some(json!({"reward_log": true})), json!({"classifier_mode": "top"})).unwrap(), "top");
+    let e = mode(None, json!({"classifier_mode": "argmax"})).unwrap_err().to_string();
+    assert!(e.contains("unknown classifier_mode 'argmax'"), "{e}");
+}
+
 /// A GPU failure mid-run (an out-of-memory injected on the simulated GPU, the CI's stand-in for a
 /// real one) ends `train` with one `error:` line that names the failure and the last good
 /// checkpoint; `--resume` from it (without the failure) finishes the run.

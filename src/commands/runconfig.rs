@@ -27,8 +27,9 @@ pub struct ProductConfig {
     pub clip_model: Option<String>,
     /// prob-diff (p(prompt 0) − p(prompt 1), the reference's), cosine or logit.
     pub clip_mode: String,
-    /// Classifier reward: log of the probability mass instead of the mass.
-    pub reward_log: bool,
+    /// Classifier reward: `prob` (the probability mass of the target classes), `log` (its log)
+    /// or `top` (1 when the top class is a target, else 0).
+    pub classifier_mode: String,
     /// The classifier of the `classifier` reward and the feature metrics (default: the bundled
     /// MNIST digit classifier).
     pub classifier: Option<String>,
@@ -71,7 +72,7 @@ impl Default for ProductConfig {
             target_classes: vec![0, 2, 4, 6, 8],
             clip_model: None,
             clip_mode: "prob-diff".into(),
-            reward_log: false,
+            classifier_mode: "prob".into(),
             classifier: None,
             reward_command: Vec::new(),
             reward_timeout: 300.0,
@@ -96,6 +97,7 @@ impl ProductConfig {
         if !(1..=2048).contains(&self.eval_samples) {
             bail!("eval_samples must be in 1..=2048 (the W2 metric solves an exact assignment), got {}", self.eval_samples);
         }
+        crate::reward::classifier::ClassifierMode::parse(&self.classifier_mode)?;
         if self.grid_samples == 0 {
             bail!("grid_samples must be at least 1");
         }
@@ -161,6 +163,10 @@ pub fn all_keys() -> Vec<String> {
     k
 }
 
+/// The boolean that `classifier_mode` replaced; a config that has it (run folders written before)
+/// reads as it did: `true` is `log`, `false` is `prob`.
+const LEGACY_REWARD_LOG: &str = "reward_log";
+
 /// A TOML file as a JSON object (keys checked against [`all_keys`]).
 pub fn read_toml(path: &std::path::Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
@@ -175,7 +181,7 @@ pub fn read_toml(path: &std::path::Path) -> Result<Map<String, Value>> {
 pub fn check_keys(m: &Map<String, Value>) -> Result<()> {
     let keys = all_keys();
     for k in m.keys() {
-        if !keys.iter().any(|c| c == k) {
+        if k != LEGACY_REWARD_LOG && !keys.iter().any(|c| c == k) {
             let hint = nearest(k, keys.iter().map(|s| s.as_str())).map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default();
             bail!("unknown config key '{k}'{hint}");
         }
@@ -195,7 +201,11 @@ pub fn resolve(file: Option<Map<String, Value>>, flags: Map<String, Value>) -> R
         merged.extend(p);
     }
     merged.extend(preset_product(&preset_name));
-    for layer in file.into_iter().chain(std::iter::once(flags)) {
+    for mut layer in file.into_iter().chain(std::iter::once(flags)) {
+        if let Some(v) = layer.remove(LEGACY_REWARD_LOG) {
+            let mode = if v.as_bool().context("reward_log must be true or false")? { "log" } else { "prob" };
+            layer.entry("classifier_mode").or_insert(mode.into());
+        }
         merged.extend(layer);
     }
     merged.insert("preset".into(), Value::String(preset_name));

@@ -30,9 +30,9 @@ pub struct ScoreArgs {
     /// Target classes of the classifier reward (comma-separated).
     #[arg(long)]
     pub target_classes: Option<String>,
-    /// Classifier reward: the log of the target mass.
+    /// Classifier reward: prob (probability mass of the target classes), log (its log) or top (1 when the top class is a target).
     #[arg(long)]
-    pub reward_log: bool,
+    pub classifier_mode: Option<String>,
     /// Classifier of the classifier reward (default: the bundled MNIST digits).
     #[arg(long)]
     pub classifier: Option<String>,
@@ -69,14 +69,12 @@ impl ScoreArgs {
     fn overrides(&self) -> Result<Map<String, Value>> {
         let mut m = Map::new();
         m.insert("reward".into(), self.reward.clone().into());
-        if self.reward_log {
-            m.insert("reward_log".into(), true.into());
-        }
         // the list keys as given on the command line, split as train's flags are (listify)
         let strings = [
             ("classifier", &self.classifier),
             ("clip_model", &self.clip_model),
             ("clip_mode", &self.clip_mode),
+            ("classifier_mode", &self.classifier_mode),
             ("target_image", &self.target_image),
             ("device", &self.device),
             ("target_classes", &self.target_classes),

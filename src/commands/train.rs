@@ -19,7 +19,7 @@ use crate::io::safetensors::write_atomic;
 use crate::logging::{MetricsLog, Progress, plot_metrics};
 use crate::nn::{Classifier, UNetModel, VelocityField};
 use crate::orw::{OrwConfig, StepMetrics, TrainHooks, Trainer, sample_model};
-use crate::reward::classifier::ClassifierReward;
+use crate::reward::classifier::{ClassifierMode, ClassifierReward};
 use crate::reward::clip::{ClipMode, ClipReward};
 use crate::reward::external::ExternalReward;
 use crate::reward::jpeg::JpegReward;
@@ -115,6 +115,8 @@ flags! {
         clip_mode: String,
         /// Target classes of the classifier reward (comma-separated).
         target_classes: String,
+        /// Classifier reward: prob (probability mass of the target classes), log (its log) or top (1 when the top class is a target).
+        classifier_mode: String,
         /// Classifier for the reward and the feature metrics (default: bundled MNIST digits).
         classifier: String,
         /// External reward program and arguments, space-separated (use the config file for arguments with spaces).
@@ -147,8 +149,6 @@ flags! {
         ot_replace,
         /// Dropout on in net's forward pass.
         dropout,
-        /// Classifier reward: log of the probability mass.
-        reward_log,
         /// No progress output.
         quiet,
     }
@@ -235,7 +235,7 @@ pub fn build_reward(prod: &ProductConfig, prompts: &[String], sample_shape: &[us
                 let k = c.config();
                 bail!("the classifier takes images [{}, {}, {}] but the model makes {sample_shape:?}", k.in_channels, k.image_size, k.image_size);
             }
-            let r = ClassifierReward::new(c.clone(), prod.target_classes.clone(), prod.reward_log)?;
+            let r = ClassifierReward::new(c.clone(), prod.target_classes.clone(), ClassifierMode::parse(&prod.classifier_mode)?)?;
             (Box::new(r), Some(c), prod.target_classes.clone())
         }
         "clip" => {

@@ -42,6 +42,26 @@ fn conv(c: &mut Criterion) {
     g.finish();
 }
 
+/// Winograd forward with kernels transformed beforehand (as sampling's cached kernels are), each
+/// tile on the CIFAR-10 U-Net's 3×3 shapes (batch 4 and 32) and the MNIST one at 14×14.
+fn winograd_tiles(c: &mut Criterion) {
+    use orwcfm_fast::backend::cpu::winograd::{Tile, conv3x3_for, transform_weights_for};
+    let mut r = Rng::new(4);
+    let mut g = c.benchmark_group("winograd");
+    g.sample_size(10);
+    for &(n, cin, h) in &[(4usize, 128usize, 32usize), (4, 256, 16), (32, 128, 32), (32, 256, 16), (32, 64, 14)] {
+        let x = r.normal_vec(n * cin * h * h);
+        let w = r.normal_vec(cin * cin * 9);
+        let b = r.normal_vec(cin);
+        g.throughput(Throughput::Elements((2 * n * cin * h * h * cin * 9) as u64));
+        for (name, tile) in [("f2", Tile::F2), ("f4", Tile::F4)] {
+            let u = transform_weights_for(tile, &w, cin, cin);
+            g.bench_function(format!("{name}_n{n}_c{cin}_{h}x{h}"), |bch| bch.iter(|| conv3x3_for(tile, &x, &u, Some(&b), n, cin, h, h, cin)));
+        }
+    }
+    g.finish();
+}
+
 fn norm_attn(c: &mut Criterion) {
     let mut r = Rng::new(3);
     let mut g = c.benchmark_group("norm_attention");
@@ -61,5 +81,5 @@ fn norm_attn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(kernels, gemm, conv, norm_attn);
+criterion_group!(kernels, gemm, conv, winograd_tiles, norm_attn);
 criterion_main!(kernels);

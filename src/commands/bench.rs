@@ -302,6 +302,15 @@ pub fn bench_unet_profiled(cfg: &UNetConfig, batch: usize, iters: usize, warmup:
     let fwd_prof = if profile && device == Device::Cpu { Some(profiled(&mut fwd_once)?) } else { None };
     let mut drop = crate::rng::philox::Philox::new(1);
     let mut fb_once = || -> Result<()> {
+        // a training step meets new weights every time (the optimiser has written them): write
+        // them here too, so that nothing derived from their values (the CPU's cached Winograd
+        // kernels) is reused from the previous iteration
+        if device == Device::Cpu {
+            model.params().update_arena(|a| {
+                a.flat_mut().data_mut();
+                Ok(())
+            })?;
+        }
         let v = model.forward(&Var::constant(t.clone()), &Var::constant(x.clone()), y.as_deref(), &mut Forward { dropout_rng: Some(&mut drop) })?;
         let loss = ops::mse_loss(&v, &Var::constant(target.clone()))?;
         let g = loss.backward()?;

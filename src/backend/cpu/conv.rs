@@ -146,8 +146,9 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> 
 pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Buf<f32>>, b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.h, g.w) {
         let _p = detail("conv fwd: winograd");
-        let u = winograd::transform_weights_cached(w_buf, w, g.cout, g.cin);
-        return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
+        let tile = winograd::tile_for(g.h, g.w);
+        let u = winograd::transform_weights_cached(tile, w_buf, w, g.cout, g.cin);
+        return winograd::conv3x3_for(tile, x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
     if batched(g) {
         let _p = detail("conv fwd: batched im2col+gemm");
@@ -193,8 +194,7 @@ pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: 
         // the input gradient is the convolution of dy with the flipped, transposed kernel
         let dx = need_dx.then(|| {
             let _p = detail("conv dx: winograd");
-            let u = winograd::transform_weights_flipped(w, g.cout, g.cin);
-            winograd::conv3x3(dy, &u, None, g.n, g.cout, g.h, g.w, g.cin)
+            winograd::conv3x3_input_grad(winograd::tile_for(g.h, g.w), dy, w, g.n, g.cin, g.h, g.w, g.cout)
         });
         return (dx, dw, db);
     }

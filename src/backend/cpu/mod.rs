@@ -13,6 +13,7 @@ pub mod norm;
 pub mod profile;
 pub mod simd;
 pub mod winograd;
+pub mod winograd4;
 
 /// Keep freed memory for reuse instead of handing it back to the kernel: glibc serves blocks
 /// above its mmap threshold (128 KiB, rising only as such blocks are freed) with fresh `mmap`s

@@ -29,8 +29,60 @@ pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout
     kh == 3 && kw == 3 && stride == 1 && pad == 1 && cin.min(cout) >= 64 && h * w >= MIN_PIXELS && !disabled
 }
 
+/// The Winograd tile of a convolution that takes this path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// F(2×2, 3×3): 16 transformed values per 2×2 output tile.
+    F2,
+    /// F(4×4, 3×3) ([`super::winograd4`]): 36 per 4×4 output tile.
+    F4,
+}
+
+/// Images of at least this many rows and columns take F(4×4, 3×3) tiles. Below that the padding
+/// of the 6×6 patches eats the gain: on the MNIST U-Net's 14×14, 64-channel convolutions (batch
+/// 32) both tiles took 2.5 ms (`winograd4::tests::time_blocking`).
+pub const F4_MIN_SIDE: usize = 16;
+
+/// The tile for an `h × w` image: F(4×4) from [`F4_MIN_SIDE`] on, else F(2×2);
+/// `ORWCFM_WINOGRAD_TILE=2` or `4` forces one (read once), so both can be measured with one binary.
+pub fn tile_for(h: usize, w: usize) -> Tile {
+    static FORCED: OnceLock<Option<Tile>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var("ORWCFM_WINOGRAD_TILE").as_deref() {
+        Ok("2") => Some(Tile::F2),
+        Ok("4") => Some(Tile::F4),
+        _ => None,
+    });
+    forced.unwrap_or(if h.min(w) >= F4_MIN_SIDE { Tile::F4 } else { Tile::F2 })
+}
+
+/// Transformed kernel of `w` for `tile`: `u[16 or 36][cout][cin]`.
+pub fn transform_weights_for(tile: Tile, w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    match tile {
+        Tile::F2 => transform_weights(w, cout, cin),
+        Tile::F4 => super::winograd4::transform_weights(w, cout, cin),
+    }
+}
+
+/// [`conv3x3`] or its F(4×4) twin, with `u` from [`transform_weights_for`] of the same tile.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_for(tile: Tile, x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    match tile {
+        Tile::F2 => conv3x3(x, u, b, n, cin, h, w, cout),
+        Tile::F4 => super::winograd4::conv3x3(x, u, b, n, cin, h, w, cout),
+    }
+}
+
+/// The input gradient `dx` of a 3×3 convolution from `dy`, with `tile`'s transforms.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_input_grad(tile: Tile, dy: &[f32], w: &[f32], n: usize, cin: usize, h: usize, wd: usize, cout: usize) -> Vec<f32> {
+    match tile {
+        Tile::F2 => conv3x3(dy, &transform_weights_flipped(w, cout, cin), None, n, cout, h, wd, cin),
+        Tile::F4 => super::winograd4::conv3x3(dy, &super::winograd4::transform_weights_flipped(w, cout, cin), None, n, cout, h, wd, cin),
+    }
+}
+
 /// Kernels transformed together, one per SIMD lane.
-const KL: usize = 16;
+pub(super) const KL: usize = 16;
 
 crate::multiversion! {
     /// `G g Gᵀ` of `KL` 3×3 kernels at once (taps `g[row-major tap][lane]`, outputs `u[ξ = 4i + j][lane]`).
@@ -60,14 +112,22 @@ crate::multiversion! {
 /// `u[16][rows][cols]` with `u[ξ][r][c] = (G k(r, c) Gᵀ)[ξ]`: one task per block of rows,
 /// `KL` kernels per step (gathered lane-major, transformed in SIMD, stored as 16 runs).
 fn transform_into(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9] + Sync) -> Vec<f32> {
+    transform_into_with(rows, cols, k, kernel_transform_lanes)
+}
+
+/// [`transform_into`] with another tile's kernel transform `f` (`X` outputs per kernel):
+/// `u[X][rows][cols]`.
+pub(super) fn transform_into_with<const X: usize>(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9] + Sync, f: fn(&[[f32; KL]; 9], &mut [[f32; KL]; X])) -> Vec<f32> {
     let _p = detail("winograd: weight transform");
     let plane = rows * cols;
-    let mut u = vec![0.0f32; 16 * plane];
+    // every element is written below (each row of each plane, all its columns), so the vector
+    // is not zeroed first: that pass cost as much as the transform's own writes
+    let mut u: Vec<f32> = Vec::with_capacity(X * plane);
     let up = SyncPtr(u.as_mut_ptr());
     let per = (4096 / cols.max(1)).max(1);
     (0..rows.div_ceil(per)).into_par_iter().for_each(|blk| {
         let up = &up;
-        let (mut g, mut t) = ([[0.0f32; KL]; 9], [[0.0f32; KL]; 16]);
+        let (mut g, mut t) = ([[0.0f32; KL]; 9], [[0.0f32; KL]; X]);
         for r in blk * per..((blk + 1) * per).min(rows) {
             for c0 in (0..cols).step_by(KL) {
                 let nl = KL.min(cols - c0);
@@ -77,7 +137,7 @@ fn transform_into(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9]
                         tap[l] = v;
                     }
                 }
-                kernel_transform_lanes(&g, &mut t);
+                f(&g, &mut t);
                 for (xi, tv) in t.iter().enumerate() {
                     // SAFETY: row r of every plane is written only by the task that owns r.
                     unsafe { std::ptr::copy_nonoverlapping(tv.as_ptr(), up.0.add(xi * plane + r * cols + c0), nl) };
@@ -85,6 +145,9 @@ fn transform_into(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9]
             }
         }
     });
+    // SAFETY: the tasks above wrote all X·rows·cols values (rows split into blocks, every
+    // block's rows in full, KL columns at a time up to cols).
+    unsafe { u.set_len(X * plane) };
     u
 }
 
@@ -102,11 +165,14 @@ pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
 struct KernelCache {
     kept: Vec<Kept>,
     /// Keys met once, newest last (at most [`SEEN_KEYS`]).
-    seen: VecDeque<(BufKey, usize, usize)>,
+    seen: VecDeque<CacheKey>,
 }
 
+/// The weights' values, their shape and the tile.
+type CacheKey = (BufKey, usize, usize, Tile);
+
 struct Kept {
-    key: (BufKey, usize, usize),
+    key: CacheKey,
     /// The weights' memory, to drop the entry once it is freed or holds newer values.
     source: Weak<Vec<f32>>,
     u: Arc<Vec<f32>>,
@@ -137,13 +203,13 @@ pub fn kernel_cache_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("ORWCFM_CPU_KERNEL_CACHE").map_or(true, |v| v != "0"))
 }
 
-/// [`transform_weights`] of the values of `w` (`buf`'s, when given), from the cache when they
+/// [`transform_weights_for`] of the values of `w` (`buf`'s, when given), from the cache when they
 /// were met before.
-pub fn transform_weights_cached(buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Arc<Vec<f32>> {
+pub fn transform_weights_cached(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Arc<Vec<f32>> {
     let Some(buf) = buf.filter(|_| kernel_cache_enabled()) else {
-        return Arc::new(transform_weights(w, cout, cin));
+        return Arc::new(transform_weights_for(tile, w, cout, cin));
     };
-    let k = (buf.key(), cout, cin);
+    let k = (buf.key(), cout, cin, tile);
     let keep = {
         let mut c = kernel_cache();
         if let Some(e) = c.kept.iter().find(|e| e.key == k) {
@@ -164,7 +230,7 @@ pub fn transform_weights_cached(buf: Option<&Buf<f32>>, w: &[f32], cout: usize, 
         }
     };
     // transformed outside the lock (in parallel)
-    let u = Arc::new(transform_weights(w, cout, cin));
+    let u = Arc::new(transform_weights_for(tile, w, cout, cin));
     let size = u.len() * 4;
     if keep && size <= KERNEL_CACHE_BYTES {
         let source = buf.weak();
@@ -375,12 +441,12 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
 
 /// Sizes shared by the transforms.
 #[derive(Clone, Copy)]
-struct Geo {
-    cin: usize,
-    h: usize,
-    w: usize,
-    th: usize,
-    tw: usize,
+pub(super) struct Geo {
+    pub(super) cin: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) th: usize,
+    pub(super) tw: usize,
 }
 
 crate::multiversion! {
@@ -449,11 +515,11 @@ crate::multiversion! {
 /// Tiles per vector step of the transforms: a fixed width, so that each step is one SIMD
 /// operation whatever the image width (loops over a run-time `tw` of 8 or 16 tiles would stay
 /// scalar: too short for LLVM's vector loop).
-const VL: usize = 8;
-type Lanes = [f32; VL];
+pub(super) const VL: usize = 8;
+pub(super) type Lanes = [f32; VL];
 
 #[inline(always)]
-fn lanes(s: &[f32], at: usize) -> Lanes {
+pub(super) fn lanes(s: &[f32], at: usize) -> Lanes {
     s[at..at + VL].try_into().expect("a whole vector")
 }
 
@@ -461,7 +527,7 @@ fn lanes(s: &[f32], at: usize) -> Lanes {
 /// case as a loop: a `copy_from_slice` of a run-time length is a `memcpy` call per vector).
 #[inline(always)]
 #[allow(clippy::manual_memcpy)]
-fn store(dst: &mut [f32], at: usize, r: &Lanes, n: usize) {
+pub(super) fn store(dst: &mut [f32], at: usize, r: &Lanes, n: usize) {
     if n == VL {
         dst[at..at + VL].copy_from_slice(r);
     } else {
@@ -555,13 +621,13 @@ fn input_tile_row(d: &[f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usi
 /// Target size of one forward block's transformed input plus products (2 MiB: 1 MiB kept the
 /// 256-channel blocks at 32 tiles, whose GEMMs ran on the narrow edge micro-kernels; measured
 /// 205 -> 195 ms on the CIFAR-10 forward at batch 4; 4 MiB was no better).
-const BLOCK_BYTES: usize = 2 << 20;
+pub(super) const BLOCK_BYTES: usize = 2 << 20;
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    pub(super) static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-struct SyncPtr(*mut f32);
+pub(super) struct SyncPtr(pub(super) *mut f32);
 // SAFETY: used only for disjoint writes from parallel tasks, as documented at each use.
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}

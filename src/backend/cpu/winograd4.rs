@@ -1,0 +1,403 @@
+//! 3×3, stride-1, pad-1 convolution by Winograd F(4×4, 3×3) (Lavin & Gray, 2016, interpolation
+//! points 0, ±1, ±2, ∞): each 4×4 output tile comes from a 6×6 input patch through 36 GEMMs of
+//! `[Cout, Cin] × [Cin, tiles]`, 36 multiplies per 16 outputs against 16 per 4 for F(2×2, 3×3)
+//! (a 4× cut in GEMM work against direct convolution, 2.25× for the smaller tiles). Its
+//! transforms have larger coefficients (up to 8 in `Aᵀ`, 1/24 in `G`), so its rounding error is
+//! a few times F(2×2)'s (about 1e-6 relative in f32, still below what the parity tests allow).
+//! The forward pass and the input gradient (the same convolution of `dy` with the flipped,
+//! transposed kernel) use it; the weight gradient stays with F(2×2, 3×3).
+
+use rayon::prelude::*;
+
+use super::gemm::{Mat, sgemm};
+use super::profile::detail;
+use super::winograd::{BLOCK_BYTES, Geo, KL, Lanes, SCRATCH, SyncPtr, VL, lanes, store, transform_into_with};
+
+/// Transformed values per tile (6×6).
+pub const XI: usize = 36;
+
+crate::multiversion! {
+    /// `G g Gᵀ` of `KL` 3×3 kernels at once (taps `g[row-major tap][lane]`, outputs
+    /// `u[ξ = 6i + j][lane]`), with `G = [¼ 0 0; −⅙ −⅙ −⅙; −⅙ ⅙ −⅙; 1/24 1/12 ⅙; 1/24 −1/12 ⅙; 0 0 1]`.
+    fn kernel_transform_lanes(g: &[[f32; KL]; 9], u: &mut [[f32; KL]; XI]) {
+        let mut t = [[[0.0f32; KL]; 3]; 6];
+        for j in 0..3 {
+            for l in 0..KL {
+                let r = g_col(g[j][l], g[3 + j][l], g[6 + j][l]);
+                for i in 0..6 {
+                    t[i][j][l] = r[i];
+                }
+            }
+        }
+        for i in 0..6 {
+            for l in 0..KL {
+                let r = g_col(t[i][0][l], t[i][1][l], t[i][2][l]);
+                for k in 0..6 {
+                    u[i * 6 + k][l] = r[k];
+                }
+            }
+        }
+    }
+}
+
+/// `G (g0, g1, g2)ᵀ`.
+#[inline(always)]
+fn g_col(g0: f32, g1: f32, g2: f32) -> [f32; 6] {
+    const SIXTH: f32 = 1.0 / 6.0;
+    let (a, b) = (g0 * (1.0 / 24.0) + g2 * SIXTH, g1 * (1.0 / 12.0));
+    [0.25 * g0, -SIXTH * (g0 + g1 + g2), -SIXTH * (g0 - g1 + g2), a + b, a - b, g2]
+}
+
+/// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[36][cout][cin]`.
+pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
+    transform_into_with(cout, cin, |co, ci| w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9].try_into().expect("9 taps"), kernel_transform_lanes)
+}
+
+/// The input gradient's transformed kernel, `u[36][cin][cout]` of `w'[ci][co] = flip(w[co][ci])`.
+pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
+    transform_into_with(
+        cin,
+        cout,
+        |ci, co| {
+            let s = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
+            std::array::from_fn(|k| s[8 - k])
+        },
+        kernel_transform_lanes,
+    )
+}
+
+/// `y[n, cout, h, w] = conv3x3(x, w) + b` (stride 1, pad 1) with pre-transformed weights `u`
+/// (from [`transform_weights`]). Blocks of whole tile rows, sized so that a block's transformed
+/// input and products stay in cache and their number is a multiple of the threads; blocks run in
+/// parallel, each with single-threaded GEMMs.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    conv3x3_blocked(x, u, b, n, cin, h, w, cout, MIN_TILES, BLOCK_BYTES)
+}
+
+/// Fewest tiles per block (the GEMMs' `n`): below 64 the GEMMs run on their narrow edge
+/// kernels and repack the kernel per handful of tiles. Measured (`time_blocking`, kernels
+/// transformed beforehand, best of 12, 2 threads, AVX-512): 64 against 8 took the CIFAR-10
+/// shapes at batch 4 from 3.26 to 2.91 ms (128 channels, 32×32) and from 4.30 to 3.21 ms
+/// (256, 16×16); F(2×2) took 4.58 and 3.68 ms.
+pub const MIN_TILES: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize, min_tiles: usize, block_bytes: usize) -> Vec<f32> {
+    if n * h * w == 0 {
+        return Vec::new();
+    }
+    assert_eq!(u.len(), XI * cout * cin, "winograd F(4x4): kernels of the wrong size");
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    let rows = n * th;
+    let pb = (block_bytes / (4 * XI * (cin + cout))).clamp(min_tiles, 4096);
+    let threads = rayon::current_num_threads().max(1);
+    let mut blocks = rows.div_ceil((pb / tw).clamp(1, rows));
+    if blocks < rows {
+        blocks = blocks.next_multiple_of(threads).min(rows);
+    }
+    let rb = rows.div_ceil(blocks);
+    let blocks = rows.div_ceil(rb);
+    let l = tw.next_multiple_of(VL) + 1; // a phase of a padded input row
+    let geo = Geo { cin, h, w, th, tw };
+    let mut y = vec![0.0f32; n * cout * h * w];
+    let yp = SyncPtr(y.as_mut_ptr());
+    (0..blocks).into_par_iter().for_each(|blk| {
+        let yp = &yp;
+        let row0 = blk * rb;
+        let nrows = rb.min(rows - row0);
+        let np = nrows * tw;
+        let npp = np.next_multiple_of(VL); // planes padded to whole vectors
+        SCRATCH.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let need = XI * (cin + cout) * npp + 24 * l + 16 * npp;
+            if sc.len() < need {
+                sc.resize(need, 0.0);
+            }
+            let (v, rest) = sc[..need].split_at_mut(XI * cin * npp);
+            let (m, rest) = rest.split_at_mut(XI * cout * npp);
+            let (d, tt) = rest.split_at_mut(24 * l);
+            let p = detail("winograd4 fwd: input transform (cpu time)");
+            input_transform(x, &geo, row0, nrows, npp, v, d);
+            drop(p);
+            let p = detail("winograd4 fwd: 36 gemms (cpu time)");
+            for xi in 0..XI {
+                let uu = &u[xi * cout * cin..(xi + 1) * cout * cin];
+                let vv = &v[xi * cin * npp..(xi + 1) * cin * npp];
+                sgemm(cout, np, cin, Mat::rm(uu, cin), Mat::rm(vv, npp), &mut m[xi * cout * npp..(xi + 1) * cout * npp], npp, false, 1.0, 1);
+            }
+            drop(p);
+            let _p = detail("winograd4 fwd: output transform (cpu time)");
+            for co in 0..cout {
+                output_tiles(m, co, cout, npp, np, b.map_or(0.0, |b| b[co]), tt);
+                for lr in 0..nrows {
+                    let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
+                    for a in 0..4 {
+                        let r = 4 * ti + a;
+                        if r >= h {
+                            break;
+                        }
+                        let base = (img * cout + co) * h * w + r * w;
+                        // SAFETY: this output row of channel co belongs to this block alone.
+                        let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(base), w) };
+                        let ph: [&[f32]; 4] = std::array::from_fn(|b| &tt[(4 * a + b) * npp + lr * tw..(4 * a + b) * npp + (lr + 1) * tw]);
+                        interleave4(ph, out);
+                    }
+                }
+            }
+        });
+    });
+    y
+}
+
+/// `out[4k + b] = ph[b][k]` for the whole row.
+#[inline(always)]
+fn interleave4(ph: [&[f32]; 4], out: &mut [f32]) {
+    let full = out.len() / 4;
+    for (k, o) in out.chunks_exact_mut(4).enumerate() {
+        o.copy_from_slice(&[ph[0][k], ph[1][k], ph[2][k], ph[3][k]]);
+    }
+    for (b, o) in out[4 * full..].iter_mut().enumerate() {
+        *o = ph[b][full];
+    }
+}
+
+crate::multiversion! {
+    /// `V[ξ][c][p] = (Bᵀ d B)[ξ]` for the 6×6 input patches of the tile rows `row0 .. row0+nrows`
+    /// (`v` is `[36][cin][npp]`; `d` is scratch of `24·(⌈tw⌉₈ + 1)`). Each of a tile row's six
+    /// input rows is split into its four column phases first (patch column `j` of tile `t` is
+    /// phase `j mod 4` at `t + j / 4`), so that every later step is a fixed-width vector
+    /// operation over 8 tiles.
+    fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, npp: usize, v: &mut [f32], d: &mut [f32]) {
+        let Geo { cin, h, w, th, tw } = *g;
+        let l = tw.next_multiple_of(VL) + 1;
+        for c in 0..cin {
+            for lr in 0..nrows {
+                let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
+                let xc = &x[(img * cin + c) * h * w..(img * cin + c + 1) * h * w];
+                for a in 0..6 {
+                    let ph = &mut d[4 * a * l..(4 * a + 4) * l];
+                    let r = (4 * ti + a) as isize - 1;
+                    if r >= 0 && r < h as isize {
+                        phases4(&xc[r as usize * w..(r as usize + 1) * w], ph, l);
+                    } else {
+                        ph.fill(0.0);
+                    }
+                }
+                input_tile_row(&d[..24 * l], l, tw, v, (c * npp + lr * tw, cin * npp));
+            }
+        }
+    }
+}
+
+/// The four column phases of one padded input row (padded column `k` is input column `k − 1`):
+/// `ph[p·l + t]` = padded column `4t + p`, zero outside the row.
+#[inline(always)]
+fn phases4(x: &[f32], ph: &mut [f32], l: usize) {
+    let (p0, rest) = ph.split_at_mut(l);
+    let (p1, rest) = rest.split_at_mut(l);
+    let (p2, p3) = rest.split_at_mut(l);
+    p0[0] = 0.0;
+    let mut chunks = x.chunks_exact(4 * VL);
+    let mut j = 0;
+    for c in &mut chunks {
+        let c: &[f32; 4 * VL] = c.try_into().expect("a whole chunk");
+        let q: [Lanes; 4] = std::array::from_fn(|p| std::array::from_fn(|k| c[4 * k + p]));
+        p1[j..j + VL].copy_from_slice(&q[0]);
+        p2[j..j + VL].copy_from_slice(&q[1]);
+        p3[j..j + VL].copy_from_slice(&q[2]);
+        p0[j + 1..j + 1 + VL].copy_from_slice(&q[3]);
+        j += VL;
+    }
+    p1[j..].fill(0.0);
+    p2[j..].fill(0.0);
+    p3[j..].fill(0.0);
+    p0[j + 1..].fill(0.0);
+    for (k, &val) in chunks.remainder().iter().enumerate() {
+        let t = j + k / 4;
+        match k % 4 {
+            0 => p1[t] = val,
+            1 => p2[t] = val,
+            2 => p3[t] = val,
+            _ => p0[t + 1] = val,
+        }
+    }
+}
+
+/// `Bᵀ d` of six vectors, with `Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0;
+/// 0 2 −1 −2 1 0; 0 4 0 −5 0 1]`.
+#[inline(always)]
+fn bt6(d: &[Lanes; 6]) -> [Lanes; 6] {
+    let mut o = [[0.0f32; VL]; 6];
+    for k in 0..VL {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][k], d[1][k], d[2][k], d[3][k], d[4][k], d[5][k]);
+        let (s1, s2) = (d4 - 4.0 * d2, d3 - 4.0 * d1);
+        let (s3, s4) = (d4 - d2, 2.0 * (d3 - d1));
+        o[0][k] = 4.0 * d0 - 5.0 * d2 + d4;
+        o[1][k] = s1 + s2;
+        o[2][k] = s1 - s2;
+        o[3][k] = s3 + s4;
+        o[4][k] = s3 - s4;
+        o[5][k] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    o
+}
+
+/// `Aᵀ m` of six vectors, with `Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1]`.
+#[inline(always)]
+fn at4(m: &[Lanes; 6]) -> [Lanes; 4] {
+    let mut o = [[0.0f32; VL]; 4];
+    for k in 0..VL {
+        let (p, q) = (m[1][k] + m[2][k], m[1][k] - m[2][k]);
+        let (r, s) = (m[3][k] + m[4][k], m[3][k] - m[4][k]);
+        o[0][k] = m[0][k] + p + r;
+        o[1][k] = q + 2.0 * s;
+        o[2][k] = p + 4.0 * r;
+        o[3][k] = q + 8.0 * s + m[5][k];
+    }
+    o
+}
+
+/// One channel's tile row: `d` holds the 6 padded input rows as `[row][phase][l]`; writes
+/// `v[base + ξ·stride + t]` for the 36 `ξ` (`at = (base, stride)`), 8 tiles per step.
+#[inline(always)]
+fn input_tile_row(d: &[f32], l: usize, tw: usize, v: &mut [f32], at: (usize, usize)) {
+    let (base, stride) = at;
+    for c0 in (0..tw).step_by(VL) {
+        let n = VL.min(tw - c0);
+        let mut t = [[[0.0f32; VL]; 6]; 6]; // t[i][j]: row i of Bᵀ d, patch column j
+        for j in 0..6 {
+            let col: [Lanes; 6] = std::array::from_fn(|a| lanes(d, (4 * a + (j & 3)) * l + c0 + j / 4));
+            for (i, r) in bt6(&col).into_iter().enumerate() {
+                t[i][j] = r;
+            }
+        }
+        for (i, row) in t.iter().enumerate() {
+            for (k, o) in bt6(row).iter().enumerate() {
+                store(v, base + (i * 6 + k) * stride + c0, o, n);
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// `Aᵀ M A + bias` of output channel `co` for the block's `np` tiles: `tt[4a + b][p]` is
+    /// output row `a`, column `b` of tile `p` (`m` is `[36][cout][npp]`).
+    fn output_tiles(m: &[f32], co: usize, cout: usize, npp: usize, np: usize, bias: f32, tt: &mut [f32]) {
+        for c0 in (0..np).step_by(VL) {
+            let n = VL.min(np - c0);
+            let mut s = [[[0.0f32; VL]; 6]; 4]; // s[a][k]: row a of Aᵀ M, column k
+            for k in 0..6 {
+                let col: [Lanes; 6] = std::array::from_fn(|i| lanes(m, ((i * 6 + k) * cout + co) * npp + c0));
+                for (a, r) in at4(&col).into_iter().enumerate() {
+                    s[a][k] = r;
+                }
+            }
+            for (a, row) in s.iter().enumerate() {
+                for (b, o) in at4(row).iter().enumerate() {
+                    let o: Lanes = std::array::from_fn(|q| o[q] + bias);
+                    store(tt, (4 * a + b) * npp + c0, &o, n);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::conv::{ConvGeom, conv2d_im2col_backward, conv2d_im2col_forward};
+
+    /// Forward and input gradient against im2col on random data, on sizes that are and are not
+    /// multiples of the tile (and of the 8-tile vector step), with one tile row or many.
+    #[test]
+    fn matches_im2col_conv() {
+        let mut r = crate::rng::Rng::new(13);
+        for &(n, cin, h, w, cout) in &[(2, 3, 7, 5, 4), (1, 8, 8, 8, 16), (3, 5, 1, 3, 2), (2, 4, 28, 28, 6), (1, 6, 16, 37, 5), (2, 16, 32, 32, 8), (1, 3, 13, 70, 2)] {
+            let x = r.normal_vec(n * cin * h * w);
+            let wt = r.normal_vec(cout * cin * 9);
+            let b = r.normal_vec(cout);
+            let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
+            let want = conv2d_im2col_forward(&x, &wt, Some(&b), &g);
+            let got = conv3x3(&x, &transform_weights(&wt, cout, cin), Some(&b), n, cin, h, w, cout);
+            let e = crate::util::rel_err(&got, &want);
+            assert!(e < 1e-5, "{n} {cin} {h} {w} {cout}: {e:e}");
+            let dy = r.normal_vec(n * cout * h * w);
+            let (dx_want, _, _) = conv2d_im2col_backward(&x, &wt, &dy, &g, true);
+            let dx = conv3x3(&dy, &transform_weights_flipped(&wt, cout, cin), None, n, cout, h, w, cin);
+            let e = crate::util::rel_err(&dx, &dx_want.unwrap());
+            assert!(e < 1e-5, "dx {n} {cin} {h} {w} {cout}: {e:e}");
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_blocking() {
+        use crate::backend::cpu::winograd as w2;
+        let mut r = crate::rng::Rng::new(4);
+        for &(n, c, h) in &[(4usize, 128usize, 32usize), (4, 256, 16), (32, 128, 32), (32, 256, 16), (32, 64, 14)] {
+            let x = r.normal_vec(n * c * h * h);
+            let w = r.normal_vec(c * c * 9);
+            let u2 = w2::transform_weights(&w, c, c);
+            let u4 = transform_weights(&w, c, c);
+            let variants: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = {
+                let mut v: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = vec![("f2".into(), Box::new(|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)))];
+                for &(mt, bb) in &[(8usize, 2usize << 20), (32, 2 << 20), (64, 2 << 20), (128, 2 << 20), (8, 8 << 20), (64, 8 << 20), (8, 32 << 20)] {
+                    let (x, u4) = (&x, &u4);
+                    v.push((format!("f4 t{mt} b{}M", bb >> 20), Box::new(move || conv3x3_blocked(x, u4, None, n, c, h, h, c, mt, bb))));
+                }
+                v
+            };
+            let mut best = vec![f64::MAX; variants.len()];
+            for _ in 0..12 {
+                for (i, (_, f)) in variants.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let line: Vec<String> = variants.iter().zip(&best).map(|((s, _), b)| format!("{s}: {b:.2}")).collect();
+            eprintln!("n{n} c{c} {h}x{h}: {}", line.join(" | "));
+        }
+    }
+
+    /// The kernel transform is `G g Gᵀ` with Lavin's `G`, element for element.
+    #[test]
+    fn kernel_transform_is_g_g_gt() {
+        let mut r = crate::rng::Rng::new(3);
+        let g = r.normal_vec(9);
+        let gm: [[f64; 3]; 6] = [[0.25, 0.0, 0.0], [-1.0 / 6.0; 3], [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0], [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0], [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0], [0.0, 0.0, 1.0]];
+        let u = transform_weights(&g, 1, 1);
+        for i in 0..6 {
+            for k in 0..6 {
+                let want: f64 = (0..3).flat_map(|a| (0..3).map(move |b| (a, b))).map(|(a, b)| gm[i][a] * g[a * 3 + b] as f64 * gm[k][b]).sum();
+                assert!((u[i * 6 + k] as f64 - want).abs() < 1e-6, "u[{i}][{k}] {} vs {want}", u[i * 6 + k]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore]
+    fn time_weight_transforms() {
+        use crate::backend::cpu::winograd as w2;
+        let mut r = crate::rng::Rng::new(4);
+        for &c in &[128usize, 256] {
+            let w = r.normal_vec(c * c * 9);
+            let mut best = [f64::MAX; 4];
+            for _ in 0..10 {
+                let fs: [&dyn Fn() -> Vec<f32>; 4] = [&|| w2::transform_weights(&w, c, c), &|| w2::transform_weights_flipped(&w, c, c), &|| super::transform_weights(&w, c, c), &|| super::transform_weights_flipped(&w, c, c)];
+                for (i, f) in fs.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            eprintln!("c{c}: f2 {:.2} f2flip {:.2} f4 {:.2} f4flip {:.2} ms", best[0], best[1], best[2], best[3]);
+        }
+    }
+}

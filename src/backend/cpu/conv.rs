@@ -144,11 +144,17 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> 
 /// [`conv2d_forward`] with the buffer that holds `w`'s values: Winograd's transformed kernel is
 /// then cached for the next call with the same values ([`winograd::transform_weights_cached`]).
 pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Buf<f32>>, b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
-    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.h, g.w) {
+    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
         let _p = detail("conv fwd: winograd");
         let tile = winograd::tile_for(g.h, g.w);
         let u = winograd::transform_weights_cached(tile, w_buf, w, g.cout, g.cin);
         return winograd::conv3x3_for(tile, x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
+    }
+    if winograd::small_image_applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
+        if let Some(u) = winograd::kept_weights(winograd::Tile::F2, w_buf, w, g.cout, g.cin) {
+            let _p = detail("conv fwd: winograd, small image, kept kernel");
+            return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
+        }
     }
     if batched(g) {
         let _p = detail("conv fwd: batched im2col+gemm");
@@ -185,7 +191,7 @@ pub fn conv2d_im2col_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGe
 
 /// Gradients of conv2d: `(dx, dw, db)` from `dy`. Uses Winograd where [`conv2d_forward`] does.
 pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.h, g.w) {
+    if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
         let db = bias_grad(dy, g);
         let dw = {
             let _p = detail("conv dw: winograd");

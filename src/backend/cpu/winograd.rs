@@ -12,21 +12,63 @@ use super::buf::{Buf, BufKey};
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
 
-/// Images smaller than this (8×8, 7×7, 4×4) go through im2col + GEMM: their few tiles per
-/// weight leave the weight transform (16 floats written per 9 read, for every channel pair) as
-/// costly as the GEMM work it saves. Measured on the CIFAR-10 U-Net at batch 4 (2 threads,
+/// Images smaller than this (8×8, 7×7, 4×4) go through im2col + GEMM unless their batch has many
+/// tiles ([`applies`]) or their kernel is kept ([`small_image_applies`]): with few tiles per
+/// weight, the weight transform (16 floats written per 9 read, for every channel pair) costs as
+/// much as the GEMM work it saves. Measured on the CIFAR-10 U-Net at batch 4 (2 threads,
 /// AVX-512): 8×8 and 4×4 by im2col took the forward from 235 to 205 ms, forward+backward from
 /// 805 to 710 ms.
 pub const MIN_PIXELS: usize = 100;
 
-/// Whether a conv geometry uses this path: 3×3, stride 1, pad 1, at least 64 channels in and
-/// out (below that the transforms cost more than the GEMM work they save; measured with
-/// `cargo bench --bench kernels -- conv2d`) and at least [`MIN_PIXELS`] pixels.
-/// `ORWCFM_NO_WINOGRAD=1` turns the path off.
-pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize, h: usize, w: usize) -> bool {
+/// Whether a conv geometry uses this path (weights transformed at each call unless kept): 3×3,
+/// stride 1, pad 1, at least 64 channels in and out (below that the transforms cost more than
+/// the GEMM work they save; measured with `cargo bench --bench kernels -- conv2d`) and at least
+/// [`MIN_PIXELS`] pixels; or a small image of at least [`SMALL_FRESH_MIN_CHANNELS`] channels
+/// whose batch makes at least [`SMALL_FRESH_MIN_TILES`] 2×2 tiles. `ORWCFM_NO_WINOGRAD=1` turns
+/// the path off.
+#[allow(clippy::too_many_arguments)]
+pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize, n: usize, h: usize, w: usize) -> bool {
+    let small = cin.min(cout) >= SMALL_FRESH_MIN_CHANNELS && tiles2(n, h, w) >= SMALL_FRESH_MIN_TILES && h.min(w) >= SMALL_MIN_SIDE;
+    same_3x3(kh, kw, stride, pad) && cin.min(cout) >= 64 && (h * w >= MIN_PIXELS || small) && !disabled()
+}
+
+/// A small image's Winograd with the weights transformed at every call (a training step) pays off
+/// from this many 2×2 tiles over the batch and this many channels. Measured forward + input and
+/// weight gradients, 2 threads, AVX-512, against batched im2col (`winograd4::timing_small`):
+/// 256 channels at 8×8, batch 32 (512 tiles) 47.5 → 35.4 ms, batch 8 (128 tiles) 13.5 → 10.9 ms;
+/// at 4×4, batch 32 (128 tiles) 20.7 → 13.4 ms; but batch 4 at 8×8 (64 tiles) 5.4 → 5.9 ms and
+/// 64 channels at 7×7, batch 32, 4.2 → 4.9 ms.
+pub const SMALL_FRESH_MIN_TILES: usize = 128;
+pub const SMALL_FRESH_MIN_CHANNELS: usize = 128;
+
+/// Whether a 3×3 convolution on an image too small for [`applies`] takes F(2×2) Winograd when its
+/// transformed kernel is kept already ([`kept_weights`]: weights met before, as sampling meets
+/// the frozen policy's at every step) and its batch makes at least [`SMALL_KEPT_MIN_TILES`]
+/// tiles. With the transform paid for, its GEMMs do 0.44× im2col's work; measured forward, 256
+/// channels, 2 threads, AVX-512: 8×8 batch 4 (64 tiles) 1.92 → 0.96 ms, batch 32 11.4 → 9.0 ms;
+/// 4×4 batch 8 (32 tiles) 1.50 → 0.99 ms, batch 4 (16 tiles) 0.64 → 0.66 ms.
+#[allow(clippy::too_many_arguments)]
+pub fn small_image_applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize, n: usize, h: usize, w: usize) -> bool {
+    same_3x3(kh, kw, stride, pad) && cin.min(cout) >= 64 && h * w < MIN_PIXELS && h.min(w) >= SMALL_MIN_SIDE && tiles2(n, h, w) >= SMALL_KEPT_MIN_TILES && !disabled()
+}
+
+pub const SMALL_KEPT_MIN_TILES: usize = 32;
+
+/// The smallest side of the small images that take Winograd.
+pub const SMALL_MIN_SIDE: usize = 4;
+
+fn same_3x3(kh: usize, kw: usize, stride: usize, pad: usize) -> bool {
+    kh == 3 && kw == 3 && stride == 1 && pad == 1
+}
+
+/// 2×2 tiles of a batch of `n` images `h × w`.
+fn tiles2(n: usize, h: usize, w: usize) -> usize {
+    n * h.div_ceil(2) * w.div_ceil(2)
+}
+
+fn disabled() -> bool {
     static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let disabled = *DISABLED.get_or_init(|| std::env::var_os("ORWCFM_NO_WINOGRAD").is_some());
-    kh == 3 && kw == 3 && stride == 1 && pad == 1 && cin.min(cout) >= 64 && h * w >= MIN_PIXELS && !disabled
+    *DISABLED.get_or_init(|| std::env::var_os("ORWCFM_NO_WINOGRAD").is_some())
 }
 
 /// The Winograd tile of a convolution that takes this path.
@@ -206,14 +248,28 @@ pub fn kernel_cache_enabled() -> bool {
 /// [`transform_weights_for`] of the values of `w` (`buf`'s, when given), from the cache when they
 /// were met before.
 pub fn transform_weights_cached(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Arc<Vec<f32>> {
-    let Some(buf) = buf.filter(|_| kernel_cache_enabled()) else {
-        return Arc::new(transform_weights_for(tile, w, cout, cin));
-    };
+    match buf.filter(|_| kernel_cache_enabled()) {
+        Some(buf) => cached(tile, buf, w, cout, cin, true).expect("transformed when not kept"),
+        None => Arc::new(transform_weights_for(tile, w, cout, cin)),
+    }
+}
+
+/// The kept kernel of `buf`'s values when they are met a second time or later (sampling's frozen
+/// weights), `None` the first time and when the cache is off: for convolutions that take
+/// Winograd only when its weight transform is paid for already ([`small_image_applies`]).
+pub fn kept_weights(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Option<Arc<Vec<f32>>> {
+    cached(tile, buf.filter(|_| kernel_cache_enabled())?, w, cout, cin, false)
+}
+
+/// The cache's lookup: a kept kernel; else, at the second meeting, the kernel transformed and
+/// kept; else (the first meeting, remembered) the kernel transformed but not kept, or `None`
+/// when `first_too` is not set.
+fn cached(tile: Tile, buf: &Buf<f32>, w: &[f32], cout: usize, cin: usize, first_too: bool) -> Option<Arc<Vec<f32>>> {
     let k = (buf.key(), cout, cin, tile);
     let keep = {
         let mut c = kernel_cache();
         if let Some(e) = c.kept.iter().find(|e| e.key == k) {
-            return e.u.clone();
+            return Some(e.u.clone());
         }
         match c.seen.iter().position(|s| *s == k) {
             Some(i) => {
@@ -229,6 +285,9 @@ pub fn transform_weights_cached(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], c
             }
         }
     };
+    if !keep && !first_too {
+        return None;
+    }
     // transformed outside the lock (in parallel)
     let u = Arc::new(transform_weights_for(tile, w, cout, cin));
     let size = u.len() * 4;
@@ -243,7 +302,7 @@ pub fn transform_weights_cached(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], c
         }
         c.kept.push(Kept { key: k, source, u: u.clone() });
     }
-    u
+    Some(u)
 }
 
 impl KernelCache {
@@ -287,7 +346,7 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let rows = n * th; // tile rows over the batch
     let pb = (BLOCK_BYTES / (64 * (cin + cout))).clamp(16, 512);
-    let rb = (pb / tw).clamp(1, rows);
+    let rb = balanced_rows(rows, (pb / tw).clamp(1, rows));
     let blocks = rows.div_ceil(rb);
     let wp = 2 * (tw.next_multiple_of(VL) + 1); // scratch rows: even/odd input columns, padded to whole vectors
     let mut y = vec![0.0f32; n * cout * h * w];
@@ -370,6 +429,18 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
         });
     });
     y
+}
+
+/// Tile rows per block: about `rb`, but in a number of blocks that is a multiple of the threads
+/// (one block per tile row at most), so that no thread idles while another finishes (a small
+/// image's whole batch in one block ran on one thread).
+pub(super) fn balanced_rows(rows: usize, rb: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let mut blocks = rows.div_ceil(rb.max(1));
+    if blocks < rows {
+        blocks = blocks.next_multiple_of(threads).min(rows);
+    }
+    rows.div_ceil(blocks)
 }
 
 /// Weight gradient of [`conv3x3`]: `dw[cout, cin, 3, 3]` from the input `x` and output gradient
@@ -677,6 +748,36 @@ mod tests {
         }
     }
 
+    /// Small images: a training step's convolution (fresh weights) takes Winograd from a batch of
+    /// many tiles, sampling's (weights met again) from fewer; both dispatches match im2col, the
+    /// gradients too.
+    #[test]
+    fn small_images_take_winograd_where_it_pays_and_match_im2col() {
+        use crate::backend::cpu::conv::{conv2d_backward, conv2d_im2col_backward};
+        use crate::tensor::Tensor;
+        let mut r = crate::rng::Rng::new(8);
+        assert!(applies(3, 3, 1, 1, 128, 128, 8, 8, 8), "128 tiles, 128 channels");
+        assert!(!applies(3, 3, 1, 1, 128, 128, 4, 8, 8), "64 tiles");
+        assert!(!applies(3, 3, 1, 1, 64, 64, 32, 7, 7), "64 channels");
+        assert!(small_image_applies(3, 3, 1, 1, 64, 64, 2, 8, 8) && !small_image_applies(3, 3, 1, 1, 64, 64, 1, 8, 8));
+        for &(n, c, h) in &[(8usize, 128usize, 8usize), (32, 128, 4), (2, 64, 8), (3, 64, 5)] {
+            let g = ConvGeom { n, cin: c, h, w: h, cout: c, kh: 3, kw: 3, stride: 1, pad: 1 };
+            let x = Tensor::from_vec(r.normal_vec(n * c * h * h), &[n, c, h, h]);
+            let wt = Tensor::from_vec(r.normal_vec(c * c * 9), &[c, c, 3, 3]);
+            let want = conv2d_im2col_forward(x.data(), wt.data(), None, &g);
+            for call in 0..3 {
+                let got = x.conv2d(&wt, None, 1, 1).unwrap();
+                let e = crate::util::rel_err(got.data(), &want);
+                assert!(e < 1e-5, "n{n} c{c} {h}x{h}, call {call}: {e:e}");
+            }
+            let dy = r.normal_vec(n * c * h * h);
+            let (dx, dw, _) = conv2d_backward(x.data(), wt.data(), &dy, &g, true);
+            let (dx_want, dw_want, _) = conv2d_im2col_backward(x.data(), wt.data(), &dy, &g, true);
+            assert!(crate::util::rel_err(&dx.unwrap(), &dx_want.unwrap()) < 1e-5, "dx n{n} c{c} {h}x{h}");
+            assert!(crate::util::rel_err(&dw, &dw_want) < 1e-5, "dw n{n} c{c} {h}x{h}");
+        }
+    }
+
     /// The cached kernel is the kernel of the values the convolution is given: repeated calls hit
     /// the cache (the weight transform is skipped), and a write to the weights in place, a copy
     /// on write, a new tensor of equal shape or an arena view are each transformed afresh.
@@ -686,7 +787,7 @@ mod tests {
         let mut r = crate::rng::Rng::new(5);
         let (n, cin, h, w, cout) = (2, 64, 10, 10, 64);
         let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
-        assert!(applies(3, 3, 1, 1, cin, cout, h, w), "the geometry must take the Winograd path");
+        assert!(applies(3, 3, 1, 1, cin, cout, n, h, w), "the geometry must take the Winograd path");
         let x = Tensor::from_vec(r.normal_vec(n * cin * h * w), &[n, cin, h, w]);
         let check = |wt: &Tensor, what: &str| {
             let want = conv2d_im2col_forward(x.data(), wt.data(), None, &g);

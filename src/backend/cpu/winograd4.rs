@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
-use super::winograd::{BLOCK_BYTES, Geo, KL, Lanes, SCRATCH, SyncPtr, VL, lanes, store, transform_into_with};
+use super::winograd::{BLOCK_BYTES, Geo, KL, Lanes, SCRATCH, SyncPtr, VL, balanced_rows, lanes, store, transform_into_with};
 
 /// Transformed values per tile (6×6).
 pub const XI: usize = 36;
@@ -93,12 +93,7 @@ pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: u
     let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
     let rows = n * th;
     let pb = (block_bytes / (4 * XI * (cin + cout))).clamp(min_tiles, 4096);
-    let threads = rayon::current_num_threads().max(1);
-    let mut blocks = rows.div_ceil((pb / tw).clamp(1, rows));
-    if blocks < rows {
-        blocks = blocks.next_multiple_of(threads).min(rows);
-    }
-    let rb = rows.div_ceil(blocks);
+    let rb = balanced_rows(rows, (pb / tw).clamp(1, rows));
     let blocks = rows.div_ceil(rb);
     let l = tw.next_multiple_of(VL) + 1; // a phase of a padded input row
     let geo = Geo { cin, h, w, th, tw };
@@ -398,6 +393,59 @@ mod timing {
                 }
             }
             eprintln!("c{c}: f2 {:.2} f2flip {:.2} f4 {:.2} f4flip {:.2} ms", best[0], best[1], best[2], best[3]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing_small {
+    /// Timing harness (not a check): small images by im2col against Winograd with kept kernels.
+    #[test]
+    #[ignore]
+    fn time_small_images() {
+        use crate::backend::cpu::conv::{ConvGeom, conv2d_forward};
+        use crate::backend::cpu::winograd as w2;
+        let mut r = crate::rng::Rng::new(4);
+        for &(n, c, h) in &[(4usize, 256usize, 8usize), (4, 256, 4), (32, 256, 8), (32, 256, 4), (32, 64, 7), (8, 256, 8), (8, 256, 4)] {
+            let x = r.normal_vec(n * c * h * h);
+            let w = r.normal_vec(c * c * 9);
+            let g = ConvGeom { n, cin: c, h, w: h, cout: c, kh: 3, kw: 3, stride: 1, pad: 1 };
+            let u2 = w2::transform_weights(&w, c, c);
+            let u4 = super::transform_weights(&w, c, c);
+            let fs: [(&str, &dyn Fn() -> Vec<f32>); 3] = [("im2col", &|| conv2d_forward(&x, &w, None, &g)), ("f2", &|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)), ("f4", &|| super::conv3x3(&x, &u4, None, n, c, h, h, c))];
+            let mut best = [f64::MAX; 3];
+            for _ in 0..15 {
+                for (i, (_, f)) in fs.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            eprintln!("n{n} c{c} {h}x{h}: im2col {:.3} f2 {:.3} f4 {:.3} ms", best[0], best[1], best[2]);
+            // a training step's convolution: fresh weights, forward, dx and dw
+            let dy = r.normal_vec(n * c * h * h);
+            let fb: [(&str, &dyn Fn() -> usize); 2] = [
+                ("im2col", &|| {
+                    let y = crate::backend::cpu::conv::conv2d_im2col_forward(&x, &w, None, &g);
+                    let (dx, dw, _) = crate::backend::cpu::conv::conv2d_backward(&x, &w, &dy, &g, true);
+                    y.len() + dx.unwrap().len() + dw.len()
+                }),
+                ("f2", &|| {
+                    let y = w2::conv3x3(&x, &w2::transform_weights(&w, c, c), None, n, c, h, h, c);
+                    let dx = w2::conv3x3_input_grad(w2::Tile::F2, &dy, &w, n, c, h, h, c);
+                    let dw = w2::conv3x3_weight_grad(&x, &dy, n, c, h, h, c);
+                    y.len() + dx.len() + dw.len()
+                }),
+            ];
+            let mut best = [f64::MAX; 2];
+            for _ in 0..10 {
+                for (i, (_, f)) in fb.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            eprintln!("   fresh fwd+dx+dw: im2col {:.3} f2 {:.3} ms", best[0], best[1]);
         }
     }
 }

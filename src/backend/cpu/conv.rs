@@ -150,11 +150,11 @@ pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Bu
         let u = winograd::transform_weights_cached(tile, w_buf, w, g.cout, g.cin);
         return winograd::conv3x3_for(tile, x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
-    if winograd::small_image_applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
-        if let Some(u) = winograd::kept_weights(winograd::Tile::F2, w_buf, w, g.cout, g.cin) {
-            let _p = detail("conv fwd: winograd, small image, kept kernel");
-            return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
-        }
+    if winograd::small_image_applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w)
+        && let Some(u) = winograd::kept_weights(winograd::Tile::F2, w_buf, w, g.cout, g.cin)
+    {
+        let _p = detail("conv fwd: winograd, small image, kept kernel");
+        return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
     if batched(g) {
         let _p = detail("conv fwd: batched im2col+gemm");
@@ -195,7 +195,7 @@ pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: 
         let db = bias_grad(dy, g);
         let dw = {
             let _p = detail("conv dw: winograd");
-            winograd::conv3x3_weight_grad(x, dy, g.n, g.cin, g.h, g.w, g.cout)
+            winograd::conv3x3_weight_grad_for(winograd::weight_grad_tile(g.n, g.h, g.w), x, dy, g.n, g.cin, g.h, g.w, g.cout)
         };
         // the input gradient is the convolution of dy with the flipped, transposed kernel
         let dx = need_dx.then(|| {

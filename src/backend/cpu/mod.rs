@@ -43,9 +43,19 @@ pub const PAR_MIN: usize = 1 << 15;
 /// contribution. Items are dealt round-robin to one group per worker thread, each group with a
 /// single accumulator (not one per rayon split: accumulators can be megabytes), then summed.
 pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + Sync) -> Vec<f32> {
+    let mut partial = par_partials(items, len, f);
+    let mut acc = partial.pop().expect("at least one group");
+    for p in &partial {
+        elementwise::add_assign(&mut acc, p);
+    }
+    acc
+}
+/// [`par_accumulate`]'s per-thread sums, not yet added up (at least one): for a caller that
+/// reads them once anyway and can add them there, in parallel.
+pub fn par_partials(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + Sync) -> Vec<Vec<f32>> {
     use rayon::prelude::*;
     let groups = rayon::current_num_threads().clamp(1, items.max(1));
-    let mut partial: Vec<Vec<f32>> = (0..groups)
+    (0..groups)
         .into_par_iter()
         .map(|gi| {
             let mut acc = vec![0.0f32; len];
@@ -54,12 +64,7 @@ pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + 
             }
             acc
         })
-        .collect();
-    let mut acc = partial.pop().expect("at least one group");
-    for p in &partial {
-        elementwise::add_assign(&mut acc, p);
-    }
-    acc
+        .collect()
 }
 pub mod storage;
 pub use storage::CpuStorage;

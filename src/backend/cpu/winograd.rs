@@ -97,6 +97,19 @@ pub fn tile_for(h: usize, w: usize) -> Tile {
     forced.unwrap_or(if h.min(w) >= F4_MIN_SIDE { Tile::F4 } else { Tile::F2 })
 }
 
+/// The tile of the weight gradient: F(4×4) where [`tile_for`] says so and the batch makes at
+/// least [`DW_F4_MIN_TILES`] 4×4 tiles. The tiles are the GEMMs' reduction there, and with few
+/// of them the 36 planes of the kernel gradient, read and written by every block's GEMMs, cost
+/// more than the GEMM work saved.
+pub fn weight_grad_tile(n: usize, h: usize, w: usize) -> Tile {
+    match tile_for(h, w) {
+        Tile::F4 if n * h.div_ceil(4) * w.div_ceil(4) >= DW_F4_MIN_TILES => Tile::F4,
+        _ => Tile::F2,
+    }
+}
+
+pub const DW_F4_MIN_TILES: usize = 256;
+
 /// Transformed kernel of `w` for `tile`: `u[16 or 36][cout][cin]`.
 pub fn transform_weights_for(tile: Tile, w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     match tile {
@@ -111,6 +124,15 @@ pub fn conv3x3_for(tile: Tile, x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize
     match tile {
         Tile::F2 => conv3x3(x, u, b, n, cin, h, w, cout),
         Tile::F4 => super::winograd4::conv3x3(x, u, b, n, cin, h, w, cout),
+    }
+}
+
+/// [`conv3x3_weight_grad`] with `tile`'s transforms.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_weight_grad_for(tile: Tile, x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    match tile {
+        Tile::F2 => conv3x3_weight_grad(x, dy, n, cin, h, w, cout),
+        Tile::F4 => super::winograd4::conv3x3_weight_grad(x, dy, n, cin, h, w, cout),
     }
 }
 

@@ -5,7 +5,8 @@
 //! transforms have larger coefficients (up to 8 in `Aᵀ`, 1/24 in `G`), so its rounding error is
 //! a few times F(2×2)'s (about 1e-6 relative in f32, still below what the parity tests allow).
 //! The forward pass and the input gradient (the same convolution of `dy` with the flipped,
-//! transposed kernel) use it; the weight gradient stays with F(2×2, 3×3).
+//! transposed kernel) use it, and the weight gradient where the batch has many tiles
+//! ([`super::winograd::weight_grad_tile`]).
 
 use rayon::prelude::*;
 
@@ -107,13 +108,14 @@ pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: u
         let npp = np.next_multiple_of(VL); // planes padded to whole vectors
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let need = XI * (cin + cout) * npp + 24 * l + 16 * npp;
+            let dn = 24 * l;
+            let need = XI * (cin + cout) * npp + dn + 16 * npp;
             if sc.len() < need {
                 sc.resize(need, 0.0);
             }
             let (v, rest) = sc[..need].split_at_mut(XI * cin * npp);
             let (m, rest) = rest.split_at_mut(XI * cout * npp);
-            let (d, tt) = rest.split_at_mut(24 * l);
+            let (d, tt) = rest.split_at_mut(dn);
             let p = detail("winograd4 fwd: input transform (cpu time)");
             input_transform(x, &geo, row0, nrows, npp, v, d);
             drop(p);
@@ -145,6 +147,191 @@ pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: u
         });
     });
     y
+}
+
+/// Weight gradient of [`conv3x3`]: `dw[cout, cin, 3, 3]` from the input `x` and the output
+/// gradient `dy`. With `Y_p = Aᵀ[Σ_c U ⊙ V_p]A`, the gradient of `U[ξ]` is
+/// `Σ_p (A dY_p Aᵀ)[ξ] V_p[ξ]ᵀ` (36 GEMMs with the tiles as the reduction), and `dw = Gᵀ dU G`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    if n * h * w == 0 {
+        return vec![0.0; cout * cin * 9];
+    }
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    let rows = n * th;
+    // the tiles are the GEMM reduction here: larger blocks keep k large and the accumulators few
+    let pb = (4 * BLOCK_BYTES / (4 * XI * (cin + cout))).clamp(128, 4096);
+    let rb = (pb / tw).clamp(1, rows).min(rows.div_ceil(rayon::current_num_threads().max(1)));
+    let blocks = rows.div_ceil(rb);
+    let l = tw.next_multiple_of(VL) + 1;
+    let geo = Geo { cin, h, w, th, tw };
+    let process = |du: &mut [f32], blk: usize| {
+        let row0 = blk * rb;
+        let nrows = rb.min(rows - row0);
+        let np = nrows * tw;
+        let npp = np.next_multiple_of(VL);
+        SCRATCH.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let need = XI * (cin + cout) * npp + 24 * l;
+            if sc.len() < need {
+                sc.resize(need, 0.0);
+            }
+            let (v, rest) = sc[..need].split_at_mut(XI * cin * npp);
+            let (dm, d) = rest.split_at_mut(XI * cout * npp);
+            let p = detail("winograd4 dw: input transform (cpu time)");
+            input_transform(x, &geo, row0, nrows, npp, v, d);
+            drop(p);
+            let p = detail("winograd4 dw: dy transform (cpu time)");
+            dy_transform(dy, &Geo { cin: cout, ..geo }, row0, nrows, npp, dm, d);
+            drop(p);
+            let _p = detail("winograd4 dw: 36 gemms (cpu time)");
+            for xi in 0..XI {
+                let a = &dm[xi * cout * npp..(xi + 1) * cout * npp];
+                let bv = &v[xi * cin * npp..(xi + 1) * cin * npp];
+                sgemm(cout, cin, np, Mat::rm(a, npp), Mat::rm_t(bv, npp), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, true, 1.0, 1);
+            }
+        });
+    };
+    // the threads' partial dU are added up in the final transform's reads (in parallel)
+    let parts = super::par_partials(blocks, XI * cout * cin, process);
+    // dw = Gᵀ dU G
+    let plane = cout * cin;
+    let mut dw = vec![0.0f32; plane * 9];
+    // blocks of OB kernels: each plane's run of the block is read in order (one stream at a
+    // time, not 36 strided streams per kernel)
+    const OB: usize = 256;
+    dw.par_chunks_mut(9 * OB).enumerate().for_each(|(blk, out)| {
+        let (oc0, nb) = (blk * OB, out.len() / 9);
+        let mut du = vec![0.0f32; XI * nb];
+        for (i, d) in du.chunks_exact_mut(nb).enumerate() {
+            for p in &parts {
+                for (a, b) in d.iter_mut().zip(&p[i * plane + oc0..i * plane + oc0 + nb]) {
+                    *a += b;
+                }
+            }
+        }
+        for (o, out) in out.chunks_exact_mut(9).enumerate() {
+            let mut t = [[0.0f32; 6]; 3]; // t[a][k] = (Gᵀ dU)[a][k]
+            for k in 0..6 {
+                let col: [f32; 6] = std::array::from_fn(|i| du[(i * 6 + k) * nb + o]);
+                let r = gt_col(&col);
+                for a in 0..3 {
+                    t[a][k] = r[a];
+                }
+            }
+            for a in 0..3 {
+                let r = gt_col(&t[a]);
+                out[a * 3..a * 3 + 3].copy_from_slice(&r);
+            }
+        }
+    });
+    dw
+}
+
+/// `Gᵀ u` of six values (the adjoint of [`g_col`]).
+#[inline(always)]
+fn gt_col(u: &[f32; 6]) -> [f32; 3] {
+    const SIXTH: f32 = 1.0 / 6.0;
+    let (s, d) = (u[1] + u[2], u[1] - u[2]);
+    let (p, q) = (u[3] + u[4], u[3] - u[4]);
+    [0.25 * u[0] - SIXTH * s + p * (1.0 / 24.0), -SIXTH * d + q * (1.0 / 12.0), -SIXTH * s + SIXTH * p + u[5]]
+}
+
+crate::multiversion! {
+    /// `dM[ξ][co][p] = (A dY_p Aᵀ)[ξ]` for the 4×4 output-gradient tiles of the tile rows
+    /// `row0 .. row0+nrows` (`g.cin` is the gradient's channel count; zero outside the image; `dm`
+    /// is `[36][cout][npp]`; `d` is scratch of `16·(⌈tw⌉₈ + 1)`).
+    fn dy_transform(dy: &[f32], g: &Geo, row0: usize, nrows: usize, npp: usize, dm: &mut [f32], d: &mut [f32]) {
+        let Geo { cin: cout, h, w, th, tw } = *g;
+        let l = tw.next_multiple_of(VL) + 1;
+        for co in 0..cout {
+            for lr in 0..nrows {
+                let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
+                let base = (img * cout + co) * h * w;
+                for a in 0..4 {
+                    let ph = &mut d[4 * a * l..(4 * a + 4) * l];
+                    let r = 4 * ti + a;
+                    if r < h {
+                        phases4_unpadded(&dy[base + r * w..base + (r + 1) * w], ph, l);
+                    } else {
+                        ph.fill(0.0);
+                    }
+                }
+                dy_tile_row(&d[..16 * l], l, tw, dm, (co * npp + lr * tw, cout * npp));
+            }
+        }
+    }
+}
+
+/// `ph[p·l + t] = x[4t + p]`, zero past the row's end.
+#[inline(always)]
+fn phases4_unpadded(x: &[f32], ph: &mut [f32], l: usize) {
+    let (p0, rest) = ph.split_at_mut(l);
+    let (p1, rest) = rest.split_at_mut(l);
+    let (p2, p3) = rest.split_at_mut(l);
+    let mut chunks = x.chunks_exact(4 * VL);
+    let mut j = 0;
+    for c in &mut chunks {
+        let c: &[f32; 4 * VL] = c.try_into().expect("a whole chunk");
+        let q: [Lanes; 4] = std::array::from_fn(|p| std::array::from_fn(|k| c[4 * k + p]));
+        p0[j..j + VL].copy_from_slice(&q[0]);
+        p1[j..j + VL].copy_from_slice(&q[1]);
+        p2[j..j + VL].copy_from_slice(&q[2]);
+        p3[j..j + VL].copy_from_slice(&q[3]);
+        j += VL;
+    }
+    for p in [&mut *p0, &mut *p1, &mut *p2, &mut *p3] {
+        p[j..].fill(0.0);
+    }
+    for (k, &val) in chunks.remainder().iter().enumerate() {
+        let t = j + k / 4;
+        match k % 4 {
+            0 => p0[t] = val,
+            1 => p1[t] = val,
+            2 => p2[t] = val,
+            _ => p3[t] = val,
+        }
+    }
+}
+
+/// `A y` of four vectors (`A` is `Aᵀ`'s transpose, 6×4).
+#[inline(always)]
+fn a6(y: &[Lanes; 4]) -> [Lanes; 6] {
+    let mut o = [[0.0f32; VL]; 6];
+    for k in 0..VL {
+        let (y0, y1, y2, y3) = (y[0][k], y[1][k], y[2][k], y[3][k]);
+        let (e, f) = (y0 + y2, y1 + y3);
+        let (e4, f2) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+        o[0][k] = y0;
+        o[1][k] = e + f;
+        o[2][k] = e - f;
+        o[3][k] = e4 + f2;
+        o[4][k] = e4 - f2;
+        o[5][k] = y3;
+    }
+    o
+}
+
+/// One output-gradient channel's tile row: `d` holds its 4 rows as `[row][phase][l]`; writes
+/// `A dY Aᵀ` to `dm[base + ξ·stride + t]` for the 36 `ξ`, 8 tiles per step.
+#[inline(always)]
+fn dy_tile_row(d: &[f32], l: usize, tw: usize, dm: &mut [f32], at: (usize, usize)) {
+    let (base, stride) = at;
+    for c0 in (0..tw).step_by(VL) {
+        let n = VL.min(tw - c0);
+        let mut t = [[[0.0f32; VL]; 4]; 6]; // t[i][j] = (A dY)[i][j]
+        for j in 0..4 {
+            let col: [Lanes; 4] = std::array::from_fn(|a| lanes(d, (4 * a + j) * l + c0));
+            for (i, r) in a6(&col).into_iter().enumerate() {
+                t[i][j] = r;
+            }
+        }
+        for (i, row) in t.iter().enumerate() {
+            for (k, o) in a6(row).iter().enumerate() {
+                store(dm, base + (i * 6 + k) * stride + c0, o, n);
+            }
+        }
+    }
 }
 
 /// `out[4k + b] = ph[b][k]` for the whole row.
@@ -320,10 +507,13 @@ mod tests {
             let e = crate::util::rel_err(&got, &want);
             assert!(e < 1e-5, "{n} {cin} {h} {w} {cout}: {e:e}");
             let dy = r.normal_vec(n * cout * h * w);
-            let (dx_want, _, _) = conv2d_im2col_backward(&x, &wt, &dy, &g, true);
+            let (dx_want, dw_want, _) = conv2d_im2col_backward(&x, &wt, &dy, &g, true);
             let dx = conv3x3(&dy, &transform_weights_flipped(&wt, cout, cin), None, n, cout, h, w, cin);
             let e = crate::util::rel_err(&dx, &dx_want.unwrap());
             assert!(e < 1e-5, "dx {n} {cin} {h} {w} {cout}: {e:e}");
+            let dw = conv3x3_weight_grad(&x, &dy, n, cin, h, w, cout);
+            let e = crate::util::rel_err(&dw, &dw_want);
+            assert!(e < 1e-5, "dw {n} {cin} {h} {w} {cout}: {e:e}");
         }
     }
 
@@ -393,6 +583,21 @@ mod timing {
                 }
             }
             eprintln!("c{c}: f2 {:.2} f2flip {:.2} f4 {:.2} f4flip {:.2} ms", best[0], best[1], best[2], best[3]);
+        }
+        // weight gradients, each tile
+        for &(n, c, h) in &[(4usize, 128usize, 32usize), (4, 256, 16), (16, 256, 16), (32, 128, 32), (32, 256, 16)] {
+            let x = r.normal_vec(n * c * h * h);
+            let dy = r.normal_vec(n * c * h * h);
+            let mut best = [f64::MAX; 2];
+            for _ in 0..10 {
+                let fs: [&dyn Fn() -> Vec<f32>; 2] = [&|| w2::conv3x3_weight_grad(&x, &dy, n, c, h, h, c), &|| super::conv3x3_weight_grad(&x, &dy, n, c, h, h, c)];
+                for (i, f) in fs.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            eprintln!("dw n{n} c{c} {h}x{h}: f2 {:.2} f4 {:.2} ms", best[0], best[1]);
         }
     }
 }

@@ -575,7 +575,8 @@ mod timing {
             let w = r.normal_vec(c * c * 9);
             let mut best = [f64::MAX; 4];
             for _ in 0..10 {
-                let fs: [&dyn Fn() -> Vec<f32>; 4] = [&|| w2::transform_weights(&w, c, c), &|| w2::transform_weights_flipped(&w, c, c), &|| super::transform_weights(&w, c, c), &|| super::transform_weights_flipped(&w, c, c)];
+                let fs: [&dyn Fn() -> Vec<f32>; 4] =
+                    [&|| w2::transform_weights(&w, c, c), &|| w2::transform_weights_flipped(&w, c, c), &|| super::transform_weights(&w, c, c), &|| super::transform_weights_flipped(&w, c, c)];
                 for (i, f) in fs.iter().enumerate() {
                     let t = std::time::Instant::now();
                     std::hint::black_box(f());
@@ -617,7 +618,8 @@ mod timing_small {
             let g = ConvGeom { n, cin: c, h, w: h, cout: c, kh: 3, kw: 3, stride: 1, pad: 1 };
             let u2 = w2::transform_weights(&w, c, c);
             let u4 = super::transform_weights(&w, c, c);
-            let fs: [(&str, &dyn Fn() -> Vec<f32>); 3] = [("im2col", &|| conv2d_forward(&x, &w, None, &g)), ("f2", &|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)), ("f4", &|| super::conv3x3(&x, &u4, None, n, c, h, h, c))];
+            let fs: [(&str, &dyn Fn() -> Vec<f32>); 3] =
+                [("im2col", &|| conv2d_forward(&x, &w, None, &g)), ("f2", &|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)), ("f4", &|| super::conv3x3(&x, &u4, None, n, c, h, h, c))];
             let mut best = [f64::MAX; 3];
             for _ in 0..15 {
                 for (i, (_, f)) in fs.iter().enumerate() {

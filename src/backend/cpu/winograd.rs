@@ -745,29 +745,37 @@ mod tests {
         out
     }
 
+    /// Forward, input and weight gradients of both tiles against im2col on random data, on sizes
+    /// that are and are not multiples of the tiles (and of the 8-tile vector step), with one tile
+    /// row or many. F(4×4)'s larger coefficients round a few times more.
     #[test]
     fn matches_im2col_conv() {
         let mut r = crate::rng::Rng::new(11);
-        for &(n, cin, h, w, cout) in &[(2, 3, 7, 5, 4), (1, 8, 8, 8, 16), (3, 5, 1, 3, 2), (2, 4, 28, 28, 6)] {
-            let x = r.normal_vec(n * cin * h * w);
-            let wt = r.normal_vec(cout * cin * 9);
-            let b = r.normal_vec(cout);
-            let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
-            let want = conv2d_im2col_forward(&x, &wt, Some(&b), &g);
-            let got = conv3x3(&x, &transform_weights(&wt, cout, cin), Some(&b), n, cin, h, w, cout);
-            let e = crate::util::rel_err(&got, &want);
-            assert!(e < 1e-6, "{n} {cin} {h} {w} {cout}: {e:e}");
-            // gradients against the im2col backward
-            let dy = r.normal_vec(n * cout * h * w);
-            let (dx_want, dw_want, _) = crate::backend::cpu::conv::conv2d_im2col_backward(&x, &wt, &dy, &g, true);
-            let dw = conv3x3_weight_grad(&x, &dy, n, cin, h, w, cout);
-            let e = crate::util::rel_err(&dw, &dw_want);
-            assert!(e < 1e-5, "dw {n} {cin} {h} {w} {cout}: {e:e}");
-            let dx = conv3x3(&dy, &transform_weights(&flip_transpose(&wt, cout, cin), cin, cout), None, n, cout, h, w, cin);
-            assert_eq!(transform_weights_flipped(&wt, cout, cin), transform_weights(&flip_transpose(&wt, cout, cin), cin, cout));
-            let e = crate::util::rel_err(&dx, &dx_want.unwrap());
-            assert!(e < 1e-5, "dx {n} {cin} {h} {w} {cout}: {e:e}");
+        for (tile, tol) in [(Tile::F2, 1e-6), (Tile::F4, 4e-6)] {
+            for &(n, cin, h, w, cout) in &[(2, 3, 7, 5, 4), (1, 8, 8, 8, 16), (3, 5, 1, 3, 2), (2, 4, 28, 28, 6), (1, 6, 16, 37, 5), (2, 16, 32, 32, 8), (1, 3, 13, 70, 2)] {
+                let x = r.normal_vec(n * cin * h * w);
+                let wt = r.normal_vec(cout * cin * 9);
+                let b = r.normal_vec(cout);
+                let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
+                let want = conv2d_im2col_forward(&x, &wt, Some(&b), &g);
+                let got = conv3x3_for(tile, &x, &transform_weights_for(tile, &wt, cout, cin), Some(&b), n, cin, h, w, cout);
+                let e = crate::util::rel_err(&got, &want);
+                assert!(e < tol, "{tile:?} {n} {cin} {h} {w} {cout}: {e:e}");
+                let dy = r.normal_vec(n * cout * h * w);
+                let (dx_want, dw_want, _) = crate::backend::cpu::conv::conv2d_im2col_backward(&x, &wt, &dy, &g, true);
+                let dw = conv3x3_weight_grad_for(tile, &x, &dy, n, cin, h, w, cout);
+                let e = crate::util::rel_err(&dw, &dw_want);
+                assert!(e < 10.0 * tol, "{tile:?} dw {n} {cin} {h} {w} {cout}: {e:e}");
+                let dx = conv3x3_input_grad(tile, &dy, &wt, n, cin, h, w, cout);
+                let e = crate::util::rel_err(&dx, &dx_want.unwrap());
+                assert!(e < 10.0 * tol, "{tile:?} dx {n} {cin} {h} {w} {cout}: {e:e}");
+            }
         }
+        // the input gradient's kernel, transformed directly, is the transform of the flipped one
+        let (cout, cin) = (5, 3);
+        let wt = r.normal_vec(cout * cin * 9);
+        assert_eq!(transform_weights_flipped(&wt, cout, cin), transform_weights(&flip_transpose(&wt, cout, cin), cin, cout));
+        assert_eq!(super::super::winograd4::transform_weights_flipped(&wt, cout, cin), super::super::winograd4::transform_weights(&flip_transpose(&wt, cout, cin), cin, cout));
     }
 
     /// Small images: a training step's convolution (fresh weights) takes Winograd from a batch of

@@ -252,44 +252,13 @@ crate::multiversion! {
                     let ph = &mut d[4 * a * l..(4 * a + 4) * l];
                     let r = 4 * ti + a;
                     if r < h {
-                        phases4_unpadded(&dy[base + r * w..base + (r + 1) * w], ph, l);
+                        phases4::<0>(&dy[base + r * w..base + (r + 1) * w], ph, l);
                     } else {
                         ph.fill(0.0);
                     }
                 }
                 dy_tile_row(&d[..16 * l], l, tw, dm, (co * npp + lr * tw, cout * npp));
             }
-        }
-    }
-}
-
-/// `ph[p·l + t] = x[4t + p]`, zero past the row's end.
-#[inline(always)]
-fn phases4_unpadded(x: &[f32], ph: &mut [f32], l: usize) {
-    let (p0, rest) = ph.split_at_mut(l);
-    let (p1, rest) = rest.split_at_mut(l);
-    let (p2, p3) = rest.split_at_mut(l);
-    let mut chunks = x.chunks_exact(4 * VL);
-    let mut j = 0;
-    for c in &mut chunks {
-        let c: &[f32; 4 * VL] = c.try_into().expect("a whole chunk");
-        let q: [Lanes; 4] = std::array::from_fn(|p| std::array::from_fn(|k| c[4 * k + p]));
-        p0[j..j + VL].copy_from_slice(&q[0]);
-        p1[j..j + VL].copy_from_slice(&q[1]);
-        p2[j..j + VL].copy_from_slice(&q[2]);
-        p3[j..j + VL].copy_from_slice(&q[3]);
-        j += VL;
-    }
-    for p in [&mut *p0, &mut *p1, &mut *p2, &mut *p3] {
-        p[j..].fill(0.0);
-    }
-    for (k, &val) in chunks.remainder().iter().enumerate() {
-        let t = j + k / 4;
-        match k % 4 {
-            0 => p0[t] = val,
-            1 => p1[t] = val,
-            2 => p2[t] = val,
-            _ => p3[t] = val,
         }
     }
 }
@@ -363,7 +332,7 @@ crate::multiversion! {
                     let ph = &mut d[4 * a * l..(4 * a + 4) * l];
                     let r = (4 * ti + a) as isize - 1;
                     if r >= 0 && r < h as isize {
-                        phases4(&xc[r as usize * w..(r as usize + 1) * w], ph, l);
+                        phases4::<1>(&xc[r as usize * w..(r as usize + 1) * w], ph, l);
                     } else {
                         ph.fill(0.0);
                     }
@@ -374,37 +343,36 @@ crate::multiversion! {
     }
 }
 
-/// The four column phases of one padded input row (padded column `k` is input column `k − 1`):
-/// `ph[p·l + t]` = padded column `4t + p`, zero outside the row.
+/// The four column phases of one input row shifted right by `PAD` columns (1: padded column `k`
+/// is input column `k − 1`; 0: no padding): `ph[p·l + t]` = column `4t + p` of the shifted row,
+/// zero outside the row.
 #[inline(always)]
-fn phases4(x: &[f32], ph: &mut [f32], l: usize) {
+fn phases4<const PAD: usize>(x: &[f32], ph: &mut [f32], l: usize) {
     let (p0, rest) = ph.split_at_mut(l);
     let (p1, rest) = rest.split_at_mut(l);
     let (p2, p3) = rest.split_at_mut(l);
-    p0[0] = 0.0;
+    let mut p = [p0, p1, p2, p3];
     let mut chunks = x.chunks_exact(4 * VL);
     let mut j = 0;
     for c in &mut chunks {
         let c: &[f32; 4 * VL] = c.try_into().expect("a whole chunk");
-        let q: [Lanes; 4] = std::array::from_fn(|p| std::array::from_fn(|k| c[4 * k + p]));
-        p1[j..j + VL].copy_from_slice(&q[0]);
-        p2[j..j + VL].copy_from_slice(&q[1]);
-        p3[j..j + VL].copy_from_slice(&q[2]);
-        p0[j + 1..j + 1 + VL].copy_from_slice(&q[3]);
+        for k in 0..4 {
+            // x[4(j + i) + k] is shifted column 4(j + i) + k + PAD
+            let q: Lanes = std::array::from_fn(|i| c[4 * i + k]);
+            let (phase, off) = ((k + PAD) % 4, j + (k + PAD) / 4);
+            p[phase][off..off + VL].copy_from_slice(&q);
+        }
         j += VL;
     }
-    p1[j..].fill(0.0);
-    p2[j..].fill(0.0);
-    p3[j..].fill(0.0);
-    p0[j + 1..].fill(0.0);
+    // the shifted row's first PAD columns (phase 0 at 0) are padding; past the chunks, zero
+    // until the remainder's values go in
+    p[0][..PAD].fill(0.0);
+    for (phase, run) in p.iter_mut().enumerate() {
+        run[j + usize::from(phase < PAD)..].fill(0.0);
+    }
     for (k, &val) in chunks.remainder().iter().enumerate() {
-        let t = j + k / 4;
-        match k % 4 {
-            0 => p1[t] = val,
-            1 => p2[t] = val,
-            2 => p3[t] = val,
-            _ => p0[t + 1] = val,
-        }
+        let col = 4 * j + k + PAD;
+        p[col % 4][col / 4] = val;
     }
 }
 
@@ -490,63 +458,6 @@ crate::multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::conv::{ConvGeom, conv2d_im2col_backward, conv2d_im2col_forward};
-
-    /// Forward and input gradient against im2col on random data, on sizes that are and are not
-    /// multiples of the tile (and of the 8-tile vector step), with one tile row or many.
-    #[test]
-    fn matches_im2col_conv() {
-        let mut r = crate::rng::Rng::new(13);
-        for &(n, cin, h, w, cout) in &[(2, 3, 7, 5, 4), (1, 8, 8, 8, 16), (3, 5, 1, 3, 2), (2, 4, 28, 28, 6), (1, 6, 16, 37, 5), (2, 16, 32, 32, 8), (1, 3, 13, 70, 2)] {
-            let x = r.normal_vec(n * cin * h * w);
-            let wt = r.normal_vec(cout * cin * 9);
-            let b = r.normal_vec(cout);
-            let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
-            let want = conv2d_im2col_forward(&x, &wt, Some(&b), &g);
-            let got = conv3x3(&x, &transform_weights(&wt, cout, cin), Some(&b), n, cin, h, w, cout);
-            let e = crate::util::rel_err(&got, &want);
-            assert!(e < 1e-5, "{n} {cin} {h} {w} {cout}: {e:e}");
-            let dy = r.normal_vec(n * cout * h * w);
-            let (dx_want, dw_want, _) = conv2d_im2col_backward(&x, &wt, &dy, &g, true);
-            let dx = conv3x3(&dy, &transform_weights_flipped(&wt, cout, cin), None, n, cout, h, w, cin);
-            let e = crate::util::rel_err(&dx, &dx_want.unwrap());
-            assert!(e < 1e-5, "dx {n} {cin} {h} {w} {cout}: {e:e}");
-            let dw = conv3x3_weight_grad(&x, &dy, n, cin, h, w, cout);
-            let e = crate::util::rel_err(&dw, &dw_want);
-            assert!(e < 1e-5, "dw {n} {cin} {h} {w} {cout}: {e:e}");
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn time_blocking() {
-        use crate::backend::cpu::winograd as w2;
-        let mut r = crate::rng::Rng::new(4);
-        for &(n, c, h) in &[(4usize, 128usize, 32usize), (4, 256, 16), (32, 128, 32), (32, 256, 16), (32, 64, 14)] {
-            let x = r.normal_vec(n * c * h * h);
-            let w = r.normal_vec(c * c * 9);
-            let u2 = w2::transform_weights(&w, c, c);
-            let u4 = transform_weights(&w, c, c);
-            let variants: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = {
-                let mut v: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = vec![("f2".into(), Box::new(|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)))];
-                for &(mt, bb) in &[(8usize, 2usize << 20), (32, 2 << 20), (64, 2 << 20), (128, 2 << 20), (8, 8 << 20), (64, 8 << 20), (8, 32 << 20)] {
-                    let (x, u4) = (&x, &u4);
-                    v.push((format!("f4 t{mt} b{}M", bb >> 20), Box::new(move || conv3x3_blocked(x, u4, None, n, c, h, h, c, mt, bb))));
-                }
-                v
-            };
-            let mut best = vec![f64::MAX; variants.len()];
-            for _ in 0..12 {
-                for (i, (_, f)) in variants.iter().enumerate() {
-                    let t = std::time::Instant::now();
-                    std::hint::black_box(f());
-                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            let line: Vec<String> = variants.iter().zip(&best).map(|((s, _), b)| format!("{s}: {b:.2}")).collect();
-            eprintln!("n{n} c{c} {h}x{h}: {}", line.join(" | "));
-        }
-    }
 
     /// The kernel transform is `G g Gᵀ` with Lavin's `G`, element for element.
     #[test]
@@ -566,6 +477,38 @@ mod tests {
 
 #[cfg(test)]
 mod timing {
+    /// Timing harness (not a check): F(2×2) against F(4×4) at several blockings.
+    #[test]
+    #[ignore]
+    fn time_blocking() {
+        use crate::backend::cpu::winograd as w2;
+        let mut r = crate::rng::Rng::new(4);
+        for &(n, c, h) in &[(4usize, 128usize, 32usize), (4, 256, 16), (32, 128, 32), (32, 256, 16), (32, 64, 14)] {
+            let x = r.normal_vec(n * c * h * h);
+            let w = r.normal_vec(c * c * 9);
+            let u2 = w2::transform_weights(&w, c, c);
+            let u4 = super::transform_weights(&w, c, c);
+            let variants: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = {
+                let mut v: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = vec![("f2".into(), Box::new(|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)))];
+                for &(mt, bb) in &[(8usize, 2usize << 20), (32, 2 << 20), (64, 2 << 20), (128, 2 << 20), (8, 8 << 20), (64, 8 << 20), (8, 32 << 20)] {
+                    let (x, u4) = (&x, &u4);
+                    v.push((format!("f4 t{mt} b{}M", bb >> 20), Box::new(move || super::conv3x3_blocked(x, u4, None, n, c, h, h, c, mt, bb))));
+                }
+                v
+            };
+            let mut best = vec![f64::MAX; variants.len()];
+            for _ in 0..12 {
+                for (i, (_, f)) in variants.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let line: Vec<String> = variants.iter().zip(&best).map(|((s, _), b)| format!("{s}: {b:.2}")).collect();
+            eprintln!("n{n} c{c} {h}x{h}: {}", line.join(" | "));
+        }
+    }
+
     #[test]
     #[ignore]
     fn time_weight_transforms() {

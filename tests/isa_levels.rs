@@ -214,7 +214,11 @@ fn every_level_computes_the_same_unet_pass() {
             let nb = norm(b);
             assert!(nb > 0.0, "{name} is all zeros at {best}");
             let rel = diff(a, b) / if name == "output" { nb } else { nb.max(floor(b.len())) };
-            assert!(rel <= 1e-5, "{level} vs {best}, {name}: relative L2 error {rel:.2e} (norm {nb:.2e})");
+            // per tensor 3e-5: F(4×4) Winograd's transforms (coefficients up to 8 and 1/24) round
+            // a few times more than F(2×2)'s, and the levels contract their sums into FMAs
+            // differently (measured worst tensor: 1.0e-5 at avx2, 8.1e-6 at scalar, against
+            // avx512; all gradients together, checked below at 1e-5, 1.8e-6)
+            assert!(rel <= 3e-5, "{level} vs {best}, {name}: relative L2 error {rel:.2e} (norm {nb:.2e})");
             if rel > worst.0 {
                 worst = (rel, name.clone());
             }

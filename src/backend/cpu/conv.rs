@@ -150,10 +150,9 @@ pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Bu
         let u = winograd::transform_weights_cached(tile, w_buf, w, g.cout, g.cin);
         return winograd::conv3x3_for(tile, x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
-    if winograd::small_image_applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w)
-        && let Some(u) = winograd::kept_weights(winograd::Tile::F2, w_buf, w, g.cout, g.cin)
-    {
-        let _p = detail("conv fwd: winograd, small image, kept kernel");
+    if winograd::small_image_applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
+        let _p = detail("conv fwd: winograd, small image");
+        let u = winograd::transform_weights_cached(winograd::Tile::F2, w_buf, w, g.cout, g.cin);
         return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
     }
     if batched(g) {

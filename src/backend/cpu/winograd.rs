@@ -13,7 +13,7 @@ use super::gemm::{Mat, sgemm};
 use super::profile::detail;
 
 /// Images smaller than this (8×8, 7×7, 4×4) go through im2col + GEMM unless their batch has many
-/// tiles ([`applies`]) or their kernel is kept ([`small_image_applies`]): with few tiles per
+/// tiles ([`applies`]) or take it for the forward only ([`small_image_applies`]): with few tiles per
 /// weight, the weight transform (16 floats written per 9 read, for every channel pair) costs as
 /// much as the GEMM work it saves. Measured on the CIFAR-10 U-Net at batch 4 (2 threads,
 /// AVX-512): 8×8 and 4×4 by im2col took the forward from 235 to 205 ms, forward+backward from
@@ -41,12 +41,16 @@ pub fn applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout
 pub const SMALL_FRESH_MIN_TILES: usize = 128;
 pub const SMALL_FRESH_MIN_CHANNELS: usize = 128;
 
-/// Whether a 3×3 convolution on an image too small for [`applies`] takes F(2×2) Winograd when its
-/// transformed kernel is kept already ([`kept_weights`]: weights met before, as sampling meets
-/// the frozen policy's at every step) and its batch makes at least [`SMALL_KEPT_MIN_TILES`]
-/// tiles. With the transform paid for, its GEMMs do 0.44× im2col's work; measured forward, 256
-/// channels, 2 threads, AVX-512: 8×8 batch 4 (64 tiles) 1.92 → 0.96 ms, batch 32 11.4 → 9.0 ms;
-/// 4×4 batch 8 (32 tiles) 1.50 → 0.99 ms, batch 4 (16 tiles) 0.64 → 0.66 ms.
+/// Whether the forward of a 3×3 convolution on an image too small for [`applies`] takes F(2×2)
+/// Winograd, its kernel from the cache ([`transform_weights_cached`]): from
+/// [`SMALL_KEPT_MIN_TILES`] tiles over the batch. Sampling meets the frozen policy's weights at
+/// every ODE step, so its transform is paid once and its GEMMs do 0.44× im2col's work; measured
+/// forward, 256 channels, 2 threads, AVX-512, kernel kept: 8×8 batch 4 (64 tiles) 1.92 → 0.96 ms,
+/// batch 32 11.4 → 9.0 ms; 4×4 batch 8 (32 tiles) 1.50 → 0.99 ms, batch 4 (16 tiles) 0.64 →
+/// 0.66 ms. A training step's forward (fresh weights) pays the transform and comes out about
+/// even. The choice depends on the geometry only, never on what the cache holds: a resumed run
+/// (cold cache) must repeat a straight one bit for bit. Its input and weight gradients stay on
+/// im2col unless [`applies`].
 #[allow(clippy::too_many_arguments)]
 pub fn small_image_applies(kh: usize, kw: usize, stride: usize, pad: usize, cin: usize, cout: usize, n: usize, h: usize, w: usize) -> bool {
     same_3x3(kh, kw, stride, pad) && cin.min(cout) >= 64 && h * w < MIN_PIXELS && h.min(w) >= SMALL_MIN_SIDE && tiles2(n, h, w) >= SMALL_KEPT_MIN_TILES && !disabled()
@@ -271,27 +275,21 @@ pub fn kernel_cache_enabled() -> bool {
 /// were met before.
 pub fn transform_weights_cached(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Arc<Vec<f32>> {
     match buf.filter(|_| kernel_cache_enabled()) {
-        Some(buf) => cached(tile, buf, w, cout, cin, true).expect("transformed when not kept"),
+        Some(buf) => cached(tile, buf, w, cout, cin),
         None => Arc::new(transform_weights_for(tile, w, cout, cin)),
     }
 }
 
-/// The kept kernel of `buf`'s values when they are met a second time or later (sampling's frozen
-/// weights), `None` the first time and when the cache is off: for convolutions that take
-/// Winograd only when its weight transform is paid for already ([`small_image_applies`]).
-pub fn kept_weights(tile: Tile, buf: Option<&Buf<f32>>, w: &[f32], cout: usize, cin: usize) -> Option<Arc<Vec<f32>>> {
-    cached(tile, buf.filter(|_| kernel_cache_enabled())?, w, cout, cin, false)
-}
-
 /// The cache's lookup: a kept kernel; else, at the second meeting, the kernel transformed and
-/// kept; else (the first meeting, remembered) the kernel transformed but not kept, or `None`
-/// when `first_too` is not set.
-fn cached(tile: Tile, buf: &Buf<f32>, w: &[f32], cout: usize, cin: usize, first_too: bool) -> Option<Arc<Vec<f32>>> {
+/// kept; else (the first meeting, remembered) the kernel transformed but not kept. The values are
+/// those of a fresh transform either way, so whether the cache holds a kernel never changes a
+/// result (a resumed run, with a cold cache, repeats the straight one bit for bit).
+fn cached(tile: Tile, buf: &Buf<f32>, w: &[f32], cout: usize, cin: usize) -> Arc<Vec<f32>> {
     let k = (buf.key(), cout, cin, tile);
     let keep = {
         let mut c = kernel_cache();
         if let Some(e) = c.kept.iter().find(|e| e.key == k) {
-            return Some(e.u.clone());
+            return e.u.clone();
         }
         match c.seen.iter().position(|s| *s == k) {
             Some(i) => {
@@ -307,9 +305,6 @@ fn cached(tile: Tile, buf: &Buf<f32>, w: &[f32], cout: usize, cin: usize, first_
             }
         }
     };
-    if !keep && !first_too {
-        return None;
-    }
     // transformed outside the lock (in parallel)
     let u = Arc::new(transform_weights_for(tile, w, cout, cin));
     let size = u.len() * 4;
@@ -324,7 +319,7 @@ fn cached(tile: Tile, buf: &Buf<f32>, w: &[f32], cout: usize, cin: usize, first_
         }
         c.kept.push(Kept { key: k, source, u: u.clone() });
     }
-    Some(u)
+    u
 }
 
 impl KernelCache {
@@ -778,9 +773,10 @@ mod tests {
         assert_eq!(super::super::winograd4::transform_weights_flipped(&wt, cout, cin), super::super::winograd4::transform_weights(&flip_transpose(&wt, cout, cin), cin, cout));
     }
 
-    /// Small images: a training step's convolution (fresh weights) takes Winograd from a batch of
-    /// many tiles, sampling's (weights met again) from fewer; both dispatches match im2col, the
-    /// gradients too.
+    /// Small images: a convolution takes Winograd for forward and gradients from a batch of many
+    /// tiles, for the forward only from fewer; both match im2col, the gradients too, and the
+    /// forward gives the same bits whether its kernel is transformed afresh (the first call) or
+    /// taken from the cache (later ones), so a cold cache after a resume changes nothing.
     #[test]
     fn small_images_take_winograd_where_it_pays_and_match_im2col() {
         use crate::backend::cpu::conv::{conv2d_backward, conv2d_im2col_backward};
@@ -795,10 +791,12 @@ mod tests {
             let x = Tensor::from_vec(r.normal_vec(n * c * h * h), &[n, c, h, h]);
             let wt = Tensor::from_vec(r.normal_vec(c * c * 9), &[c, c, 3, 3]);
             let want = conv2d_im2col_forward(x.data(), wt.data(), None, &g);
-            for call in 0..3 {
-                let got = x.conv2d(&wt, None, 1, 1).unwrap();
-                let e = crate::util::rel_err(got.data(), &want);
-                assert!(e < 1e-5, "n{n} c{c} {h}x{h}, call {call}: {e:e}");
+            let first = x.conv2d(&wt, None, 1, 1).unwrap().to_vec();
+            let e = crate::util::rel_err(&first, &want);
+            assert!(e < 1e-5, "n{n} c{c} {h}x{h}: {e:e}");
+            for call in 1..3 {
+                let got = x.conv2d(&wt, None, 1, 1).unwrap().to_vec();
+                assert!(got.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "n{n} c{c} {h}x{h}: call {call} differs from the first");
             }
             let dy = r.normal_vec(n * c * h * h);
             let (dx, dw, _) = conv2d_backward(x.data(), wt.data(), &dy, &g, true);

@@ -6,7 +6,10 @@
 //! intrinsics) into a shared library, which is loaded with `libloading`. A launch of `grid`
 //! blocks of `block` threads runs `block` OS threads, each walking the blocks in order (see
 //! `kernels/sim/runner.cpp`), so block-level reductions, barriers and grid-stride loops
-//! all execute as written. Device pointers are host pointers here.
+//! all execute as written, the threads truly concurrent. Blocks of 128 threads and more (the
+//! host wrappers' own shape) run as fibers of one OS thread instead, switching at barriers, as
+//! on the simulated GPU (256 OS threads meeting at every barrier took most of this test's
+//! minutes). Device pointers are host pointers here.
 //!
 //! Every kernel is called with the arguments its host wrapper in `src/backend/cuda/ops.rs` /
 //! `conv.rs` passes (argument order, op codes, the geometry structs `BinGeom`, `ReduceGeom` and
@@ -137,6 +140,7 @@ struct Lib {
     file: &'static str,
     lib: Library,
     launch_fn: LaunchFn,
+    launch_fibers: LaunchFn,
     /// Kernels fetched so far; the lock also keeps launches of this library apart (the shim's
     /// `__shared__` memory and launch dimensions are per library).
     launched: Mutex<BTreeSet<String>>,
@@ -186,8 +190,10 @@ impl Lib {
         let _ = std::fs::remove_file(&src);
         // SAFETY: runner.cpp defines shim_launch with exactly this signature
         let launch_fn: LaunchFn = unsafe { *lib.get::<LaunchFn>("shim_launch").expect("shim_launch in the library") };
+        // SAFETY: as above (shim_launch_fibers)
+        let launch_fibers: LaunchFn = unsafe { *lib.get::<LaunchFn>("shim_launch_fibers").expect("shim_launch_fibers in the library") };
         println!("compiled {} with {cc} in {:.1} s", src_path.display(), t0.elapsed().as_secs_f64());
-        Some(Lib { file, lib, launch_fn, launched: Mutex::new(BTreeSet::new()) })
+        Some(Lib { file, lib, launch_fn, launch_fibers, launched: Mutex::new(BTreeSet::new()) })
     }
 
     /// The kernel `name`, typed `F` (an `unsafe extern "C" fn` with the kernel's exact signature).
@@ -204,18 +210,26 @@ impl Lib {
         let r: &(dyn Fn() + Sync) = f;
         // SAFETY: shim_launch calls `call_body(&r)` grid × block times and returns after all
         // threads joined; the kernel arguments captured by `f` are live buffers of the sizes passed
-        unsafe { (self.launch_fn)(grid as i32, block as i32, call_body, &r as *const &(dyn Fn() + Sync) as *mut c_void) };
+        let run = if block >= FIBER_BLOCK { self.launch_fibers } else { self.launch_fn };
+        unsafe { run(grid as i32, block as i32, call_body, &r as *const &(dyn Fn() + Sync) as *mut c_void) };
     }
 }
+
+/// Blocks of at least this many threads run as fibers (runner.cpp's `shim_launch_fibers`); the
+/// attention kernels (128 threads) run each case once on OS threads (grid y = batch × heads) and
+/// once as fibers (grid y = 1).
+const FIBER_BLOCK: u32 = 128;
 
 type Launch3Fn = unsafe extern "C" fn(*const u32, u32, extern "C" fn(*mut c_void), *mut c_void);
 
 impl Lib {
     /// Run `f` (which calls one kernel) as a launch of a 3-D `grid` of 3-D `block`s with
     /// `shared` bytes of dynamic shared memory (runner.cpp's shim_launch3).
-    fn launch3(&self, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, f: &(dyn Fn() + Sync)) {
+    /// `fibers`: the block's threads as fibers of one OS thread (`shim_launch3_fibers`), else one
+    /// OS thread each.
+    fn launch3(&self, fibers: bool, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, f: &(dyn Fn() + Sync)) {
         // SAFETY: runner.cpp defines shim_launch3 with exactly this signature
-        let launch3: Launch3Fn = unsafe { *self.lib.get::<Launch3Fn>(b"shim_launch3").expect("shim_launch3 in the library") };
+        let launch3: Launch3Fn = unsafe { *self.lib.get::<Launch3Fn>(if fibers { &b"shim_launch3_fibers"[..] } else { &b"shim_launch3"[..] }).expect("shim_launch3 in the library") };
         let _serial = self.launched.lock().unwrap();
         let dims = [grid.0, grid.1, grid.2, block.0, block.1, block.2];
         let r: &(dyn Fn() + Sync) = f;
@@ -1742,7 +1756,7 @@ fn attention_kernels_match_the_cpu_flash_attention() {
                 let (mut out, mut lse) = (nan(n), nan(nbh * t));
                 let (qp, op, lp) = (addr(&qkv), addr_mut(&mut out), addr_mut(&mut lse));
                 let grid = (t.div_ceil(FWD_TILE) as u32, gy, 1);
-                lib.launch3(grid, (THREADS, 1, 1), forward_smem_bytes(dp), &|| unsafe { kf(qp as P, op as M, lp as M, a, hh, cc, tt, ord, scale) });
+                lib.launch3(gy == 1, grid, (THREADS, 1, 1), forward_smem_bytes(dp), &|| unsafe { kf(qp as P, op as M, lp as M, a, hh, cc, tt, ord, scale) });
                 c.f32s(&format!("flash_attention_forward_d{dp}_f32"), &format!("out, {case}"), &out, &wout, APPROX);
                 c.f32s(&format!("flash_attention_forward_d{dp}_f32"), &format!("lse, {case}"), &lse, &wlse, APPROX);
                 // D = rowsum(dO ∘ O), in f64 like the CPU backward
@@ -1759,7 +1773,7 @@ fn attention_kernels_match_the_cpu_flash_attention() {
                 let mut dqkv = nan(3 * n);
                 let mut dqp = nan(nkt * n);
                 let (wlp, dsp, dqkvp, dqpp) = (addr(&wlse), addr(&wd), addr_mut(&mut dqkv), addr_mut(&mut dqp));
-                lib.launch3((nkt as u32, gy, 1), (THREADS, 1, 1), backward_smem_bytes(dp, bc), &|| unsafe { kb(qp as P, gp as P, wlp as P, dsp as P, dqkvp as M, dqpp as M, a, hh, cc, tt, ord, scale) });
+                lib.launch3(gy == 1, (nkt as u32, gy, 1), (THREADS, 1, 1), backward_smem_bytes(dp, bc), &|| unsafe { kb(qp as P, gp as P, wlp as P, dsp as P, dqkvp as M, dqpp as M, a, hh, cc, tt, ord, scale) });
                 let mut is_q = vec![false; 3 * n];
                 for bh in 0..nbh {
                     let o = g.offsets(bh / heads, bh % heads).0;

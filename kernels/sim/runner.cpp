@@ -71,6 +71,79 @@ extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*bo
     shim_block_threads = 0;
 }
 
+// shim_launch3's semantics with the block's threads as fibers of the calling OS thread (shim.h's
+// shim_fibers): each block's fibers start fresh, run until they wait at a barrier or end, and are
+// resumed round-robin; a fiber that ends waits at the block's barrier first, as shim_launch3's
+// threads do after each block. Blocks run one after another. Much cheaper than shim_launch3 where
+// barriers are many (warp shuffles, block reductions): no OS thread sleeps or wakes.
+namespace {
+void shim_fiber_entry() {
+    shim_fibers* f = shim_fiber_sched;
+    f->body(f->arg);
+    shim_block_barrier->wait();
+    f->done[f->cur] = 1;
+    // returning resumes uc_link, the scheduler
+}
+} // namespace
+
+extern "C" void shim_launch3_fibers(const unsigned* d, unsigned shared_bytes, void (*body)(void*), void* ctx) {
+    shim_set_dims(d);
+    const unsigned long long blocks = (unsigned long long)d[0] * d[1] * d[2];
+    const unsigned threads = d[3] * d[4] * d[5];
+    shim_smem smem(shared_bytes);
+    shim_barrier bar(threads);
+    shim_block_barrier = &bar;
+    std::unique_ptr<shim_warp[]> warps(new shim_warp[(threads + 31) / 32]);
+    shim_warps = warps.get();
+    shim_block_threads = threads;
+    // stacks are allocated, not touched: only the pages a kernel's locals use get committed
+    const size_t stack = 256 * 1024;
+    std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack * threads]);
+    std::vector<ucontext_t> ctxs(threads);
+    std::vector<unsigned> phase(threads);
+    std::vector<char> done(threads);
+    shim_fibers f;
+    f.ctx = ctxs.data();
+    f.done = done.data();
+    f.body = body;
+    f.arg = ctx;
+    shim_fiber_sched = &f;
+    for (unsigned long long b = 0; b < blocks; ++b) {
+        blockIdx = shim_unflatten(b, gridDim);
+        for (unsigned t = 0; t < threads; ++t) {
+            getcontext(&ctxs[t]);
+            ctxs[t].uc_stack.ss_sp = stacks.get() + (size_t)t * stack;
+            ctxs[t].uc_stack.ss_size = stack;
+            ctxs[t].uc_link = &f.sched;
+            makecontext(&ctxs[t], shim_fiber_entry, 0);
+            phase[t] = 0;
+            done[t] = 0;
+        }
+        unsigned left = threads;
+        while (left > 0) {
+            for (unsigned t = 0; t < threads; ++t) {
+                if (done[t]) continue;
+                threadIdx = shim_unflatten(t, blockDim);
+                shim_shuffle_phase = phase[t];
+                f.cur = t;
+                // back here when the fiber waits at a barrier (shim_fiber_yield) or ends (uc_link)
+                swapcontext(&f.sched, &ctxs[t]);
+                phase[t] = shim_shuffle_phase;
+                if (done[t]) --left;
+            }
+        }
+    }
+    shim_fiber_sched = nullptr;
+    shim_block_barrier = nullptr;
+    shim_warps = nullptr;
+    shim_block_threads = 0;
+}
+
+extern "C" void shim_launch_fibers(int grid, int block, void (*body)(void*), void* ctx) {
+    const unsigned d[6] = {(unsigned)grid, 1, 1, (unsigned)block, 1, 1};
+    shim_launch3_fibers(d, 0, body, ctx);
+}
+
 extern "C" void shim_launch(int grid, int block, void (*body)(void*), void* ctx) {
     const unsigned d[6] = {(unsigned)grid, 1, 1, (unsigned)block, 1, 1};
     shim_launch3(d, 0, body, ctx);

@@ -14,7 +14,10 @@
 //   pointer at function scope, a macro at file scope.
 // - Grids and blocks are 3-D (runner.cpp's shim_launch3; shim_launch is its 1-D form).
 // - `__syncthreads()` is a barrier over the block's threads (mutex + condition variable, which
-//   also orders the memory accesses around it).
+//   also orders the memory accesses around it). runner.cpp's shim_launch3_fibers runs a block's
+//   threads instead as fibers of one OS thread that switch at barriers (the simulated GPU's
+//   launcher: a barrier costs a context switch in user space, not a futex wake-up of every
+//   waiting OS thread).
 // - `__fmul_rn` and friends are the plain IEEE operations: the library is compiled with
 //   `-ffp-contract=off`, so nothing is contracted into an FMA (NVRTC runs with --fmad=true; the
 //   kernels use the _rn intrinsics exactly where that matters). `__expf` is libm's `expf` (the
@@ -28,6 +31,7 @@
 #include <cstring>
 #include <math.h>
 #include <mutex>
+#include <ucontext.h>
 
 struct shim_dim3 {
     unsigned x = 0, y = 0, z = 0;
@@ -43,6 +47,24 @@ SHIM_LOCAL inline thread_local shim_dim3 blockIdx;
 SHIM_LOCAL inline shim_dim3 blockDim;
 SHIM_LOCAL inline shim_dim3 gridDim;
 
+// Fiber mode (runner.cpp's shim_launch3_fibers): a block's GPU threads are fibers (ucontext) of
+// the one OS thread that runs the launch; a fiber waiting at a barrier hands control back to the
+// scheduler, which resumes the others round-robin. `cur` is the running fiber.
+struct shim_fibers {
+    ucontext_t sched;
+    ucontext_t* ctx = nullptr;
+    char* done = nullptr;
+    unsigned cur = 0;
+    void (*body)(void*) = nullptr;
+    void* arg = nullptr;
+};
+SHIM_LOCAL inline thread_local shim_fibers* shim_fiber_sched = nullptr;
+
+inline void shim_fiber_yield() {
+    shim_fibers* f = shim_fiber_sched;
+    swapcontext(&f->ctx[f->cur], &f->sched);
+}
+
 class shim_barrier {
     std::mutex m_;
     std::condition_variable cv_;
@@ -53,6 +75,18 @@ class shim_barrier {
 public:
     explicit shim_barrier(unsigned n) : n_(n) {}
     void wait() {
+        if (shim_fiber_sched != nullptr) {
+            // one OS thread runs every waiter: no lock; the last to arrive goes on, the others
+            // yield until the generation moves
+            const unsigned long long gen = gen_;
+            if (++count_ == n_) {
+                count_ = 0;
+                ++gen_;
+                return;
+            }
+            while (gen_ == gen) shim_fiber_yield();
+            return;
+        }
         std::unique_lock<std::mutex> lock(m_);
         const unsigned long long gen = gen_;
         if (++count_ == n_) {

@@ -144,6 +144,7 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> 
 /// [`conv2d_forward`] with the buffer that holds `w`'s values: Winograd's transformed kernel is
 /// then cached for the next call with the same values ([`winograd::transform_weights_cached`]).
 pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Buf<f32>>, b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    let _g = geometry_scope("fwd", g);
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
         let _p = detail("conv fwd: winograd");
         let tile = winograd::tile_for(g.h, g.w);
@@ -161,6 +162,12 @@ pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Bu
     }
     let _p = detail(if g.pointwise() { "conv fwd: 1x1 gemm" } else { "conv fwd: im2col+gemm" });
     conv2d_im2col_forward(x, w, b, g)
+}
+
+/// While profiling, a detail row per pass and geometry (`conv fwd n4 256→256 8×8 k3 s1`), so that
+/// `bench unet --profile` tells which convolutions the time goes to.
+fn geometry_scope(pass: &str, g: &ConvGeom) -> Option<super::profile::Scope> {
+    super::profile::enabled().then(|| detail(&format!("conv {pass} n{} {}→{} {}×{} k{} s{}", g.n, g.cin, g.cout, g.h, g.w, g.kh, g.stride)))
 }
 
 /// [`conv2d_forward`] by im2col + GEMM for every geometry (the reference the Winograd path is tested against).
@@ -190,6 +197,7 @@ pub fn conv2d_im2col_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGe
 
 /// Gradients of conv2d: `(dx, dw, db)` from `dy`. Uses Winograd where [`conv2d_forward`] does.
 pub fn conv2d_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let _g = geometry_scope(if need_dx { "bwd" } else { "bwd (dw)" }, g);
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
         let db = bias_grad(dy, g);
         let dw = {

@@ -1,10 +1,13 @@
 // CUDA-on-CPU shim (tests/kernels_on_cpu.rs, and the simulated device of src/backend/cuda/sim.rs): the kernels of kernels/*.cu compiled by the host
 // C++ compiler (`-include shim.h -x c++ kernels/X.cu runner.cpp`) and run with one OS thread per
-// GPU thread. Only what those kernels use is defined.
+// GPU thread (runner.cpp's shim_launch3) or with a block's threads as fibers of one OS thread
+// (shim_launch3_fibers: the simulated GPU, and large blocks in the kernel tests). Only what those
+// kernels use is defined.
 //
 // - `__global__`/`__device__` vanish and `extern "C"` kernels become plain exported C functions.
 // - `threadIdx` and `blockIdx` are thread-local (each OS thread is one GPU thread, and walks the
-//   blocks of the grid one after another, see runner.cpp); `blockDim`/`gridDim` are per launch.
+//   blocks of the grid one after another, see runner.cpp; the fiber launcher sets them, and the
+//   shuffle phase, at every switch); `blockDim`/`gridDim` are per launch.
 // - `__shared__` is `static`: one copy per kernel, shared by the block's threads. Blocks run one
 //   after another (a barrier separates them), so that copy is never used by two blocks at once.
 //   Launches of one library must not overlap (the Rust side holds a lock per library).

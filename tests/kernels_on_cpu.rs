@@ -228,8 +228,9 @@ impl Lib {
     /// `fibers`: the block's threads as fibers of one OS thread (`shim_launch3_fibers`), else one
     /// OS thread each.
     fn launch3(&self, fibers: bool, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, f: &(dyn Fn() + Sync)) {
-        // SAFETY: runner.cpp defines shim_launch3 with exactly this signature
-        let launch3: Launch3Fn = unsafe { *self.lib.get::<Launch3Fn>(if fibers { &b"shim_launch3_fibers"[..] } else { &b"shim_launch3"[..] }).expect("shim_launch3 in the library") };
+        let name: &[u8] = if fibers { b"shim_launch3_fibers" } else { b"shim_launch3" };
+        // SAFETY: runner.cpp defines both launchers with exactly this signature
+        let launch3: Launch3Fn = unsafe { *self.lib.get::<Launch3Fn>(name).expect("shim_launch3 and shim_launch3_fibers in the library") };
         let _serial = self.launched.lock().unwrap();
         let dims = [grid.0, grid.1, grid.2, block.0, block.1, block.2];
         let r: &(dyn Fn() + Sync) = f;

@@ -41,21 +41,39 @@ shim_dim3 shim_unflatten(unsigned long long i, const shim_dim3& e) {
 } // namespace
 
 // d = {grid.x, grid.y, grid.z, block.x, block.y, block.z}; `shared_bytes` of dynamic shared memory.
+namespace {
+// The state of a launch with barriers, shared by shim_launch3 and shim_launch3_fibers: the
+// dimensions, the dynamic shared memory, the block's barrier and one barrier and exchange buffer
+// per warp (shim.h's warp section; a partial last warp has one too, which its shuffles refuse to
+// use), published in shim.h's globals for the launch and cleared after it.
+struct shim_block_launch {
+    unsigned long long blocks;
+    unsigned threads;
+    shim_smem smem;
+    shim_barrier bar;
+    std::unique_ptr<shim_warp[]> warps;
+    shim_block_launch(const unsigned* d, unsigned shared_bytes)
+        : blocks((unsigned long long)d[0] * d[1] * d[2]), threads(d[3] * d[4] * d[5]), smem(shared_bytes), bar(threads), warps(new shim_warp[(threads + 31) / 32]) {
+        shim_set_dims(d);
+        shim_block_barrier = &bar;
+        shim_warps = warps.get();
+        shim_block_threads = threads;
+    }
+    ~shim_block_launch() {
+        shim_block_barrier = nullptr;
+        shim_warps = nullptr;
+        shim_block_threads = 0;
+    }
+};
+} // namespace
+
 extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*body)(void*), void* ctx) {
-    shim_set_dims(d);
-    const unsigned long long blocks = (unsigned long long)d[0] * d[1] * d[2];
-    const unsigned threads = d[3] * d[4] * d[5];
-    shim_smem smem(shared_bytes);
-    shim_barrier bar(threads);
-    shim_block_barrier = &bar;
-    // one barrier and exchange buffer per warp (shim.h's warp section); a partial last warp has
-    // one too, which its shuffles refuse to use
-    std::unique_ptr<shim_warp[]> warps(new shim_warp[(threads + 31) / 32]);
-    shim_warps = warps.get();
-    shim_block_threads = threads;
+    shim_block_launch l(d, shared_bytes);
+    const unsigned long long blocks = l.blocks;
+    shim_barrier& bar = l.bar;
     std::vector<std::thread> pool;
-    pool.reserve((size_t)threads);
-    for (unsigned t = 0; t < threads; ++t) {
+    pool.reserve((size_t)l.threads);
+    for (unsigned t = 0; t < l.threads; ++t) {
         pool.emplace_back([=, &bar] {
             threadIdx = shim_unflatten(t, blockDim);
             for (unsigned long long b = 0; b < blocks; ++b) {
@@ -66,9 +84,6 @@ extern "C" void shim_launch3(const unsigned* d, unsigned shared_bytes, void (*bo
         });
     }
     for (auto& th : pool) th.join();
-    shim_block_barrier = nullptr;
-    shim_warps = nullptr;
-    shim_block_threads = 0;
 }
 
 // shim_launch3's semantics with the block's threads as fibers of the calling OS thread (shim.h's
@@ -87,15 +102,9 @@ void shim_fiber_entry() {
 } // namespace
 
 extern "C" void shim_launch3_fibers(const unsigned* d, unsigned shared_bytes, void (*body)(void*), void* ctx) {
-    shim_set_dims(d);
-    const unsigned long long blocks = (unsigned long long)d[0] * d[1] * d[2];
-    const unsigned threads = d[3] * d[4] * d[5];
-    shim_smem smem(shared_bytes);
-    shim_barrier bar(threads);
-    shim_block_barrier = &bar;
-    std::unique_ptr<shim_warp[]> warps(new shim_warp[(threads + 31) / 32]);
-    shim_warps = warps.get();
-    shim_block_threads = threads;
+    shim_block_launch l(d, shared_bytes);
+    const unsigned long long blocks = l.blocks;
+    const unsigned threads = l.threads;
     // stacks are allocated, not touched: only the pages a kernel's locals use get committed
     const size_t stack = 256 * 1024;
     std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack * threads]);
@@ -134,9 +143,6 @@ extern "C" void shim_launch3_fibers(const unsigned* d, unsigned shared_bytes, vo
         }
     }
     shim_fiber_sched = nullptr;
-    shim_block_barrier = nullptr;
-    shim_warps = nullptr;
-    shim_block_threads = 0;
 }
 
 extern "C" void shim_launch_fibers(int grid, int block, void (*body)(void*), void* ctx) {

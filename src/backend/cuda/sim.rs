@@ -244,8 +244,9 @@ impl Sim {
             }
             // SAFETY: a library just built from the kernel sources and the shim
             let lib = unsafe { Library::new(&so) }.map_err(|e| anyhow!("loading {}: {e}", so.display()))?;
-            // SAFETY: runner.cpp defines shim_launch3_fibers with this signature (the fiber launcher: a block's threads switch in user space at barriers; with one OS
-            // thread per GPU thread, the futex wake-ups of the barriers took most of the time)
+            // SAFETY: runner.cpp defines shim_launch3_fibers with this signature (the fiber
+            // launcher: a block's threads switch in user space at barriers; with one OS thread per
+            // GPU thread, the futex wake-ups of the barriers took most of the time)
             let launch: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"shim_launch3_fibers").map_err(|e| anyhow!("{e}"))? };
             // SAFETY: as above
             let launch_serial: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"shim_launch3_serial").map_err(|e| anyhow!("{e}"))? };
@@ -278,9 +279,9 @@ impl Sim {
         let lib = &self.libs[li];
         let _one = lib.lock.lock().unwrap_or_else(|e| e.into_inner());
         let call = Call { f, params };
-        // SAFETY: shim_launch3_fibers (and _serial) call `body(&call)` once per thread of every block and returns
-        // after joining; the parameters point at live values and the buffers they name at live
-        // host memory
+        // SAFETY: shim_launch3_fibers and shim_launch3_serial call `body(&call)` once per thread
+        // of every block and return when all are done; the parameters point at live values and
+        // the buffers they name at live host memory
         let run = if barriers { lib.launch } else { lib.launch_serial };
         unsafe { run(dims.as_ptr(), cfg.shared_bytes, body, &call as *const Call as *mut c_void) };
         Ok(())

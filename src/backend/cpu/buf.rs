@@ -19,6 +19,10 @@ fn next_stamp() -> u64 {
 #[derive(Clone, Debug)]
 pub struct Buf<T> {
     data: Arc<Vec<T>>,
+    /// Lives exactly as long as `data` (created and shared with it): caches watch it through a
+    /// [`Weak`] ([`Buf::weak`]). A `Weak` of `data` itself would make every write a copy, since
+    /// [`Arc::get_mut`] refuses while weak pointers exist.
+    alive: Arc<()>,
     off: usize,
     len: usize,
     /// Names these values: a new stamp on creation and on every [`Buf::make_mut`]; clones and
@@ -45,7 +49,7 @@ impl<T: Clone> Buf<T> {
     /// The whole of `v`.
     pub fn new(v: Vec<T>) -> Self {
         let len = v.len();
-        Buf { data: Arc::new(v), off: 0, len, stamp: next_stamp() }
+        Buf { data: Arc::new(v), alive: Arc::new(()), off: 0, len, stamp: next_stamp() }
     }
     pub fn as_slice(&self) -> &[T] {
         &self.data[self.off..self.off + self.len]
@@ -63,7 +67,7 @@ impl<T: Clone> Buf<T> {
     }
     /// `[off, off + len)` of this view, sharing its memory; `None` when out of range.
     pub fn view(&self, off: usize, len: usize) -> Option<Self> {
-        (off.checked_add(len)? <= self.len).then(|| Buf { data: self.data.clone(), off: self.off + off, len, stamp: self.stamp })
+        (off.checked_add(len)? <= self.len).then(|| Buf { data: self.data.clone(), alive: self.alive.clone(), off: self.off + off, len, stamp: self.stamp })
     }
     /// A key for caches of values derived from this view (a convolution's transformed kernel):
     /// two views with equal keys hold equal values. A write through [`Buf::make_mut`] (in place
@@ -72,11 +76,12 @@ impl<T: Clone> Buf<T> {
     pub fn key(&self) -> BufKey {
         BufKey { stamp: self.stamp, off: self.off, len: self.len }
     }
-    /// The shared vector, without keeping it alive: a cache entry derived from this view can
-    /// tell that its source is gone ([`Weak::strong_count`] 0) or is the same memory written
-    /// since ([`Weak::ptr_eq`] with a newer key).
-    pub fn weak(&self) -> Weak<Vec<T>> {
-        Arc::downgrade(&self.data)
+    /// A token of the shared vector, without keeping it alive or stopping writes in place: a
+    /// cache entry derived from this view can tell that its source is gone
+    /// ([`Weak::strong_count`] 0) or is the same memory written since ([`Weak::ptr_eq`] with a
+    /// newer key).
+    pub fn weak(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
     }
     /// The values, without a copy when this is the vector's only holder and views all of it.
     pub fn into_vec(self) -> Vec<T> {
@@ -156,5 +161,22 @@ mod tests {
         v.make_mut()[0] = 5.0;
         assert_eq!(v.as_ptr(), unsafe { p.add(4) }, "the last view of a vector writes in place");
         assert_eq!(v.into_vec(), vec![5.0, 1.0, 1.0, 1.0]);
+    }
+
+    /// A cache's watch on the memory ([`Buf::weak`]) neither stops a write in place nor outlives
+    /// the memory.
+    #[test]
+    fn a_watched_buffer_is_still_written_in_place() {
+        let mut a = Buf::new(vec![1.0f32; 8]);
+        let watch = a.weak();
+        let p = a.as_ptr();
+        a.make_mut()[0] = 2.0;
+        assert_eq!(a.as_ptr(), p, "written in place while watched");
+        assert!(watch.ptr_eq(&a.weak()) && watch.strong_count() == 1);
+        let v = a.view(2, 2).unwrap();
+        drop(a);
+        assert_eq!(watch.strong_count(), 1, "a view keeps the memory");
+        drop(v);
+        assert_eq!(watch.strong_count(), 0, "gone with the last holder");
     }
 }

@@ -242,13 +242,13 @@ type CacheKey = (BufKey, usize, usize, Tile);
 struct Kept {
     key: CacheKey,
     /// The weights' memory, to drop the entry once it is freed or holds newer values.
-    source: Weak<Vec<f32>>,
+    source: Weak<()>,
     u: Arc<Vec<f32>>,
 }
 
 impl Kept {
     /// Whether this entry came from the same range of the same memory as `key` (any values).
-    fn same_view(&self, source: &Weak<Vec<f32>>, key: &BufKey) -> bool {
+    fn same_view(&self, source: &Weak<()>, key: &BufKey) -> bool {
         self.source.ptr_eq(source) && self.key.0.same_range(key)
     }
 }

@@ -66,5 +66,32 @@ pub fn par_partials(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + Sy
         })
         .collect()
 }
+/// A vector of `len` floats filled in parallel, chunk by chunk, by `f(index, chunk)` (chunks of
+/// `chunk` floats, the last possibly shorter), with `f`'s results in order; the memory is not
+/// zeroed first (a whole pass over the output, a few percent of a U-Net step). `f` must write
+/// every value of its chunk before reading any.
+pub fn par_fill_chunks<R: Send>(len: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) -> R + Sync) -> (Vec<f32>, Vec<R>) {
+    use rayon::prelude::*;
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
+        return (v, Vec::new());
+    }
+    let chunk = chunk.max(1);
+    let p = winograd::SyncPtr(v.as_mut_ptr());
+    let r = (0..len.div_ceil(chunk))
+        .into_par_iter()
+        .map(|i| {
+            let p = &p;
+            let n = chunk.min(len - i * chunk);
+            // SAFETY: chunk i, [i·chunk, i·chunk + n), lies in the allocation and is handed to
+            // this task alone; f32 has no invalid values and `f` writes before it reads.
+            f(i, unsafe { std::slice::from_raw_parts_mut(p.0.add(i * chunk), n) })
+        })
+        .collect();
+    // SAFETY: the chunks cover all `len` values and `f` wrote each of them.
+    unsafe { v.set_len(len) };
+    (v, r)
+}
+
 pub mod storage;
 pub use storage::CpuStorage;

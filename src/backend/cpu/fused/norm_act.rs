@@ -9,8 +9,6 @@
 //!
 //! Backward saves nothing but `mean`, `rstd [N·groups]`; it recomputes the pre-activation from `x`.
 
-use rayon::prelude::*;
-
 use crate::backend::cpu::norm::block_stats;
 use crate::backend::cpu::simd::exp_f32;
 
@@ -119,27 +117,22 @@ pub fn group_norm_act_forward(x: &[f32], g: &GnGeom, gamma: &[f32], beta: &[f32]
     let (c, s, groups) = (g.c, g.s, g.groups);
     let cpg = c / groups;
     let blk = cpg * s;
-    let mut y = vec![0.0f32; x.len()];
     if blk == 0 {
-        return (y, vec![0.0; g.n * groups], vec![0.0; g.n * groups]);
+        return (vec![0.0; x.len()], vec![0.0; g.n * groups], vec![0.0; g.n * groups]);
     }
-    let stats: Vec<(f32, f32)> = y
-        .par_chunks_mut(blk)
-        .enumerate()
-        .map(|(ng, yb)| {
-            let xb = &x[ng * blk..(ng + 1) * blk];
-            let (mean, rstd) = block_stats(xb, g.eps);
-            let (ni, g0) = (ng / groups, (ng % groups) * cpg);
-            for ci in 0..cpg {
-                let ch = g0 + ci;
-                let ga = gamma[ch] * rstd;
-                let sh = beta[ch] - mean * ga;
-                let (sc1, shv) = modulation(scale, shift, c, ni, ch);
-                row_forward(&xb[ci * s..(ci + 1) * s], &mut yb[ci * s..(ci + 1) * s], ga, sh, sc1, shv, act == Act::Silu);
-            }
-            (mean, rstd)
-        })
-        .collect();
+    let (y, stats) = crate::backend::cpu::par_fill_chunks(x.len(), blk, |ng, yb| {
+        let xb = &x[ng * blk..(ng + 1) * blk];
+        let (mean, rstd) = block_stats(xb, g.eps);
+        let (ni, g0) = (ng / groups, (ng % groups) * cpg);
+        for ci in 0..cpg {
+            let ch = g0 + ci;
+            let ga = gamma[ch] * rstd;
+            let sh = beta[ch] - mean * ga;
+            let (sc1, shv) = modulation(scale, shift, c, ni, ch);
+            row_forward(&xb[ci * s..(ci + 1) * s], &mut yb[ci * s..(ci + 1) * s], ga, sh, sc1, shv, act == Act::Silu);
+        }
+        (mean, rstd)
+    });
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
 }
@@ -153,53 +146,50 @@ pub fn group_norm_act_backward(x: &[f32], dy: &[f32], g: &GnGeom, gamma: &[f32],
     let (n, c, s, groups) = (g.n, g.c, g.s, g.groups);
     let cpg = c / groups;
     let blk = cpg * s;
-    let mut dx = vec![0.0f32; x.len()];
     // per (n, channel): (Σ dz·x̂, Σ dz, Σ da·z, Σ da) with dz = da·(1 + scale), z = GN(x)
-    let mut partials: Vec<Vec<[f64; 4]>> = vec![Vec::new(); n * groups];
-    if blk > 0 {
-        partials = dx
-            .par_chunks_mut(blk)
-            .enumerate()
-            .map(|(ng, dxb)| {
-                let xb = &x[ng * blk..(ng + 1) * blk];
-                let gb = &dy[ng * blk..(ng + 1) * blk];
-                let (m, r) = (mean[ng], rstd[ng]);
-                let (ni, g0) = (ng / groups, (ng % groups) * cpg);
-                let mut part = Vec::with_capacity(cpg);
-                let (mut sum_dxh, mut sum_dxh_xh) = (0.0f64, 0.0f64);
-                // pass 1: da (kept in dx) and the per-channel sums
-                for ci in 0..cpg {
-                    let ch = g0 + ci;
-                    let ga = gamma[ch] * r;
-                    let sh = beta[ch] - m * ga;
-                    let (sc1, shv) = modulation(scale, shift, c, ni, ch);
-                    let (xr, dar) = (&xb[ci * s..(ci + 1) * s], &mut dxb[ci * s..(ci + 1) * s]);
-                    row_dact(xr, &gb[ci * s..(ci + 1) * s], dar, ga, sh, sc1, shv, act == Act::Silu);
-                    // Σ da·x̂ = r (Σ da·x − m Σ da) and Σ da·z = ga Σ da·x + sh Σ da, z = x·ga + sh
-                    let [b, sdx] = row_sums(xr, dar);
-                    let a = r as f64 * (sdx - m as f64 * b);
-                    let cz = ga as f64 * sdx + sh as f64 * b;
-                    let (sc1, gam) = (sc1 as f64, gamma[ch] as f64);
-                    sum_dxh += sc1 * b * gam;
-                    sum_dxh_xh += sc1 * a * gam;
-                    part.push([sc1 * a, sc1 * b, cz, b]);
+    let (dx, partials): (Vec<f32>, Vec<Vec<[f64; 4]>>) = if blk == 0 {
+        (vec![0.0; x.len()], vec![Vec::new(); n * groups])
+    } else {
+        // pass 1 writes every value of the block (da) before pass 2 reads it
+        crate::backend::cpu::par_fill_chunks(x.len(), blk, |ng, dxb| {
+            let xb = &x[ng * blk..(ng + 1) * blk];
+            let gb = &dy[ng * blk..(ng + 1) * blk];
+            let (m, r) = (mean[ng], rstd[ng]);
+            let (ni, g0) = (ng / groups, (ng % groups) * cpg);
+            let mut part = Vec::with_capacity(cpg);
+            let (mut sum_dxh, mut sum_dxh_xh) = (0.0f64, 0.0f64);
+            // pass 1: da (kept in dx) and the per-channel sums
+            for ci in 0..cpg {
+                let ch = g0 + ci;
+                let ga = gamma[ch] * r;
+                let sh = beta[ch] - m * ga;
+                let (sc1, shv) = modulation(scale, shift, c, ni, ch);
+                let (xr, dar) = (&xb[ci * s..(ci + 1) * s], &mut dxb[ci * s..(ci + 1) * s]);
+                row_dact(xr, &gb[ci * s..(ci + 1) * s], dar, ga, sh, sc1, shv, act == Act::Silu);
+                // Σ da·x̂ = r (Σ da·x − m Σ da) and Σ da·z = ga Σ da·x + sh Σ da, z = x·ga + sh
+                let [b, sdx] = row_sums(xr, dar);
+                let a = r as f64 * (sdx - m as f64 * b);
+                let cz = ga as f64 * sdx + sh as f64 * b;
+                let (sc1, gam) = (sc1 as f64, gamma[ch] as f64);
+                sum_dxh += sc1 * b * gam;
+                sum_dxh_xh += sc1 * a * gam;
+                part.push([sc1 * a, sc1 * b, cz, b]);
+            }
+            // pass 2: dx = rstd (dz γ − mean(dz γ) − x̂ mean(dz γ x̂))
+            let inv = 1.0 / blk as f64;
+            let (mdxh, mdxhxh) = ((sum_dxh * inv) as f32, (sum_dxh_xh * inv) as f32);
+            for ci in 0..cpg {
+                let ch = g0 + ci;
+                let (sc1, _) = modulation(scale, shift, c, ni, ch);
+                let gam = gamma[ch];
+                for (o, &xv) in dxb[ci * s..(ci + 1) * s].iter_mut().zip(&xb[ci * s..(ci + 1) * s]) {
+                    let xh = (xv - m) * r;
+                    *o = r * ((*o * sc1) * gam - mdxh - xh * mdxhxh);
                 }
-                // pass 2: dx = rstd (dz γ − mean(dz γ) − x̂ mean(dz γ x̂))
-                let inv = 1.0 / blk as f64;
-                let (mdxh, mdxhxh) = ((sum_dxh * inv) as f32, (sum_dxh_xh * inv) as f32);
-                for ci in 0..cpg {
-                    let ch = g0 + ci;
-                    let (sc1, _) = modulation(scale, shift, c, ni, ch);
-                    let gam = gamma[ch];
-                    for (o, &xv) in dxb[ci * s..(ci + 1) * s].iter_mut().zip(&xb[ci * s..(ci + 1) * s]) {
-                        let xh = (xv - m) * r;
-                        *o = r * ((*o * sc1) * gam - mdxh - xh * mdxhxh);
-                    }
-                }
-                part
-            })
-            .collect();
-    }
+            }
+            part
+        })
+    };
     let mut dgamma = vec![0.0f64; c];
     let mut dbeta = vec![0.0f64; c];
     let mut dscale = scale.map(|_| vec![0.0f32; n * c]);

@@ -56,7 +56,7 @@ fn winograd_tiles(c: &mut Criterion) {
         g.throughput(Throughput::Elements((2 * n * cin * h * h * cin * 9) as u64));
         for (name, tile) in [("f2", Tile::F2), ("f4", Tile::F4)] {
             let u = transform_weights_for(tile, &w, cin, cin);
-            g.bench_function(format!("{name}_n{n}_c{cin}_{h}x{h}"), |bch| bch.iter(|| conv3x3_for(tile, &x, &u, Some(&b), n, cin, h, h, cin)));
+            g.bench_function(format!("{name}_n{n}_c{cin}_{h}x{h}"), |bch| bch.iter(|| conv3x3_for(tile, &x, &u, Some(&b), None, n, cin, h, h, cin)));
         }
     }
     g.finish();

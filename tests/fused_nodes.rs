@@ -393,3 +393,36 @@ fn unet_tape_runs_the_fused_nodes() {
         }
     }
 }
+
+// ------------------------------------------------------------------------ convolution + add
+
+/// `conv2d_add` (the ResBlock's `in_conv(h) + emb` and `skip + out_conv(h)`) against `conv2d`
+/// then `add` on every CPU convolution path, for both addends: the values bit for bit (the sum
+/// is the same one floating-point add, taken as the output is written), the gradients of all
+/// four inputs equal; and the gradients by central differences on a small case.
+#[test]
+fn conv_add_node_matches_conv_then_add_on_every_path() {
+    // (n, cin, cout, h, stride, k): F(4×4) Winograd, F(2×2) small image, batched im2col (4×4),
+    // a 1×1 convolution, a stride-2 im2col, an F(2×2) 14×14
+    let cases = [(2usize, 64usize, 64usize, 16usize, 1usize, 3usize), (4, 64, 64, 8, 1, 3), (4, 16, 24, 4, 1, 3), (2, 8, 12, 6, 1, 1), (2, 5, 7, 9, 2, 3), (2, 64, 64, 14, 1, 3)];
+    for (i, &(n, cin, cout, h, stride, k)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let ho = (h + 2 * pad - k) / stride + 1;
+        for per_channel in [false, true] {
+            let a_shape = if per_channel { vec![n, cout, 1, 1] } else { vec![n, cout, ho, ho] };
+            let seed = 100 + 10 * i as u64 + per_channel as u64;
+            let inputs = vec![r(&[n, cin, h, h], seed), r(&[cout, cin, k, k], seed + 1), r(&[cout], seed + 2), r(&a_shape, seed + 3)];
+            let fused = |v: &[Var]| ops::conv2d_add(&v[0], &v[1], Some(&v[2]), &v[3], stride, pad).unwrap();
+            let unfused = |v: &[Var]| ops::add(&ops::conv2d(&v[0], &v[1], Some(&v[2]), stride, pad).unwrap(), &v[3]).unwrap();
+            let what = format!("conv_add n{n} {cin}->{cout} {h}x{h} s{stride} k{k} per-channel {per_channel}");
+            let (yf, yu) = (Tensor::conv2d_add(&inputs[0], &inputs[1], Some(&inputs[2]), &inputs[3], stride, pad).unwrap(), inputs[0].conv2d(&inputs[1], Some(&inputs[2]), stride, pad).unwrap().add(&inputs[3]).unwrap());
+            assert_eq!(yf.shape(), yu.shape(), "{what}");
+            assert!(yf.to_vec().iter().zip(yu.to_vec()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: values differ");
+            assert_parity(&what, compare(&inputs, &[0, 1, 2, 3], fused, unfused), 0.0, 1e-6);
+        }
+    }
+    let inputs = vec![r(&[2, 3, 5, 5], 1), r(&[4, 3, 3, 3], 2), r(&[4], 3), r(&[2, 4, 1, 1], 4)];
+    fd_check("conv_add per-channel", &inputs, &[0, 1, 2, 3], 1e-2, |v| ops::conv2d_add(&v[0], &v[1], Some(&v[2]), &v[3], 1, 1).unwrap());
+    // a shape that is neither the output's nor [N, Cout, 1, 1] is refused
+    assert!(Tensor::conv2d_add(&inputs[0], &inputs[1], None, &r(&[2, 4, 5, 1], 5), 1, 1).is_err());
+}

@@ -333,6 +333,29 @@ pub fn conv2d(x: &Var, w: &Var, b: Option<&Var>, stride: usize, pad: usize) -> R
     }))
 }
 
+/// `conv2d(x, w, b) + a`, `a` of the output's shape or `[N, Cout, 1, 1]`, as one node
+/// ([`Tensor::conv2d_add`]): the gradient of `a` is the output's, summed over the pixels for the
+/// per-channel form.
+pub fn conv2d_add(x: &Var, w: &Var, b: Option<&Var>, a: &Var, stride: usize, pad: usize) -> Result<Var> {
+    let (xv, wv, av) = (x.value(), w.value(), a.value());
+    let geom = xv.conv_geom(&wv, stride, pad)?;
+    let bv = b.map(|b| b.value());
+    let y = xv.conv2d_add(&wv, bv.as_ref(), &av, stride, pad)?;
+    let mut parents = vec![x.clone(), w.clone()];
+    parents.extend(b.cloned());
+    parents.push(a.clone());
+    let (rx, has_b, ra, sa) = (x.requires_grad(), b.is_some(), a.requires_grad(), a.shape());
+    Ok(Var::from_op(y, parents, "conv2d_add", move |gy| {
+        let (dx, dw, db) = xv.conv2d_backward(&wv, gy, &geom, rx)?;
+        let mut out = vec![dx, Some(dw)];
+        if has_b {
+            out.push(Some(db));
+        }
+        out.push(if ra { Some(reduce_to(gy, &sa)?) } else { None });
+        Ok(out)
+    }))
+}
+
 /// `GroupNorm(groups, C, eps)` over `[N, C, *]` with affine `w`, `b` of shape `[C]`.
 pub fn group_norm(x: &Var, w: &Var, b: &Var, groups: usize, eps: f32) -> Result<Var> {
     let (xv, wv, bv) = (x.value(), w.value(), b.value());

@@ -294,6 +294,11 @@ impl UNetModel {
             conv2d(x, self.p(c.w), Some(self.p(c.b)), c.stride, c.pad)
         }
     }
+    /// `conv(x) + a` (a 2-D convolution; `a` of its output's shape or `[B, C, 1, 1]`) as one node.
+    fn conv_add(&self, c: &Conv, x: &Var, a: &Var) -> Result<Var> {
+        debug_assert!(!c.conv1d, "conv_add: 2-D convolutions only");
+        conv2d_add(x, self.p(c.w), Some(self.p(c.b)), a, c.stride, c.pad)
+    }
     fn norm(&self, n: &Norm, x: &Var) -> Result<Var> {
         group_norm(x, self.p(n.w), self.p(n.b), GN_GROUPS, GN_EPS)
     }
@@ -316,25 +321,25 @@ impl UNetModel {
                 xs = avg_pool2x(&xs)?;
             }
         }
-        h = self.conv(&r.in_conv, &h)?;
         let e = self.lin(&r.emb, emb_silu)?;
         let b = e.shape()[0];
         h = if r.scale_shift {
             // silu(out_norm(h) · (1 + scale) + shift), scale and shift [B, out_ch]
             let (scale, shift) = (narrow(&e, 1, 0, r.out_ch)?, narrow(&e, 1, r.out_ch, r.out_ch)?);
-            self.norm_silu(&r.out_norm, &h, Some((&scale, &shift)))?
+            self.norm_silu(&r.out_norm, &self.conv(&r.in_conv, &h)?, Some((&scale, &shift)))?
         } else {
-            self.norm_silu(&r.out_norm, &ops::add(&h, &reshape(&e, &[b, r.out_ch, 1, 1])?)?, None)?
+            // in_conv(h) + emb[:, :, None, None], the sum taken as the convolution writes
+            self.norm_silu(&r.out_norm, &self.conv_add(&r.in_conv, &h, &reshape(&e, &[b, r.out_ch, 1, 1])?)?, None)?
         };
         if let Some(rng) = fw.dropout_rng.as_deref_mut() {
             h = dropout(&h, self.config.dropout as f32, rng)?;
         }
-        h = self.conv(&r.out_conv, &h)?;
         let skip = match &r.skip {
             Some(c) => self.conv(c, &xs)?,
             None => xs,
         };
-        ops::add(&skip, &h)
+        // skip + out_conv(h): the same sum, one node
+        self.conv_add(&r.out_conv, &h, &skip)
     }
 
     fn attention(&self, a: &Attention, x: &Var) -> Result<Var> {

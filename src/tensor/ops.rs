@@ -266,6 +266,30 @@ impl Tensor {
         }
         Ok(Tensor::from_op(self.storage.conv2d(&w.storage, bias.map(|b| &b.storage), &g)?, &g.out_shape()))
     }
+    /// `conv2d(self, w, bias) + a` with `a` of the output's shape `[N, Cout, Ho, Wo]` (a residual
+    /// branch) or `[N, Cout, 1, 1]` (a per-sample, per-channel shift): on the CPU in f32 the sum
+    /// is taken as the convolution writes its output (no second pass, no second tensor);
+    /// elsewhere it is `conv2d` then `add`.
+    pub fn conv2d_add(&self, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+        let g = self.conv_geom(w, stride, pad)?;
+        let out = g.out_shape();
+        let per_channel = a.shape == [g.n, g.cout, 1, 1];
+        if a.shape != out && !per_channel {
+            bail!("conv2d_add: {:?} cannot be added to the output {out:?}", a.shape);
+        }
+        let all_f32 = [Some(self), Some(w), bias, Some(a)].into_iter().flatten().all(|t| t.dtype() == DType::F32);
+        if let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(xa)) = (&self.storage, &w.storage, &a.storage)
+            && all_f32
+            && bias.is_none_or(|b| matches!(b.storage, Storage::Cpu(_)) && b.shape == [g.cout])
+        {
+            let bs = bias.map(|b| match &b.storage {
+                Storage::Cpu(c) => c,
+                Storage::Cuda(_) => unreachable!("checked above"),
+            });
+            return Ok(Tensor::from_op(Storage::Cpu(xs.conv2d_add(ws, bs, xa, per_channel, &g)?), &out));
+        }
+        self.conv2d(w, bias, stride, pad)?.add(a)
+    }
     /// `(dx if need_dx, dw, db)` of `conv2d(self, w)` given `dy`.
     pub fn conv2d_backward(&self, w: &Tensor, dy: &Tensor, g: &ConvGeom, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let (dx, dw, db) = self.storage.conv2d_backward(&w.storage, &dy.storage, g, need_dx)?;

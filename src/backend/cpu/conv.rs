@@ -144,24 +144,80 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> 
 /// [`conv2d_forward`] with the buffer that holds `w`'s values: Winograd's transformed kernel is
 /// then cached for the next call with the same values ([`winograd::transform_weights_cached`]).
 pub fn conv2d_forward_cached(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Buf<f32>>, b: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    conv2d_forward_add(x, w, w_buf, b, None, g)
+}
+
+/// What a convolution adds to its output as it writes it: a tensor of the output's shape (a
+/// residual branch) or one value per sample and output channel (a time embedding).
+#[derive(Clone, Copy, Debug)]
+pub enum Addend<'a> {
+    /// `[N, Cout, Ho, Wo]`
+    Full(&'a [f32]),
+    /// `[N, Cout]`
+    PerChannel(&'a [f32]),
+}
+
+impl Addend<'_> {
+    /// Add to `out`, the output row `r` (`wo` values) of image `img`, channel `co`.
+    #[inline]
+    pub fn add_row(&self, out: &mut [f32], img: usize, co: usize, cout: usize, r: usize, ho: usize) {
+        let wo = out.len();
+        match *self {
+            Addend::Full(a) => {
+                let at = ((img * cout + co) * ho + r) * wo;
+                for (o, &v) in out.iter_mut().zip(&a[at..at + wo]) {
+                    *o += v;
+                }
+            }
+            Addend::PerChannel(e) => {
+                let v = e[img * cout + co];
+                for o in out.iter_mut() {
+                    *o += v;
+                }
+            }
+        }
+    }
+    /// Add to a whole output `y [N, Cout, Ho, Wo]`, in parallel over rows.
+    fn add_to(&self, y: &mut [f32], g: &ConvGeom) {
+        let (ho, wo) = (g.ho(), g.wo());
+        if ho * wo == 0 {
+            return;
+        }
+        y.par_chunks_mut(ho * wo).enumerate().for_each(|(ic, plane)| {
+            let (img, co) = (ic / g.cout, ic % g.cout);
+            for (r, row) in plane.chunks_exact_mut(wo).enumerate() {
+                self.add_row(row, img, co, g.cout, r, ho);
+            }
+        });
+    }
+}
+
+/// [`conv2d_forward_cached`] plus `add`: the Winograd paths add it as they write each output
+/// row; the others add it in place after their GEMM (no second output either way).
+pub fn conv2d_forward_add(x: &[f32], w: &[f32], w_buf: Option<&super::buf::Buf<f32>>, b: Option<&[f32]>, add: Option<Addend>, g: &ConvGeom) -> Vec<f32> {
     let _g = geometry_scope("fwd", g);
     if winograd::applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
         let _p = detail("conv fwd: winograd");
         let tile = winograd::tile_for(g.h, g.w);
         let u = winograd::transform_weights_cached(tile, w_buf, w, g.cout, g.cin);
-        return winograd::conv3x3_for(tile, x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
+        return winograd::conv3x3_for(tile, x, &u, b, add, g.n, g.cin, g.h, g.w, g.cout);
     }
     if winograd::small_image_applies(g.kh, g.kw, g.stride, g.pad, g.cin, g.cout, g.n, g.h, g.w) {
         let _p = detail("conv fwd: winograd, small image");
         let u = winograd::transform_weights_cached(winograd::Tile::F2, w_buf, w, g.cout, g.cin);
-        return winograd::conv3x3(x, &u, b, g.n, g.cin, g.h, g.w, g.cout);
+        return winograd::conv3x3_add(x, &u, b, add, g.n, g.cin, g.h, g.w, g.cout);
     }
-    if batched(g) {
+    let mut y = if batched(g) {
         let _p = detail("conv fwd: batched im2col+gemm");
-        return conv2d_batched_forward(x, w, b, g);
+        conv2d_batched_forward(x, w, b, g)
+    } else {
+        let _p = detail(if g.pointwise() { "conv fwd: 1x1 gemm" } else { "conv fwd: im2col+gemm" });
+        conv2d_im2col_forward(x, w, b, g)
+    };
+    if let Some(a) = add {
+        a.add_to(&mut y, g);
     }
-    let _p = detail(if g.pointwise() { "conv fwd: 1x1 gemm" } else { "conv fwd: im2col+gemm" });
-    conv2d_im2col_forward(x, w, b, g)
+    y
 }
 
 /// While profiling, a detail row per pass and geometry (`conv fwd n4 256→256 8×8 k3 s1`), so that

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::attention::{qkv_attention_backward, qkv_attention_forward};
 use super::buf::Buf;
-use super::conv::{conv2d_backward, conv2d_forward_cached};
+use super::conv::{Addend, conv2d_backward, conv2d_forward_add, conv2d_forward_cached};
 use super::elementwise as ew;
 use super::gemm::{Mat, sgemm, threads_for};
 use super::norm::{group_norm_backward, group_norm_forward};
@@ -567,5 +567,23 @@ impl BackendStorage for CpuStorage {
     }
     fn sum_squares_on_device(ts: &[&Self]) -> Result<Self> {
         Ok(CpuStorage::from_f32(split_f64(Self::sum_squares(ts)?).to_vec()))
+    }
+}
+
+impl CpuStorage {
+    /// `conv2d(self, w, bias) + a` in one pass over the output, all operands f32: `a` of the
+    /// output's shape, or `[N, Cout]` values (one per sample and channel) when `per_channel`.
+    pub fn conv2d_add(&self, w: &Self, bias: Option<&Self>, a: &Self, per_channel: bool, g: &ConvGeom) -> Result<Self> {
+        let (CpuStorage::F32(wb), CpuStorage::F32(ab)) = (w, a) else { bail!("conv2d_add: f32 operands only") };
+        if self.dtype() != DType::F32 || bias.is_some_and(|b| b.dtype() != DType::F32) {
+            bail!("conv2d_add: f32 operands only");
+        }
+        let want = if per_channel { g.n * g.cout } else { g.n * g.cout * g.ho() * g.wo() };
+        if ab.len() != want {
+            bail!("conv2d_add: {} values to add, the output needs {want}", ab.len());
+        }
+        let add = if per_channel { Addend::PerChannel(ab) } else { Addend::Full(ab) };
+        let bv = bias.map(|b| b.f32s());
+        Ok(self.out(conv2d_forward_add(&self.f32s(), wb, Some(wb), bv.as_deref(), Some(add), g)))
     }
 }

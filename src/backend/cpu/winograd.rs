@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use super::buf::{Buf, BufKey};
+use super::conv::Addend;
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
 
@@ -122,12 +123,12 @@ pub fn transform_weights_for(tile: Tile, w: &[f32], cout: usize, cin: usize) -> 
     }
 }
 
-/// [`conv3x3`] or its F(4×4) twin, with `u` from [`transform_weights_for`] of the same tile.
+/// [`conv3x3_add`] or its F(4×4) twin, with `u` from [`transform_weights_for`] of the same tile.
 #[allow(clippy::too_many_arguments)]
-pub fn conv3x3_for(tile: Tile, x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+pub fn conv3x3_for(tile: Tile, x: &[f32], u: &[f32], b: Option<&[f32]>, add: Option<Addend>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
     match tile {
-        Tile::F2 => conv3x3(x, u, b, n, cin, h, w, cout),
-        Tile::F4 => super::winograd4::conv3x3(x, u, b, n, cin, h, w, cout),
+        Tile::F2 => conv3x3_add(x, u, b, add, n, cin, h, w, cout),
+        Tile::F4 => super::winograd4::conv3x3_add(x, u, b, add, n, cin, h, w, cout),
     }
 }
 
@@ -357,6 +358,12 @@ pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32>
 /// tile rows so that they vectorise.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    conv3x3_add(x, u, b, None, n, cin, h, w, cout)
+}
+
+/// [`conv3x3`] plus `add`, added to each output row as it is written.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_add(x: &[f32], u: &[f32], b: Option<&[f32]>, add: Option<Addend>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
     if n * h * w == 0 {
         return Vec::new(); // an empty batch or image: nothing to compute
     }
@@ -442,6 +449,9 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
                         }
                         if w % 2 == 1 {
                             out[w - 1] = e[tw - 1];
+                        }
+                        if let Some(a) = &add {
+                            a.add_row(out, img, co, cout, r, h);
                         }
                     }
                 }
@@ -759,7 +769,7 @@ mod tests {
                 let b = r.normal_vec(cout);
                 let g = ConvGeom { n, cin, h, w, cout, kh: 3, kw: 3, stride: 1, pad: 1 };
                 let want = conv2d_im2col_forward(&x, &wt, Some(&b), &g);
-                let got = conv3x3_for(tile, &x, &transform_weights_for(tile, &wt, cout, cin), Some(&b), n, cin, h, w, cout);
+                let got = conv3x3_for(tile, &x, &transform_weights_for(tile, &wt, cout, cin), Some(&b), None, n, cin, h, w, cout);
                 let e = crate::util::rel_err(&got, &want);
                 assert!(e < tol, "{tile:?} {n} {cin} {h} {w} {cout}: {e:e}");
                 let dy = r.normal_vec(n * cout * h * w);

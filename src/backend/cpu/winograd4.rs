@@ -10,6 +10,7 @@
 
 use rayon::prelude::*;
 
+use super::conv::Addend;
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
 use super::winograd::{BLOCK_BYTES, Geo, KL, Lanes, SCRATCH, SyncPtr, VL, balanced_rows, lanes, store, transform_into_with};
@@ -75,7 +76,13 @@ pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32>
 /// parallel, each with single-threaded GEMMs.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
-    conv3x3_blocked(x, u, b, n, cin, h, w, cout, MIN_TILES, BLOCK_BYTES)
+    conv3x3_blocked(x, u, b, None, n, cin, h, w, cout, MIN_TILES, BLOCK_BYTES)
+}
+
+/// [`conv3x3`] plus `add`, added to each output row as it is written.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_add(x: &[f32], u: &[f32], b: Option<&[f32]>, add: Option<Addend>, n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Vec<f32> {
+    conv3x3_blocked(x, u, b, add, n, cin, h, w, cout, MIN_TILES, BLOCK_BYTES)
 }
 
 /// Fewest tiles per block (the GEMMs' `n`): below 64 the GEMMs run on their narrow edge
@@ -86,7 +93,7 @@ pub fn conv3x3(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h:
 pub const MIN_TILES: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
-pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: usize, h: usize, w: usize, cout: usize, min_tiles: usize, block_bytes: usize) -> Vec<f32> {
+pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, add: Option<Addend>, n: usize, cin: usize, h: usize, w: usize, cout: usize, min_tiles: usize, block_bytes: usize) -> Vec<f32> {
     if n * h * w == 0 {
         return Vec::new();
     }
@@ -144,6 +151,9 @@ pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, n: usize, cin: u
                         let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(base), w) };
                         let ph: [&[f32]; 4] = std::array::from_fn(|b| &tt[(4 * a + b) * npp + lr * tw..(4 * a + b) * npp + (lr + 1) * tw]);
                         interleave4(ph, out);
+                        if let Some(a) = &add {
+                            a.add_row(out, img, co, cout, r, h);
+                        }
                     }
                 }
             }
@@ -498,7 +508,7 @@ mod timing {
                 let mut v: Vec<(String, Box<dyn Fn() -> Vec<f32>>)> = vec![("f2".into(), Box::new(|| w2::conv3x3(&x, &u2, None, n, c, h, h, c)))];
                 for &(mt, bb) in &[(8usize, 2usize << 20), (32, 2 << 20), (64, 2 << 20), (128, 2 << 20), (8, 8 << 20), (64, 8 << 20), (8, 32 << 20)] {
                     let (x, u4) = (&x, &u4);
-                    v.push((format!("f4 t{mt} b{}M", bb >> 20), Box::new(move || super::conv3x3_blocked(x, u4, None, n, c, h, h, c, mt, bb))));
+                    v.push((format!("f4 t{mt} b{}M", bb >> 20), Box::new(move || super::conv3x3_blocked(x, u4, None, None, n, c, h, h, c, mt, bb))));
                 }
                 v
             };

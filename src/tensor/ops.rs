@@ -286,6 +286,7 @@ impl Tensor {
                 Storage::Cpu(c) => c,
                 Storage::Cuda(_) => unreachable!("checked above"),
             });
+            let _p = crate::backend::cpu::profile::scope("conv2d_add");
             return Ok(Tensor::from_op(Storage::Cpu(xs.conv2d_add(ws, bs, xa, per_channel, &g)?), &out));
         }
         self.conv2d(w, bias, stride, pad)?.add(a)

@@ -278,14 +278,17 @@ impl Tensor {
             bail!("conv2d_add: {:?} cannot be added to the output {out:?}", a.shape);
         }
         let all_f32 = [Some(self), Some(w), bias, Some(a)].into_iter().flatten().all(|t| t.dtype() == DType::F32);
-        if let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(xa)) = (&self.storage, &w.storage, &a.storage)
+        // the bias on the CPU and of the right shape (Some(None): no bias); else the unfused path
+        let cpu_bias = match bias {
+            None => Some(None),
+            Some(b) => match &b.storage {
+                Storage::Cpu(c) if b.shape == [g.cout] => Some(Some(c)),
+                _ => None,
+            },
+        };
+        if let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(xa), Some(bs)) = (&self.storage, &w.storage, &a.storage, cpu_bias)
             && all_f32
-            && bias.is_none_or(|b| matches!(b.storage, Storage::Cpu(_)) && b.shape == [g.cout])
         {
-            let bs = bias.map(|b| match &b.storage {
-                Storage::Cpu(c) => c,
-                Storage::Cuda(_) => unreachable!("checked above"),
-            });
             let _p = crate::backend::cpu::profile::scope("conv2d_add");
             return Ok(Tensor::from_op(Storage::Cpu(xs.conv2d_add(ws, bs, xa, per_channel, &g)?), &out));
         }

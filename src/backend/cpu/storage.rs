@@ -574,8 +574,8 @@ impl CpuStorage {
     /// `conv2d(self, w, bias) + a` in one pass over the output, all operands f32: `a` of the
     /// output's shape, or `[N, Cout]` values (one per sample and channel) when `per_channel`.
     pub fn conv2d_add(&self, w: &Self, bias: Option<&Self>, a: &Self, per_channel: bool, g: &ConvGeom) -> Result<Self> {
-        let (CpuStorage::F32(wb), CpuStorage::F32(ab)) = (w, a) else { bail!("conv2d_add: f32 operands only") };
-        if self.dtype() != DType::F32 || bias.is_some_and(|b| b.dtype() != DType::F32) {
+        let (CpuStorage::F32(xb), CpuStorage::F32(wb), CpuStorage::F32(ab)) = (self, w, a) else { bail!("conv2d_add: f32 operands only") };
+        if bias.is_some_and(|b| b.dtype() != DType::F32) {
             bail!("conv2d_add: f32 operands only");
         }
         let want = if per_channel { g.n * g.cout } else { g.n * g.cout * g.ho() * g.wo() };
@@ -584,6 +584,6 @@ impl CpuStorage {
         }
         let add = if per_channel { Addend::PerChannel(ab) } else { Addend::Full(ab) };
         let bv = bias.map(|b| b.f32s());
-        Ok(self.out(conv2d_forward_add(&self.f32s(), wb, Some(wb), bv.as_deref(), Some(add), g)))
+        Ok(self.out(conv2d_forward_add(xb, wb, Some(wb), bv.as_deref(), Some(add), g)))
     }
 }

@@ -275,6 +275,24 @@ fn dropout_keep_fraction_and_values() {
 }
 
 #[test]
+fn dropout_in_parallel_parts_is_the_masks_product() {
+    // longer than one task (16384 values), not a whole number of 64-value groups, at an offset
+    // near wrap-around: every part starts on its own block of the same draw
+    let n = 3 * 16384 + 16384 / 2 + 37;
+    let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.013).cos() - 0.2).collect();
+    for (seed, off, p) in [(3u64, 0u64, 0.1f32), (8, u64::MAX - 5, 0.5), (1, 17, 1.0)] {
+        let m = mask(seed, off, p, n);
+        let want: Vec<f32> = x.iter().zip(&m).map(|(a, b)| a * b).collect();
+        let mut y = vec![f32::NAN; n];
+        dropout(seed, off, p, &x, &mut y, None);
+        assert_eq!(bits(&y), bits(&want), "philox::dropout ({seed}, {off}, {p})");
+        let t = Tensor::from_vec(x.clone(), &[n]);
+        let yt = t.dropout_philox(p, seed, off).unwrap();
+        assert_eq!(bits(yt.data()), bits(&want), "Tensor::dropout_philox ({seed}, {off}, {p})");
+    }
+}
+
+#[test]
 #[should_panic(expected = "not in [0, 1]")]
 fn dropout_rejects_a_probability_outside_0_1() {
     let mut m = vec![0.0; 4];

@@ -270,13 +270,53 @@ pub fn dropout(seed: u64, offset: u64, p: f32, x: &[f32], y: &mut [f32], mask: O
             }
         }
         None => {
-            check_p(p);
-            let scale = dropout_scale(p);
-            for_blocks(seed, offset, y, |first, r, o| {
-                for (l, v) in o.iter_mut().enumerate() {
-                    *v = x[first + l] * keep_of(r[l], p, scale);
+            if y.len() < PAR_MIN {
+                dropout_part(seed, offset, p, 0, x, y);
+            } else {
+                y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(ci, (y, x))| dropout_part(seed, offset, p, ci * CHUNK, x, y));
+            }
+        }
+    }
+}
+
+/// Elements per rayon task of [`dropout_part`]'s callers (a multiple of [`PER_BLOCK`]).
+pub const DROPOUT_CHUNK: usize = CHUNK;
+
+/// `y = x · m` for elements `first..first + x.len()` of the dropout draw at `(seed, offset)`
+/// ([`dropout`] without a mask, one part of it): `first` must be a multiple of [`PER_BLOCK`].
+/// Every value of `y` is written and none read.
+pub fn dropout_part(seed: u64, offset: u64, p: f32, first: usize, x: &[f32], y: &mut [f32]) {
+    check_p(p);
+    assert_eq!(x.len(), y.len(), "dropout: x and y differ in length");
+    assert_eq!(first % PER_BLOCK, 0, "dropout: a part must start on a block");
+    dropout_run(key(seed), offset.wrapping_add((first / PER_BLOCK) as u64), p, dropout_scale(p), x, y);
+}
+
+crate::multiversion! {
+    /// [`dropout_part`]'s loop: `LANES` blocks of bits at a time, the mask made word-major (one
+    /// vector compare per word) and applied element-major (element `4j + w` is word `w` of block `j`).
+    fn dropout_run(k: [u32; 2], b0: u64, p: f32, scale: f32, x: &[f32], y: &mut [f32]) {
+        const G: usize = PER_BLOCK * LANES;
+        let mut bits = [[0u32; LANES]; 4];
+        let mut m = [[0.0f32; LANES]; 4];
+        for (g, (xg, yg)) in x.chunks(G).zip(y.chunks_mut(G)).enumerate() {
+            philox_lanes(k, b0.wrapping_add((g * LANES) as u64), &mut bits);
+            for w in 0..4 {
+                for l in 0..LANES {
+                    m[w][l] = keep_of(bits[w][l], p, scale);
                 }
-            });
+            }
+            if let (Ok(xg), Ok(yg)) = (<&[f32; G]>::try_from(xg), <&mut [f32; G]>::try_from(&mut *yg)) {
+                for l in 0..LANES {
+                    for w in 0..4 {
+                        yg[4 * l + w] = xg[4 * l + w] * m[w][l];
+                    }
+                }
+            } else {
+                for (i, (o, &v)) in yg.iter_mut().zip(xg).enumerate() {
+                    *o = v * m[i % 4][i / 4];
+                }
+            }
         }
     }
 }

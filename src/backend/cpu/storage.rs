@@ -329,8 +329,9 @@ impl BackendStorage for CpuStorage {
             bail!("dropout probability {p} is not in [0, 1]");
         }
         let x = self.float("dropout")?;
-        let mut y = vec![0.0f32; x.len()];
-        philox::dropout(seed, offset, p, &x, &mut y, None);
+        // every value is written by its part (not zeroed first)
+        let chunk = philox::DROPOUT_CHUNK;
+        let (y, _) = super::par_fill_chunks(x.len(), chunk, |i, yc| philox::dropout_part(seed, offset, p, i * chunk, &x[i * chunk..i * chunk + yc.len()], yc));
         Ok(self.out(y))
     }
 

@@ -178,17 +178,57 @@ crate::multiversion! {
     }
 }
 
-/// `u[16][rows][cols]` with `u[ξ][r][c] = (G k(r, c) Gᵀ)[ξ]`: one task per block of rows,
-/// `KL` kernels per step (gathered lane-major, transformed in SIMD, stored as 16 runs).
-fn transform_into(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9] + Sync) -> Vec<f32> {
-    transform_into_with(rows, cols, k, kernel_transform_lanes)
+/// Where the 3×3 kernel `(r, c)` of a weight transform is read from `w [cout, cin, 3, 3]`.
+#[derive(Clone, Copy)]
+pub(super) enum Taps<'a> {
+    /// `k(co, ci) = w[co][ci]` (the forward's kernels, rows = cout): a row's kernels are one run.
+    Direct(&'a [f32]),
+    /// `k(ci, co) = flip(w[co][ci])` (the input gradient's, rows = cin, cols = cout).
+    Flipped(&'a [f32]),
 }
 
-/// [`transform_into`] with another tile's kernel transform `f` (`X` outputs per kernel):
-/// `u[X][rows][cols]`.
-pub(super) fn transform_into_with<const X: usize>(rows: usize, cols: usize, k: impl Fn(usize, usize) -> [f32; 9] + Sync, f: fn(&[[f32; KL]; 9], &mut [[f32; KL]; X])) -> Vec<f32> {
+crate::multiversion! {
+    /// The taps of the kernels `(r, c0 .. c0 + nl)` lane-major into `g[tap][lane]` (lanes past `nl`
+    /// keep what they held).
+    fn gather_taps(taps: Taps, rows: usize, cols: usize, r: usize, c0: usize, nl: usize, g: &mut [[f32; KL]; 9]) {
+        match taps {
+            Taps::Direct(w) => {
+                let src = &w[(r * cols + c0) * 9..(r * cols + c0 + nl) * 9];
+                if let Ok(src) = <&[f32; 9 * KL]>::try_from(src) {
+                    for (tap, gt) in g.iter_mut().enumerate() {
+                        for (l, v) in gt.iter_mut().enumerate() {
+                            *v = src[l * 9 + tap];
+                        }
+                    }
+                } else {
+                    for (l, k) in src.chunks_exact(9).enumerate() {
+                        for (tap, &v) in k.iter().enumerate() {
+                            g[tap][l] = v;
+                        }
+                    }
+                }
+            }
+            Taps::Flipped(w) => {
+                for l in 0..nl {
+                    let k: &[f32; 9] = w[((c0 + l) * rows + r) * 9..((c0 + l) * rows + r) * 9 + 9].try_into().expect("9 taps");
+                    for tap in 0..9 {
+                        g[tap][l] = k[8 - tap];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `u[X][rows][cols]` with `u[ξ][r][c] = (G k(r, c) Gᵀ)[ξ]` by the tile's kernel transform `f`
+/// (`X` outputs per kernel): one task per block of rows, `KL` kernels per step (gathered
+/// lane-major, transformed in SIMD, stored as `X` runs).
+pub(super) fn transform_into_with<const X: usize>(rows: usize, cols: usize, taps: Taps, f: fn(&[[f32; KL]; 9], &mut [[f32; KL]; X])) -> Vec<f32> {
     let _p = detail("winograd: weight transform");
     let plane = rows * cols;
+    match taps {
+        Taps::Direct(w) | Taps::Flipped(w) => assert_eq!(w.len(), plane * 9, "winograd: weights of the wrong size"),
+    }
     // every element is written below (each row of each plane, all its columns), so the vector
     // is not zeroed first: that pass cost as much as the transform's own writes
     let mut u: Vec<f32> = Vec::with_capacity(X * plane);
@@ -200,16 +240,19 @@ pub(super) fn transform_into_with<const X: usize>(rows: usize, cols: usize, k: i
         for r in blk * per..((blk + 1) * per).min(rows) {
             for c0 in (0..cols).step_by(KL) {
                 let nl = KL.min(cols - c0);
-                for l in 0..nl {
-                    let taps = k(r, c0 + l);
-                    for (tap, &v) in g.iter_mut().zip(&taps) {
-                        tap[l] = v;
-                    }
-                }
+                gather_taps(taps, rows, cols, r, c0, nl, &mut g);
                 f(&g, &mut t);
                 for (xi, tv) in t.iter().enumerate() {
-                    // SAFETY: row r of every plane is written only by the task that owns r.
-                    unsafe { std::ptr::copy_nonoverlapping(tv.as_ptr(), up.0.add(xi * plane + r * cols + c0), nl) };
+                    // SAFETY: row r of every plane is written only by the task that owns r, and
+                    // [c0, c0 + nl) lies inside it.
+                    unsafe {
+                        let dst = up.0.add(xi * plane + r * cols + c0);
+                        if nl == KL {
+                            dst.cast::<[f32; KL]>().write_unaligned(*tv);
+                        } else {
+                            std::ptr::copy_nonoverlapping(tv.as_ptr(), dst, nl);
+                        }
+                    }
                 }
             }
         }
@@ -222,8 +265,7 @@ pub(super) fn transform_into_with<const X: usize>(rows: usize, cols: usize, k: i
 
 /// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[16][cout][cin]`.
 pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
-    transform_into(cout, cin, |co, ci| w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9].try_into().expect("9 taps"))
+    transform_into_with(cout, cin, Taps::Direct(w), kernel_transform_lanes)
 }
 
 /// The transformed kernels of weights met more than once (sampling runs the same frozen weights
@@ -345,11 +387,7 @@ fn kernel_cache_entries_for(buf: &Buf<f32>) -> usize {
 /// The transformed kernel of the input gradient, `transform_weights` of the flipped, transposed
 /// kernel without forming it: `u[16][cin][cout]` of the kernels `w'[ci][co] = flip(w[co][ci])`.
 pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
-    transform_into(cin, cout, |ci, co| {
-        let s = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
-        std::array::from_fn(|k| s[8 - k])
-    })
+    transform_into_with(cin, cout, Taps::Flipped(w), kernel_transform_lanes)
 }
 
 /// `y[n, cout, h, w] = conv3x3(x, w) + b` (stride 1, pad 1) with pre-transformed weights `u`.

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::conv::Addend;
 use super::gemm::{Mat, sgemm};
 use super::profile::detail;
-use super::winograd::{BLOCK_BYTES, Geo, KL, Lanes, SCRATCH, SyncPtr, VL, balanced_rows, lanes, store, transform_into_with};
+use super::winograd::{BLOCK_BYTES, Geo, KL, Lanes, SCRATCH, SyncPtr, Taps, VL, balanced_rows, lanes, store, transform_into_with};
 
 /// Transformed values per tile (6×6).
 pub const XI: usize = 36;
@@ -52,22 +52,12 @@ fn g_col(g0: f32, g1: f32, g2: f32) -> [f32; 6] {
 
 /// `U = G g Gᵀ` for every `[cout, cin]` 3×3 kernel → `u[36][cout][cin]`.
 pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
-    transform_into_with(cout, cin, |co, ci| w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9].try_into().expect("9 taps"), kernel_transform_lanes)
+    transform_into_with(cout, cin, Taps::Direct(w), kernel_transform_lanes)
 }
 
 /// The input gradient's transformed kernel, `u[36][cin][cout]` of `w'[ci][co] = flip(w[co][ci])`.
 pub fn transform_weights_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    assert_eq!(w.len(), cout * cin * 9, "winograd: weights of the wrong size");
-    transform_into_with(
-        cin,
-        cout,
-        |ci, co| {
-            let s = &w[(co * cin + ci) * 9..(co * cin + ci) * 9 + 9];
-            std::array::from_fn(|k| s[8 - k])
-        },
-        kernel_transform_lanes,
-    )
+    transform_into_with(cin, cout, Taps::Flipped(w), kernel_transform_lanes)
 }
 
 /// `y[n, cout, h, w] = conv3x3(x, w) + b` (stride 1, pad 1) with pre-transformed weights `u`

@@ -81,6 +81,17 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// One channel row of the backward's second pass, in place over `da`:
+    /// `dx = r (da·(1 + scale)·γ − mean(dz γ) − x̂ mean(dz γ x̂))` with `x̂ = (x − m) r`.
+    fn row_dx(x: &[f32], d: &mut [f32], m: f32, r: f32, sc1: f32, gam: f32, mdxh: f32, mdxhxh: f32) {
+        for (o, &xv) in d.iter_mut().zip(x) {
+            let xh = (xv - m) * r;
+            *o = r * ((*o * sc1) * gam - mdxh - xh * mdxhxh);
+        }
+    }
+}
+
 /// Independent f64 accumulators per sum of [`row_sums`] (so that the sums vectorise instead of
 /// waiting on one add each; the lanes are added in order at the end).
 const LANES: usize = 8;
@@ -181,11 +192,7 @@ pub fn group_norm_act_backward(x: &[f32], dy: &[f32], g: &GnGeom, gamma: &[f32],
             for ci in 0..cpg {
                 let ch = g0 + ci;
                 let (sc1, _) = modulation(scale, shift, c, ni, ch);
-                let gam = gamma[ch];
-                for (o, &xv) in dxb[ci * s..(ci + 1) * s].iter_mut().zip(&xb[ci * s..(ci + 1) * s]) {
-                    let xh = (xv - m) * r;
-                    *o = r * ((*o * sc1) * gam - mdxh - xh * mdxhxh);
-                }
+                row_dx(&xb[ci * s..(ci + 1) * s], &mut dxb[ci * s..(ci + 1) * s], m, r, sc1, gamma[ch], mdxh, mdxhxh);
             }
             part
         })

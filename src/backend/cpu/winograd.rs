@@ -801,7 +801,9 @@ mod tests {
     fn matches_im2col_conv() {
         let mut r = crate::rng::Rng::new(11);
         for (tile, tol) in [(Tile::F2, 1e-6), (Tile::F4, 4e-6)] {
-            for &(n, cin, h, w, cout) in &[(2, 3, 7, 5, 4), (1, 8, 8, 8, 16), (3, 5, 1, 3, 2), (2, 4, 28, 28, 6), (1, 6, 16, 37, 5), (2, 16, 32, 32, 8), (1, 3, 13, 70, 2)] {
+            for &(n, cin, h, w, cout) in
+                &[(2, 3, 7, 5, 4), (1, 8, 8, 8, 16), (3, 5, 1, 3, 2), (2, 4, 28, 28, 6), (1, 6, 16, 37, 5), (2, 16, 32, 32, 8), (1, 3, 13, 70, 2), (3, 8, 20, 16, 8), (2, 16, 16, 13, 4), (5, 32, 16, 16, 24)]
+            {
                 let x = r.normal_vec(n * cin * h * w);
                 let wt = r.normal_vec(cout * cin * 9);
                 let b = r.normal_vec(cout);

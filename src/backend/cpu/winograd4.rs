@@ -93,7 +93,6 @@ pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, add: Option<Adde
     let pb = (block_bytes / (4 * XI * (cin + cout))).clamp(min_tiles, 4096);
     let rb = balanced_rows(rows, (pb / tw).clamp(1, rows));
     let blocks = rows.div_ceil(rb);
-    let l = tw.next_multiple_of(VL) + 1; // a phase of a padded input row
     let geo = Geo { cin, h, w, th, tw };
     // every value is written below (each output row of each channel, all its columns): the
     // vector is not zeroed first, a pass over the output that cost as much as a transform
@@ -108,7 +107,7 @@ pub fn conv3x3_blocked(x: &[f32], u: &[f32], b: Option<&[f32]>, add: Option<Adde
         let npp = np.next_multiple_of(VL); // planes padded to whole vectors
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let dn = 24 * l;
+            let dn = phase_scratch(tw);
             let need = XI * (cin + cout) * npp + dn + 16 * npp;
             if sc.len() < need {
                 sc.resize(need, 0.0);
@@ -178,7 +177,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
         let npp = np.next_multiple_of(VL);
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let need = XI * (cin + cout) * npp + 24 * l;
+            let need = XI * (cin + cout) * npp + phase_scratch(tw).max(24 * l);
             if sc.len() < need {
                 sc.resize(need, 0.0);
             }
@@ -329,6 +328,9 @@ crate::multiversion! {
     /// operation over 8 tiles.
     fn input_transform(x: &[f32], g: &Geo, row0: usize, nrows: usize, npp: usize, v: &mut [f32], d: &mut [f32]) {
         let Geo { cin, h, w, th, tw } = *g;
+        if tw < VL && VL.is_multiple_of(tw) {
+            return input_transform_grouped(x, g, row0, nrows, npp, v, d);
+        }
         let l = tw.next_multiple_of(VL) + 1;
         for c in 0..cin {
             for lr in 0..nrows {
@@ -344,6 +346,66 @@ crate::multiversion! {
                     }
                 }
                 input_tile_row(&d[..24 * l], l, tw, v, (c * npp + lr * tw, cin * npp));
+            }
+        }
+    }
+}
+
+/// Scratch floats of [`input_transform`] for rows of `tw` tiles.
+pub(super) fn phase_scratch(tw: usize) -> usize {
+    (24 * (tw.next_multiple_of(VL) + 1)).max(48 * VL)
+}
+
+/// [`input_transform`] for narrow images (`tw` divides the vector width, e.g. 16×16 with 4 tiles
+/// a row): `VL / tw` tile rows share each vector, whose tiles are consecutive in `v`, so the
+/// transform runs on full vectors and stores whole ones (one tile row a vector left 4 of 8 lanes
+/// idle and stored each of the 36 values of a tile row by a scalar loop). `d[((a·4 + phase)·2 +
+/// s)·VL + r·tw + t]` is patch row `a`, column phase `phase`, of tile `t + s` of the group's tile
+/// row `r`.
+#[inline(always)]
+fn input_transform_grouped(x: &[f32], g: &Geo, row0: usize, nrows: usize, npp: usize, v: &mut [f32], d: &mut [f32]) {
+    let Geo { cin, h, w, th, tw } = *g;
+    let rg = VL / tw;
+    let d = &mut d[..48 * VL];
+    // one padded input row: column k is input column k − 1 (tw ≤ VL / 2, so w + 2 ≤ 2·VL + 2)
+    let mut prow = [0.0f32; 4 * VL + 8];
+    for c in 0..cin {
+        for lr0 in (0..nrows).step_by(rg) {
+            let nr = rg.min(nrows - lr0);
+            for r in 0..rg {
+                let (img, ti) = ((row0 + lr0 + r) / th, (row0 + lr0 + r) % th);
+                for a in 0..6 {
+                    let row = (4 * ti + a) as isize - 1;
+                    let live = r < nr && row >= 0 && row < h as isize;
+                    if live {
+                        let at = ((img * cin + c) * h + row as usize) * w;
+                        prow[1..1 + w].copy_from_slice(&x[at..at + w]);
+                    }
+                    for ph in 0..4 {
+                        for s in 0..2 {
+                            let dst = &mut d[((a * 4 + ph) * 2 + s) * VL + r * tw..((a * 4 + ph) * 2 + s) * VL + (r + 1) * tw];
+                            if live {
+                                for (t, o) in dst.iter_mut().enumerate() {
+                                    *o = prow[4 * (t + s) + ph];
+                                }
+                            } else {
+                                dst.fill(0.0);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut t = [[[0.0f32; VL]; 6]; 6]; // t[i][j]: row i of Bᵀ d, patch column j
+            for j in 0..6 {
+                let col: [Lanes; 6] = std::array::from_fn(|a| lanes(d, ((a * 4 + (j & 3)) * 2 + j / 4) * VL));
+                for (i, r) in bt6(&col).into_iter().enumerate() {
+                    t[i][j] = r;
+                }
+            }
+            for (i, row) in t.iter().enumerate() {
+                for (k, o) in bt6(row).iter().enumerate() {
+                    store(v, (i * 6 + k) * cin * npp + c * npp + lr0 * tw, o, nr * tw);
+                }
             }
         }
     }

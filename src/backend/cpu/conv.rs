@@ -392,15 +392,15 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
     let db = bias_grad(dy, g);
     // dw = Σ_i dy_i · col_iᵀ, accumulated per worker then summed.
     // dw = Σ_i dy_i · col_iᵀ
-    let dw_of = |acc: &mut [f32], i: usize| {
+    let dw_of = |acc: &mut [f32], i: usize, first: bool| {
         let xi = &x[i * g.cin * g.h * g.w..(i + 1) * g.cin * g.h * g.w];
         let dyi = &dy[i * g.cout * hw..(i + 1) * g.cout * hw];
         if g.pointwise() {
-            sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(xi, hw), acc, k, true, 1.0, threads);
+            sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(xi, hw), acc, k, !first, 1.0, threads);
         } else {
             with_scratch(k * hw, |col| {
                 im2col(xi, g, col);
-                sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(col, hw), acc, k, true, 1.0, threads);
+                sgemm(g.cout, k, hw, Mat::rm(dyi, hw), Mat::rm_t(col, hw), acc, k, !first, 1.0, threads);
             });
         }
     };
@@ -410,7 +410,7 @@ pub fn conv2d_im2col_backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, ne
     } else {
         let mut acc = vec![0.0f32; g.cout * k];
         for i in 0..g.n {
-            dw_of(&mut acc, i);
+            dw_of(&mut acc, i, false);
         }
         acc
     };

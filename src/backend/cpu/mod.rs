@@ -39,10 +39,12 @@ pub fn tune_allocator() {
 /// Work below this many elements stays on one thread.
 pub const PAR_MIN: usize = 1 << 15;
 
-/// `Σ_item f(item)` into an accumulator of `len` floats, where `f(acc, item)` adds one item's
-/// contribution. Items are dealt round-robin to one group per worker thread, each group with a
-/// single accumulator (not one per rayon split: accumulators can be megabytes), then summed.
-pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + Sync) -> Vec<f32> {
+/// `Σ_item f(item)` into an accumulator of `len` floats, where `f(acc, item, first)` adds one
+/// item's contribution, or, when `first`, writes it over `acc` (every value, reading none: the
+/// accumulator is not zeroed first, a pass over megabytes). Items are dealt round-robin to one
+/// group per worker thread, each group with a single accumulator (not one per rayon split:
+/// accumulators can be megabytes), then summed.
+pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize, bool) + Sync) -> Vec<f32> {
     let mut partial = par_partials(items, len, f);
     let mut acc = partial.pop().expect("at least one group");
     for p in &partial {
@@ -52,15 +54,24 @@ pub fn par_accumulate(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + 
 }
 /// [`par_accumulate`]'s per-thread sums, not yet added up (at least one): for a caller that
 /// reads them once anyway and can add them there, in parallel.
-pub fn par_partials(items: usize, len: usize, f: impl Fn(&mut [f32], usize) + Sync) -> Vec<Vec<f32>> {
+pub fn par_partials(items: usize, len: usize, f: impl Fn(&mut [f32], usize, bool) + Sync) -> Vec<Vec<f32>> {
     use rayon::prelude::*;
     let groups = rayon::current_num_threads().clamp(1, items.max(1));
     (0..groups)
         .into_par_iter()
         .map(|gi| {
-            let mut acc = vec![0.0f32; len];
-            for item in (gi..items).step_by(groups) {
-                f(&mut acc, item);
+            let mut mine = (gi..items).step_by(groups);
+            let Some(first) = mine.next() else {
+                return vec![0.0f32; len]; // no items: the sum is zero
+            };
+            let mut acc: Vec<f32> = Vec::with_capacity(len);
+            // SAFETY: the slice is the allocation's `len` floats; f32 has no invalid values, and
+            // `f` with `first` set writes every one of them before it reads any.
+            f(unsafe { std::slice::from_raw_parts_mut(acc.as_mut_ptr(), len) }, first, true);
+            // SAFETY: all `len` values were written just above.
+            unsafe { acc.set_len(len) };
+            for item in mine {
+                f(&mut acc, item, false);
             }
             acc
         })

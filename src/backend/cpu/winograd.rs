@@ -540,7 +540,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let blocks = rows.div_ceil(rb);
     let wp = 2 * (tw.next_multiple_of(VL) + 1);
     let geo = Geo { cin, h, w, th, tw };
-    let process = |du: &mut [f32], blk: usize| {
+    let process = |du: &mut [f32], blk: usize, first: bool| {
         let row0 = blk * rb;
         let nrows = rb.min(rows - row0);
         let np = nrows * tw;
@@ -564,7 +564,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
             for xi in 0..16 {
                 let a = &dm[xi * cout * np..(xi + 1) * cout * np];
                 let bv = &v[xi * cin * np..(xi + 1) * cin * np];
-                sgemm(cout, cin, np, Mat::rm(a, np), Mat::rm_t(bv, np), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, true, 1.0, 1);
+                sgemm(cout, cin, np, Mat::rm(a, np), Mat::rm_t(bv, np), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, !first, 1.0, 1);
             }
         });
     };

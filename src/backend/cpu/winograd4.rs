@@ -170,7 +170,7 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
     let blocks = rows.div_ceil(rb);
     let l = tw.next_multiple_of(VL) + 1;
     let geo = Geo { cin, h, w, th, tw };
-    let process = |du: &mut [f32], blk: usize| {
+    let process = |du: &mut [f32], blk: usize, first: bool| {
         let row0 = blk * rb;
         let nrows = rb.min(rows - row0);
         let np = nrows * tw;
@@ -193,11 +193,12 @@ pub fn conv3x3_weight_grad(x: &[f32], dy: &[f32], n: usize, cin: usize, h: usize
             for xi in 0..XI {
                 let a = &dm[xi * cout * npp..(xi + 1) * cout * npp];
                 let bv = &v[xi * cin * npp..(xi + 1) * cin * npp];
-                sgemm(cout, cin, np, Mat::rm(a, npp), Mat::rm_t(bv, npp), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, true, 1.0, 1);
+                sgemm(cout, cin, np, Mat::rm(a, npp), Mat::rm_t(bv, npp), &mut du[xi * cout * cin..(xi + 1) * cout * cin], cin, !first, 1.0, 1);
             }
         });
     };
-    // the threads' partial dU are added up in the final transform's reads (in parallel)
+    // the threads' partial dU are added up in the final transform's reads (in parallel); each
+    // thread's first block writes its partial over uninitialised memory (accumulate = false)
     let parts = super::par_partials(blocks, XI * cout * cin, process);
     // dw = Gᵀ dU G
     let plane = cout * cin;
@@ -249,6 +250,7 @@ crate::multiversion! {
     fn dy_transform(dy: &[f32], g: &Geo, row0: usize, nrows: usize, npp: usize, dm: &mut [f32], d: &mut [f32]) {
         let Geo { cin: cout, h, w, th, tw } = *g;
         let l = tw.next_multiple_of(VL) + 1;
+        d[..16 * l].fill(0.0); // phases4's padding
         for co in 0..cout {
             for lr in 0..nrows {
                 let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
@@ -332,6 +334,7 @@ crate::multiversion! {
             return input_transform_grouped(x, g, row0, nrows, npp, v, d);
         }
         let l = tw.next_multiple_of(VL) + 1;
+        d[..24 * l].fill(0.0); // phases4's padding
         for c in 0..cin {
             for lr in 0..nrows {
                 let (img, ti) = ((row0 + lr) / th, (row0 + lr) % th);
@@ -412,14 +415,15 @@ fn input_transform_grouped(x: &[f32], g: &Geo, row0: usize, nrows: usize, npp: u
 }
 
 /// The four column phases of one input row shifted right by `PAD` columns (1: padded column `k`
-/// is input column `k − 1`; 0: no padding): `ph[p·l + t]` = column `4t + p` of the shifted row,
-/// zero outside the row.
+/// is input column `k − 1`; 0: no padding): `ph[p·l + t]` = column `4t + p` of the shifted row.
+/// Only the row's own columns are written: `ph` must be zero elsewhere (zeroed before the first
+/// row of a width, since all rows of one width write the same positions).
 #[inline(always)]
 fn phases4<const PAD: usize>(x: &[f32], ph: &mut [f32], l: usize) {
     let (p0, rest) = ph.split_at_mut(l);
     let (p1, rest) = rest.split_at_mut(l);
     let (p2, p3) = rest.split_at_mut(l);
-    let mut p = [p0, p1, p2, p3];
+    let p = [p0, p1, p2, p3];
     let mut chunks = x.chunks_exact(4 * VL);
     let mut j = 0;
     for c in &mut chunks {
@@ -432,12 +436,9 @@ fn phases4<const PAD: usize>(x: &[f32], ph: &mut [f32], l: usize) {
         }
         j += VL;
     }
-    // the shifted row's first PAD columns (phase 0 at 0) are padding; past the chunks, zero
-    // until the remainder's values go in
-    p[0][..PAD].fill(0.0);
-    for (phase, run) in p.iter_mut().enumerate() {
-        run[j + usize::from(phase < PAD)..].fill(0.0);
-    }
+    // the padding (the shifted row's first PAD columns, and past its end) is left as it is: zero,
+    // as the callers zero the buffer before the first row, and every row of this width writes
+    // the same positions (a fill per phase per row was a memset call each, 1% of a U-Net step)
     for (k, &val) in chunks.remainder().iter().enumerate() {
         let col = 4 * j + k + PAD;
         p[col % 4][col / 4] = val;

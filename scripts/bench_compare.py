@@ -2,7 +2,7 @@
 """Time orwcfm-fast and PyTorch/torchcfm on the CPU, interleaved, on the same shapes and threads.
 
   python3 scripts/bench_compare.py --torch-python /path/to/venv/bin/python [--rounds 3] [--threads 2] \\
-      [--isa avx512,avx2,scalar] [--only mnist,cifar,round]
+      [--isa avx512,avx2,scalar] [--torch-isa avx2] [--only mnist,cifar,round]
 
 Cases (each its own process, so that its peak memory is its own):
   mnist   U-Net forward and forward+backward, torchcfm's MNIST config, batch --batch-mnist (32)
@@ -19,6 +19,10 @@ process's peak resident set (ours: VmHWM; PyTorch: ru_maxrss), the largest over 
 Ratios are ours / PyTorch (below 1: faster, smaller); beside the ratio of medians, the table has the
 ratio of each side's fastest round and the median of the per-round ratios (steadier on a shared machine). The JSON (--out, default bench/cpu_compare.json)
 records the CPU model and its SIMD flags, the commit, the levels and every measurement.
+
+--torch-isa caps PyTorch's instruction set the way an older CPU would (ATen's kernels through
+ATEN_CPU_CAPABILITY, oneDNN's through ONEDNN_MAX_CPU_ISA, MKL's through MKL_ENABLE_INSTRUCTIONS):
+`--isa avx2 --torch-isa avx2` compares both on what an AVX2-only machine runs. Default: uncapped.
 """
 import argparse
 import json
@@ -49,6 +53,13 @@ def env_without_isa():
     return e
 
 
+# our level -> PyTorch's environment for the same cap
+TORCH_ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "scalar": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
 def cpu_info():
     """The CPU's model name and the SIMD flags that matter here, from /proc/cpuinfo."""
     model, flags = platform.machine(), []
@@ -77,6 +88,7 @@ def main():
     ap.add_argument("--bin", default="target/release/orwcfm-fast")
     ap.add_argument("--only", default=",".join(CASES), help=f"comma list of cases ({', '.join(CASES)})")
     ap.add_argument("--isa", default=None, help="comma list of our CPU levels to run (scalar, avx2, avx512); default: the detected one")
+    ap.add_argument("--torch-isa", default=None, choices=sorted(TORCH_ISA_ENV), help="cap PyTorch's instruction set (default: uncapped)")
     ap.add_argument("--out", default="bench/cpu_compare.json")
     a = ap.parse_args()
     round_iters = a.round_iters or a.iters
@@ -94,7 +106,11 @@ def main():
     passes = {"mnist": ["forward", "forward_backward"], "cifar": ["forward", "forward_backward"], "round": ["round"]}
     ours = {c: {l: {**{p: [] for p in passes[c]}, "peak": []} for l in levels} for c in cases}
     torch = {c: {**{p: [] for p in passes[c]}, "peak": []} for c in cases}
-    torch_version, torch_busy = None, False
+    torch_version, torch_busy, torch_caps = None, False, set()
+    torch_env = dict(os.environ)
+    for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        torch_env.pop(k, None)
+    torch_env.update(TORCH_ISA_ENV.get(a.torch_isa, {}))
     for r in range(a.rounds):
         for c in cases:
             for level in levels:
@@ -119,8 +135,9 @@ def main():
             else:
                 cmd = [a.torch_python, "scripts/bench_torch_cpu.py", "--threads", str(a.threads), "--only", c, UNET_CASES[c][1], str(batches[c]),
                        "--iters", str(a.iters), "--json"]
-            t = run_json(cmd)
+            t = run_json(cmd, torch_env)
             torch_version = t["torch"]
+            torch_caps.add(t.get("cpu_capability", "?"))
             torch_busy = torch_busy or t.get("rustc_running", False)
             for p in passes[c]:
                 torch[c][p].append(t[c][f"{p}_ms"])
@@ -134,9 +151,9 @@ def main():
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
     summary = {"cpu": model, "cpu_flags": flags, "nproc": os.cpu_count(), "threads": a.threads, "torch": torch_version, "rounds": a.rounds,
                "iters": a.iters, "round_iters": round_iters, "round_steps": a.round_steps, "commit": commit, "dirty": dirty,
-               "isa_detected": detected, "levels": levels, "loadavg_1m_end": round(os.getloadavg()[0], 2),
+               "isa_detected": detected, "levels": levels, "torch_isa": a.torch_isa or "uncapped", "torch_isa_env": TORCH_ISA_ENV.get(a.torch_isa, {}), "torch_cpu_capability": sorted(torch_caps), "loadavg_1m_end": round(os.getloadavg()[0], 2),
                "torch_saw_rustc": torch_busy, "peak_memory": "process peak resident set, MiB (ours VmHWM, PyTorch ru_maxrss)", "results": {}}
-    print(f"\n{model} ({' '.join(flags)}), {a.threads} threads, torch {torch_version}, commit {commit}{' (dirty)' if dirty else ''}; "
+    print(f"\n{model} ({' '.join(flags)}), {a.threads} threads, torch {torch_version} (ATen {'/'.join(sorted(torch_caps))}{', capped: ' + a.torch_isa if a.torch_isa else ''}), commit {commit}{' (dirty)' if dirty else ''}; "
           f"median over {a.rounds} rounds of per-process medians of {a.iters} ({round_iters} rounds); peak memory: largest over rounds\n")
     print("| model | batch | pass | ISA | orwcfm-fast ms | PyTorch ms | ratio | fastest-round ratio | paired ratio | ours MiB | PyTorch MiB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -219,7 +219,7 @@ def main():
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}: ORW-CFM-W2 round, MNIST config, batch {r['batch']}, "
               f"{r['steps']} Euler steps + one gradient step: {r['round_ms']:.1f} ms (median of {args.iters}), peak RSS {peak_rss_mb():.0f} MiB")
         if args.json:
-            print(json.dumps({"round": r, "threads": args.threads, "torch": torch.__version__, "iters": args.iters,
+            print(json.dumps({"round": r, "threads": args.threads, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "iters": args.iters,
                               "warmup": args.warmup_round, "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_import_mb": rss_import,
                               "rustc_running": bool(rustc_before > 0 or rustc_after > 0 or not all(r["round_quiet"])),
                               "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
@@ -239,7 +239,7 @@ def main():
     if args.json:
         out = {k: {kk: vv for kk, vv in v.items()} for k, v in res.items()}
         out.update({
-            "threads": args.threads, "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
+            "threads": args.threads, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "iters": args.iters, "warmup": args.warmup,
             "rustc_running": bool(rustc_before > 0 or rustc_after > 0
                                   or not all(all(r[k]) for r in res.values()
                                              for k in ("forward_quiet", "forward_backward_quiet"))),

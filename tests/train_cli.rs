@@ -266,13 +266,13 @@ fn a_gpu_out_of_memory_mid_run_keeps_the_last_good_checkpoint() {
 }
 
 /// The default experiment's direction in the time a test can take: the mnist-even preset's first
-/// 4 epochs (32 of its 64 steps), evaluated on 256 samples. The share of even digits rises, the
+/// 2 epochs (64 of its 96 steps, one policy refresh), evaluated on 256 samples. The share of even digits rises, the
 /// Fréchet distance to the real even digits falls below the base model's, the samples stay
 /// confident digits of every even class.
 #[test]
 fn the_default_experiment_raises_even_digits_and_keeps_them_real() {
     let d = tmpdir("default");
-    let o = run(&with(Vec::new(), &["train", "--savedir", d.to_str().unwrap(), "--run-name", "r", "--num-epochs", "4", "--eval-samples", "256", "--eval-every", "4", "--grid-every", "0", "--quiet"]));
+    let o = run(&with(Vec::new(), &["train", "--savedir", d.to_str().unwrap(), "--run-name", "r", "--num-epochs", "2", "--eval-samples", "256", "--eval-every", "2", "--grid-every", "0", "--quiet"]));
     assert!(o.status.success(), "{}", err(&o));
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("r").join("summary.json")).unwrap()).unwrap();
     let g = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {s}"));

@@ -592,7 +592,12 @@ fn orw_steps_match_the_cpu() {
     }
     eprintln!("ORW: parameters after 2 steps, worst rel err {:.2e} ({})", worst.0, worst.1);
     let worst = worst.0;
-    assert!(worst <= GRAD_TOL, "parameters after 2 ORW steps differ by {worst:e}");
+    // the first step's loss is bit for bit and the second's within 1e-4, which checks the first
+    // update; the parameters after the second get 1e-3: Adam divides each gradient by its own
+    // running magnitude, so the summation-order rounding of a near-zero gradient becomes a step of
+    // up to lr, and how much of that shows depends on the CPU's kernels (measured: below 1e-4 at
+    // avx512 on an Intel Xeon, 1.6e-4 at avx2 and 2.7e-4 at scalar on an AMD EPYC)
+    assert!(worst <= 10.0 * GRAD_TOL, "parameters after 2 ORW steps differ by {worst:e}");
 }
 
 /// `f` on f16 and bf16 copies of `inputs`, on the CPU and on the GPU: the outputs (as f32) and
